@@ -1,0 +1,7 @@
+"""glassbox: open LLM training with full artifact release.
+
+The import package joins the repository's top-level areas (train, data, checkpoints, fault_tolerance, elastic,
+inference, release) as subpackages; this root holds the command line, config loading and shared utilities.
+"""
+
+__version__ = "0.1.0"
