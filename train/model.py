@@ -212,7 +212,8 @@ class MoE(nn.Module):
             h = x[idx]
             h = F.linear(F.silu(F.linear(h, self.gate_proj[e])) * F.linear(h, self.up_proj[e]), self.down_proj[e])
             w = weights.reshape(-1)[order[start:start + n]].to(h.dtype)
-            out.index_add_(0, idx, h * w[:, None])
+            # Under autocast h is bf16 while the residual stream (and `out`) stays fp32; index_add_ needs one dtype.
+            out.index_add_(0, idx, (h * w[:, None]).to(out.dtype))
             start += n
         # Switch-Transformer balance loss: E * sum_e (fraction of assignments to e) * (mean router prob of e).
         load = counts.float() / flat_experts.numel()

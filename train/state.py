@@ -23,3 +23,4 @@ class TrainState:
     tokens: int = 0                  # training tokens consumed
     metrics: dict[str, Any] = field(default_factory=dict)   # the last step's metrics row
     extra: dict[str, Any] = field(default_factory=dict)     # state later modules (SCAR, Pollux) save in checkpoints
+    world: Any = None                # glassbox.train.parallel.World: rank, dp/tp sizes, device mesh (not saved)

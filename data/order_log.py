@@ -1,0 +1,102 @@
+"""The data-order log: RUN_DIR/data_order.zarr records, per step, which samples the step consumed.
+
+Row N (steps are 1-based) holds the cursor before step N, its global batch size, and a hash of the batch's token
+ids. With the store and the sampler settings this is enough to rebuild any step's batch exactly and to prove it
+is the batch that was trained on (`glassbox data batch`). zarr appends by chunk and writes each chunk through a
+temporary file and a rename, so a crash never leaves a torn row behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from glassbox.errors import GlassboxError
+
+HASH_BYTES = 32
+_COLUMNS = 2 + HASH_BYTES // 8
+_CHUNK_ROWS = 4096
+
+
+def batch_hash(tokens: torch.Tensor) -> str:
+    """sha256 of a global batch's token ids (as little-endian int64, shape included), as hex."""
+    ids = np.ascontiguousarray(tokens.detach().cpu().numpy().astype("<i8", copy=False))
+    h = hashlib.sha256(repr(tuple(ids.shape)).encode())
+    h.update(ids.tobytes())
+    return h.hexdigest()
+
+
+class DataOrderLog:
+    """Append-only per-step log in `run_dir/data_order.zarr`; see the module docstring.
+
+    One int64 array `rows` of [capacity, 6]: cursor_start, batch_size, then the 32-byte hash as four int64 words;
+    the group attribute `steps` says how many rows are valid. An append is one chunk write plus one small
+    attribute write (the array grows a chunk at a time).
+    """
+
+    def __init__(self, run_dir: str | Path, read_only: bool = False):
+        import zarr
+
+        self.path = Path(run_dir) / "data_order.zarr"
+        if read_only and not self.path.exists():
+            raise GlassboxError(f"{self.path}: no data-order log (was this run trained by glassbox?)")
+        try:
+            group = zarr.open_group(str(self.path), mode="r" if read_only else "a")
+            if not read_only and "rows" not in group:
+                group.create_array("rows", shape=(0, _COLUMNS), chunks=(_CHUNK_ROWS, _COLUMNS), dtype="int64")
+                group.attrs["columns"] = ["cursor_start", "batch_size", "token_hash[0:8]", "token_hash[8:16]",
+                                          "token_hash[16:24]", "token_hash[24:32]"]
+            self._group = group
+            self._rows = group["rows"]
+            self._steps = int(group.attrs.get("steps", 0))
+        except (KeyError, ValueError, OSError) as e:
+            raise GlassboxError(f"{self.path}: not a readable data-order log ({type(e).__name__}: {e})") from None
+        if self._rows.ndim != 2 or self._rows.shape[1] != _COLUMNS or not 0 <= self._steps <= self._rows.shape[0]:
+            raise GlassboxError(f"{self.path}: rows {self._rows.shape} / steps {self._steps} is not a data-order log")
+
+    def __len__(self) -> int:
+        return self._steps
+
+    def _set_steps(self, n: int) -> None:
+        self._group.attrs["steps"] = n
+        self._steps = n
+
+    def append(self, step: int, cursor_start: int, batch_size: int, token_hash: str) -> None:
+        """Record step `step`; it must be the next step (call `truncate` first when resuming)."""
+        if step != len(self) + 1:
+            raise GlassboxError(
+                f"{self.path}: cannot log step {step}, the log holds steps 1..{len(self)} "
+                f"(on resume, truncate the log to the checkpoint's step first)"
+            )
+        try:
+            digest = bytes.fromhex(token_hash)
+        except ValueError:
+            digest = b""
+        if len(digest) != HASH_BYTES:
+            raise GlassboxError(f"token_hash {token_hash!r}: expected {2 * HASH_BYTES} hex digits (batch_hash)")
+        row = np.concatenate([np.array([cursor_start, batch_size], dtype=np.int64), np.frombuffer(digest, "<i8")])
+        if self._rows.shape[0] < step:
+            self._rows.resize((self._rows.shape[0] + _CHUNK_ROWS, _COLUMNS))
+        # The row is written before the step count claims it, so a crash in between leaves the log as it was.
+        self._rows[step - 1] = row
+        self._set_steps(step)
+
+    def row(self, step: int) -> dict:
+        if not 1 <= step <= len(self):
+            raise GlassboxError(f"{self.path}: step {step} is not logged (the log holds steps 1..{len(self)})")
+        r = np.asarray(self._rows[step - 1], dtype="<i8")
+        return {
+            "step": step,
+            "cursor_start": int(r[0]),
+            "batch_size": int(r[1]),
+            "token_hash": r[2:].tobytes().hex(),
+        }
+
+    def truncate(self, last_step: int) -> None:
+        """Drop rows after `last_step` (a run resumed from that step's checkpoint re-logs what follows)."""
+        if last_step < 0:
+            raise GlassboxError(f"truncate({last_step}): step must be >= 0")
+        self._set_steps(min(last_step, len(self)))

@@ -1,0 +1,102 @@
+"""A prepared DATA_DIR, read back: tokenizer, meta.json and megatron-core IndexedDataset files per split.
+
+Layout (written by `glassbox data prepare`):
+  tokenizer.json           the tokenizer (loads in transformers)
+  meta.json                sources, counts, settings, file hashes and the fingerprint over all of them
+  train.bin / train.idx    megatron-core IndexedDataset of the training documents, one sequence per document
+  valid.bin / valid.idx    the same for the held-out documents
+  cache/                   sampler index files (megatron GPTDataset/BlendedDataset indices); not fingerprinted
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from glassbox.atomic import sha256_file
+from glassbox.errors import GlassboxError
+
+SPLITS = ("train", "valid")
+META_FORMAT = 1
+
+
+def megatron_datasets() -> SimpleNamespace:
+    """megatron-core's dataset modules, imported quietly: importing megatron.core warns about optional GPU
+    libraries (Transformer Engine, Apex) that the data pipeline never uses."""
+    names = ("indexed_dataset", "gpt_dataset", "blended_megatron_dataset_builder", "utils")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return SimpleNamespace(**{n: importlib.import_module(f"megatron.core.datasets.{n}") for n in names})
+
+
+class TokenStore:
+    """Read-only view of a prepared DATA_DIR; opening it checks that meta.json and every listed file exist."""
+
+    def __init__(self, data_dir: str | Path):
+        self.path = Path(data_dir)
+        meta_path = self.path / "meta.json"
+        if not self.path.is_dir():
+            raise GlassboxError(f"data dir {self.path}: no such directory (run `glassbox data prepare`)")
+        if not meta_path.is_file():
+            raise GlassboxError(f"data dir {self.path}: no meta.json (not a prepared data dir)")
+        try:
+            self.meta: dict = json.loads(meta_path.read_text())
+        except ValueError as e:
+            raise GlassboxError(f"{meta_path}: corrupt JSON ({e})") from None
+        for key in ("fingerprint", "vocab_size", "eod_id", "files", "splits", "dtype"):
+            if key not in self.meta:
+                raise GlassboxError(f"{meta_path}: missing key {key!r}")
+        if self.meta.get("format") != META_FORMAT:
+            raise GlassboxError(f"{meta_path}: format {self.meta.get('format')!r}, expected {META_FORMAT}")
+        for name in self.meta["files"]:
+            if not (self.path / name).is_file():
+                raise GlassboxError(f"data dir {self.path}: {name} listed in meta.json is missing")
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    @property
+    def eod_id(self) -> int:
+        return int(self.meta["eod_id"])
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / "tokenizer.json"
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.meta["dtype"])
+
+    def prefix(self, split: str) -> Path:
+        """The megatron path prefix (`.bin`/`.idx` without extension) of a split."""
+        if split not in SPLITS:
+            raise GlassboxError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+        return self.path / split
+
+    def split_tokens(self, split: str) -> int:
+        self.prefix(split)
+        return int(self.meta["splits"][split]["tokens"])
+
+    def tokenizer(self):
+        from glassbox.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.tokenizer_path)
+
+    def verify(self) -> None:
+        """Re-hash every file against meta.json; a mismatch means the store was modified after prepare."""
+        for name, digest in sorted(self.meta["files"].items()):
+            if sha256_file(self.path / name) != digest:
+                raise GlassboxError(f"data dir {self.path}: {name} does not match its sha256 in meta.json (modified)")
+
+    def __repr__(self) -> str:
+        return f"TokenStore({str(self.path)!r}, fingerprint={self.fingerprint[:12]})"

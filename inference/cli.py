@@ -1,0 +1,75 @@
+"""`glassbox serve` (OpenAI-compatible server) and `glassbox generate` (offline completions) for a model directory."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", help="a Hugging Face-format model directory (what `glassbox export` writes)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weight and KV dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch (default: 64)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step (default: 2048)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (default: from memory)")
+    p.add_argument("--policy", default="fcfs", help="scheduling policy: fcfs or priority (default: fcfs)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks between prompts")
+
+
+def _engine_config(args: argparse.Namespace):
+    from glassbox.inference.engine import EngineConfig
+
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    return EngineConfig(device=args.device, dtype=dtype, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, policy=args.policy,
+                        enable_prefix_caching=not args.no_prefix_caching)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model directory over an OpenAI-compatible HTTP API")
+    _engine_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 requests")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the dir name)")
+    p.set_defaults(handler=run_serve)
+
+    g = sub.add_parser("generate", help="complete prompts with a model directory, offline")
+    _engine_args(g)
+    g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt (default: 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("-n", type=int, default=1, help="samples per prompt (default: 1)")
+    g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    g.set_defaults(handler=run_generate)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from glassbox.inference.server import serve
+
+    print(f"glassbox: serving {args.model_dir} on http://{args.host}:{args.port}/v1", flush=True)
+    serve(args.model_dir, args.host, args.port, args.api_key, args.served_model_name, _engine_config(args))
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from glassbox.inference.engine import LLMEngine
+    from glassbox.inference.llm import LLM
+    from glassbox.inference.sampling_params import SamplingParams
+
+    llm = LLM(engine=LLMEngine.from_model_dir(args.model_dir, _engine_config(args)))
+    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            seed=args.seed, max_tokens=args.max_tokens, stop=args.stop)
+    for prompt, out in zip(args.prompt, llm.generate(args.prompt, params)):
+        for o in out.outputs:
+            label = f"[{o.index}] " if args.n > 1 else ""
+            print(f"{label}{prompt}{o.text}")
+            print(f"--- finish: {o.finish_reason}, {len(o.token_ids)} tokens")
+    return 0

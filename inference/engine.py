@@ -1,0 +1,306 @@
+"""The engine: requests in, tokens out, one scheduler step at a time.
+
+`LLMEngine.step()` asks the proposer for drafts, lets the scheduler pick the batch, runs the model, samples, and
+applies each sequence's stopping rules (EOS, stop tokens, stop strings, max_tokens, context length). It is
+single-threaded; `glassbox.inference.async_engine` drives it from a thread beside the HTTP server, and
+`glassbox.inference.llm.LLM` drives it to completion for offline use.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from glassbox.errors import GlassboxError
+from glassbox.inference.block_manager import BlockManager
+from glassbox.inference.model_runner import ModelRunner, kv_bytes_per_block
+from glassbox.inference.policy import make_policy
+from glassbox.inference.sampler import Sampler
+from glassbox.inference.sampling_params import SamplingParams
+from glassbox.inference.scheduler import Scheduler
+from glassbox.inference.sequence import Sequence, TokenLogprob
+from glassbox.inference.speculative import Proposer, make_proposer
+from glassbox.inference.tokenizer import IncrementalDetokenizer, Tokenizer
+from glassbox.train.model import Transformer
+
+
+@dataclass
+class EngineConfig:
+    """Engine settings. `num_kv_blocks` None sizes the KV pool from memory: on CUDA, `gpu_memory_utilization` of
+    the card minus what a full-budget forward needs; on CPU, enough for `max_num_seqs` full-length sequences,
+    capped at `cpu_kv_cache_gb`."""
+
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    gpu_memory_utilization: float = 0.85
+    cpu_kv_cache_gb: float = 2.0
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    policy: str = "fcfs"
+    proposer: str = "none"
+    num_spec_tokens: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+
+    def torch_dtype(self) -> torch.dtype:
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if self.dtype not in dtypes:
+            raise GlassboxError(f"engine dtype {self.dtype!r}: expected one of {', '.join(dtypes)}")
+        return dtypes[self.dtype]
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] | None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class _Request:
+    """A prompt and its n sequences, with their decoded text and stop-string state."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, seqs: list[Sequence],
+                 tokenizer: Tokenizer | None):
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.seqs = seqs
+        self.detok = [IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer else None for _ in seqs]
+        self.texts = ["" for _ in seqs]
+        self.hold = max((len(s) for s in params.stop), default=1) - 1
+        self.arrival = seqs[0].arrival_time
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)
+
+    def visible_text(self, i: int) -> str:
+        """Text safe to show: while running, hold back what could be the start of a stop string."""
+        text = self.texts[i]
+        if self.seqs[i].finished or self.hold == 0:
+            return text
+        return text[:max(0, len(text) - self.hold)]
+
+    def output(self) -> RequestOutput:
+        outs = []
+        for i, seq in enumerate(self.seqs):
+            lps = seq.logprobs[:seq.num_output_tokens] if seq.params.logprobs is not None else None
+            outs.append(CompletionOutput(i, seq.output_ids, self.visible_text(i), seq.finish_reason, lps))
+        metrics = {"arrival_time": self.arrival}
+        firsts = [s.first_token_time for s in self.seqs if s.first_token_time is not None]
+        if firsts:
+            metrics["first_token_time"] = min(firsts)
+        lasts = [s.last_token_time for s in self.seqs if s.last_token_time is not None]
+        if lasts:
+            metrics["last_token_time"] = max(lasts)
+        cached = max(s.num_cached_tokens for s in self.seqs)
+        return RequestOutput(self.request_id, self.prompt_ids, outs, self.finished, cached, metrics)
+
+
+class LLMEngine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None,
+                 eos_token_ids: list[int] | None = None, proposer: Proposer | None = None):
+        self.config = config or EngineConfig()
+        cfg = self.config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_token_ids = set(eos_token_ids or [])
+        self.max_model_len = min(cfg.max_model_len or model.config.max_seq_len, model.config.max_seq_len)
+        num_blocks = cfg.num_kv_blocks or self._auto_num_blocks()
+        if num_blocks * cfg.block_size < self.max_model_len:
+            raise GlassboxError(
+                f"KV cache of {num_blocks} blocks x {cfg.block_size} tokens cannot hold one {self.max_model_len}-token "
+                "sequence: raise num_kv_blocks / memory, or lower max_model_len"
+            )
+        self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, make_policy(cfg.policy), cfg.max_num_seqs,
+                                   cfg.max_num_batched_tokens, cfg.enable_chunked_prefill)
+        self.runner = ModelRunner(model, num_blocks, cfg.block_size)
+        self.sampler = Sampler(cfg.seed)
+        self.proposer = proposer or make_proposer(cfg.proposer)
+        self.requests: dict[str, _Request] = {}
+        self.num_steps = 0
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, config: EngineConfig | None = None) -> "LLMEngine":
+        from glassbox.inference.loader import load_model_dir
+
+        config = config or EngineConfig()
+        model, tokenizer, eos = load_model_dir(Path(model_dir), config.torch_dtype(), config.device)
+        return cls(model, tokenizer, config, eos)
+
+    def _auto_num_blocks(self) -> int:
+        cfg = self.config
+        p = next(self.model.parameters())
+        per_block = kv_bytes_per_block(self.model, cfg.block_size, p.dtype)
+        if p.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            with torch.inference_mode():
+                ids = torch.zeros(1, min(cfg.max_num_batched_tokens, self.model.config.max_seq_len),
+                                  dtype=torch.long, device=p.device)
+                self.model(ids)
+            torch.cuda.synchronize()
+            free, total = torch.cuda.mem_get_info()
+            peak = torch.cuda.max_memory_allocated()
+            used_by_others = total - free - torch.cuda.memory_reserved()
+            budget = cfg.gpu_memory_utilization * total - peak - used_by_others
+            torch.cuda.empty_cache()
+            return max(int(budget // per_block), 1)
+        want = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)
+        return max(1, min(want, int(cfg.cpu_kv_cache_gb * 1024**3 // per_block)))
+
+    # Requests ------------------------------------------------------------------------------------------------
+
+    def validate_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise GlassboxError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise GlassboxError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise GlassboxError(
+                f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.max_model_len} "
+                "(the prompt must leave room for at least one generated token)"
+            )
+        if params.max_tokens is not None and len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise GlassboxError(
+                f"max_tokens {params.max_tokens} + prompt {len(prompt_ids)} tokens exceeds the model's context of "
+                f"{self.max_model_len} tokens"
+            )
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    arrival_time: float | None = None, priority: float = 0.0) -> None:
+        if request_id in self.requests:
+            raise GlassboxError(f"request id {request_id!r} is already in use")
+        self.validate_prompt(prompt_ids, params)
+        if params.stop and self.tokenizer is None:
+            raise GlassboxError("stop strings need a tokenizer")
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        seqs = [Sequence(request_id, list(prompt_ids), params, index=i, arrival_time=arrival, priority=priority)
+                for i in range(params.n)]
+        self.requests[request_id] = _Request(request_id, list(prompt_ids), params, seqs, self.tokenizer)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now, freeing its KV blocks; returns its final output (None if unknown)."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq, "abort")
+        return req.output()
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # Stepping ------------------------------------------------------------------------------------------------
+
+    def _propose(self) -> None:
+        k = self.config.num_spec_tokens
+        if k <= 0:
+            return
+        decoding = [s for s in self.scheduler.running if not s.is_prefilling]
+        if not decoding:
+            return
+        for seq, draft in zip(decoding, self.proposer.propose(decoding, k)):
+            # A draft never runs past max_tokens or the context; the bonus token needs room too.
+            room = self.max_model_len - seq.num_tokens - 1
+            if seq.params.max_tokens is not None:
+                room = min(room, seq.params.max_tokens - seq.num_output_tokens - 1)
+            seq.spec_tokens = list(draft[:max(0, min(k, room))])
+
+    def step(self) -> list[RequestOutput]:
+        self._propose()
+        batch = self.scheduler.schedule()
+        if not batch.scheduled:
+            return []
+        logits = self.runner.execute(batch, self.blocks)
+        self.num_steps += 1
+        rows = [(s.seq, s.num_spec) for s in batch.scheduled if s.samples]
+        tokens = self.sampler.sample(logits, rows) if rows else []
+        self.sampler.logprobs(logits, rows, tokens)
+        now = time.monotonic()
+        touched: dict[str, _Request] = {}
+        for s in batch.scheduled:
+            if not s.samples:
+                s.seq.num_computed_tokens += s.num_tokens
+                self.blocks.commit(s.seq)
+        for (seq, _), accepted in zip(rows, tokens):
+            seq.num_computed_tokens = seq.num_tokens + len(accepted) - 1
+            seq.spec_tokens = []
+            req = self.requests[seq.request_id]
+            touched[req.request_id] = req
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            seq.last_token_time = now
+            for tok in accepted:
+                seq.token_ids.append(tok)
+                reason = self._check_stop(req, seq, tok)
+                if reason is not None:
+                    self.scheduler.finish(seq, reason)
+                    self.proposer.on_finished(seq)
+                    break
+            if not seq.finished:
+                self.blocks.trim(seq)
+                self.blocks.commit(seq)
+        outputs = []
+        for req in touched.values():
+            outputs.append(req.output())
+            if req.finished:
+                del self.requests[req.request_id]
+        return outputs
+
+    def _check_stop(self, req: _Request, seq: Sequence, tok: int) -> str | None:
+        p = seq.params
+        if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            return "stop"
+        i = seq.index
+        if req.detok[i] is not None:
+            before = len(req.texts[i])
+            req.texts[i] += req.detok[i].add(tok)
+            if p.stop:
+                text = req.texts[i]
+                start = max(0, before - req.hold)
+                hits = [j for j in (text.find(s, start) for s in p.stop) if j >= 0]
+                if hits:
+                    req.texts[i] = text[:min(hits)]
+                    return "stop"
+        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+            return "length"
+        if seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_blocks_used": self.blocks.num_used_blocks,
+            "kv_blocks_total": self.blocks.num_blocks,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_hit_tokens": self.blocks.prefix_hits,
+            "prefix_cache_query_tokens": self.blocks.prefix_queries,
+        }

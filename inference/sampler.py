@@ -1,0 +1,100 @@
+"""Turns logits into tokens: greedy, temperature, top-k, top-p, per-sequence seeds, logprobs, and verification of
+speculative drafts.
+
+Filters run batched over all rows; the random draw runs per row with the sequence's own generator (when it has a
+seed), so a seeded request yields the same tokens whatever else shares its batch. Drafts come from model-free
+proposers, i.e. a deterministic draft distribution, so verification is the standard speculative rule with a
+one-hot draft: accept draft token t with probability p(t), else draw from p with t removed; greedy accepts a draft
+token exactly when it is the argmax. Either way the output distribution is the model's own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from glassbox.inference.sequence import Sequence, TokenLogprob
+
+
+class Sampler:
+    def __init__(self, seed: int = 0):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @staticmethod
+    def _probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Rows of logits [R, V] -> filtered probabilities, each row under its sequence's settings."""
+        dev = logits.device
+        temps = torch.tensor([max(s.params.temperature, 1e-5) for s in seqs], device=dev)
+        logits = logits / temps[:, None]
+        top_ks = [s.params.top_k for s in seqs]
+        top_ps = [s.params.top_p for s in seqs]
+        if any(k > 0 for k in top_ks) or any(p < 1 for p in top_ps):
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            V = logits.shape[-1]
+            ks = torch.tensor([k if k > 0 else V for k in top_ks], device=dev)
+            drop = torch.arange(V, device=dev)[None, :] >= ks[:, None]
+            probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+            # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it already does.
+            before = probs.cumsum(-1) - probs
+            drop |= before >= torch.tensor(top_ps, device=dev)[:, None]
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        return logits.softmax(-1)
+
+    def _draw(self, probs: torch.Tensor, seq: Sequence) -> int:
+        return int(torch.multinomial(probs, 1, generator=seq.generator or self.generator))
+
+    def sample(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> list[list[int]]:
+        """Tokens for each (sequence, number of draft tokens) entry; logits hold num_drafts + 1 rows per entry.
+
+        Returns each sequence's accepted tokens: the accepted prefix of its draft plus one token sampled from
+        the model (the correction, or the bonus token after a fully accepted draft).
+        """
+        row_seqs = [seq for seq, k in rows for _ in range(k + 1)]
+        greedy_rows = torch.tensor([s.params.greedy for s in row_seqs])
+        argmax = logits.argmax(-1).cpu()
+        probs = None
+        if not bool(greedy_rows.all()):
+            probs = self._probs(logits, row_seqs).cpu()
+        results: list[list[int]] = []
+        r = 0
+        for seq, k in rows:
+            draft = seq.spec_tokens[:k]
+            accepted: list[int] = []
+            for j in range(k + 1):
+                if seq.params.greedy:
+                    tok = int(argmax[r + j])
+                    accepted.append(tok)
+                    if j == k or tok != draft[j]:
+                        break
+                    continue
+                p = probs[r + j]
+                if j < k:
+                    u = torch.rand((), generator=seq.generator or self.generator)
+                    if u < p[draft[j]]:
+                        accepted.append(draft[j])
+                        continue
+                    p = p.clone()
+                    p[draft[j]] = 0
+                    if p.sum() <= 0:
+                        accepted.append(draft[j])
+                        continue
+                accepted.append(self._draw(p, seq))
+                break
+            results.append(accepted)
+            r += k + 1
+        return results
+
+    @staticmethod
+    def logprobs(logits: torch.Tensor, rows: list[tuple[Sequence, int]], tokens: list[list[int]]) -> None:
+        """Append each accepted token's logprob (and top alternatives) to the sequences that asked for them."""
+        r = 0
+        for (seq, k), accepted in zip(rows, tokens):
+            if seq.params.logprobs is not None:
+                lp = torch.log_softmax(logits[r:r + len(accepted)].float(), dim=-1).cpu()
+                for j, tok in enumerate(accepted):
+                    top = []
+                    if seq.params.logprobs > 0:
+                        vals, ids = lp[j].topk(seq.params.logprobs)
+                        top = list(zip(ids.tolist(), vals.tolist()))
+                    seq.logprobs.append(TokenLogprob(tok, float(lp[j, tok]), top))
+            r += k + 1

@@ -1,0 +1,131 @@
+"""Continuous batching: each step picks which sequences compute how many tokens, under a token budget.
+
+Running sequences go first (in policy order), each asking for all of its uncomputed tokens plus any speculative
+draft, cut to what the budget leaves; a long prompt is therefore split across steps (chunked prefill) while
+decodes keep flowing in the same batch. When the KV pool runs dry, the lowest-priority running sequence is
+preempted: its blocks are freed and it returns to the waiting queue to be recomputed (cheaply, when its prefix
+blocks are still cached). Waiting sequences are admitted in policy order only in steps that preempted nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from glassbox.inference.block_manager import BlockManager
+from glassbox.inference.policy import SchedulingPolicy
+from glassbox.inference.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    start: int
+    num_tokens: int
+    num_spec: int = 0
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step computes the sequence's last real token, so its logits yield a new token."""
+        return self.start + self.num_tokens - self.num_spec == self.seq.num_tokens
+
+    def input_ids(self) -> list[int]:
+        real = self.seq.token_ids[self.start:self.start + self.num_tokens - self.num_spec]
+        return real + self.seq.spec_tokens[:self.num_spec]
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        blocks: BlockManager,
+        policy: SchedulingPolicy,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        enable_chunked_prefill: bool = True,
+    ):
+        self.blocks = blocks
+        self.policy = policy
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark `seq` finished, drop it from the queues and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.finish(reason)
+        seq.spec_tokens = []
+        self.blocks.free_seq(seq)
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.blocks.free_seq(seq)
+        seq.status = Status.WAITING
+        seq.spec_tokens = []
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.append(seq)
+        out.preempted.append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        queue = self.policy.order_running(self.running)
+        kept: list[Sequence] = []
+        while queue:
+            seq = queue.pop(0)
+            if budget <= 0:
+                kept.append(seq)
+                continue
+            uncomputed = seq.num_tokens - seq.num_computed_tokens
+            n = min(uncomputed + len(seq.spec_tokens), budget)
+            num_spec = max(0, n - uncomputed)
+            while not self.blocks.allocate(seq, n):
+                if not queue:
+                    self._preempt(seq, out)
+                    break
+                self._preempt(queue.pop(), out)
+            else:
+                out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, n, num_spec))
+                budget -= n
+                kept.append(seq)
+        self.running = kept
+        if out.preempted:
+            return out
+
+        for seq in self.policy.order_waiting(self.waiting):
+            if len(self.running) >= self.max_num_seqs or budget <= 0:
+                break
+            cached = self.blocks.match_prefix(seq) if seq.num_computed_tokens == 0 else []
+            uncomputed = seq.num_tokens - seq.num_computed_tokens - len(cached) * self.blocks.block_size
+            n = min(uncomputed, budget)
+            if n < uncomputed and not self.enable_chunked_prefill:
+                break
+            if not self.blocks.allocate(seq, n, cached):
+                break
+            self.waiting.remove(seq)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
+            budget -= n
+        return out

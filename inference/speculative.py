@@ -1,0 +1,46 @@
+"""The speculative-decoding extension point: a proposer drafts tokens per decoding sequence each step.
+
+The engine verifies every draft in the same forward as the sequence's last token ([last token] + draft), keeps
+the agreeing prefix plus one model token (`Sampler.sample`), and rolls the rest back by leaving
+`num_computed_tokens` behind them. A proposer only predicts; it never changes what the model would output.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from glassbox.errors import GlassboxError
+from glassbox.inference.sequence import Sequence
+
+
+class Proposer(Protocol):
+    name: str
+
+    def propose(self, seqs: list[Sequence], max_tokens: int) -> list[list[int]]:
+        """Up to `max_tokens` draft tokens for each decoding sequence (an empty list for no draft)."""
+        ...
+
+    def on_finished(self, seq: Sequence) -> None:
+        """Called once per finished sequence (a place to learn from its output)."""
+        ...
+
+
+class NoProposer:
+    """Plain decoding: never drafts."""
+
+    name = "none"
+
+    def propose(self, seqs: list[Sequence], max_tokens: int) -> list[list[int]]:
+        return [[] for _ in seqs]
+
+    def on_finished(self, seq: Sequence) -> None:
+        return None
+
+
+PROPOSERS: dict[str, type] = {"none": NoProposer}
+
+
+def make_proposer(name: str) -> Proposer:
+    if name not in PROPOSERS:
+        raise GlassboxError(f"unknown speculative proposer {name!r} (known: {', '.join(PROPOSERS)})")
+    return PROPOSERS[name]()

@@ -1,0 +1,171 @@
+"""`glassbox reproduce`: replay training from the checkpoint before step N to step N and compare with checkpoint N.
+
+The replay is the real Trainer on the run's resolved config, restored from the previous checkpoint (or from the
+seeded initialisation when N is the first checkpoint). Before each step it checks that the sampler stands where
+the data-order log says and that the batch it will take hashes to the logged value, so a replay on other data
+stops at the first wrong batch instead of reporting a meaningless difference. After step N every tensor (weights
+and optimizer state) is compared with checkpoint N: "bit-exact" when all are identical, else the largest
+absolute difference; the replayed loss of step N is compared with the logged one.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from glassbox.errors import GlassboxError
+from glassbox.release.layout import ReleaseLayout, branch_step
+from glassbox.release.run_reader import list_checkpoints, read_metrics
+
+
+@dataclass
+class ReplaySource:
+    """Where the config, checkpoints, data order, metrics and data come from (a run or a release)."""
+
+    config_text: str
+    checkpoints: dict[int, Path]
+    order_dir: Path                    # the directory holding data_order.zarr
+    metrics: list[dict[str, Any]]
+    data_paths: list[str] | None       # None: the paths in the config
+
+
+def from_run(run_dir: Path) -> ReplaySource:
+    run_dir = Path(run_dir)
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise GlassboxError(f"{config} is missing: not a glassbox run directory")
+    return ReplaySource(config.read_text(), list_checkpoints(run_dir), run_dir, read_metrics(run_dir / "metrics.jsonl"),
+                        None)
+
+
+def from_release(release_dir: Path) -> ReplaySource:
+    layout = ReleaseLayout(release_dir)
+    layout.check()
+    index = json.loads(layout.index.read_text())
+    checkpoints = {}
+    for b in index["branches"]:
+        state = layout.training_state(b["branch"])
+        if not state.is_dir():
+            raise GlassboxError(f"{state} is missing: this release carries no training state to replay from")
+        checkpoints[branch_step(b["branch"])] = state
+    model = layout.model
+    data_paths = [str((layout.dataset / name).resolve()) for name in index["stores"]]
+    return ReplaySource((model / "reproduce" / "config.yaml").read_text(), checkpoints, layout.dataset,
+                        read_metrics(model / "metrics" / "metrics.jsonl"), data_paths)
+
+
+@dataclass
+class ReproduceResult:
+    step: int
+    from_step: int
+    bit_exact: bool
+    max_abs_diff: float
+    tensors_compared: int
+    tensors_differing: list[str] = field(default_factory=list)
+    loss_replayed: float | None = None
+    loss_logged: float | None = None
+
+    @property
+    def loss_diff(self) -> float | None:
+        if self.loss_replayed is None or self.loss_logged is None:
+            return None
+        return abs(self.loss_replayed - self.loss_logged)
+
+
+def _flat_tensors(trainer) -> dict[str, Any]:
+    """Every tensor of the model and optimizer, as full CPU copies keyed by a readable name."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    def full(t):
+        return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
+
+    model = trainer.state.model
+    out = {f"model.{k}": full(v) for k, v in getattr(model, "module", model).state_dict().items()}
+    names = {id(p): n for n, p in getattr(model, "module", model).named_parameters()}
+    for p, st in trainer.state.optimizer.state.items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                out[f"optimizer.{names.get(id(p), id(p))}.{k}"] = full(v)
+    return out
+
+
+def _compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[bool, float, list[str]]:
+    import torch
+
+    if a.keys() != b.keys():
+        missing = sorted(a.keys() ^ b.keys())
+        raise GlassboxError(f"the replayed state and the checkpoint hold different tensors (e.g. {missing[0]})")
+    worst, differing = 0.0, []
+    for k in sorted(a):
+        if not torch.equal(a[k], b[k]):
+            differing.append(k)
+            if a[k].shape == b[k].shape:
+                worst = max(worst, (a[k].double() - b[k].double()).abs().max().item())
+            else:
+                worst = float("inf")
+    return not differing, worst, differing
+
+
+def _check_batch(sampler, order_log, step: int) -> None:
+    from glassbox.data.order_log import batch_hash
+
+    row = order_log.row(step)
+    if sampler.cursor != int(row["cursor_start"]):
+        raise GlassboxError(
+            f"step {step}: the sampler is at sample {sampler.cursor} but the data-order log says {row['cursor_start']}"
+        )
+    batch = sampler.samples(int(row["cursor_start"]), int(row["batch_size"]))
+    if batch_hash(batch) != row["token_hash"]:
+        raise GlassboxError(f"step {step}: the batch rebuilt from the data does not match the data-order log's hash; "
+                            "the data changed since the run")
+
+
+def reproduce(source: ReplaySource, step: int) -> ReproduceResult:
+    from tqdm import tqdm
+
+    from glassbox.data.order_log import DataOrderLog
+    from glassbox.release.training import load_into, scratch_trainer
+
+    if step not in source.checkpoints:
+        have = ", ".join(map(str, source.checkpoints)) or "none"
+        raise GlassboxError(f"no checkpoint at step {step} to compare with (checkpoints: {have})")
+    earlier = [s for s in source.checkpoints if s < step]
+    start = max(earlier) if earlier else 0
+    order_log = DataOrderLog(source.order_dir, read_only=True)
+    if len(order_log) < step:
+        raise GlassboxError(f"{source.order_dir / 'data_order.zarr'} has {len(order_log)} steps; step {step} is not logged")
+    logged = {int(r["step"]): float(r["loss"]) for r in source.metrics if "step" in r and "loss" in r}
+    with tempfile.TemporaryDirectory(prefix="glassbox-reproduce-") as work, \
+            scratch_trainer(source.config_text, Path(work), source.data_paths) as trainer:
+        if start:
+            load_into(trainer, source.checkpoints[start])
+        if trainer.state.step != start:
+            raise GlassboxError(f"{source.checkpoints.get(start, 'the initial state')} holds step "
+                                f"{trainer.state.step}, expected {start}")
+        metrics: dict[str, Any] = {}
+        for s in tqdm(range(start + 1, step + 1), desc=f"replay {start}->{step}", unit="step"):
+            _check_batch(trainer.state.sampler, order_log, s)
+            metrics = trainer.train_step()
+        replayed = _flat_tensors(trainer)
+        load_into(trainer, source.checkpoints[step])
+        exact, worst, differing = _compare(replayed, _flat_tensors(trainer))
+    result = ReproduceResult(step, start, exact, worst, len(replayed), differing,
+                             float(metrics["loss"]) if "loss" in metrics else None, logged.get(step))
+    if result.loss_diff:
+        result.bit_exact = False
+    return result
+
+
+def format_result(r: ReproduceResult) -> str:
+    loss = ""
+    if r.loss_replayed is not None and r.loss_logged is not None:
+        loss = f"; loss replayed {r.loss_replayed:.8g} vs logged {r.loss_logged:.8g} (diff {r.loss_diff:.3g})"
+    if r.bit_exact:
+        return f"bit-exact: replayed steps {r.from_step + 1}..{r.step}; all {r.tensors_compared} tensors identical{loss}"
+    shown = ", ".join(r.tensors_differing[:5]) + (" ..." if len(r.tensors_differing) > 5 else "")
+    return (f"not bit-exact: replayed steps {r.from_step + 1}..{r.step}; {len(r.tensors_differing)} of "
+            f"{r.tensors_compared} tensors differ (max abs diff {r.max_abs_diff:.3g}: {shown}){loss}")

@@ -1,0 +1,105 @@
+"""Greedy outputs of the engine are token-identical to transformers' `generate` on the same model directory, alone
+or in a batch, through chunked prefill, prefix-cache hits and preemption."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glassbox.inference.engine import EngineConfig, LLMEngine
+from glassbox.inference.llm import LLM
+from glassbox.inference.sampling_params import SamplingParams
+
+MAX_NEW = 24
+
+
+def _hf_greedy(model_dir, token_prompts: list[list[int]]) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for ids in token_prompts:
+            gen = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              max_new_tokens=MAX_NEW, do_sample=False)
+            out.append(gen[0, len(ids):].tolist())
+    return out
+
+
+def _engine_greedy(llm: LLM, token_prompts: list[list[int]]) -> list[list[int]]:
+    outs = llm.generate(token_prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW))
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def llama_reference(llama_dir, prompts):
+    llm = LLM(llama_dir)
+    token_prompts = [llm.tokenizer.encode(p) for p in prompts]
+    return token_prompts, _hf_greedy(llama_dir, token_prompts)
+
+
+def test_llama_batch_of_16_matches_transformers(llama_dir, llama_reference):
+    token_prompts, expected = llama_reference
+    assert len(token_prompts) == 16 and len({len(p) for p in token_prompts}) > 8
+    assert len({tuple(e) for e in expected}) == 16
+    got = _engine_greedy(LLM(llama_dir), token_prompts)
+    assert got == expected
+
+
+def test_llama_alone_matches_batch(llama_dir, llama_reference):
+    token_prompts, expected = llama_reference
+    llm = LLM(llama_dir)
+    for i in (0, 2, 6):
+        assert _engine_greedy(llm, [token_prompts[i]]) == [expected[i]]
+
+
+def test_chunked_prefill_prefix_cache_and_preemption_keep_outputs(llama_dir, llama_reference):
+    token_prompts, expected = llama_reference
+    # 8-token budget: every prompt longer than 8 tokens is prefilled in chunks beside running decodes.
+    # 14 blocks of 4 tokens: 16 sequences cannot all fit, so the scheduler must preempt and recompute.
+    cfg = EngineConfig(block_size=4, num_kv_blocks=20, max_num_batched_tokens=8, max_model_len=80)
+    llm = LLM(engine=LLMEngine.from_model_dir(llama_dir, cfg))
+    assert _engine_greedy(llm, token_prompts) == expected
+    eng = llm.engine
+    assert eng.scheduler.num_preemptions > 0
+    assert eng.blocks.num_used_blocks == 0
+    # Run again: the blocks of earlier prompts are still cached, and outputs stay identical.
+    hits = eng.blocks.prefix_hits
+    assert _engine_greedy(llm, token_prompts[:4]) == expected[:4]
+    assert eng.blocks.prefix_hits > hits
+
+
+def test_shared_prefix_reuses_blocks(llama_dir):
+    cfg = EngineConfig(block_size=4, num_kv_blocks=64)
+    llm = LLM(engine=LLMEngine.from_model_dir(llama_dir, cfg))
+    base = list(range(10, 30))
+    first = llm.generate([base + [5]], SamplingParams(temperature=0, max_tokens=4))[0]
+    second = llm.generate([base + [6]], SamplingParams(temperature=0, max_tokens=4))[0]
+    assert first.num_cached_tokens == 0
+    assert second.num_cached_tokens == 20
+    fresh = LLM(engine=LLMEngine.from_model_dir(llama_dir, EngineConfig(enable_prefix_caching=False)))
+    assert fresh.generate([base + [6]], SamplingParams(temperature=0, max_tokens=4))[0].outputs[0].token_ids == \
+        second.outputs[0].token_ids
+
+
+def test_mixtral_matches_transformers(mixtral_dir, prompts):
+    llm = LLM(mixtral_dir)
+    token_prompts = [llm.tokenizer.encode(p) for p in prompts[:8]]
+    assert _engine_greedy(llm, token_prompts) == _hf_greedy(mixtral_dir, token_prompts)
+
+
+def test_logprobs_match_transformers_logits(llama_dir, llama_reference):
+    from transformers import AutoModelForCausalLM
+
+    token_prompts, expected = llama_reference
+    ids = token_prompts[1]
+    out = LLM(llama_dir).generate([ids], SamplingParams(temperature=0, max_tokens=3, logprobs=4))[0].outputs[0]
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids + out.token_ids])).logits[0]
+    ref = torch.log_softmax(logits[len(ids) - 1:len(ids) + 2], -1)
+    for j, lp in enumerate(out.logprobs):
+        assert lp.token_id == out.token_ids[j]
+        assert lp.logprob == pytest.approx(float(ref[j, lp.token_id]), abs=1e-4)
+        top_ids = ref[j].topk(4).indices.tolist()
+        assert [t for t, _ in lp.top] == top_ids

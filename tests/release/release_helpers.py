@@ -1,0 +1,33 @@
+"""Helpers for the release tests (imported by name: test folders are not packages)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+RUN_STEPS = 4
+CHECKPOINT_STEPS = [1, 2, 4]
+
+
+def tiny_run_config(data_dir: Path, run_dir: Path):
+    from glassbox.config import from_dict
+    from glassbox.train.config import RunConfig
+
+    return from_dict(RunConfig, {
+        "model": {"vocab_size": 512, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                  "intermediate_size": 64, "max_seq_len": 64},
+        "data": {"path": str(data_dir), "seq_len": 64, "seed": 11},
+        "checkpoint": {"every": 0, "log_spaced": True},
+        "optimizer": {"lr": 3e-3, "min_lr": 3e-4},
+        "schedule": {"steps": RUN_STEPS, "warmup_steps": 1},
+        "batch": {"global_batch_size": 4, "micro_batch_size": 2},
+        "parallel": {"device": "cpu"},
+        "logging": {"val_samples": 4, "progress": False, "wandb": {"mode": "disabled"}},
+        "run_dir": str(run_dir),
+        "seed": 5,
+    })
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)
+    return dst

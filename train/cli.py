@@ -1,0 +1,89 @@
+"""`glassbox train`: train from a run config, in this process or (`--nproc N`) under torchrun.
+
+The same flags work for `torchrun --nproc-per-node N -m glassbox.train`. Shortcut flags are sugar for `--set`:
+`--data DIR` is `--set data.path=DIR`, `--run-dir DIR` is `--set run_dir=DIR`, `--steps N` is
+`--set schedule.steps=N`, `--resume X` is `--set checkpoint.resume=X`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from glassbox.errors import GlassboxError
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True,
+                   help="run config YAML, or the name of one in configs/ (tiny, moe-tiny, small, 1b, amber-7b)")
+    p.add_argument("--data", help="prepared DATA_DIR (sets data.path)")
+    p.add_argument("--run-dir", help="run directory (sets run_dir)")
+    p.add_argument("--steps", type=int, help="optimizer steps (sets schedule.steps)")
+    p.add_argument("--resume", help="'auto' or a checkpoint path (sets checkpoint.resume)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set optimizer.lr=1e-3 (repeatable)")
+
+
+def resolve_config_path(name: str) -> Path:
+    path = Path(name)
+    if path.is_file():
+        return path
+    bundled = CONFIGS_DIR / f"{name}.yaml"
+    if bundled.is_file():
+        return bundled
+    known = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
+    raise GlassboxError(f"config not found: {name} (not a file, nor one of configs/: {known})")
+
+
+def overrides_from_args(args: argparse.Namespace) -> list[str]:
+    # JSON-quoted values are valid YAML scalars, so a path like "2024" stays a string.
+    shortcuts = [("data.path", args.data), ("run_dir", args.run_dir), ("schedule.steps", args.steps),
+                 ("checkpoint.resume", args.resume)]
+    return [f"{key}={json.dumps(value)}" for key, value in shortcuts if value is not None] + list(args.overrides)
+
+
+def config_from_args(args: argparse.Namespace):
+    from glassbox.train.config import load_run_config
+
+    return load_run_config(resolve_config_path(args.config), overrides_from_args(args))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model from a run config (one process, or --nproc N via torchrun)")
+    add_train_args(p)
+    p.add_argument("--nproc", type=int, default=1, help="processes on this machine; >1 launches torchrun")
+    p.set_defaults(handler=run)
+
+
+def torchrun_command(args: argparse.Namespace) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "glassbox.train", "--config", str(resolve_config_path(args.config))]
+    for override in overrides_from_args(args):
+        cmd += ["--set", override]
+    return cmd
+
+
+def summary(state) -> str:
+    m = state.metrics
+    text = f"trained {state.step} steps ({state.tokens:,} tokens) into {state.run_dir}: loss {m.get('loss', 0):.4f}"
+    if "val_loss" in m:
+        text += f", validation loss {m['val_loss']:.4f}"
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.nproc < 1:
+        raise GlassboxError(f"--nproc: must be >= 1, got {args.nproc}")
+    cfg = config_from_args(args)
+    if args.nproc > 1:
+        return subprocess.call(torchrun_command(args))
+    from glassbox.train.trainer import Trainer
+
+    state = Trainer(cfg).fit()
+    print(summary(state))
+    return 0

@@ -1,0 +1,42 @@
+"""Warmup then decay (cosine by default) from `optimizer.lr` to `optimizer.min_lr`, as a LambdaLR.
+
+The factor is a small callable object rather than a closure so the scheduler's `state_dict()` holds its settings
+and a checkpoint restores the schedule exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from glassbox.train.config import OptimizerConfig, ScheduleConfig
+
+
+class WarmupDecay:
+    """factor(i) for the 0-based step index i: linear warmup to 1, then decay to min_lr / lr at the last step."""
+
+    def __init__(self, steps: int, warmup_steps: int, decay: str, min_ratio: float):
+        self.steps = steps
+        self.warmup_steps = warmup_steps
+        self.decay = decay
+        self.min_ratio = min_ratio
+
+    def __call__(self, i: int) -> float:
+        if i < self.warmup_steps:
+            return (i + 1) / self.warmup_steps
+        if self.decay == "constant":
+            return 1.0
+        span = max(1, self.steps - 1 - self.warmup_steps)
+        progress = min(1.0, (i - self.warmup_steps) / span)
+        if self.decay == "linear":
+            shape = 1.0 - progress
+        else:
+            shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.min_ratio + (1.0 - self.min_ratio) * shape
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, opt: OptimizerConfig,
+                       schedule: ScheduleConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    factor = WarmupDecay(schedule.steps, schedule.warmup_steps, schedule.decay, opt.min_lr / opt.lr)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

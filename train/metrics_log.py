@@ -1,0 +1,44 @@
+"""RUN_DIR/metrics.jsonl: one JSON object per optimizer step, appended as the run goes.
+
+Appends are line-buffered and flushed each step; a torn last line (a crash mid-write) is skipped by
+`read_metrics`, and `truncate` (after a resume from an earlier step) rewrites the file atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from glassbox.atomic import write_text
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+class MetricsLog:
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / "metrics.jsonl"
+
+    def truncate(self, last_step: int) -> None:
+        """Keep only rows of steps <= last_step (a resumed run rewrites the steps after its checkpoint)."""
+        rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= last_step]
+        write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.flush()

@@ -1,0 +1,202 @@
+"""Parallelism applied from outside the model (torchtitan's split): process group, device mesh, TP, FSDP2 / DDP.
+
+The world is a 2-D mesh ("dp", "tp"). Tensor parallel shards each block's attention (q/k/v column-wise, o
+row-wise: heads split across ranks) and its dense MLP (gate/up column-wise, down row-wise) with DTensor; the
+embeddings, norms and LM head stay replicated. For the MoE model only attention is sharded: its experts are
+stacked 3-D weights indexed per expert, which DTensor's column/row styles cannot split, and the natural split
+for them is expert parallel, not tensor parallel; every TP rank runs the (replicated) experts on the same input.
+Data parallel then wraps the result: FSDP2 (`fully_shard` per block, then the root, so tied embedding and LM
+head share one group) over the "dp" dimension, or DDP when there is no tensor parallel.
+Everything runs on CPU with gloo as on GPUs with NCCL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from glassbox.config import ConfigError
+from glassbox.errors import GlassboxError
+from glassbox.train.config import ParallelConfig
+from glassbox.train.model import ModelConfig, Transformer
+
+
+@dataclass
+class World:
+    """Where this process sits: global rank, its data-parallel coordinates, and the device it computes on."""
+
+    rank: int
+    world_size: int
+    dp_rank: int
+    dp_size: int
+    tp_size: int
+    device: torch.device
+    mesh: "torch.distributed.device_mesh.DeviceMesh | None"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp_group(self) -> "dist.ProcessGroup | None":
+        return self.mesh["dp"].get_group() if self.mesh is not None and self.dp_size > 1 else None
+
+
+def pick_device(cfg: ParallelConfig) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise GlassboxError("parallel.device is cuda but no CUDA device is visible")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def init_world(cfg: ParallelConfig) -> World:
+    """Join the process group torchrun (or a test's spawn) set up, and build the (dp, tp) mesh."""
+    device = pick_device(cfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if dist.is_available() and dist.is_initialized():
+        world_size = dist.get_world_size()
+    elif world_size > 1:
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if world_size > 1 else 0
+    tp = cfg.tensor_parallel
+    if world_size % tp:
+        raise ConfigError(f"parallel.tensor_parallel ({tp}) must divide the world size ({world_size})")
+    if world_size == 1:
+        return World(0, 1, 0, 1, 1, device, None)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+    return World(rank, world_size, mesh["dp"].get_local_rank(), world_size // tp, tp, device, mesh)
+
+
+def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
+    for name in ("num_heads", "num_kv_heads") + (() if cfg.is_moe else ("intermediate_size",)):
+        if getattr(cfg, name) % tp:
+            raise ConfigError(f"model.{name} ({getattr(cfg, name)}) must divide by parallel.tensor_parallel ({tp})")
+
+
+def apply_tensor_parallel(model: Transformer, tp_mesh) -> None:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    plan = {
+        "self_attn.q_proj": ColwiseParallel(),
+        "self_attn.k_proj": ColwiseParallel(),
+        "self_attn.v_proj": ColwiseParallel(),
+        "self_attn.o_proj": RowwiseParallel(),
+    }
+    if not model.config.is_moe:
+        plan.update({
+            "mlp.gate_proj": ColwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(),
+        })
+    for block in model.layers:
+        parallelize_module(block, tp_mesh, plan)
+
+
+def parallelize(model: Transformer, cfg: ParallelConfig, world: World, bf16: bool) -> nn.Module:
+    """TP, then compile, then data parallel; returns the module to train (the model itself unless DDP wraps it)."""
+    model.to(world.device)
+    if world.tp_size > 1:
+        check_tensor_parallel(model.config, world.tp_size)
+        apply_tensor_parallel(model, world.mesh["tp"])
+    if cfg.compile:
+        for block in model.layers:
+            block.compile()
+    if world.dp_size == 1:
+        return model
+    if cfg.data_parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [world.device.index] if world.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, process_group=world.dp_group)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, mesh=world.mesh["dp"], mp_policy=mp)
+    fully_shard(model, mesh=world.mesh["dp"], mp_policy=mp)
+    return model
+
+
+def unwrap(model: nn.Module) -> Transformer:
+    """The Transformer inside a DDP wrapper (FSDP2 and TP keep the module itself)."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, Transformer) else model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the data-parallel gradient reduction on all but the last micro-batch of a step."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
+        yield
+    elif hasattr(model, "no_sync") and not enabled:
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def _placement_key(p: torch.Tensor) -> tuple:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(p, DTensor):
+        return ("dtensor", id(p.device_mesh), tuple(str(pl) for pl in p.placements))
+    return ("tensor",)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices only, and one group per kind of tensor (plain, or DTensor per mesh and
+    placement), because foreach/fused optimizer kernels cannot mix plain tensors and DTensors in one list."""
+    groups: dict[tuple, dict] = {}
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim >= 2
+        key = (decay,) + _placement_key(p)
+        groups.setdefault(key, {"params": [], "weight_decay": weight_decay if decay else 0.0})["params"].append(p)
+    return list(groups.values())
+
+
+@torch.no_grad()
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Global L2 norm of the gradients over every shard, then scale them to `max_norm` if above (0: no clip).
+
+    Sharded DTensor gradients contribute their local sum of squares, reduced once per mesh dimension they are
+    sharded on; replicated and plain gradients are identical on every rank and count once.
+    """
+    from torch.distributed.tensor import DTensor
+
+    buckets: dict[tuple, list[torch.Tensor]] = {}
+    meshes = {}
+    grads = [p.grad for p in params if p.grad is not None]
+    for g in grads:
+        if isinstance(g, DTensor):
+            dims = tuple(i for i, pl in enumerate(g.placements) if pl.is_shard() or pl.is_partial())
+            meshes[id(g.device_mesh)] = g.device_mesh
+            buckets.setdefault((id(g.device_mesh), dims), []).append(g.to_local())
+        else:
+            buckets.setdefault((None, ()), []).append(g)
+    total = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
+    for (mesh_id, dims), tensors in buckets.items():
+        sq = torch.stack([t.float().pow(2).sum() for t in tensors]).sum()
+        for d in dims:
+            dist.all_reduce(sq, group=meshes[mesh_id].get_group(d))
+        total += sq
+    norm = total.sqrt()
+    if max_norm > 0:
+        scale = min(1.0, max_norm / (norm.item() + 1e-6))
+        if scale < 1.0:
+            for g in grads:
+                g.mul_(scale)
+    return norm

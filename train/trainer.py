@@ -1,0 +1,242 @@
+"""The training loop: one optimizer step at a time over the global sample order, features plugged in as callbacks.
+
+A step t asks the batch plan for its global batch B_t, takes samples [cursor, cursor + B_t) from the sampler
+(each data-parallel rank its contiguous slice), accumulates gradients over micro-batches, clips, steps AdamW,
+and writes the step's row to metrics.jsonl and to the data-order log. Everything that carries over between
+steps lives in `TrainState`, so a checkpoint of the state (the checkpoint callback's job) resumes exactly.
+The step itself draws no random numbers; Python, numpy and torch are seeded once from `seed` before the model
+is built, and their states are what a checkpoint saves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from glassbox.atomic import sha256_file, write_text
+from glassbox.config import dump_yaml
+from glassbox.errors import GlassboxError
+from glassbox.train.batch_plan import build_batch_plan
+from glassbox.train.callbacks import Callback
+from glassbox.train.config import RunConfig
+from glassbox.train.flops import peak_flops
+from glassbox.train.lr_schedule import build_lr_scheduler
+from glassbox.train.manifest import write_run_manifest
+from glassbox.train.metrics_log import MetricsLog
+from glassbox.train.model import Transformer
+from glassbox.train.parallel import World, clip_grad_norm, gradient_sync, init_world, param_groups, parallelize, unwrap
+from glassbox.train.progress import ProgressBar
+from glassbox.train.state import TrainState
+from glassbox.train.wandb_logger import WandbLogger
+
+
+def default_callbacks(cfg: RunConfig) -> list[Callback]:
+    """The callbacks every run gets. Checkpointing (glassbox.checkpoints) belongs first in this list: its
+    on_train_start restores a resumed state, which the callbacks after it then see."""
+    from glassbox.checkpoints.checkpointer import CheckpointCallback
+
+    return [CheckpointCallback(cfg.checkpoint, Path(cfg.run_dir)), WandbLogger(), ProgressBar(cfg.logging.progress)]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _data_sources(cfg: RunConfig) -> list[str]:
+    return [cfg.data.path] if cfg.data.path else [src.path for src in cfg.data.blend]
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, callbacks: list[Callback] | None = None):
+        from glassbox.data.sampler import build_sampler
+        from glassbox.data.store import TokenStore
+
+        self.cfg = cfg
+        self.world: World = init_world(cfg.parallel)
+        device = self.world.device
+        self.bf16 = cfg.parallel.precision == "bf16" or (cfg.parallel.precision == "auto" and device.type == "cuda")
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.callbacks = default_callbacks(cfg) if callbacks is None else list(callbacks)
+        self.run_dir = Path(cfg.run_dir)
+
+        stores = [TokenStore(path) for path in _data_sources(cfg)]
+        for path, store in zip(_data_sources(cfg), stores):
+            if store.vocab_size > cfg.model.vocab_size:
+                raise GlassboxError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the vocabulary of "
+                                    f"{path} ({store.vocab_size})")
+        # Rank 0 builds the sampler's index files first so the other ranks only read them.
+        with self._rank0_first():
+            sampler = build_sampler(cfg.data, "train")
+            valid = build_sampler(cfg.data, "valid")
+        per_rank = max(1, cfg.logging.val_samples // self.world.dp_size)
+        val = valid.samples(0, per_rank * self.world.dp_size)
+        self.val_tokens = val[self.world.dp_rank * per_rank:(self.world.dp_rank + 1) * per_rank]
+
+        seed_everything(cfg.seed)
+        model = parallelize(Transformer(cfg.model), cfg.parallel, self.world, self.bf16)
+        optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.optimizer.weight_decay), lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
+            eps=cfg.optimizer.eps, fused=device.type == "cuda",
+        )
+        self.state = TrainState(
+            config=cfg, run_dir=self.run_dir, model=model, optimizer=optimizer,
+            lr_scheduler=build_lr_scheduler(optimizer, cfg.optimizer, cfg.schedule),
+            sampler=sampler, batch_plan=build_batch_plan(cfg.batch), world=self.world,
+        )
+        self.data_info = {
+            "fingerprint": sampler.fingerprint,
+            "sources": [{"path": str(path), "fingerprint": store.fingerprint,
+                         "tokenizer_sha256": sha256_file(store.tokenizer_path)}
+                        for path, store in zip(_data_sources(cfg), stores)],
+        }
+        self.flops_per_token = cfg.model.flops_per_token(cfg.data.seq_len)
+        self.peak = cfg.logging.peak_flops or peak_flops(device, self.bf16)
+        self.metrics_log = MetricsLog(self.run_dir)
+        self.order_log = None
+        if self.world.is_main:
+            from glassbox.data.order_log import DataOrderLog
+
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
+            self.order_log = DataOrderLog(self.run_dir)
+
+    @contextlib.contextmanager
+    def _rank0_first(self):
+        if self.world.world_size > 1 and not self.world.is_main:
+            dist.barrier()
+        yield
+        if self.world.world_size > 1 and self.world.is_main:
+            dist.barrier()
+
+    def _autocast(self):
+        if self.bf16:
+            return torch.autocast(self.world.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _dp_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world.dp_size > 1:
+            dist.all_reduce(t, group=self.world.dp_group)
+            t /= self.world.dp_size
+        return t
+
+    def train_step(self) -> dict:
+        """Run step `state.step + 1`: batch, forward/backward over micro-batches, clip, AdamW; return its row."""
+        s, cfg, world = self.state, self.cfg, self.world
+        step = s.step + 1
+        start_time = time.perf_counter()
+        size = s.batch_plan.global_batch_size(step)
+        batch = s.sampler.next_batch(size, world.dp_rank, world.dp_size)
+        if self.order_log is not None:
+            from glassbox.data.order_log import batch_hash
+
+            full = batch.tokens if world.dp_size == 1 else s.sampler.samples(batch.start, size)
+            self.order_log.append(step, batch.start, size, batch_hash(full))
+
+        model, inner = s.model, unwrap(s.model)
+        model.train()
+        local = batch.tokens
+        chunks = local.split(cfg.batch.micro_batch_size)
+        loss_sum = torch.zeros((), device=world.device)
+        aux_sum = torch.zeros((), device=world.device)
+        load_sum = None
+        for i, chunk in enumerate(chunks):
+            chunk = chunk.to(world.device, non_blocking=True)
+            weight = chunk.shape[0] / local.shape[0]
+            with gradient_sync(model, i == len(chunks) - 1):
+                with self._autocast():
+                    logits = model(chunk[:, :-1])
+                loss = F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten())
+                total = loss * weight
+                aux = inner.aux_loss()
+                if aux is not None:
+                    total = total + aux * weight
+                    aux_sum += aux.detach() * weight
+                    load = inner.expert_load() * weight
+                    load_sum = load if load_sum is None else load_sum + load
+                total.backward()
+            loss_sum += loss.detach() * weight
+
+        grad_norm = clip_grad_norm([p for p in model.parameters()], cfg.optimizer.grad_clip)
+        factor = s.batch_plan.lr_factor(step)
+        for group, lr in zip(s.optimizer.param_groups, s.lr_scheduler.get_last_lr()):
+            group["lr"] = lr * factor
+        lr_used = s.optimizer.param_groups[0]["lr"]
+        s.optimizer.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        s.lr_scheduler.step()
+
+        loss_value = self._dp_mean(loss_sum).item()
+        if not math.isfinite(loss_value):
+            raise GlassboxError(f"training loss became {loss_value} at step {step} (lower optimizer.lr?)")
+        s.step = step
+        s.samples += size
+        s.tokens += size * cfg.data.seq_len
+        elapsed = time.perf_counter() - start_time
+        tokens_per_s = size * cfg.data.seq_len / elapsed
+        row = {
+            "step": step, "samples": s.samples, "tokens": s.tokens, "loss": loss_value, "lr": lr_used,
+            "grad_norm": grad_norm.item(), "batch_size": size, "world_size": world.world_size,
+            "step_time": elapsed, "tokens_per_s": tokens_per_s,
+            "mfu": self.flops_per_token * tokens_per_s / (self.peak * world.world_size) if self.peak else 0.0,
+        }
+        if load_sum is not None:
+            load = self._dp_mean(load_sum) * cfg.model.num_experts
+            row.update(moe_aux_loss=self._dp_mean(aux_sum).item(),
+                       expert_load_max=load.max().item(), expert_load_min=load.min().item())
+        val_every = cfg.logging.val_every
+        if (val_every and step % val_every == 0) or step == cfg.schedule.steps:
+            row["val_loss"] = self.evaluate()
+        s.metrics = row
+        if world.is_main:
+            self.metrics_log.append(row)
+        return row
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss on the fixed validation samples (each data-parallel rank an equal share)."""
+        model = self.state.model
+        was_training = model.training
+        model.eval()
+        total = torch.zeros(2, device=self.world.device, dtype=torch.float64)
+        for chunk in self.val_tokens.split(self.cfg.batch.micro_batch_size):
+            chunk = chunk.to(self.world.device)
+            with self._autocast():
+                logits = model(chunk[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
+            total += torch.stack([loss.double(), torch.tensor(chunk[:, 1:].numel(), dtype=torch.float64,
+                                                              device=total.device)])
+        if self.world.dp_size > 1:
+            dist.all_reduce(total, group=self.world.dp_group)
+        model.train(was_training)
+        return (total[0] / total[1]).item()
+
+    def fit(self) -> TrainState:
+        """Train to `schedule.steps`, calling the callbacks; a resume (in on_train_start) continues from its step."""
+        s = self.state
+        for cb in self.callbacks:
+            cb.on_train_start(s)
+        if self.world.is_main:
+            # Rows after the starting step belong to a run that did not survive; this run writes them again.
+            self.metrics_log.truncate(s.step)
+            self.order_log.truncate(s.step)
+            write_run_manifest(self.run_dir, data=self.data_info, device=self.world.device, step=s.step,
+                               world_size=self.world.world_size, dp=self.world.dp_size, tp=self.world.tp_size)
+        while s.step < self.cfg.schedule.steps:
+            self.train_step()
+            for cb in self.callbacks:
+                cb.on_step_end(s)
+        for cb in self.callbacks:
+            cb.on_train_end(s)
+        return s
