@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+STARTED = time.perf_counter()
 SYSTEMS = ("glassbox", "glassbox-core", "torchtitan", "transformers")
 
 
@@ -65,7 +66,7 @@ SHAPES = {
     "125M": Shape(hidden=768, layers=12, heads=12, kv_heads=4, mlp=2048, batch=16),
     "350M": Shape(hidden=1024, layers=24, heads=16, kv_heads=8, mlp=2816, batch=16),
     "1B": Shape(hidden=2048, layers=16, heads=16, kv_heads=8, mlp=5632, batch=8),
-    "tiny": Shape(hidden=64, layers=2, heads=4, kv_heads=2, mlp=128, batch=2, seq=64, vocab=256),
+    "tiny": Shape(hidden=64, layers=2, heads=4, kv_heads=2, mlp=128, batch=2, seq=64, vocab=512),
 }
 
 
@@ -154,6 +155,7 @@ def build_glassbox_core(shape: Shape, device, args):
                                   fused=device.type == "cuda")
     params = list(model.parameters())
     attention = _sdpa_priority(args.sdpa)
+    clip = clip_without_sync if args.sync_free_clip else clip_grad_norm
 
     def loss_of(logits, labels):
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
@@ -168,12 +170,26 @@ def build_glassbox_core(shape: Shape, device, args):
         with attention():
             loss = loss_of(logits, labels)
             loss.backward()
-        clip_grad_norm(params, 1.0)
+        clip(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
     return step, [model]
+
+
+def clip_without_sync(params, max_norm: float):
+    """glassbox's clip_grad_norm with the scale applied on the device (no `.item()`): the variant under test."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    from glassbox.train.parallel import clip_grad_norm
+
+    norm = clip_grad_norm(params, 0.0)
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    grads = [p.grad._local_tensor if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+    torch._foreach_mul_(grads, scale)
+    return norm
 
 
 def build_torchtitan(shape: Shape, device, args):
@@ -408,16 +424,16 @@ def measure_matmul_peak() -> float:
     return 2 * n**3 / statistics.median(times)
 
 
-def prepare_data(max_bytes: int) -> Path:
-    """A token store for the full-trainer rows: the Python standard library's text, byte-level BPE vocab 4096
-    (inside the models' 32000 embedding rows; throughput does not depend on which ids occur)."""
+def prepare_data(max_bytes: int, vocab: int) -> Path:
+    """A token store for the full-trainer rows: the Python standard library's text, byte-level BPE of `vocab`
+    ids (4096: inside the models' 32000 embedding rows; throughput does not depend on which ids occur)."""
     import tempfile
 
     from glassbox.data.prepare import prepare
 
     out = Path(tempfile.mkdtemp(prefix="glassbox_bench_data_")) / "data"
     t0 = time.perf_counter()
-    prepare(["stdlib"], out, vocab_size=4096, max_bytes=max_bytes, progress=False)
+    prepare(["stdlib"], out, vocab_size=vocab, max_bytes=max_bytes, progress=False)
     print(f"prepared {out} in {time.perf_counter() - t0:.0f}s", flush=True)
     return out
 
@@ -436,7 +452,10 @@ def datasheet_peak(name: str) -> float | None:
 
 def run_one(system: str, size: str, gpus: int, args, visible: str | None = None) -> dict | None:
     """Launch one worker group through torchrun (on GPUs `visible`, default all); return its row, or None
-    (printing the log tail) if it failed or ran past --run-timeout."""
+    (printing the log tail) if it failed, ran past --run-timeout, or would start past --budget."""
+    if args.budget and time.perf_counter() - STARTED > args.budget:
+        print(f"[{system} {size} x{gpus}] skipped: past the --budget of {args.budget:.0f}s", flush=True)
+        return None
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
            str(Path(__file__).resolve()), "--worker", "--system", system, "--size", size, "--device", args.device,
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
@@ -445,6 +464,7 @@ def run_one(system: str, size: str, gpus: int, args, visible: str | None = None)
     cmd += ["--no-compile"] if args.no_compile else []
     cmd += ["--compile-loss"] if args.compile_loss else []
     cmd += ["--sdpa", args.sdpa] if args.sdpa else []
+    cmd += ["--sync-free-clip"] if args.sync_free_clip else []
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "4"), WANDB_MODE="disabled")
     if visible is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible
@@ -516,12 +536,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--sdpa", default="", help='glassbox: SDPA kernel priority, e.g. "cudnn,flash" (default: torch\'s)')
     p.add_argument("--compile-loss", action="store_true", help="glassbox: torch.compile the upcast + cross-entropy")
+    p.add_argument("--sync-free-clip", action="store_true", help="glassbox-core: clip without a host sync")
     p.add_argument("--tag", default="", help="a label for this variant, kept in each row")
     p.add_argument("--append", action="store_true", help="keep --out's rows of other variants (tags)")
     p.add_argument("--out", type=Path, default=RESULTS / "train_mfu.json")
     p.add_argument("--concurrent", type=int, default=1, help="run one-GPU jobs on this many GPUs at once")
     p.add_argument("--log-dir", default="")
-    p.add_argument("--run-timeout", type=float, default=400)
+    p.add_argument("--run-timeout", type=float, default=300, help="seconds one row may take")
+    p.add_argument("--budget", type=float, default=0, help="start no new row after this many seconds (0: none)")
     p.add_argument("--data", default="", help="glassbox: a prepared DATA_DIR (default: prepare stdlib text once)")
     p.add_argument("--data-bytes", type=int, default=6_000_000, help="bytes of text when preparing the data")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -533,7 +555,8 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     if "glassbox" in args.systems.split(",") and not args.data:
-        args.data = str(prepare_data(args.data_bytes))
+        vocab = min(4096, *(SHAPES[size].vocab for size in args.sizes.split(",")))
+        args.data = str(prepare_data(args.data_bytes, vocab))
     name = gpu_name() if args.device == "cuda" else "cpu"
     peak = datasheet_peak(name) if args.device == "cuda" else None
     measured = measure_matmul_peak() if args.device == "cuda" else None

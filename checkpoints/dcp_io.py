@@ -1,15 +1,17 @@
 """Thin wrappers over torch.distributed.checkpoint that work the same with or without a process group.
 
-A single process (tests, export, a 1-GPU run) uses DCP without collectives; DCP then warns on every call that it
-assumes a single process, which is exactly the intent here, so that one warning is silenced.
+A single process (tests, export, a 1-GPU run) uses DCP without collectives; DCP then warns on every call (also
+from an async save's background thread) that it assumes a single process, which is exactly the intent here, so
+that one warning is silenced for the process.
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+warnings.filterwarnings("ignore", message=".*assuming the intent is to (load|save) in a single process")
 
 
 def distributed() -> bool:
@@ -18,31 +20,21 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-@contextlib.contextmanager
-def _single_process_ok() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to (load|save) in a single process")
-        yield
-
-
 def save(content: dict[str, Any], path: Path) -> None:
     import torch.distributed.checkpoint as dcp
 
-    with _single_process_ok():
-        dcp.save(content, checkpoint_id=path, no_dist=not distributed())
+    dcp.save(content, checkpoint_id=path, no_dist=not distributed())
 
 
 def async_save(content: dict[str, Any], path: Path, process_group: Any = None) -> Any:
     """Start a background save; returns once tensors are staged in host memory. `.result()` waits for the files."""
     import torch.distributed.checkpoint as dcp
 
-    with _single_process_ok():
-        return dcp.async_save(content, checkpoint_id=path, process_group=process_group, no_dist=not distributed())
+    return dcp.async_save(content, checkpoint_id=path, process_group=process_group, no_dist=not distributed())
 
 
 def load(content: dict[str, Any], path: Path) -> None:
     """Fill the tensors of `content` in place from `path`, resharding to their layout."""
     import torch.distributed.checkpoint as dcp
 
-    with _single_process_ok():
-        dcp.load(content, checkpoint_id=path, no_dist=not distributed())
+    dcp.load(content, checkpoint_id=path, no_dist=not distributed())

@@ -112,7 +112,8 @@ def load_checkpoint(path: Path, state: Any, allow_data_change: bool = False, ver
         raise GlassboxError(f"{path}: cannot load model/optimizer state into this model ({e})") from None
     set_state_dict(state.model, state.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     if state.lr_scheduler is not None and run_state["lr_scheduler"] is not None:
-        state.lr_scheduler.load_state_dict(run_state["lr_scheduler"])
+        groups = len(state.optimizer.param_groups)
+        state.lr_scheduler.load_state_dict(_scheduler_for_groups(run_state["lr_scheduler"], groups, path))
     if state.batch_plan is not None and run_state["batch_plan"] is not None:
         state.batch_plan.load_state_dict(run_state["batch_plan"])
     state.step, state.samples, state.tokens = run_state["step"], run_state["samples"], run_state["tokens"]
@@ -125,6 +126,28 @@ def load_checkpoint(path: Path, state: Any, allow_data_change: bool = False, ver
     restore_rng(load_file(rng))
     barrier()
     return manifest
+
+
+def _scheduler_for_groups(saved: dict[str, Any], groups: int, path: Path) -> dict[str, Any]:
+    """An LR scheduler state for `groups` optimizer param groups.
+
+    The optimizer's grouping can depend on the parallel layout (one group per kind of DTensor), so a resharded
+    resume may see a different number of groups. DCP maps optimizer state by parameter name; the scheduler's
+    per-group lists are mapped here, which is well defined when every saved group was scheduled alike.
+    """
+    per_group = [k for k, v in saved.items() if isinstance(v, list) and len(v) != groups]
+    if not per_group:
+        return saved
+    fitted = dict(saved)
+    for key in per_group:
+        values = saved[key]
+        if not values or any(v != values[0] for v in values):
+            raise GlassboxError(
+                f"{path}: the LR schedule has {len(values)} differently scheduled param groups, this run has "
+                f"{groups}; cannot map {key}"
+            )
+        fitted[key] = [values[0]] * groups
+    return fitted
 
 
 def _chunk_rows(n: int, shard: tuple[int, int]) -> tuple[int, int]:

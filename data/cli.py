@@ -39,7 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "batch",
         help="rebuild a step's batch from a run's data-order log and check it against the logged hash",
     )
-    b.add_argument("--run", required=True, type=Path, metavar="RUN_DIR")
+    b.add_argument(
+        "--run", required=True, type=Path, metavar="RUN_DIR", help="a run directory (config.yaml, data_order.zarr)"
+    )
     b.add_argument("--step", required=True, type=int, metavar="N", help="1-based training step")
     b.add_argument("--decode", action="store_true", help="print text instead of token ids")
     b.set_defaults(handler=_batch)

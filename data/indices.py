@@ -59,7 +59,7 @@ class EpochSpec:
     size: int | None             # samples in a blended epoch; None for a single store (one natural epoch)
 
     def key(self) -> str:
-        import megatron.core
+        from importlib.metadata import version
 
         content = {
             "components": [(c.fingerprint, c.weight, Path(c.prefix).name) for c in self.components],
@@ -68,7 +68,7 @@ class EpochSpec:
             "seed": self.seed,
             "epoch": self.epoch,
             "size": self.size,
-            "megatron_core": getattr(megatron.core, "__version__", "unknown"),
+            "megatron_core": version("megatron-core"),
         }
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:24]
 

@@ -172,7 +172,7 @@ def prepare(
             tok = load_tokenizer(tmp / "tokenizer.json")
             eot_name, eod_id = eot_token(tok, str(tokenizer))
         else:
-            tok = train_bpe(docs, len(docs), vocab_size)
+            tok = train_bpe(docs, len(docs), vocab_size, progress)
             write_bytes(tmp / "tokenizer.json", tok.to_str(pretty=True).encode())
             eot_name, eod_id = eot_token(tok, "trained")
         actual_vocab = tok.get_vocab_size(with_added_tokens=True)
@@ -220,7 +220,10 @@ def _count(n: int) -> str:
 def prepare_cli_summary(result: PrepareResult) -> str:
     """A short human-readable report of what `prepare` built (or found already built)."""
     meta = result.meta
-    state = "unchanged: meta.json already records these inputs" if result.skipped else f"built in {result.seconds:.1f} s"
+    if result.skipped:
+        state = "unchanged: meta.json already records these inputs"
+    else:
+        state = f"built in {result.seconds:.1f} s"
     lines = [f"data dir     {result.out} ({state})"]
     for s in meta["sources"]:
         cut = ", cut at --max-bytes" if s["truncated"] else ""

@@ -65,7 +65,9 @@ class _StoreTokens:
 class GlobalSampler:
     """See the module docstring. Build with `build_sampler`."""
 
-    def __init__(self, stores: list[TokenStore], weights: list[float], split: str, seq_len: int, seed: int, cache_dir: Path):
+    def __init__(
+        self, stores: list[TokenStore], weights: list[float], split: str, seq_len: int, seed: int, cache_dir: Path
+    ):
         self.stores = stores
         self.weights = weights
         self.split = split
@@ -168,8 +170,22 @@ class GlobalSampler:
             "seed": self.seed,
             "seq_len": self.seq_len,
             "fingerprint": self.fingerprint,
-            "stores": [{"path": str(s.path), "fingerprint": s.fingerprint, "weight": w} for s, w in zip(self.stores, self.weights)],
+            "stores": self._store_states(),
         }
+
+    def _store_states(self) -> list[dict]:
+        """Enough about each store to say what changed when a checkpoint's store differs from today's."""
+        return [
+            {
+                "path": str(s.path),
+                "fingerprint": s.fingerprint,
+                "weight": w,
+                "sources": {src["spec"]: src["sha256"] for src in s.meta["sources"]},
+                "tokenizer": s.meta["tokenizer"]["sha256"],
+                "settings": s.meta["settings"],
+            }
+            for s, w in zip(self.stores, self.weights)
+        ]
 
     def load_state_dict(self, state: dict, allow_fingerprint_change: bool = False) -> None:
         """Resume at `state`'s cursor. The order must be the same one: a changed seed or seq_len always refuses;
@@ -189,18 +205,30 @@ class GlobalSampler:
 
     def _describe_change(self, state: dict) -> str:
         old = state.get("stores")
+        fallback = f"data fingerprint changed from {state['fingerprint'][:12]} to {self.fingerprint[:12]}"
         if not old:
-            return f"data fingerprint changed from {state['fingerprint'][:12]} to {self.fingerprint[:12]}"
-        now = [{"path": str(s.path), "fingerprint": s.fingerprint, "weight": w} for s, w in zip(self.stores, self.weights)]
+            return fallback
+        now = self._store_states()
         if len(old) != len(now):
-            return f"the blend changed from {len(old)} to {len(now)} data dirs"
+            return f"the blend changed from {len(old)} to {len(now)} data dirs; {fallback}"
         changes = []
         for i, (a, b) in enumerate(zip(old, now)):
-            if a["fingerprint"] != b["fingerprint"]:
-                changes.append(f"data dir {b['path']} fingerprint {a['fingerprint'][:12]} -> {b['fingerprint'][:12]}")
             if a["weight"] != b["weight"]:
                 changes.append(f"blend[{i}].weight {a['weight']} -> {b['weight']}")
-        return "; ".join(changes) or f"data fingerprint changed from {state['fingerprint'][:12]} to {self.fingerprint[:12]}"
+            if a["fingerprint"] == b["fingerprint"]:
+                continue
+            where = b["path"] if a["path"] == b["path"] else f"{b['path']} (was {a['path']})"
+            what = [f"source {k!r} {'added' if k not in a.get('sources', {}) else 'changed'}"
+                    for k, v in b.get("sources", {}).items() if a.get("sources", {}).get(k) != v]
+            what += [f"source {k!r} removed" for k in a.get("sources", {}) if k not in b.get("sources", {})]
+            what += [f"settings.{k} {a['settings'].get(k)} -> {v}" for k, v in b.get("settings", {}).items()
+                     if "settings" in a and a["settings"].get(k) != v]
+            if a.get("tokenizer") != b.get("tokenizer"):
+                what.append("tokenizer changed")
+            detail = ", ".join(what) or "token files differ"
+            fp = f"{a['fingerprint'][:12]} -> {b['fingerprint'][:12]}"
+            changes.append(f"data dir {where}: fingerprint {fp} ({detail})")
+        return "; ".join(changes) or fallback
 
 
 def build_sampler(cfg: DataConfig, split: str = "train", cache_dir: Path | None = None) -> GlobalSampler:

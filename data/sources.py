@@ -73,7 +73,10 @@ class _Reader:
         """Add one document from its raw bytes; `name` (file name, line) enters the hash so reordering counts."""
         self.hash.update(name.encode("utf-8", "surrogateescape") + b"\0")
         self.hash.update(len(raw).to_bytes(8, "little") + raw)
-        text, bad = _BAD_BYTE.subn("\ufffd", raw.decode("utf-8", "surrogateescape"))
+        try:
+            text, bad = raw.decode("utf-8"), 0
+        except UnicodeDecodeError:
+            text, bad = _BAD_BYTE.subn("\ufffd", raw.decode("utf-8", "surrogateescape"))
         self.out.replaced_bytes += bad
         self.out.bytes += len(raw)
         if text:
@@ -195,11 +198,32 @@ def _read_files(spec: str, max_bytes: int | None) -> SourceDocs:
     return reader.finish(stopped_early=reader.full)
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe, so a closed network fails in seconds instead of after `datasets`' retries.
+    With HF_HUB_OFFLINE set the local cache is all that is wanted, so the answer is yes."""
+    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE"):
+        return True
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _read_hf(spec: str, max_bytes: int | None) -> SourceDocs:
     parts = spec.split(":")
     if len(parts) not in (2, 3) or not parts[1]:
         raise GlassboxError(f"source {spec!r}: expected hf:NAME or hf:NAME:SPLIT")
     name, split = parts[1], parts[2] if len(parts) == 3 and parts[2] else "train"
+    if not _hub_reachable():
+        raise GlassboxError(
+            f"source {spec!r}: cannot reach the Hugging Face Hub (network closed?); hf: sources need the network "
+            f"or HF_HUB_OFFLINE=1 with the dataset already in the local cache"
+        )
     try:
         import datasets
 

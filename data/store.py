@@ -27,11 +27,20 @@ META_FORMAT = 1
 
 def megatron_datasets() -> SimpleNamespace:
     """megatron-core's dataset modules, imported quietly: importing megatron.core warns about optional GPU
-    libraries (Transformer Engine, Apex) that the data pipeline never uses."""
-    names = ("indexed_dataset", "gpt_dataset", "blended_megatron_dataset_builder", "utils")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return SimpleNamespace(**{n: importlib.import_module(f"megatron.core.datasets.{n}") for n in names})
+    libraries (Transformer Engine, Apex) that the data pipeline never uses.
+
+    The index builders need megatron's C++ `helpers_cpp` extension. Its wheels (Python 3.11 and 3.12, x86_64)
+    ship it compiled, so nothing is compiled at run time; an install without it fails here, saying so."""
+    names = ("indexed_dataset", "gpt_dataset", "blended_megatron_dataset_builder", "utils", "helpers")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return SimpleNamespace(**{n: importlib.import_module(f"megatron.core.datasets.{n}") for n in names})
+    except ImportError as e:
+        raise GlassboxError(
+            f"megatron-core's dataset modules cannot be imported ({e}); install the megatron-core==0.16.1 wheel, "
+            f"which ships the compiled helpers_cpp extension"
+        ) from None
 
 
 class TokenStore:

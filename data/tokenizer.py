@@ -18,7 +18,7 @@ BYTE_ALPHABET = 256
 MIN_VOCAB = BYTE_ALPHABET + 1  # every byte plus the end-of-text token
 
 
-def train_bpe(texts: Iterable[str], count: int, vocab_size: int):
+def train_bpe(texts: Iterable[str], count: int, vocab_size: int, progress: bool = False):
     """Train a byte-level BPE of `vocab_size` ids (end-of-text is id 0) on `texts`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -34,7 +34,7 @@ def train_bpe(texts: Iterable[str], count: int, vocab_size: int):
         vocab_size=vocab_size,
         special_tokens=[EOT],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=progress,
     )
     tok.train_from_iterator(texts, trainer, length=count)
     return tok

@@ -47,6 +47,7 @@ class EngineConfig:
     num_spec_tokens: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    cuda_graphs: bool = True
     seed: int = 0
 
     def torch_dtype(self) -> torch.dtype:
@@ -134,7 +135,8 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, make_policy(cfg.policy), cfg.max_num_seqs,
                                    cfg.max_num_batched_tokens, cfg.enable_chunked_prefill)
-        self.runner = ModelRunner(model, num_blocks, cfg.block_size)
+        self.runner = ModelRunner(model, num_blocks, cfg.block_size, self.max_model_len, cfg.max_num_seqs,
+                                  cfg.cuda_graphs)
         self.sampler = Sampler(cfg.seed)
         self.proposer = proposer or make_proposer(cfg.proposer)
         self.requests: dict[str, _Request] = {}

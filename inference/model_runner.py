@@ -6,6 +6,10 @@ offset), and queries attend over their sequence's blocks gathered through its bl
 query per sequence) are batched into one SDPA call with a padding mask; prefill chunks and speculative
 verification (several queries per sequence) run per sequence with a causal mask offset by the cached context.
 Logits are computed only at the positions that sample.
+
+On CUDA, batches of pure decodes replay CUDA graphs captured at padded batch sizes (1, 2, 4, 8, then every 16),
+which removes the per-kernel launch cost that dominates decoding small models. Padding rows write into a scratch
+block past the pool and are dropped. MoE models run eagerly: their routing reads expert counts on the host.
 """
 
 from __future__ import annotations
@@ -36,12 +40,11 @@ class BatchInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
     slots: torch.Tensor
-    logit_rows: torch.Tensor
-    decode_rows: torch.Tensor | None
+    logit_rows: torch.Tensor | None          # None: every row, in order
+    decode_rows: torch.Tensor | None         # None with decode_lens set: every row is a decode
     decode_tables: torch.Tensor | None
-    decode_mask: torch.Tensor | None
+    decode_lens: torch.Tensor | None
     prefills: list[PrefillSpan]
-    all_decode: bool
 
 
 def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
@@ -50,17 +53,31 @@ def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) 
     return per_token * block_size
 
 
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs] + list(range(16, max_num_seqs, 16))
+    return sizes + [max_num_seqs]
+
+
 class ModelRunner:
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int):
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, max_model_len: int,
+                 max_num_seqs: int, cuda_graphs: bool = True):
         self.model = model.eval()
         cfg = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.use_graphs = cuda_graphs and self.device.type == "cuda" and not cfg.is_moe
+        # One scratch block past the pool takes the writes of graph padding rows.
+        self.scratch = num_blocks
+        shape = ((num_blocks + 1) * block_size, cfg.num_kv_heads, cfg.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if self.use_graphs:
+            self._capture(graph_batch_sizes(max_num_seqs), -(-max_model_len // block_size))
+
+    # Inputs ----------------------------------------------------------------------------------------------------
 
     def prepare(self, batch: SchedulerOutput, blocks: BlockManager) -> BatchInputs:
         ids: list[int] = []
@@ -91,41 +108,52 @@ class ModelRunner:
                     ctx_table = torch.tensor(table[:blocks.blocks_needed(s.start + s.num_tokens)], device=self.device)
                 prefills.append(PrefillSpan(row, s.num_tokens, s.start, ctx_table))
         dev = self.device
+        every_row = logit_rows == list(range(len(ids)))
         inputs = BatchInputs(
             input_ids=torch.tensor(ids, device=dev),
             positions=torch.tensor(positions, device=dev),
             slots=torch.tensor(slots, device=dev),
-            logit_rows=torch.tensor(logit_rows, device=dev),
-            decode_rows=None, decode_tables=None, decode_mask=None,
+            logit_rows=None if every_row else torch.tensor(logit_rows, device=dev, dtype=torch.long),
+            decode_rows=None, decode_tables=None, decode_lens=None,
             prefills=prefills,
-            all_decode=not prefills,
         )
         if decode_rows:
             width = max(len(t) for t in decode_tables)
-            inputs.decode_rows = torch.tensor(decode_rows, device=dev)
+            if prefills:
+                inputs.decode_rows = torch.tensor(decode_rows, device=dev)
             inputs.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=dev)
-            lens = torch.tensor(decode_lens, device=dev)
-            inputs.decode_mask = (torch.arange(width * bs, device=dev)[None, :] < lens[:, None])[:, None, None, :]
+            inputs.decode_lens = torch.tensor(decode_lens, device=dev)
         return inputs
+
+    # Running ---------------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput, blocks: BlockManager) -> torch.Tensor:
         """Compute the batch's KV into the cache and return fp32 logits at its sampling positions, in order."""
-        inputs = self.prepare(batch, blocks)
+        n = len(batch.scheduled)
+        if self.graphs and n <= max(self.graphs) and all(s.num_tokens == 1 for s in batch.scheduled):
+            return self._replay(batch, blocks)
+        return self._forward(self.prepare(batch, blocks))
+
+    def _forward(self, inputs: BatchInputs) -> torch.Tensor:
         m = self.model
         x = m.embed_tokens(inputs.input_ids)
         cos, sin = m.rotary(inputs.positions, x.dtype)
         cos, sin = cos[:, None, :], sin[:, None, :]
+        decode_mask = None
+        if inputs.decode_lens is not None:
+            keys = inputs.decode_tables.shape[1] * self.block_size
+            decode_mask = (torch.arange(keys, device=x.device)[None, :] < inputs.decode_lens[:, None])[:, None, None]
         for i, layer in enumerate(m.layers):
             h = layer.input_layernorm(x)
-            x = x + self._attention(layer.self_attn, h, cos, sin, i, inputs)
+            x = x + self._attention(layer.self_attn, h, cos, sin, i, inputs, decode_mask)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        if inputs.logit_rows.numel() == 0:
-            return torch.empty(0, m.config.vocab_size, device=self.device)
-        return m.lm_head(m.norm(x[inputs.logit_rows])).float()
+        if inputs.logit_rows is not None:
+            x = x[inputs.logit_rows]
+        return m.lm_head(m.norm(x)).float()
 
     def _attention(self, attn: Attention, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
-                   inputs: BatchInputs) -> torch.Tensor:
+                   inputs: BatchInputs, decode_mask: torch.Tensor | None) -> torch.Tensor:
         N, hd = h.shape[0], attn.head_dim
         q = apply_rotary(attn.q_proj(h).view(N, -1, hd), cos, sin)
         k = apply_rotary(attn.k_proj(h).view(N, -1, hd), cos, sin)
@@ -133,11 +161,12 @@ class ModelRunner:
         kc, vc = self.k_cache[layer], self.v_cache[layer]
         kc.index_copy_(0, inputs.slots, k)
         vc.index_copy_(0, inputs.slots, v)
-        if inputs.all_decode:
-            return attn.o_proj(self._decode_attention(q, kc, vc, inputs).reshape(N, -1))
+        if not inputs.prefills:
+            return attn.o_proj(self._decode_attention(q, kc, vc, inputs.decode_tables, decode_mask).reshape(N, -1))
         out = torch.empty_like(q)
         if inputs.decode_rows is not None:
-            out[inputs.decode_rows] = self._decode_attention(q[inputs.decode_rows], kc, vc, inputs)
+            out[inputs.decode_rows] = self._decode_attention(q[inputs.decode_rows], kc, vc, inputs.decode_tables,
+                                                             decode_mask)
         for span in inputs.prefills:
             qs = q[span.row:span.row + span.n].transpose(0, 1)[None]
             if span.table is None:
@@ -157,12 +186,68 @@ class ModelRunner:
     def _gather(self, cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """[B, blocks] block tables -> [B, kv_heads, blocks x block_size, head_dim] keys or values."""
         B, nb = tables.shape
-        blocks = cache.view(self.num_blocks, self.block_size, *cache.shape[1:])[tables]
+        blocks = cache.view(-1, self.block_size, *cache.shape[1:])[tables]
         return blocks.view(B, nb * self.block_size, *cache.shape[1:]).transpose(1, 2)
 
-    def _decode_attention(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
-                          inputs: BatchInputs) -> torch.Tensor:
-        ks = self._gather(kc, inputs.decode_tables)
-        vs = self._gather(vc, inputs.decode_tables)
-        o = F.scaled_dot_product_attention(q[:, :, None, :], ks, vs, attn_mask=inputs.decode_mask, enable_gqa=True)
+    def _decode_attention(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, tables: torch.Tensor,
+                          mask: torch.Tensor) -> torch.Tensor:
+        ks = self._gather(kc, tables)
+        vs = self._gather(vc, tables)
+        o = F.scaled_dot_product_attention(q[:, :, None, :], ks, vs, attn_mask=mask, enable_gqa=True)
         return o[:, :, 0, :]
+
+    # CUDA graphs -----------------------------------------------------------------------------------------------
+
+    def _static_inputs(self, b: int) -> BatchInputs:
+        return BatchInputs(self._ids[:b], self._pos[:b], self._slots[:b], None, None, self._tables[:b],
+                           self._lens[:b], [])
+
+    def _capture(self, sizes: list[int], width: int) -> None:
+        biggest, dev, long = max(sizes), self.device, torch.long
+        self._ids = torch.zeros(biggest, dtype=long, device=dev)
+        self._pos = torch.zeros(biggest, dtype=long, device=dev)
+        self._slots = torch.full((biggest,), self.scratch * self.block_size, dtype=long, device=dev)
+        self._tables = torch.full((biggest, width), self.scratch, dtype=long, device=dev)
+        self._lens = torch.ones(biggest, dtype=long, device=dev)
+        pool = None
+        with torch.inference_mode():
+            for b in sorted(sizes, reverse=True):
+                inputs = self._static_inputs(b)
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    self._forward(inputs)          # warm-up outside the graph (lazy inits, autotuning)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = self._forward(inputs)
+                pool = graph.pool()
+                self.graphs[b] = (graph, out)
+        torch.cuda.synchronize()
+
+    def _replay(self, batch: SchedulerOutput, blocks: BlockManager) -> torch.Tensor:
+        n = len(batch.scheduled)
+        b = min(size for size in self.graphs if size >= n)
+        width, bs = self._tables.shape[1], self.block_size
+        ids = [0] * b
+        pos = [0] * b
+        slots = [self.scratch * bs] * b
+        lens = [1] * b
+        tables = [[self.scratch] * width for _ in range(b)]
+        for i, s in enumerate(batch.scheduled):
+            p = s.start
+            table = s.seq.block_table
+            ids[i] = s.input_ids()[0]
+            pos[i] = p
+            slots[i] = table[p // bs] * bs + p % bs
+            lens[i] = p + 1
+            used = blocks.blocks_needed(p + 1)
+            tables[i][:used] = table[:used]
+        self._ids[:b].copy_(torch.tensor(ids), non_blocking=True)
+        self._pos[:b].copy_(torch.tensor(pos), non_blocking=True)
+        self._slots[:b].copy_(torch.tensor(slots), non_blocking=True)
+        self._lens[:b].copy_(torch.tensor(lens), non_blocking=True)
+        self._tables[:b].copy_(torch.tensor(tables), non_blocking=True)
+        graph, out = self.graphs[b]
+        graph.replay()
+        return out[:n]

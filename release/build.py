@@ -1,7 +1,8 @@
 """`glassbox release build`: turn a finished run directory into a Hub-ready release directory.
 
-The release is built aside and renamed into place only when complete (nothing half-written), and it holds no
-timestamps or absolute paths, so building the same run twice gives the same bytes (the manifest proves it).
+The release is built aside and renamed into place only when complete (nothing half-written), and nothing in it
+comes from the clock or the building machine (times and paths are the run's own), so building the same run twice
+gives the same bytes (the manifest proves it).
 See `glassbox.release.layout` for the directory layout and the branch naming scheme.
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -121,7 +121,7 @@ def _hyperparameters(cfg) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for section in ("optimizer", "schedule", "batch"):
         for k, v in dataclasses.asdict(getattr(cfg, section)).items():
-            if isinstance(v, list) and v and isinstance(v[0], dict):
+            if isinstance(v, list) and (not v or isinstance(v[0], dict)):
                 v = json.dumps(v, sort_keys=True)
             out[f"{section}.{k}"] = v
     out["data.seq_len"] = cfg.data.seq_len
@@ -216,12 +216,24 @@ def _dataset(info: RunInfo, tmp: Path, sampler, val, store_meta: dict, tokenizer
     return _write_chunks(info, sampler, list(info.checkpoints), ds, vocab)
 
 
-def card_facts(info: RunInfo, opts: BuildOptions, index: dict[str, Any], store_meta: dict) -> CardFacts:
+def _describe_source(src: Any) -> str:
+    """One line per corpus from meta.json's `sources` entries (spec, documents, tokens, content hash)."""
+    if not isinstance(src, dict):
+        return str(src)
+    details = [f"{src[k]} {k}" for k in ("documents", "tokens") if k in src]
+    if "sha256" in src:
+        details.append(f"sha256 {str(src['sha256'])[:16]}")
+    name = src.get("spec") or src.get("path") or src.get("kind") or "source"
+    return f"{name} ({', '.join(details)})" if details else str(name)
+
+
+def card_facts(info: RunInfo, opts: BuildOptions, index: dict[str, Any], metas: list[dict]) -> CardFacts:
     from glassbox.checkpoints.hf_format import hf_config_from
 
     cfg = info.config
     tokens = index["branches"][-1]["tokens"]
-    sources = store_meta.get("sources") or [str(p) for p in data_dirs(cfg)]
+    sources = [s for meta in metas for s in meta.get("sources", [])] or [str(p) for p in data_dirs(cfg)]
+    store_meta = metas[0]
     return CardFacts(
         name=index["name"],
         repo_id=index["repo_id"],
@@ -232,7 +244,7 @@ def card_facts(info: RunInfo, opts: BuildOptions, index: dict[str, Any], store_m
         model=dataclasses.asdict(cfg.model),
         num_params=cfg.model.num_params(),
         hyperparameters=_hyperparameters(cfg),
-        data_sources=[str(s) for s in sources],
+        data_sources=[_describe_source(s) for s in sources],
         data_fingerprint=index["data_fingerprint"],
         tokenizer_vocab=int(store_meta.get("vocab_size", cfg.model.vocab_size)),
         seq_len=cfg.data.seq_len,
@@ -299,12 +311,9 @@ def build_release(run_dir: Path, out: Path, opts: BuildOptions | None = None) ->
             "seq_len": cfg.data.seq_len,
             "stores": released_store_names(len(stores)),
         }
-        index["card"] = dataclasses.asdict(card_facts(info, opts, index, stores[0].meta))
+        index["card"] = dataclasses.asdict(card_facts(info, opts, index, [s.meta for s in stores]))
         write_json(tmp / L.RELEASE_INDEX, index)
         write_cards(tmp, index)
         write_manifest(tmp, L.MANIFEST)
     return index
 
-
-def final_val_perplexity(index: dict[str, Any]) -> float:
-    return math.exp(index["branches"][-1]["val_loss"])

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--atol", type=float, default=1e-4, help="allowed probe logit difference (default 1e-4)")
     v.set_defaults(handler=_verify)
 
-    a = rsub.add_parser("analyze", help="per-checkpoint perplexity, memorization and weight norms, added to the release")
+    a = rsub.add_parser("analyze", help="per-checkpoint perplexity, memorization and weight norms, added to release")
     a.add_argument("release", type=Path, help="release directory")
     a.add_argument("--num-prompts", type=int, default=32, help="memorization prompts (default 32)")
     a.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default 32)")

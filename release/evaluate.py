@@ -1,7 +1,9 @@
 """Per-checkpoint measurements shared by the release build and `glassbox release analyze`.
 
-All of them run glassbox's own Transformer on a loaded export (`load_hf_model_dir`) in fp32 on the CPU or the
-given device, in fixed batches, so the numbers are the same every time the same checkpoint is measured.
+Losses and weight norms run glassbox's own Transformer on a loaded export (`load_hf_model_dir`); greedy
+continuations use transformers' cached `generate` on the same export (a full forward per generated token would
+cost ~prompt-length times more). Everything is fp32 in fixed batches, so the numbers are the same every time
+the same checkpoint is measured.
 """
 
 from __future__ import annotations
@@ -27,19 +29,24 @@ def validation_loss(model: torch.nn.Module, samples: torch.Tensor, batch_size: i
 
 
 @torch.no_grad()
-def greedy_continue(model: torch.nn.Module, prompts: torch.Tensor, length: int) -> torch.Tensor:
-    """`length` greedy tokens after each prompt ([P, prompt_len] -> [P, length]); full forward per token."""
-    seq = prompts
-    for _ in range(length):
-        nxt = model(seq)[:, -1].float().argmax(dim=-1, keepdim=True)
-        seq = torch.cat([seq, nxt], dim=1)
-    return seq[:, prompts.shape[1]:]
+def greedy_continue(hf_model: torch.nn.Module, prompts: torch.Tensor, length: int) -> torch.Tensor:
+    """Exactly `length` greedy tokens after each prompt ([P, prompt_len] -> [P, length]) with a transformers model.
+
+    The end-of-text token does not stop generation (the training data runs on past it), and nothing is
+    suppressed, so each token is the plain argmax.
+    """
+    from transformers import GenerationConfig
+
+    hf_model.generation_config = GenerationConfig(do_sample=False, max_new_tokens=length, eos_token_id=None,
+                                                  pad_token_id=0)
+    out = hf_model.generate(prompts, attention_mask=torch.ones_like(prompts))
+    return out[:, prompts.shape[1]:]
 
 
-def memorization_scores(model: torch.nn.Module, sequences: torch.Tensor, prompt_len: int) -> torch.Tensor:
+def memorization_scores(hf_model: torch.nn.Module, sequences: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """Per sequence: the fraction of the greedy continuation of its first `prompt_len` tokens that equals the rest."""
     prompts, truth = sequences[:, :prompt_len], sequences[:, prompt_len:]
-    out = greedy_continue(model, prompts, truth.shape[1])
+    out = greedy_continue(hf_model, prompts, truth.shape[1])
     return (out == truth).float().mean(dim=1)
 
 

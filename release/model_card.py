@@ -121,7 +121,7 @@ def model_card(f: CardFacts) -> str:
     rows += [[f"meta.{k}", v] for k, v in sorted(f.data_meta.items())]
     out.append(_table(["field", "value"], rows) + "\n")
     out.append(
-        f"The dataset repository holds the token store, the training data cut into chunks (one per checkpoint, "
+        "The dataset repository holds the token store, the training data cut into chunks (one per checkpoint, "
         "in training order), the sample-order index, the per-step data-order log, `meta.json` and the tokenizer.\n"
     )
     out.append("## Tokens and compute\n")

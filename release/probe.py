@@ -7,7 +7,6 @@ log-sum-exp over the vocabulary and the logits of a few fixed token ids) yet mov
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -24,8 +23,7 @@ def watched_ids(vocab_size: int) -> list[int]:
 
 
 def load_transformers_model(model_dir: Path) -> torch.nn.Module:
-    """Load an export with transformers' AutoModelForCausalLM, refusing any network access."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    """Load an export with transformers' AutoModelForCausalLM from local files only (never the network)."""
     from transformers import AutoModelForCausalLM
 
     try:

@@ -2,8 +2,9 @@
 
 The plan is computed from the release directory alone, so `--dry-run` shows exactly what a push would do:
 create the model and dataset repos, upload the dataset, then for each checkpoint create its branch and upload its
-export, then upload `main` and, under `release/` on main, the release index and manifest. Uploads use `HfApi.upload_folder`, which commits large folders in batches and
-resumes an interrupted upload when re-run (already committed files are skipped, uploaded data deduplicated).
+export, then upload `main` and, under `release/` on main, the release index and manifest. Uploads use
+`HfApi.upload_folder`, which commits large folders in batches and resumes an interrupted upload when re-run
+(already committed files are skipped, uploaded data deduplicated).
 Each upload mirrors its folder (`delete_patterns="*"`): a branch created from `main` does not keep main's files.
 
 The token comes from `HF_TOKEN` or the login cache (`huggingface_hub.get_token`) and goes only into the `HfApi`
@@ -65,8 +66,8 @@ def push_plan(release_dir: Path, repo_id: str) -> list[PushAction]:
                                files=_folder_files(folder)))
     plan.append(PushAction("upload_folder", repo_id, "model", folder=layout.model, files=_folder_files(layout.model)))
     # The release index and manifest go last, under release/ on main, so a Hub download can be verified too.
-    plan.append(PushAction("upload_file", repo_id, "model", folder=layout.root,
-                           files=[(f"{RELEASE_PREFIX}/{p.name}", p.stat().st_size) for p in (layout.index, layout.manifest)]))
+    root_files = [(f"{RELEASE_PREFIX}/{p.name}", p.stat().st_size) for p in (layout.index, layout.manifest)]
+    plan.append(PushAction("upload_file", repo_id, "model", folder=layout.root, files=root_files))
     return plan
 
 
@@ -108,7 +109,9 @@ def resolve_token() -> str:
 
     token = get_token()
     if not token:
-        raise GlassboxError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (use --dry-run to see the plan)")
+        raise GlassboxError(
+            "no Hugging Face token: set HF_TOKEN or run `hf auth login` (use --dry-run to see the plan)"
+        )
     return token
 
 

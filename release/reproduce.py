@@ -11,6 +11,7 @@ absolute difference; the replayed loss of step N is compared with the logged one
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,9 +125,25 @@ def _check_batch(sampler, order_log, step: int) -> None:
                             "the data changed since the run")
 
 
-def reproduce(source: ReplaySource, step: int) -> ReproduceResult:
+def _replay(trainer, source: ReplaySource, order_log, start: int, step: int) -> tuple[dict[str, Any], dict]:
+    """Restore `start` (0: the seeded initialisation) and run the real training steps up to `step`."""
     from tqdm import tqdm
 
+    from glassbox.release.training import load_into
+
+    if start:
+        load_into(trainer, source.checkpoints[start])
+    if trainer.state.step != start:
+        raise GlassboxError(f"{source.checkpoints.get(start, 'the initial state')} holds step "
+                            f"{trainer.state.step}, expected {start}")
+    metrics: dict[str, Any] = {}
+    for s in tqdm(range(start + 1, step + 1), desc=f"replay {start}->{step}", unit="step"):
+        _check_batch(trainer.state.sampler, order_log, s)
+        metrics = trainer.train_step()
+    return _flat_tensors(trainer), metrics
+
+
+def reproduce(source: ReplaySource, step: int) -> ReproduceResult:
     from glassbox.data.order_log import DataOrderLog
     from glassbox.release.training import load_into, scratch_trainer
 
@@ -137,20 +154,14 @@ def reproduce(source: ReplaySource, step: int) -> ReproduceResult:
     start = max(earlier) if earlier else 0
     order_log = DataOrderLog(source.order_dir, read_only=True)
     if len(order_log) < step:
-        raise GlassboxError(f"{source.order_dir / 'data_order.zarr'} has {len(order_log)} steps; step {step} is not logged")
+        raise GlassboxError(f"{order_log.path} has {len(order_log)} steps; step {step} is not logged")
     logged = {int(r["step"]): float(r["loss"]) for r in source.metrics if "step" in r and "loss" in r}
-    with tempfile.TemporaryDirectory(prefix="glassbox-reproduce-") as work, \
-            scratch_trainer(source.config_text, Path(work), source.data_paths) as trainer:
-        if start:
-            load_into(trainer, source.checkpoints[start])
-        if trainer.state.step != start:
-            raise GlassboxError(f"{source.checkpoints.get(start, 'the initial state')} holds step "
-                                f"{trainer.state.step}, expected {start}")
-        metrics: dict[str, Any] = {}
-        for s in tqdm(range(start + 1, step + 1), desc=f"replay {start}->{step}", unit="step"):
-            _check_batch(trainer.state.sampler, order_log, s)
-            metrics = trainer.train_step()
-        replayed = _flat_tensors(trainer)
+    with tempfile.TemporaryDirectory(prefix="glassbox-reproduce-") as work:
+        # The trainer logs each step it takes; give it the run's log up to the starting step to append to.
+        shutil.copytree(order_log.path, Path(work) / order_log.path.name)
+        DataOrderLog(work).truncate(start)
+        trainer = scratch_trainer(source.config_text, Path(work), source.data_paths)
+        replayed, metrics = _replay(trainer, source, order_log, start, step)
         load_into(trainer, source.checkpoints[step])
         exact, worst, differing = _compare(replayed, _flat_tensors(trainer))
     result = ReproduceResult(step, start, exact, worst, len(replayed), differing,
@@ -165,7 +176,8 @@ def format_result(r: ReproduceResult) -> str:
     if r.loss_replayed is not None and r.loss_logged is not None:
         loss = f"; loss replayed {r.loss_replayed:.8g} vs logged {r.loss_logged:.8g} (diff {r.loss_diff:.3g})"
     if r.bit_exact:
-        return f"bit-exact: replayed steps {r.from_step + 1}..{r.step}; all {r.tensors_compared} tensors identical{loss}"
+        return (f"bit-exact: replayed steps {r.from_step + 1}..{r.step}; "
+                f"all {r.tensors_compared} tensors identical{loss}")
     shown = ", ".join(r.tensors_differing[:5]) + (" ..." if len(r.tensors_differing) > 5 else "")
     return (f"not bit-exact: replayed steps {r.from_step + 1}..{r.step}; {len(r.tensors_differing)} of "
             f"{r.tensors_compared} tensors differ (max abs diff {r.max_abs_diff:.3g}: {shown}){loss}")

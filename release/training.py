@@ -1,16 +1,14 @@
-"""A private Trainer over a run's exact config, for reading checkpoints and replaying steps.
+"""A private Trainer over a run's exact config, for replaying steps.
 
-The release build (exporting each checkpoint) and `glassbox reproduce` (replaying steps) both need the run's
-model, optimizer, scheduler and sampler exactly as training built them, so they construct the real Trainer from
-the run's resolved config. Only what cannot change the math is overridden: the run directory (a scratch folder,
-so the original run is never written to), resuming, wandb, progress bars, and where the data lives.
+`glassbox reproduce` needs the run's model, optimizer, scheduler and sampler exactly as training built them, so
+it constructs the real Trainer from the run's resolved config. Only what cannot change the math is overridden:
+the run directory (a scratch folder, so the original run is never written to), resuming, wandb, progress bars,
+and where the data lives.
 """
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Iterator
 
 import yaml
 
@@ -35,18 +33,11 @@ def scratch_config(config_text: str, work_dir: Path, data_paths: list[str] | Non
     return from_dict(RunConfig, data)
 
 
-@contextlib.contextmanager
-def scratch_trainer(config_text: str, work_dir: Path, data_paths: list[str] | None = None) -> Iterator:
+def scratch_trainer(config_text: str, work_dir: Path, data_paths: list[str] | None = None):
     """A Trainer with no callbacks whose run directory is `work_dir`."""
     from glassbox.train.trainer import Trainer
 
-    trainer = Trainer(scratch_config(config_text, work_dir, data_paths), callbacks=[])
-    try:
-        yield trainer
-    finally:
-        close = getattr(trainer, "close", None)
-        if callable(close):
-            close()
+    return Trainer(scratch_config(config_text, work_dir, data_paths), callbacks=[])
 
 
 def load_into(trainer, checkpoint_dir: Path) -> None:
@@ -54,9 +45,3 @@ def load_into(trainer, checkpoint_dir: Path) -> None:
     from glassbox.checkpoints.loading import load_checkpoint
 
     load_checkpoint(checkpoint_dir, trainer.state)
-
-
-def unwrapped_model(trainer):
-    """The plain Transformer under any DDP wrapper."""
-    model = trainer.state.model
-    return getattr(model, "module", model)

@@ -75,4 +75,5 @@ def format_report(report: VerifyReport) -> str:
             f"max probe logit difference {report.max_logit_diff:.3g}")
     if report.ok:
         return f"release OK: {head}"
-    return "\n".join([f"release FAILED ({len(report.problems)} problems): {head}"] + [f"  {p}" for p in report.problems])
+    lines = [f"release FAILED ({len(report.problems)} problems): {head}"]
+    return "\n".join(lines + [f"  {p}" for p in report.problems])

@@ -80,3 +80,69 @@ def assert_same_training_state(a, b) -> None:
         for k, v in sa["state"][key].items():
             assert torch.equal(v, sb["state"][key][k]), (key, k)
     assert a.lr_scheduler.state_dict() == b.lr_scheduler.state_dict()
+
+
+def run_config(data_dir, run_dir, **sections):
+    """A seconds-long Trainer config (hidden 64, 2 layers) over the shared prepared corpus (vocab 512)."""
+    from glassbox.train.config import run_config_from_dict
+
+    data = {
+        "model": {"vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                  "intermediate_size": 128, "max_seq_len": 32},
+        "data": {"path": str(data_dir), "seq_len": 32, "seed": 7},
+        "optimizer": {"lr": 1e-2, "min_lr": 1e-3},
+        "schedule": {"steps": 6, "warmup_steps": 2},
+        "batch": {"global_batch_size": 8, "micro_batch_size": 4},
+        "logging": {"val_every": 0, "val_samples": 8, "progress": False, "wandb": {"mode": "disabled"}},
+        "parallel": {"device": "cpu"},
+        "checkpoint": {"every": 2},
+        "run_dir": str(run_dir),
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return run_config_from_dict(data)
+
+
+def losses(run_dir) -> dict[int, float]:
+    import json
+    from pathlib import Path
+
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows}
+
+
+def order_rows(run_dir) -> list[tuple]:
+    from glassbox.data.order_log import DataOrderLog
+
+    log = DataOrderLog(run_dir)
+    return [tuple(sorted(log.row(step).items())) for step in range(1, len(log) + 1)]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, fn, args) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, world: int, *args) -> None:
+    """Run fn(rank, *args) in `world` processes joined by a real gloo process group."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_main, args=(world, _free_port(), fn, args), nprocs=world, join=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from infer_helpers import one_thread
 
 EOS = "<|endoftext|>"
 VOCAB = 512
@@ -51,6 +52,12 @@ def _write_model_dir(out: Path, tokenizer_json: Path, moe: bool, chat_template: 
         config["chat_template"] = chat_template
     (out / "tokenizer_config.json").write_text(json.dumps(config))
     return out
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

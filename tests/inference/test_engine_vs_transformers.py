@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from infer_helpers import one_thread
 
 from glassbox.inference.engine import EngineConfig, LLMEngine
 from glassbox.inference.llm import LLM
@@ -35,7 +36,8 @@ def _engine_greedy(llm: LLM, token_prompts: list[list[int]]) -> list[list[int]]:
 def llama_reference(llama_dir, prompts):
     llm = LLM(llama_dir)
     token_prompts = [llm.tokenizer.encode(p) for p in prompts]
-    return token_prompts, _hf_greedy(llama_dir, token_prompts)
+    with one_thread():
+        return token_prompts, _hf_greedy(llama_dir, token_prompts)
 
 
 def test_llama_batch_of_16_matches_transformers(llama_dir, llama_reference):
@@ -56,8 +58,8 @@ def test_llama_alone_matches_batch(llama_dir, llama_reference):
 def test_chunked_prefill_prefix_cache_and_preemption_keep_outputs(llama_dir, llama_reference):
     token_prompts, expected = llama_reference
     # 8-token budget: every prompt longer than 8 tokens is prefilled in chunks beside running decodes.
-    # 14 blocks of 4 tokens: 16 sequences cannot all fit, so the scheduler must preempt and recompute.
-    cfg = EngineConfig(block_size=4, num_kv_blocks=20, max_num_batched_tokens=8, max_model_len=80)
+    # 24 blocks of 4 tokens: 16 sequences cannot all fit, so the scheduler must preempt and recompute.
+    cfg = EngineConfig(block_size=4, num_kv_blocks=24, max_num_batched_tokens=8, max_model_len=80)
     llm = LLM(engine=LLMEngine.from_model_dir(llama_dir, cfg))
     assert _engine_greedy(llm, token_prompts) == expected
     eng = llm.engine

@@ -150,3 +150,28 @@ def test_corrupt_checkpoint_stops_the_build_midway_and_leaves_nothing(tiny_run, 
     assert "step_000002" in capsys.readouterr().err
     _assert_nothing_written(out)
 
+
+
+def test_every_branch_loads_by_revision_from_a_hub_cache_offline(built_release, tmp_path):
+    """Lay the release out as the Hub cache would hold it after a download, then load by `revision=` offline."""
+    import hashlib
+
+    from transformers import AutoModelForCausalLM
+
+    repo = tmp_path / "cache" / "models--glassbox-test--tiny"
+    index = json.loads((built_release / "release.json").read_text())
+    folders = {b["branch"]: built_release / "branches" / b["branch"] for b in index["branches"]}
+    folders["main"] = built_release / "model"
+    logits = {}
+    probe = torch.tensor([index["probe_ids"]])
+    for revision, folder in folders.items():
+        commit = hashlib.sha1(revision.encode()).hexdigest()
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / revision).write_text(commit)
+        shutil.copytree(folder, repo / "snapshots" / commit, ignore=shutil.ignore_patterns("training_state"))
+        model = AutoModelForCausalLM.from_pretrained("glassbox-test/tiny", revision=revision,
+                                                     cache_dir=tmp_path / "cache", local_files_only=True)
+        with torch.no_grad():
+            logits[revision] = model(probe).logits
+    assert torch.equal(logits["main"], logits["step00000004"])
+    assert not torch.equal(logits["step00000001"], logits["step00000004"])
