@@ -80,7 +80,8 @@ def bench_throughput(args, model_dir: Path, vocab: int) -> list[dict]:
     dtype = DTYPES[args.dtype]
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device).eval()
     cfg = EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=max(args.batch_sizes),
-                       max_model_len=args.prompt_len + args.max_tokens + 1, enable_prefix_caching=False)
+                       max_model_len=args.prompt_len + args.max_tokens + 1, enable_prefix_caching=False,
+                       gpu_memory_utilization=args.gpu_memory_utilization)
     llm = LLM(engine=LLMEngine.from_model_dir(model_dir, cfg))
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     rows = []
@@ -106,7 +107,9 @@ def bench_throughput(args, model_dir: Path, vocab: int) -> list[dict]:
                      "ratio": t_hf / t_engine})
         print(f"batch {B:3d}: engine {tokens / t_engine:9.1f} tok/s  transformers {tokens / t_hf:9.1f} tok/s  "
               f"x{t_hf / t_engine:.2f}", flush=True)
-    del hf
+    del hf, llm
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -124,7 +127,8 @@ def bench_latency(args, model_dir: Path, vocab: int) -> list[dict]:
     from glassbox.inference.sampling_params import SamplingParams
 
     max_len = int(1.5 * args.prompt_len) + int(1.5 * args.max_tokens) + 2
-    cfg = EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=64, max_model_len=max_len)
+    cfg = EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=64, max_model_len=max_len,
+                       gpu_memory_utilization=args.gpu_memory_utilization)
     engine = LLMEngine.from_model_dir(model_dir, cfg)
     # Warm up kernels and graphs before the clock matters.
     engine.add_request("warm", list(range(2, 2 + args.prompt_len)),
@@ -216,8 +220,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rates", type=float, nargs="+", default=None, help="default: 2 4 8 on CPU, 8 32 128 on CUDA")
     p.add_argument("--num-requests", type=int, default=None, help="default: 32 on CPU, 256 on CUDA")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.4,
+                   help="share of the GPU the engine may fill (KV pool included); transformers runs beside it")
+    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     p.add_argument("--out-name", default="inference_throughput")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     args.preset = args.preset or ("gpu" if cuda else "cpu")

@@ -195,6 +195,12 @@ def clip_without_sync(params, max_norm: float):
 def build_torchtitan(shape: Shape, device, args):
     import torch
     import torch.distributed as dist
+    import torch.distributed.fsdp as fsdp
+
+    if not hasattr(fsdp, "DataParallelMeshDims"):
+        # torchtitan 0.3.0 imports this name from newer torch than some GPU images carry (2.11); it is used only
+        # by its full-DTensor / spmd_types backends, not by the classic FSDP2 path this bench runs.
+        fsdp.DataParallelMeshDims = type("DataParallelMeshDims", (), {})
     from torchtitan.components.loss import CrossEntropyLoss
     from torchtitan.components.optimizer import default_adamw
     from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
@@ -563,7 +569,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"GPU {name}: datasheet {peak}, measured matmul {measured}", flush=True)
     rows: list[dict] = []
     if args.append and args.out.exists():
-        rows = [r for r in json.loads(args.out.read_text()) if r.get("variant", "") != args.tag]
+        rerun = {(system, size, int(g)) for system in args.systems.split(",") for size in args.sizes.split(",")
+                 for g in args.gpus.split(",")}
+        rows = [r for r in json.loads(args.out.read_text())
+                if (r["system"], r["model"], r["gpus"]) not in rerun or r.get("variant", "") != args.tag]
     lock = threading.Lock()
 
     def finish(row: dict | None) -> None:

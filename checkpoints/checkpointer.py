@@ -91,7 +91,10 @@ class Checkpointer:
         self.log = log
         self.pending: _Pending | None = None
         self.last_stall_s: float | None = None
+        self.last_saved_step: int | None = None
         self._async_group = None
+        self._stager = None
+        self._staging = None
 
     def _say(self, message: str) -> None:
         if rank_and_world()[0] == 0:
@@ -105,8 +108,9 @@ class Checkpointer:
         started = time.perf_counter()
         rank, world = rank_and_world()
         final = self.root / step_dir_name(state.step)
-        if final.exists():
+        if self.last_saved_step == state.step:
             return final
+        self.last_saved_step = state.step
         tmp = final.with_name(final.name + ".tmp")
         if rank == 0:
             self._remove_stale_tmp()
@@ -119,19 +123,38 @@ class Checkpointer:
         info = self._info(state, world)
         content = {"model": model_sd, "optim": optim_sd}
         if self.cfg.async_save:
-            future = dcp_io.async_save(content, tmp / DCP_DIR, self._background_group())
-            self.pending = _Pending(future, tmp, final, info, started)
+            if self._stager is None:
+                self._stager = dcp_io.make_stager()
+            response = dcp_io.async_save(content, tmp / DCP_DIR, self._background_group(), self._stager)
+            upload = getattr(response, "upload_completion", response)
+            self.pending = _Pending(upload, tmp, final, info, started)
             self.last_stall_s = time.perf_counter() - started
-            self._say(f"step {state.step}: async save started, training blocked {self.last_stall_s:.3f} s")
+            staging = getattr(response, "staging_completion", None)
+            if staging is not None:
+                self._hold_optimizer_until(staging, state.optimizer)
+            else:
+                self._say(f"step {state.step}: async save started, training blocked {self.last_stall_s:.3f} s")
             return final
         dcp_io.save(content, tmp / DCP_DIR)
         barrier()
-        self.last_stall_s = time.perf_counter() - started
-        info["stall_seconds"] = self.last_stall_s
         if rank == 0:
             self._commit(tmp, final, info, started)
         barrier()
+        self.last_stall_s = time.perf_counter() - started
         return final
+
+    def _hold_optimizer_until(self, staging: Any, optimizer: torch.optim.Optimizer) -> None:
+        """The device-to-host copy overlaps the next forward/backward; the next optimizer step (the first write
+        to the saved tensors) waits for it, and that wait is added to the measured stall."""
+        def wait_for_staging(*_: Any) -> None:
+            t0 = time.perf_counter()
+            staging.result()
+            self.last_stall_s = (self.last_stall_s or 0.0) + time.perf_counter() - t0
+            handle.remove()
+            self._say(f"async save staged, training blocked {self.last_stall_s:.3f} s")
+
+        handle = optimizer.register_step_pre_hook(wait_for_staging)
+        self._staging = staging
 
     def poll(self) -> None:
         """Commit a finished async save without waiting for one still running."""
@@ -143,6 +166,9 @@ class Checkpointer:
         pending, self.pending = self.pending, None
         if pending is None:
             return
+        if self._staging is not None:
+            self._staging.result()
+            self._staging = None
         pending.future.result()
         if rank_and_world()[0] == 0:
             pending.info["stall_seconds"] = self.last_stall_s
@@ -192,6 +218,10 @@ class Checkpointer:
         info["save_seconds"] = time.perf_counter() - started
         fsync_tree(tmp)
         write_manifest(tmp, info)
+        if final.exists():
+            # A checkpoint of this step from a timeline that was abandoned (a resume from an earlier step, or a
+            # copy that failed verification): the run that is alive now replaces it.
+            self._discard(final)
         os.replace(tmp, final)
         fsync_dir(self.root)
         write_text(self.root / LATEST, final.name + "\n")
@@ -201,10 +231,16 @@ class Checkpointer:
     def _apply_retention(self) -> None:
         committed = dict(list_checkpoints(self.root))
         for step in steps_to_delete(list(committed), self.cfg):
-            trash = committed[step].with_name(committed[step].name + ".deleting")
-            os.replace(committed[step], trash)      # gone from the listing at once, even if rmtree is interrupted
-            shutil.rmtree(trash)
+            self._discard(committed[step])
             self._say(f"retention: removed step {step}")
+
+    @staticmethod
+    def _discard(path: Path) -> None:
+        trash = path.with_name(path.name + ".deleting")
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.replace(path, trash)      # gone from the listing at once, even if rmtree is interrupted
+        shutil.rmtree(trash)
 
     def _remove_stale_tmp(self) -> None:
         if not self.root.is_dir():
@@ -246,6 +282,7 @@ class CheckpointCallback(Callback):
             path = find_resume_checkpoint(self.run_dir, self.cfg.resume, self.log)
             if path is not None:
                 load_checkpoint(path, state, allow_data_change=self.cfg.allow_data_change, verify_hashes=False)
+                self.checkpointer.last_saved_step = state.step
                 if rank_and_world()[0] == 0:
                     self.log(f"[checkpoint] resumed from {path} at step {state.step}")
 

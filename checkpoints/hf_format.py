@@ -333,8 +333,7 @@ def save_hf_model_dir(model: torch.nn.Module, out: Path, tokenizer_json: Path | 
     hf = hf_config_from(cfg, bos_token_id=eod_id, eos_token_id=eod_id, dtype=weight_dtype)
     with staged_dir(out, replace=True) as tmp:
         hf.save_pretrained(tmp)
-        generation = {"bos_token_id": eod_id, "eos_token_id": eod_id, "pad_token_id": eod_id,
-                      "max_length": cfg.max_seq_len}
+        generation = {"bos_token_id": eod_id, "eos_token_id": eod_id, "pad_token_id": eod_id}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
         if tokenizer_json is not None:
             _write_tokenizer(tmp, Path(tokenizer_json), eod, cfg.max_seq_len)

@@ -54,49 +54,56 @@ def in_valid_split(text: str, valid_fraction: float) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < valid_fraction
 
 
-def _split_documents(docs: list[str], sizes: list[int], valid_fraction: float) -> dict[str, list[int]]:
-    """Document ids per split, chosen by `in_valid_split`.
+def _valid_documents(docs: list[str], valid_fraction: float) -> set[int]:
+    """Ids of the documents held out, chosen by `in_valid_split`.
 
-    A small corpus may draw no valid document at all; then the one whose size is closest to `valid_fraction` of
-    the corpus goes to valid, so both splits are non-empty whenever there are two documents.
+    A small corpus may draw no valid document at all; then the one whose length is closest to `valid_fraction`
+    of the corpus is held out, so both splits are non-empty whenever there are two documents.
     """
     valid = [i for i, d in enumerate(docs) if in_valid_split(d, valid_fraction)]
     if valid_fraction > 0 and not valid and len(docs) >= 2:
-        target = valid_fraction * sum(sizes)
-        valid = [min(range(len(docs)), key=lambda i: (abs(sizes[i] - target), i))]
+        target = valid_fraction * sum(map(len, docs))
+        valid = [min(range(len(docs)), key=lambda i: (abs(len(docs[i]) - target), i))]
     if len(valid) == len(docs) and len(docs) >= 2:
         valid = valid[1:]
-    chosen = set(valid)
-    return {"train": [i for i in range(len(docs)) if i not in chosen], "valid": valid}
+    return set(valid)
 
 
-def _encode_all(tok, docs: list[str], eod_id: int, progress: bool) -> list[list[int]]:
-    """Token ids per document (end-of-text appended), encoded in parallel batches with a progress bar."""
+def _chunks(docs: list[str]):
+    """[start, end) ranges of about _ENCODE_CHUNK_CHARS characters each, with their character counts."""
+    start = 0
+    while start < len(docs):
+        end, size = start, 0
+        while end < len(docs) and (size < _ENCODE_CHUNK_CHARS or end == start):
+            size += len(docs[end])
+            end += 1
+        yield start, end, size
+        start = end
+
+
+def _tokenize_into_store(
+    tok, docs: list[str], split_of: list[str], eod_id: int, dtype: np.dtype, out: Path, progress: bool
+) -> tuple[dict, list[int]]:
+    """Encode documents in parallel batches (with a progress bar), end-of-text after each, straight into the
+    megatron IndexedDataset of each document's split. Returns per-split counts and per-document token counts."""
     from tqdm import tqdm
 
-    out: list[list[int]] = []
-    total = sum(len(d) for d in docs)
-    with tqdm(total=total, unit="char", unit_scale=True, desc="tokenize", disable=not progress) as bar:
-        start = 0
-        while start < len(docs):
-            end, size = start, 0
-            while end < len(docs) and (size < _ENCODE_CHUNK_CHARS or end == start):
-                size += len(docs[end])
-                end += 1
-            for enc in tok.encode_batch(docs[start:end], add_special_tokens=False):
-                out.append(enc.ids + [eod_id])
+    builder_cls = megatron_datasets().indexed_dataset.IndexedDatasetBuilder
+    builders = {split: builder_cls(str(out / f"{split}.bin"), dtype=dtype.type) for split in SPLITS}
+    counts = {split: {"documents": 0, "tokens": 0} for split in SPLITS}
+    doc_tokens: list[int] = []
+    with tqdm(total=sum(map(len, docs)), unit="char", unit_scale=True, desc="tokenize", disable=not progress) as bar:
+        for start, end, size in _chunks(docs):
+            for i, enc in enumerate(tok.encode_batch(docs[start:end], add_special_tokens=False), start):
+                ids = np.asarray(enc.ids + [eod_id], dtype=dtype)
+                builders[split_of[i]].add_document(ids, lengths=[len(ids)])
+                counts[split_of[i]]["documents"] += 1
+                counts[split_of[i]]["tokens"] += len(ids)
+                doc_tokens.append(len(ids))
             bar.update(size)
-            start = end
-    return out
-
-
-def _write_split(prefix: Path, ids: list[list[int]], dtype: np.dtype) -> None:
-    IndexedDatasetBuilder = megatron_datasets().indexed_dataset.IndexedDatasetBuilder
-
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype.type)
-    for doc in ids:
-        builder.add_document(np.asarray(doc, dtype=dtype), lengths=[len(doc)])
-    builder.finalize(f"{prefix}.idx")
+    for split, builder in builders.items():
+        builder.finalize(str(out / f"{split}.idx"))
+    return counts, doc_tokens
 
 
 def _existing_inputs(out: Path) -> str | None:
@@ -178,16 +185,12 @@ def prepare(
         actual_vocab = tok.get_vocab_size(with_added_tokens=True)
         dtype = np.dtype(np.uint16 if actual_vocab <= 1 << 16 else np.int32)
 
-        ids = _encode_all(tok, docs, eod_id, progress)
+        valid = _valid_documents(docs, valid_fraction)
+        split_of = ["valid" if i in valid else "train" for i in range(len(docs))]
+        splits, doc_tokens = _tokenize_into_store(tok, docs, split_of, eod_id, dtype, tmp, progress)
         source_tokens = [0] * len(read)
-        for doc_ids, src in zip(ids, owner):
-            source_tokens[src] += len(doc_ids)
-        split_docs = _split_documents(docs, [len(d) for d in ids], valid_fraction)
-        splits = {}
-        for split in SPLITS:
-            chosen = [ids[i] for i in split_docs[split]]
-            _write_split(tmp / split, chosen, dtype)
-            splits[split] = {"documents": len(chosen), "tokens": sum(len(d) for d in chosen)}
+        for n, src in zip(doc_tokens, owner):
+            source_tokens[src] += n
 
         files = {
             name: sha256_file(tmp / name)

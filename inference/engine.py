@@ -224,6 +224,8 @@ class LLMEngine:
         k = self.config.num_spec_tokens
         if k <= 0:
             return
+        for seq in self.scheduler.running:
+            seq.spec_tokens = []
         decoding = [s for s in self.scheduler.running if not s.is_prefilling]
         if not decoding:
             return

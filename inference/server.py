@@ -11,8 +11,8 @@ import asyncio
 import json
 import time
 import uuid
-from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, AsyncIterator, Iterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -289,6 +289,38 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
         return {**base, "choices": choices, "usage": usage([prompt], finals)}
 
     return app
+
+
+@contextmanager
+def running_server(engine: LLMEngine, model_name: str, api_key: str | None = None,
+                   host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve `engine` from a background thread for the duration of a `with` block; yields the base URL.
+
+    Port 0 picks a free port. Used by the demo and the tests to talk to a live server in-process.
+    """
+    import socket
+    import threading
+
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(AsyncEngine(engine), model_name, api_key), host=host,
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="glassbox-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise GlassboxError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,

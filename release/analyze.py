@@ -10,7 +10,6 @@ so analyzing never blesses a tampered file with a fresh hash.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,13 +92,12 @@ def analyze_release(release_dir: Path, opts: AnalyzeOptions | None = None) -> di
     if min(opts.num_prompts, opts.prompt_len, opts.continuation_len) <= 0:
         raise GlassboxError("--num-prompts, --prompt-len and --continuation-len must be positive")
     layout = ReleaseLayout(release_dir)
-    layout.check()
-    check = check_manifest(layout.root, json.loads(layout.manifest.read_text()), layout.manifest.name)
+    index = layout.read_index()
+    check = check_manifest(layout.root, layout.read_json(layout.manifest), layout.manifest.name)
     # An earlier analysis is replaced, so its files may differ; everything else must match the manifest.
     problems = [p for p in check.problems() if not p.split(": ", 1)[1].startswith(f"model/{ANALYSIS_DIR}/")]
     if problems:
         raise GlassboxError(f"{layout.root} does not match its manifest ({problems[0]}); run `glassbox release verify`")
-    index = json.loads(layout.index.read_text())
     m = _measure(layout, index, opts)
     with staged_dir(layout.model / ANALYSIS_DIR, replace=True) as tmp:
         _write(tmp, m, opts, index)

@@ -18,8 +18,10 @@ runs up to 99,999,999 steps; a longer run is refused rather than given names tha
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Any
 
 from glassbox.errors import GlassboxError
 
@@ -80,6 +82,19 @@ class ReleaseLayout:
 
     def training_state(self, name: str) -> Path:
         return self.branch(name) / TRAINING_STATE
+
+    def read_json(self, path: Path) -> Any:
+        """A JSON file of the release; unreadable JSON is an error naming the file."""
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise GlassboxError(f"{path} is missing") from None
+        except json.JSONDecodeError as e:
+            raise GlassboxError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+    def read_index(self) -> dict[str, Any]:
+        self.check()
+        return self.read_json(self.index)
 
     def check(self) -> None:
         """A directory that is not a built release is an error naming what is missing."""

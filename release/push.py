@@ -13,7 +13,6 @@ object; it is never printed or logged.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,8 +45,7 @@ def _folder_files(folder: Path) -> list[tuple[str, int]]:
 def push_plan(release_dir: Path, repo_id: str) -> list[PushAction]:
     """Every Hub operation a push performs, in order; refuses a repo id other than the one the cards name."""
     layout = ReleaseLayout(release_dir)
-    layout.check()
-    index = json.loads(layout.index.read_text())
+    index = layout.read_index()
     if repo_id != index["repo_id"]:
         raise GlassboxError(
             f"--repo-id {repo_id} differs from {index['repo_id']}, which {layout.index} and the model card name; "

@@ -10,7 +10,6 @@ absolute difference; the replayed loss of step N is compared with the logged one
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -44,18 +43,19 @@ def from_run(run_dir: Path) -> ReplaySource:
 
 def from_release(release_dir: Path) -> ReplaySource:
     layout = ReleaseLayout(release_dir)
-    layout.check()
-    index = json.loads(layout.index.read_text())
+    index = layout.read_index()
     checkpoints = {}
     for b in index["branches"]:
         state = layout.training_state(b["branch"])
         if not state.is_dir():
             raise GlassboxError(f"{state} is missing: this release carries no training state to replay from")
         checkpoints[branch_step(b["branch"])] = state
-    model = layout.model
+    config = layout.model / "reproduce" / "config.yaml"
+    if not config.is_file():
+        raise GlassboxError(f"{config} is missing: the release holds no config to replay with")
     data_paths = [str((layout.dataset / name).resolve()) for name in index["stores"]]
-    return ReplaySource((model / "reproduce" / "config.yaml").read_text(), checkpoints, layout.dataset,
-                        read_metrics(model / "metrics" / "metrics.jsonl"), data_paths)
+    return ReplaySource(config.read_text(), checkpoints, layout.dataset,
+                        read_metrics(layout.model / "metrics" / "metrics.jsonl"), data_paths)
 
 
 @dataclass

@@ -7,7 +7,6 @@ the values recorded at build time within `atol`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,25 +29,17 @@ class VerifyReport:
         return not self.problems
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise GlassboxError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-
-
 def verify_release(release_dir: Path, atol: float = DEFAULT_ATOL) -> VerifyReport:
     from tqdm import tqdm
 
     from glassbox.release.probe import compare_summaries, load_transformers_model, probe_summary
 
     layout = ReleaseLayout(release_dir)
-    layout.check()
+    index = layout.read_index()
     report = VerifyReport()
-    files = check_manifest(layout.root, _read_json(layout.manifest), layout.manifest.name)
+    files = check_manifest(layout.root, layout.read_json(layout.manifest), layout.manifest.name)
     report.files_checked = files.checked
     report.problems += files.problems()
-    index = _read_json(layout.index)
     targets = [(b["branch"], layout.branch(b["branch"]), b) for b in index["branches"]]
     final = next(b for b in index["branches"] if b["branch"] == index["main_branch"])
     targets.append(("main", layout.model, final))

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from glassbox.atomic import sha256_file, write_text
 from glassbox.config import dump_yaml
@@ -44,6 +45,16 @@ def default_callbacks(cfg: RunConfig) -> list[Callback]:
     from glassbox.checkpoints.checkpointer import CheckpointCallback
 
     return [CheckpointCallback(cfg.checkpoint, Path(cfg.run_dir)), WandbLogger(), ProgressBar(cfg.logging.progress)]
+
+
+# SDPA kernels in order of preference on CUDA: cuDNN attention is faster than flash attention on Hopper.
+ATTENTION_KERNELS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                     SDPBackend.MATH]
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy, in fp32, of logits [B, T, vocab] against next-token targets [B, T]."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 def seed_everything(seed: int) -> None:
@@ -86,6 +97,8 @@ class Trainer:
 
         seed_everything(cfg.seed)
         model = parallelize(Transformer(cfg.model), cfg.parallel, self.world, self.bf16)
+        # Compiled with the blocks: the fp32 upcast fuses into the cross-entropy, so fp32 logits never hit memory.
+        self._loss = torch.compile(next_token_loss) if cfg.parallel.compile else next_token_loss
         optimizer = torch.optim.AdamW(
             param_groups(model, cfg.optimizer.weight_decay), lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
             eps=cfg.optimizer.eps, fused=device.type == "cuda",
@@ -105,6 +118,7 @@ class Trainer:
         self.peak = cfg.logging.peak_flops or peak_flops(device, self.bf16)
         self.metrics_log = MetricsLog(self.run_dir)
         self.order_log = None
+        self._logged_through: int | None = None
         if self.world.is_main:
             from glassbox.data.order_log import DataOrderLog
 
@@ -121,9 +135,14 @@ class Trainer:
             dist.barrier()
 
     def _autocast(self):
+        """bf16 autocast when training in bf16; on CUDA also SDPA's cuDNN attention ahead of flash, the faster
+        kernel on Hopper (docs/performance.md)."""
+        stack = contextlib.ExitStack()
         if self.bf16:
-            return torch.autocast(self.world.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+            stack.enter_context(torch.autocast(self.world.device.type, dtype=torch.bfloat16))
+        if self.world.device.type == "cuda":
+            stack.enter_context(sdpa_kernel(ATTENTION_KERNELS, set_priority=True))
+        return stack
 
     def _dp_mean(self, t: torch.Tensor) -> torch.Tensor:
         if self.world.dp_size > 1:
@@ -141,6 +160,13 @@ class Trainer:
         if self.order_log is not None:
             from glassbox.data.order_log import batch_hash
 
+            if self._logged_through != step - 1:
+                # This trainer's first step, or a step re-run after a restore: rows from that step on belong to
+                # a run that did not survive, and this one writes them again.
+                self.metrics_log.truncate(step - 1)
+                self.order_log.truncate(step - 1)
+            self._logged_through = step
+
             full = batch.tokens if world.dp_size == 1 else s.sampler.samples(batch.start, size)
             self.order_log.append(step, batch.start, size, batch_hash(full))
 
@@ -157,7 +183,7 @@ class Trainer:
             with gradient_sync(model, i == len(chunks) - 1):
                 with self._autocast():
                     logits = model(chunk[:, :-1])
-                loss = F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten())
+                loss = self._loss(logits, chunk[:, 1:])
                 total = loss * weight
                 aux = inner.aux_loss()
                 if aux is not None:
@@ -228,9 +254,6 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_start(s)
         if self.world.is_main:
-            # Rows after the starting step belong to a run that did not survive; this run writes them again.
-            self.metrics_log.truncate(s.step)
-            self.order_log.truncate(s.step)
             write_run_manifest(self.run_dir, data=self.data_info, device=self.world.device, step=s.step,
                                world_size=self.world.world_size, dp=self.world.dp_size, tp=self.world.tp_size)
         while s.step < self.cfg.schedule.steps:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from ckpt_helpers import MiniLoop, assert_same_training_state
+from ckpt_helpers import MiniLoop, assert_same_training_state, tiny_config
 from glassbox.checkpoints.checkpointer import Checkpointer
 from glassbox.checkpoints.config import CheckpointConfig
 from glassbox.checkpoints.layout import list_checkpoints
@@ -38,7 +38,9 @@ def test_save_commits_atomically_with_manifest(tmp_path):
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
     manifest = verify(path)
     assert (manifest["step"], manifest["samples"], manifest["tokens"]) == (3, 6, 96)
-    assert set(manifest["files"]) == {"dcp/.metadata", "dcp/__0_0.distcp", "rng/rank_00000.pt", "train_state.pt"}
+    shards = {f for f in manifest["files"] if f.endswith(".distcp")}
+    assert shards and all(f.startswith("dcp/__0_") for f in shards)           # rank 0's files, one per I/O thread
+    assert set(manifest["files"]) - shards == {"dcp/.metadata", "rng/rank_00000.pt", "train_state.pt"}
     names = {n for n, _ in loop.state.model.named_parameters()} | {"lm_head.weight"}
     assert set(manifest["tensors"]) == names
     assert all(t["step"] == 3 for t in manifest["tensors"].values())
@@ -170,12 +172,13 @@ def test_partial_load_by_name_and_shard(tmp_path):
         load_partial(path, loop.state.model, names=["nothing.*"])
 
 
-def test_export_command_writes_a_loadable_model(tmp_path):
+@pytest.mark.parametrize("moe", [False, True], ids=["dense-tied", "moe-tied"])
+def test_export_command_writes_a_loadable_model(tmp_path, moe):
     from transformers import AutoModelForCausalLM
 
     from glassbox.cli import main
 
-    loop = MiniLoop(tmp_path)
+    loop = MiniLoop(tmp_path, tiny_config(moe=moe, tie=True))
     loop.step()
     path = Checkpointer(CheckpointConfig(), tmp_path, log=lambda m: None).save(loop.state)
     assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "hf")]) == 0
@@ -184,7 +187,9 @@ def test_export_command_writes_a_loadable_model(tmp_path):
     model = loop.state.model.eval()
     with torch.no_grad():
         assert (model(ids) - hf(ids).logits).abs().max().item() < 1e-4
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is True
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True
+    assert config["architectures"] == ["MixtralForCausalLM" if moe else "LlamaForCausalLM"]
     assert main(["checkpoint", "verify", str(path)]) == 0
     (path / "train_state.pt").write_bytes(b"garbage")
     assert main(["checkpoint", "verify", str(path)]) == 2

@@ -78,3 +78,5 @@ def test_resume_on_one_rank_from_two(prepared_data, tmp_path):
         for step in (3, 4):
             assert single[step] == pytest.approx(sharded[step], rel=1e-4, abs=1e-5), (name, step)
         assert order_rows(run) == sharded_order
+        # The resumed timeline replaced the abandoned one's later checkpoint.
+        assert json.loads((run / "checkpoints" / "step_000004" / "MANIFEST.json").read_text())["world_size"] == 1

@@ -5,46 +5,26 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
-from glassbox.inference.async_engine import AsyncEngine
 from glassbox.inference.engine import EngineConfig, LLMEngine
 from glassbox.inference.llm import LLM
 from glassbox.inference.sampling_params import SamplingParams
-from glassbox.inference.server import create_app
+from glassbox.inference.server import running_server
 
 KEY = "test-key"
 MODEL = "tiny-llama"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(llama_dir):
     engine = LLMEngine.from_model_dir(llama_dir, EngineConfig(num_kv_blocks=600, max_num_seqs=64))
-    app = create_app(AsyncEngine(engine), MODEL, api_key=KEY)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with running_server(engine, MODEL, api_key=KEY) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

@@ -93,6 +93,11 @@ def test_building_twice_gives_identical_bytes(built_release, tiny_run, tmp_path)
                  "--val-samples", "4"]) == 0
     assert (again / "manifest.json").read_bytes() == (built_release / "manifest.json").read_bytes()
     assert list_files(again) == list_files(built_release)
+    (again / "model" / "README.md").write_text("stale")
+    assert main(["release", "build", "--run", str(tiny_run), "--out", str(again), "--repo-id", "glassbox-test/tiny",
+                 "--val-samples", "4", "--force"]) == 0
+    assert (again / "model" / "README.md").read_bytes() == (built_release / "model" / "README.md").read_bytes()
+    assert not list(again.parent.glob("again.*"))
 
 
 def test_existing_output_is_refused_without_force(built_release, tiny_run, capsys):

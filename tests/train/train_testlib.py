@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -78,8 +77,3 @@ def run_distributed(fn: Callable, world: int, tmp_dir: Path, *args: Any) -> list
     out.mkdir(parents=True, exist_ok=True)
     mp.spawn(_worker, args=(world, _free_port(), fn, args, str(out)), nprocs=world, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
-
-
-@pytest.fixture(scope="session")
-def unigram(prepared_data: Path) -> float:
-    return unigram_entropy(prepared_data)
