@@ -11,7 +11,8 @@ with --max-bytes):
 - sampler: `GlobalSampler.next_batch` batches/s at a few (seq_len, global batch) shapes, index cache warm, plus
   the one-off cold build of the epoch index (megatron-core's GPTDataset indices).
 
-Each figure is the median of --repeats runs. Writes bench/results/data_prepare.json and data_prepare.md.
+Each figure is the median of --repeats runs; the prepare paths and the ceiling run interleaved, one of each per
+round, so load from other processes on a shared machine falls on all of them alike. Writes bench/results/data_prepare.json and data_prepare.md.
 
     python bench/data_prepare.py                      # full stdlib, 3 repeats
     python bench/data_prepare.py --max-bytes 2000000  # quicker
@@ -42,6 +43,18 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _median_times_interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, run in rounds (one of each per round), so that load from other
+    processes on a shared machine falls on all of them alike rather than on whichever ran at a bad moment."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def bench_prepare(work: Path, vocab: int, max_bytes: int | None, repeats: int) -> dict:
     from glassbox.data.prepare import prepare
     from glassbox.data.sources import read_source
@@ -56,13 +69,18 @@ def bench_prepare(work: Path, vocab: int, max_bytes: int | None, repeats: int) -
 
     first_dir, first = fresh()
     tokens = sum(s["tokens"] for s in first.meta["sources"])
-    t_train = _median_time(lambda: fresh(), repeats)
-    t_given = _median_time(lambda: fresh(tokenizer=first_dir / "tokenizer.json"), repeats)
-
     docs = read_source("stdlib", max_bytes).documents
     tok = load_tokenizer(first_dir / "tokenizer.json")
-    t_read = _median_time(lambda: read_source("stdlib", max_bytes), repeats)
-    t_ceiling = _median_time(lambda: tok.encode_batch(docs, add_special_tokens=False), repeats)
+    t = _median_times_interleaved(
+        {
+            "train": lambda: fresh(),
+            "given": lambda: fresh(tokenizer=first_dir / "tokenizer.json"),
+            "read": lambda: read_source("stdlib", max_bytes),
+            "ceiling": lambda: tok.encode_batch(docs, add_special_tokens=False),
+        },
+        repeats,
+    )
+    t_train, t_given, t_read, t_ceiling = t["train"], t["given"], t["read"], t["ceiling"]
     encoded = sum(len(e.ids) for e in tok.encode_batch(docs, add_special_tokens=False)) + len(docs)
     assert encoded == tokens, (encoded, tokens)
     return {
@@ -122,7 +140,9 @@ def write_markdown(result: dict, path: Path) -> None:
         "# data prepare and sampler throughput",
         "",
         f"Corpus: stdlib .py files, {p['documents']} documents, {p['bytes'] / 1e6:.1f} MB, {p['tokens'] / 1e6:.2f} M "
-        f"tokens, vocab {p['vocab_size']}. {result['machine']}. Medians of {result['repeats']} runs.",
+        f"tokens, vocab {p['vocab_size']}. {result['machine']}. Medians of {result['repeats']} interleaved runs. "
+        "On a machine shared with other jobs the absolute rates move with their load; the ratios to the ceiling, "
+        "measured in the same rounds, are the stable figures.",
         "",
         "| path | seconds | tokens/s | vs encode_batch ceiling |",
         "|---|---:|---:|---:|",

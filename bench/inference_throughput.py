@@ -58,16 +58,20 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_time(fn, repeats: int, device: str) -> float:
-    fn()                                    # warm-up: allocator, kernels, CUDA graphs
-    times = []
+def median_times(fns: list, repeats: int, device: str) -> list[float]:
+    """Median wall time of each function, the functions alternating within every repeat so that a change in the
+    machine's load (shared CPUs) hits them alike."""
+    for fn in fns:
+        fn()                                # warm-up: allocator, kernels, CUDA graphs
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def bench_throughput(args, model_dir: Path, vocab: int) -> list[dict]:
@@ -100,8 +104,7 @@ def bench_throughput(args, model_dir: Path, vocab: int) -> list[dict]:
             outs = llm.generate(prompts.tolist(), params)
             assert all(len(o.outputs[0].token_ids) == args.max_tokens for o in outs)
 
-        t_hf = median_time(run_hf, args.repeats, args.device)
-        t_engine = median_time(run_engine, args.repeats, args.device)
+        t_hf, t_engine = median_times([run_hf, run_engine], args.repeats, args.device)
         tokens = B * args.max_tokens
         rows.append({"batch": B, "engine_tok_s": tokens / t_engine, "transformers_tok_s": tokens / t_hf,
                      "ratio": t_hf / t_engine})
@@ -186,7 +189,7 @@ def write_results(args, result: dict) -> None:
         f"# Inference throughput ({env['device']}, {args.dtype}, model preset {result['model']})",
         "",
         f"Prompt {args.prompt_len} tokens, {args.max_tokens} generated tokens per request (EOS ignored), greedy; "
-        f"median of {args.repeats} runs. torch {env['torch']}, {env['threads']} CPU threads.",
+        f"median of {args.repeats} runs (the two alternating). torch {env['torch']}, {env['threads']} CPU threads.",
         "",
         "| batch | glassbox engine tok/s | transformers generate tok/s | engine / transformers |",
         "|---:|---:|---:|---:|",

@@ -34,6 +34,7 @@ from glassbox.train.manifest import write_run_manifest
 from glassbox.train.metrics_log import MetricsLog
 from glassbox.train.model import Transformer
 from glassbox.train.parallel import World, clip_grad_norm, gradient_sync, init_world, param_groups, parallelize, unwrap
+from glassbox.train.prefetch import BatchPrefetcher
 from glassbox.train.progress import ProgressBar
 from glassbox.train.state import TrainState
 from glassbox.train.wandb_logger import WandbLogger
@@ -103,6 +104,8 @@ class Trainer:
             param_groups(model, cfg.optimizer.weight_decay), lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
             eps=cfg.optimizer.eps, fused=device.type == "cuda",
         )
+        self.prefetcher = BatchPrefetcher(self.world.dp_rank, self.world.dp_size, pin=device.type == "cuda",
+                                          digest=self.world.is_main)
         self.state = TrainState(
             config=cfg, run_dir=self.run_dir, model=model, optimizer=optimizer,
             lr_scheduler=build_lr_scheduler(optimizer, cfg.optimizer, cfg.schedule),
@@ -156,10 +159,8 @@ class Trainer:
         step = s.step + 1
         start_time = time.perf_counter()
         size = s.batch_plan.global_batch_size(step)
-        batch = s.sampler.next_batch(size, world.dp_rank, world.dp_size)
+        batch, batch_digest = self.prefetcher.next_batch(s.sampler, size)
         if self.order_log is not None:
-            from glassbox.data.order_log import batch_hash
-
             if self._logged_through != step - 1:
                 # This trainer's first step, or a step re-run after a restore: rows from that step on belong to
                 # a run that did not survive, and this one writes them again.
@@ -167,8 +168,7 @@ class Trainer:
                 self.order_log.truncate(step - 1)
             self._logged_through = step
 
-            full = batch.tokens if world.dp_size == 1 else s.sampler.samples(batch.start, size)
-            self.order_log.append(step, batch.start, size, batch_hash(full))
+            self.order_log.append(step, batch.start, size, batch_digest)
 
         model, inner = s.model, unwrap(s.model)
         model.train()
@@ -202,6 +202,8 @@ class Trainer:
         s.optimizer.step()
         s.optimizer.zero_grad(set_to_none=True)
         s.lr_scheduler.step()
+        # The GPU has this step's work queued: read the next batch now, before the sync below.
+        self.prefetcher.prefetch(s.sampler, s.batch_plan.global_batch_size(step + 1))
 
         loss_value = self._dp_mean(loss_sum).item()
         if not math.isfinite(loss_value):

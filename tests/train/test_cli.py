@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -41,7 +42,7 @@ def test_glassbox_train_nproc_2_runs_torchrun(prepared_data, tmp_path):
            str(_config_file(tmp_path, prepared_data)), "--data", str(prepared_data), "--run-dir", str(run),
            "--steps", "2", "--set", "schedule.warmup_steps=1", "--set", "parallel.data_parallel=ddp"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trained 2 steps" in proc.stdout
     rows = read_metrics(run)
