@@ -1,14 +1,19 @@
 """Training throughput and MFU: glassbox against torchtitan and transformers, same model, same GPU, one call.
 
 Every system trains the same Llama shape (layers, width, heads, KV heads, MLP, vocab 32000, untied embeddings)
-on the same synthetic batches (uniform random token ids: throughput does not depend on the text), at the same
-per-GPU batch and sequence length, in bf16 with fp32 master weights and fused AdamW:
+at the same per-GPU batch and sequence length, in bf16 with fp32 master weights and fused AdamW, on batches of
+random token ids made on the GPU once (throughput does not depend on the text), except the full glassbox
+trainer, which reads a prepared token store as a real run does:
 
-- glassbox: `glassbox.train.model.Transformer` through the trainer's own step (`glassbox.train.trainer`), with
-  its parallel wrapper (`glassbox.train.parallel`: FSDP2, bf16 params, fp32 reduce) and torch.compile per block.
+- glassbox: the full trainer, `glassbox.train.trainer.Trainer.train_step()`, over a prepared token store (sampler,
+  data-order log and metrics row included; no callbacks), with torch.compile per block and of the loss, bf16
+  autocast, SDPA with cuDNN attention first, fused AdamW, and FSDP2 (bf16 params, fp32 reduce) on several GPUs.
+- glassbox-core: the same model, parallel wrapper, optimizer groups and step math on device-resident batches,
+  without the trainer's data loading and logging: the ceiling the full trainer is measured against.
 - torchtitan 0.3.0: its Llama3 model built from its own config classes and its `parallelize_llama` (compile per
-  block, FSDP2 with bf16 params / fp32 reduce), its cross-entropy loss, its optimizer container (fused AdamW)
-  and its gradient clipping; SDPA attention; no activation checkpointing (everything fits on one GPU).
+  block, FSDP2 with bf16 params / fp32 reduce), its cross-entropy loss (compiled), its optimizer container (fused
+  AdamW) and its gradient clipping; its SDPA attention module; no activation checkpointing (everything fits on
+  one GPU) and none of its trainer's dataset stack (its Trainer class needs a tokenizer and HF datasets).
 - transformers: `LlamaForCausalLM` with SDPA, bf16 autocast over fp32 weights, fused AdamW, eager, one GPU (DDP
   when several).
 
@@ -21,11 +26,12 @@ with peak the datasheet dense bf16 rate (989 TFLOP/s for H100 SXM and H200). The
 own bf16 matmul rate (8192^3 products) and reports MFU against it (`mfu_measured_peak`).
 
 Each (system, size, GPU count) runs in a fresh `torchrun` process so that compile caches, CUDA memory and NCCL
-state never leak between rows. Step times come from CUDA events recorded every step and read once at the end (no
-host sync inside the timed loop); the row reports the median step.
+state never leak between rows; `--concurrent N` runs one-GPU rows N at a time, each alone on its own GPU. Step
+times come from CUDA events recorded every step and read once at the end (no host sync added to the timed
+loop; events also count the host's gaps between steps); the row reports the median step.
 
-    python bench/train_mfu.py                           # all systems, 125M / 350M / 1B, one GPU
-    python bench/train_mfu.py --gpus 1,2 --systems glassbox,torchtitan
+    python bench/train_mfu.py --concurrent 2            # all systems, 125M / 350M / 1B, one GPU per row
+    python bench/train_mfu.py --gpus 2 --sizes 1B --systems glassbox,torchtitan --append
     python bench/train_mfu.py --sizes tiny --device cpu # seconds on a CPU: checks the code paths, not speed
 
 Writes bench/results/train_mfu.json (a list of rows) and bench/results/train_mfu.md.
@@ -42,7 +48,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -84,23 +90,9 @@ def model_config(shape: Shape):
 # slice and returns the loss as a device tensor (never read inside the timed loop).
 
 
-def _sdpa_priority(names: str):
-    """A context that makes SDPA try these kernels first (e.g. "cudnn,flash"), or a no-op for ""."""
-    import contextlib
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    if not names:
-        return contextlib.nullcontext
-    table = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-    order = [table[n] for n in names.split(",")] + [SDPBackend.MATH]
-    return lambda: sdpa_kernel(order, set_priority=True)
-
-
 def build_glassbox(shape: Shape, device, args):
     """The full trainer: `Trainer.train_step()` over a prepared token store (sampler, data-order log, metrics
-    row and all), with torch.compile per block, bf16 autocast, fused AdamW and FSDP2 on several GPUs."""
+    row and all), configured as a GPU run is: compile on, bf16, FSDP2 when there are several GPUs."""
     import tempfile
 
     import torch.distributed as dist
@@ -110,7 +102,8 @@ def build_glassbox(shape: Shape, device, args):
 
     world = dist.get_world_size()
     m = model_config(shape)
-    run_dir = Path(tempfile.mkdtemp(prefix="glassbox_bench_")) if dist.get_rank() == 0 else Path("/nonexistent")
+    # One run directory per torchrun job (its ranks share the launcher as parent); only rank 0 writes there.
+    run_dir = Path(tempfile.gettempdir()) / f"glassbox_bench_run_{os.getppid()}"
     cfg = run_config_from_dict({
         "model": {"vocab_size": m.vocab_size, "hidden_size": m.hidden_size, "num_layers": m.num_layers,
                   "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads, "intermediate_size": m.intermediate_size,
@@ -138,14 +131,16 @@ def torch_scalar(value: float, device):
 
 
 def build_glassbox_core(shape: Shape, device, args):
-    """glassbox's model, parallel wrapper, optimizer groups and clipping with the trainer's step math, minus its
-    data loader and logging: the ceiling the full trainer loop ("glassbox") is measured against."""
+    """The trainer's model, parallel wrapper, optimizer groups, loss, attention kernels and clipping, with its
+    step math, on device-resident batches and without its data loading and logging: the ceiling the full trainer
+    ("glassbox") is measured against."""
     import torch
-    import torch.nn.functional as F
 
     from glassbox.train.config import ParallelConfig
     from glassbox.train.model import Transformer
     from glassbox.train.parallel import clip_grad_norm, init_world, param_groups, parallelize
+    from glassbox.train.trainer import ATTENTION_KERNELS, next_token_loss
+    from torch.nn.attention import sdpa_kernel
 
     pcfg = ParallelConfig(device=device.type, precision="bf16", compile=not args.no_compile)
     world = init_world(pcfg)
@@ -154,42 +149,20 @@ def build_glassbox_core(shape: Shape, device, args):
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95), eps=1e-8,
                                   fused=device.type == "cuda")
     params = list(model.parameters())
-    attention = _sdpa_priority(args.sdpa)
-    clip = clip_without_sync if args.sync_free_clip else clip_grad_norm
-
-    def loss_of(logits, labels):
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-
-    if args.compile_loss and not args.no_compile:
-        loss_of = torch.compile(loss_of)
+    loss_of = next_token_loss if args.no_compile else torch.compile(next_token_loss)
 
     def step(tokens):
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
-        with attention(), torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16), sdpa_kernel(ATTENTION_KERNELS, set_priority=True):
             logits = model(inputs)
-        with attention():
-            loss = loss_of(logits, labels)
-            loss.backward()
-        clip(params, 1.0)
+        loss = loss_of(logits, labels)
+        loss.backward()
+        clip_grad_norm(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
     return step, [model]
-
-
-def clip_without_sync(params, max_norm: float):
-    """glassbox's clip_grad_norm with the scale applied on the device (no `.item()`): the variant under test."""
-    import torch
-    from torch.distributed.tensor import DTensor
-
-    from glassbox.train.parallel import clip_grad_norm
-
-    norm = clip_grad_norm(params, 0.0)
-    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    grads = [p.grad._local_tensor if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
-    torch._foreach_mul_(grads, scale)
-    return norm
 
 
 def build_torchtitan(shape: Shape, device, args):
@@ -468,9 +441,6 @@ def run_one(system: str, size: str, gpus: int, args, visible: str | None = None)
     cmd += ["--data", args.data] if args.data else []
     cmd += ["--ac"] if args.ac else []
     cmd += ["--no-compile"] if args.no_compile else []
-    cmd += ["--compile-loss"] if args.compile_loss else []
-    cmd += ["--sdpa", args.sdpa] if args.sdpa else []
-    cmd += ["--sync-free-clip"] if args.sync_free_clip else []
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "4"), WANDB_MODE="disabled")
     if visible is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible
@@ -540,9 +510,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--ac", action="store_true", help="activation checkpointing in every system")
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--sdpa", default="", help='glassbox: SDPA kernel priority, e.g. "cudnn,flash" (default: torch\'s)')
-    p.add_argument("--compile-loss", action="store_true", help="glassbox: torch.compile the upcast + cross-entropy")
-    p.add_argument("--sync-free-clip", action="store_true", help="glassbox-core: clip without a host sync")
     p.add_argument("--tag", default="", help="a label for this variant, kept in each row")
     p.add_argument("--append", action="store_true", help="keep --out's rows of other variants (tags)")
     p.add_argument("--out", type=Path, default=RESULTS / "train_mfu.json")

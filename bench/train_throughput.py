@@ -40,7 +40,7 @@ CORPUS_BYTES = 4_000_000
 CPU_CASES = [
     ("tiny", 1, "none", 30, 5, []),
     ("moe-tiny", 1, "none", 30, 5, []),
-    ("small", 1, "none", 4, 1, ["batch.global_batch_size=2", "batch.micro_batch_size=2"]),
+    ("small", 1, "none", 3, 1, ["batch.global_batch_size=2", "batch.micro_batch_size=2"]),
     ("tiny", 2, "fsdp", 30, 5, []),
     ("tiny", 2, "ddp", 30, 5, []),
 ]
@@ -68,8 +68,9 @@ def prepare_data(path: Path) -> Path:
     return path
 
 
-def run_case(config: str, nproc: int, dp: str, steps: int, warmup: int, extra: list[str], data: Path,
-             threads: int) -> dict:
+def run_case(config: str, nproc: int, dp: str, steps: int, extra: list[str], data: Path, threads: int,
+             peak: float) -> list[dict]:
+    """One torchrun of the case; its metrics rows."""
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
@@ -77,22 +78,25 @@ def run_case(config: str, nproc: int, dp: str, steps: int, warmup: int, extra: l
                "--run-dir", str(run_dir), "--steps", str(steps),
                "--set", "schedule.warmup_steps=1", "--set", "checkpoint.save_final=false",
                "--set", "logging.wandb.mode=disabled", "--set", "logging.progress=false",
-               "--set", f"logging.val_every={steps + 1}", "--set", "logging.val_samples=2"]
+               "--set", f"logging.val_every={steps + 1}", "--set", "logging.val_samples=2",
+               "--set", f"logging.peak_flops={peak}"]
         if dp != "none":
             cmd += ["--set", f"parallel.data_parallel={dp}"]
         for override in extra:
             cmd += ["--set", override]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        wall = time.perf_counter() - start
         if proc.returncode:
             raise RuntimeError(f"{config} x{nproc} {dp} failed:\n{proc.stderr[-3000:]}")
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    timed = rows[warmup:]
+        return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def summarize(config: str, nproc: int, dp: str, extra: list[str], threads: int, runs: list[list[dict]],
+              warmup: int) -> dict:
     from glassbox.train.config import load_run_config
 
     cfg = load_run_config(ROOT / "configs" / f"{config}.yaml", extra)
+    timed = [r for rows in runs for r in rows[warmup:]]
     return {
         "config": config,
         "layout": "single" if dp == "none" else f"{dp} x{nproc}",
@@ -103,13 +107,13 @@ def run_case(config: str, nproc: int, dp: str, steps: int, warmup: int, extra: l
         "flops_per_token": cfg.model.flops_per_token(cfg.data.seq_len),
         "global_batch": cfg.batch.global_batch_size,
         "seq_len": cfg.data.seq_len,
+        "rounds": len(runs),
         "steps_timed": len(timed),
         "median_step_s": statistics.median(r["step_time"] for r in timed),
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
         "mfu": statistics.median(r["mfu"] for r in timed),
-        "first_loss": rows[0]["loss"],
-        "last_loss": rows[-1]["loss"],
-        "wall_s": wall,
+        "first_loss": runs[0][0]["loss"],
+        "last_loss": runs[0][-1]["loss"],
     }
 
 
@@ -136,9 +140,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "glassbox-bench-stdlib-4096")
     parser.add_argument("--configs", help="comma-separated subset of the cases' configs")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every case")
     parser.add_argument("--out", type=Path, default=RESULTS / "train_throughput.json")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
+    from glassbox.train.flops import measured_cpu_peak, peak_flops
+
     data = prepare_data(args.data)
     gpu = torch.cuda.is_available()
     cases = GPU_CASES if gpu else CPU_CASES
@@ -146,26 +152,40 @@ def main() -> int:
     cores = os.cpu_count() or 1
     budget = (torch.cuda.get_device_properties(0).total_memory if gpu
               else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) * 0.6
+    cases = [c for c in cases if (not wanted or c[0] in wanted)]
+    for case in list(cases):
+        if state_bytes(case[0]) > budget:
+            print(f"skip {case[0]}: its training state does not fit this machine", flush=True)
+            cases.remove(case)
+    if gpu:
+        peak = peak_flops(torch.device("cuda", 0), bf16=True)
+    else:
+        torch.set_num_threads(cores)
+        peak = measured_cpu_peak()
+    # Rounds interleave the cases (A B C, A B C, ...) so that load from other processes on a shared machine
+    # falls on every case alike; each row is the median over all its rounds' timed steps.
+    runs: dict[int, list[list[dict]]] = {i: [] for i in range(len(cases))}
+    for round_ in range(args.rounds):
+        for i, (config, nproc, dp, steps, warmup, extra) in enumerate(cases):
+            threads = max(1, cores // nproc) if not gpu else 4
+            # A CPU rank owns cores / nproc of the cores the peak was measured on.
+            case_peak = peak if gpu else peak / nproc
+            runs[i].append(run_case(config, nproc, dp, steps, extra, data, threads, case_peak))
+            print(f"round {round_ + 1}: {config} {dp} x{nproc} done", flush=True)
     rows = []
-    for config, nproc, dp, steps, warmup, extra in cases:
-        if wanted and config not in wanted:
-            continue
-        if state_bytes(config) > budget:
-            print(f"skip {config}: its training state does not fit this machine", flush=True)
-            continue
+    for i, (config, nproc, dp, steps, warmup, extra) in enumerate(cases):
         threads = max(1, cores // nproc) if not gpu else 4
-        row = run_case(config, nproc, dp, steps, warmup, extra, data, threads)
-        print(f"{row['config']:9s} {row['layout']:8s} {row['tokens_per_s']:10,.0f} tok/s  "
-              f"step {row['median_step_s']:.3f}s  MFU {row['mfu'] * 100:.1f}%", flush=True)
-        rows.append(row)
+        rows.append(summarize(config, nproc, dp, extra, threads, runs[i], warmup))
     hardware = torch.cuda.get_device_name(0) if gpu else f"CPU, {cores} cores"
     note = (f"Measured on {hardware}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. Medians over the "
-            "steps after warmup; 'vs single' is tokens/s over the same config in one process. CPU MFU is against "
-            "the measured fp32 matmul peak of this machine; shared machines make CPU numbers noisy.")
+            f"timed steps of {args.rounds} interleaved rounds; 'vs single' is tokens/s over the same config in one "
+            f"process on the same cores. MFU against a peak of {peak / 1e9:,.0f} GFLOP/s"
+            + (" (datasheet bf16)." if gpu else " (this CPU's measured fp32 matmul rate on all its cores; a rank of "
+               "N processes gets 1/N of it). A shared machine makes CPU numbers noisy."))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     from glassbox.atomic import write_json, write_text
 
-    write_json(args.out, {"hardware": hardware, "torch": torch.__version__, "rows": rows})
+    write_json(args.out, {"hardware": hardware, "torch": torch.__version__, "peak_flops": peak, "rows": rows})
     write_text(args.out.with_suffix(".md"), markdown(rows, note))
     print(markdown(rows, note))
     return 0

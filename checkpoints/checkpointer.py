@@ -95,6 +95,7 @@ class Checkpointer:
         self._async_group = None
         self._stager = None
         self._staging = None
+        self._staging_hook = None
 
     def _say(self, message: str) -> None:
         if rank_and_world()[0] == 0:
@@ -147,13 +148,16 @@ class Checkpointer:
         """The device-to-host copy overlaps the next forward/backward; the next optimizer step (the first write
         to the saved tensors) waits for it, and that wait is added to the measured stall."""
         def wait_for_staging(*_: Any) -> None:
+            if self._staging is not staging:
+                return
             t0 = time.perf_counter()
             staging.result()
+            self._staging = None
             self.last_stall_s = (self.last_stall_s or 0.0) + time.perf_counter() - t0
-            handle.remove()
             self._say(f"async save staged, training blocked {self.last_stall_s:.3f} s")
 
-        handle = optimizer.register_step_pre_hook(wait_for_staging)
+        # Removed in wait(): a hook cannot remove itself while the optimizer iterates over its hooks.
+        self._staging_hook = optimizer.register_step_pre_hook(wait_for_staging)
         self._staging = staging
 
     def poll(self) -> None:
@@ -169,6 +173,9 @@ class Checkpointer:
         if self._staging is not None:
             self._staging.result()
             self._staging = None
+        if self._staging_hook is not None:
+            self._staging_hook.remove()
+            self._staging_hook = None
         pending.future.result()
         if rank_and_world()[0] == 0:
             pending.info["stall_seconds"] = self.last_stall_s

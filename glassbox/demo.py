@@ -13,9 +13,6 @@ import json
 import shutil
 from pathlib import Path
 
-# About 4 MB of the standard library: enough text for the tiny model to learn visible structure, small enough to
-# tokenize in seconds on two cores.
-DEMO_CORPUS_BYTES = 4_000_000
 DEMO_PROMPT = "def __init__(self"
 
 
@@ -50,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(stale)
 
     _stage(f"1/5 preparing the standard-library corpus into {data_dir}")
-    print(prepare_cli_summary(prepare(["stdlib"], data_dir, vocab_size=4096, max_bytes=DEMO_CORPUS_BYTES)))
+    print(prepare_cli_summary(prepare(["stdlib"], data_dir, vocab_size=4096)))
 
     _stage(f"2/5 training configs/tiny.yaml on the CPU into {run_dir}")
     overrides = [f"data.path={json.dumps(str(data_dir))}", f"run_dir={json.dumps(str(run_dir))}",

@@ -236,7 +236,9 @@ class LLMEngine:
                 room = min(room, seq.params.max_tokens - seq.num_output_tokens - 1)
             seq.spec_tokens = list(draft[:max(0, min(k, room))])
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, unfinished_outputs: bool = True) -> list[RequestOutput]:
+        """Run one batch. Returns an output for every request that got tokens (for streaming), or with
+        `unfinished_outputs` False only for the requests that finished (offline use: cheaper)."""
         self._propose()
         batch = self.scheduler.schedule()
         if not batch.scheduled:
@@ -272,9 +274,11 @@ class LLMEngine:
                 self.blocks.commit(seq)
         outputs = []
         for req in touched.values():
-            outputs.append(req.output())
             if req.finished:
+                outputs.append(req.output())
                 del self.requests[req.request_id]
+            elif unfinished_outputs:
+                outputs.append(req.output())
         return outputs
 
     def _check_stop(self, req: _Request, seq: Sequence, tok: int) -> str | None:

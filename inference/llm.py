@@ -49,11 +49,10 @@ class LLM:
 
             bar = tqdm(total=len(order), desc="generate", unit="req")
         while len(done) < len(order):
-            for out in self.engine.step():
-                if out.finished:
-                    done[out.request_id] = out
-                    if bar is not None:
-                        bar.update(1)
+            for out in self.engine.step(unfinished_outputs=False):
+                done[out.request_id] = out
+                if bar is not None:
+                    bar.update(1)
         if bar is not None:
             bar.close()
         return [done[rid] for rid in order]

@@ -26,13 +26,14 @@ from glassbox.train.model import Attention, Transformer, apply_rotary
 
 @dataclass
 class PrefillSpan:
-    """A sequence with several query tokens this step: rows [row, row + n) of the flat batch, at positions
-    [start, start + n); `table` holds its blocks when it attends to KV computed in earlier steps."""
+    """A sequence with several query tokens this step that also attends to KV from earlier steps (a later prefill
+    chunk, a prefix-cache hit, or speculative verification): rows [row, row + n) of the flat batch, at positions
+    [start, start + n), its blocks in `table`."""
 
     row: int
     n: int
     start: int
-    table: torch.Tensor | None
+    table: torch.Tensor
 
 
 @dataclass
@@ -45,6 +46,9 @@ class BatchInputs:
     decode_tables: torch.Tensor | None
     decode_lens: torch.Tensor | None
     prefills: list[PrefillSpan]
+    # Fresh prompts (nothing cached), grouped by length: each [prompts, length] tensor of rows runs as one causal
+    # SDPA call over the K/V just computed.
+    fresh: list[torch.Tensor]
 
 
 def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
@@ -88,6 +92,7 @@ class ModelRunner:
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         prefills: list[PrefillSpan] = []
+        fresh: dict[int, list[int]] = {}
         bs = self.block_size
         for s in batch.scheduled:
             row = len(ids)
@@ -102,10 +107,10 @@ class ModelRunner:
                 decode_rows.append(row)
                 decode_tables.append(table[:blocks.blocks_needed(s.start + 1)])
                 decode_lens.append(s.start + 1)
+            elif s.start == 0:
+                fresh.setdefault(s.num_tokens, []).append(row)
             else:
-                ctx_table = None
-                if s.start > 0:
-                    ctx_table = torch.tensor(table[:blocks.blocks_needed(s.start + s.num_tokens)], device=self.device)
+                ctx_table = torch.tensor(table[:blocks.blocks_needed(s.start + s.num_tokens)], device=self.device)
                 prefills.append(PrefillSpan(row, s.num_tokens, s.start, ctx_table))
         dev = self.device
         every_row = logit_rows == list(range(len(ids)))
@@ -116,10 +121,12 @@ class ModelRunner:
             logit_rows=None if every_row else torch.tensor(logit_rows, device=dev, dtype=torch.long),
             decode_rows=None, decode_tables=None, decode_lens=None,
             prefills=prefills,
+            fresh=[torch.tensor(rows, device=dev)[:, None] + torch.arange(n, device=dev)[None, :]
+                   for n, rows in fresh.items()],
         )
         if decode_rows:
             width = max(len(t) for t in decode_tables)
-            if prefills:
+            if prefills or fresh:
                 inputs.decode_rows = torch.tensor(decode_rows, device=dev)
             inputs.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=dev)
             inputs.decode_lens = torch.tensor(decode_lens, device=dev)
@@ -161,25 +168,24 @@ class ModelRunner:
         kc, vc = self.k_cache[layer], self.v_cache[layer]
         kc.index_copy_(0, inputs.slots, k)
         vc.index_copy_(0, inputs.slots, v)
-        if not inputs.prefills:
+        if not inputs.prefills and not inputs.fresh:
             return attn.o_proj(self._decode_attention(q, kc, vc, inputs.decode_tables, decode_mask).reshape(N, -1))
         out = torch.empty_like(q)
         if inputs.decode_rows is not None:
             out[inputs.decode_rows] = self._decode_attention(q[inputs.decode_rows], kc, vc, inputs.decode_tables,
                                                              decode_mask)
+        for rows in inputs.fresh:
+            o = F.scaled_dot_product_attention(q[rows].transpose(1, 2), k[rows].transpose(1, 2),
+                                               v[rows].transpose(1, 2), is_causal=True, enable_gqa=True)
+            out[rows] = o.transpose(1, 2)
         for span in inputs.prefills:
             qs = q[span.row:span.row + span.n].transpose(0, 1)[None]
-            if span.table is None:
-                ks = k[span.row:span.row + span.n].transpose(0, 1)[None]
-                vs = v[span.row:span.row + span.n].transpose(0, 1)[None]
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
-            else:
-                ctx = span.start + span.n
-                ks = self._gather(kc, span.table[None])[:, :, :ctx]
-                vs = self._gather(vc, span.table[None])[:, :, :ctx]
-                qpos = torch.arange(span.start, ctx, device=h.device)
-                mask = torch.arange(ctx, device=h.device)[None, :] <= qpos[:, None]
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
+            ctx = span.start + span.n
+            ks = self._gather(kc, span.table[None])[:, :, :ctx]
+            vs = self._gather(vc, span.table[None])[:, :, :ctx]
+            qpos = torch.arange(span.start, ctx, device=h.device)
+            mask = torch.arange(ctx, device=h.device)[None, :] <= qpos[:, None]
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
             out[span.row:span.row + span.n] = o[0].transpose(0, 1)
         return attn.o_proj(out.reshape(N, -1))
 
@@ -200,7 +206,7 @@ class ModelRunner:
 
     def _static_inputs(self, b: int) -> BatchInputs:
         return BatchInputs(self._ids[:b], self._pos[:b], self._slots[:b], None, None, self._tables[:b],
-                           self._lens[:b], [])
+                           self._lens[:b], [], [])
 
     def _capture(self, sizes: list[int], width: int) -> None:
         biggest, dev, long = max(sizes), self.device, torch.long

@@ -50,10 +50,11 @@ class Sampler:
         the model (the correction, or the bonus token after a fully accepted draft).
         """
         row_seqs = [seq for seq, k in rows for _ in range(k + 1)]
-        greedy_rows = torch.tensor([s.params.greedy for s in row_seqs])
-        argmax = logits.argmax(-1).cpu()
+        argmax = logits.argmax(-1).tolist()
+        if all(k == 0 for _, k in rows) and all(s.params.greedy for s in row_seqs):
+            return [[tok] for tok in argmax]
         probs = None
-        if not bool(greedy_rows.all()):
+        if not all(s.params.greedy for s in row_seqs):
             probs = self._probs(logits, row_seqs).cpu()
         results: list[list[int]] = []
         r = 0
@@ -62,7 +63,7 @@ class Sampler:
             accepted: list[int] = []
             for j in range(k + 1):
                 if seq.params.greedy:
-                    tok = int(argmax[r + j])
+                    tok = argmax[r + j]
                     accepted.append(tok)
                     if j == k or tok != draft[j]:
                         break

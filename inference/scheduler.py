@@ -23,10 +23,9 @@ class ScheduledSeq:
     num_tokens: int
     num_spec: int = 0
 
-    @property
-    def samples(self) -> bool:
-        """Whether this step computes the sequence's last real token, so its logits yield a new token."""
-        return self.start + self.num_tokens - self.num_spec == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        # Whether this step computes the sequence's last real token, so its logits yield a new token.
+        self.samples = self.start + self.num_tokens - self.num_spec == self.seq.num_tokens
 
     def input_ids(self) -> list[int]:
         real = self.seq.token_ids[self.start:self.start + self.num_tokens - self.num_spec]

@@ -44,7 +44,7 @@ def _prompts(n: int, seed: int = 1) -> list[list[int]]:
 
 
 def test_engine_matches_full_forward(model):
-    prompts = _prompts(12)
+    prompts = _prompts(12) + [[1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1], [7] * 6]     # equal lengths share one call
     llm = LLM(engine=LLMEngine(model, config=EngineConfig(block_size=4, num_kv_blocks=256)))
     outs = llm.generate(prompts, GREEDY)
     assert [o.outputs[0].token_ids for o in outs] == [_reference_greedy(model, p, 12) for p in prompts]

@@ -18,7 +18,7 @@ def test_cuda_graphs_match_eager_and_transformers(llama_dir, prompts):
     params = SamplingParams(temperature=0, max_tokens=24)
     outs = {}
     for graphs in (True, False):
-        cfg = EngineConfig(device="cuda", dtype="float32", cuda_graphs=graphs, max_num_seqs=20)
+        cfg = EngineConfig(device="cuda", dtype="float32", cuda_graphs=graphs, max_num_seqs=20, num_kv_blocks=512)
         llm = LLM(engine=LLMEngine.from_model_dir(llama_dir, cfg))
         assert bool(llm.engine.runner.graphs) == graphs
         token_prompts = [llm.tokenizer.encode(p) for p in prompts]

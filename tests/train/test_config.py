@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from glassbox.cli import main
@@ -70,7 +68,7 @@ def test_trainer_refuses_a_vocab_smaller_than_the_data(prepared_data, tmp_path):
         Trainer(cfg, callbacks=[])
 
 
-def test_tensor_parallel_must_divide_heads(prepared_data, tmp_path):
+def test_tensor_parallel_must_divide_heads():
     from glassbox.train.model import ModelConfig
     from glassbox.train.parallel import check_tensor_parallel
 
