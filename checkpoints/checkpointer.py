@@ -297,8 +297,6 @@ class CheckpointCallback(Callback):
         self.checkpointer.poll()
         if is_scheduled(state.step, self.cfg, self.last_step or -1):
             self.checkpointer.save(state)
-            if self.checkpointer.last_stall_s is not None:
-                state.metrics["checkpoint_stall_s"] = self.checkpointer.last_stall_s
 
     def on_train_end(self, state: Any) -> None:
         if self.cfg.save_final and state.step > 0:

@@ -9,6 +9,7 @@ import torch
 
 from ckpt_helpers import losses, order_rows, run_config, spawn
 from glassbox.checkpoints.layout import list_checkpoints
+from glassbox.checkpoints.loading import load_partial
 from glassbox.errors import GlassboxError
 from glassbox.train.trainer import Trainer
 
@@ -60,7 +61,29 @@ LAYOUTS = {"fsdp2x2": {"data_parallel": "fsdp", "tensor_parallel": 1},
 def _train_sharded(rank: int, data_dir, root) -> None:
     for name, parallel in LAYOUTS.items():
         cfg = run_config(data_dir, root / name, parallel=parallel, schedule={"steps": 4, "warmup_steps": 1})
-        Trainer(cfg).fit()
+        trainer = Trainer(cfg)
+        trainer.fit()
+        if name == "fsdp2x2":
+            _check_partial_load_of_dtensors(trainer, root / name / "checkpoints" / "step_000004")
+
+
+def _check_partial_load_of_dtensors(trainer: Trainer, path) -> None:
+    """Zero a live FSDP2 model, restore chunk 1 of 2 of layer 0's tensors: exactly those rows come back."""
+    model, optimizer = trainer.state.model, trainer.state.optimizer
+    saved = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.to_local().zero_()
+    restored = load_partial(path, model, optimizer, names=["layers.0.*"], shard=(1, 2))
+    assert restored and all(n.startswith("layers.0.") for n in restored)
+    for n, p in model.named_parameters():
+        full = p.full_tensor()
+        if n in restored:
+            half = -(-full.shape[0] // 2)
+            assert torch.equal(full[half:], saved[n][half:]), n
+            assert not full[:half].any(), n
+        else:
+            assert not full.any(), n
 
 
 def test_resume_on_one_rank_from_two(prepared_data, tmp_path):

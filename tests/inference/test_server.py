@@ -212,15 +212,16 @@ def test_64_concurrent_streams_free_all_blocks(server, prompts):
         finally:
             await client.close()
 
-    finished_before = _metric(server, 'glassbox_requests_total{finish_reason="length"}') if "length" in \
-        httpx.get(f"{server}/metrics").text else 0
+    def completed() -> float:
+        text = httpx.get(f"{server}/metrics").text
+        pattern = r'^glassbox_requests_total\{finish_reason="(?:stop|length)"\} (\S+)$'
+        return sum(float(v) for v in re.findall(pattern, text, re.M))
+
+    before = completed()
     results = asyncio.run(main())
     assert len(results) == 64 and all(reason in ("stop", "length") for _, reason in results)
     _wait_idle(server)
-    text = httpx.get(f"{server}/metrics").text
-    done = sum(float(v) for v in re.findall(r'^glassbox_requests_total\{finish_reason="(?:stop|length)"\} (\S+)$',
-                                             text, re.M))
-    assert done - finished_before >= 64
+    assert completed() - before == 64
 
 
 def test_disconnect_aborts_and_frees_blocks(server, prompts):
