@@ -8,9 +8,9 @@ MFU = FLOPs per token x tokens/s / (peak per device x devices), FLOPs per token 
 parameters + 12 x layers x hidden x sequence (ModelConfig.flops_per_token). On a CPU the peak is this machine's
 measured fp32 matmul rate (glassbox.train.flops), so CPU MFU reads "fraction of the best a big matmul gets here".
 
-On a CPU the cases are tiny, moe-tiny and small (one process), and tiny with FSDP2 and DDP over 2 gloo ranks of
-one thread each against tiny in one process of the same threads; 1b and amber-7b need GPUs (their fp32 weights
-and Adam state alone take 18 and 108 GB). On GPUs every config whose state fits the cards runs.
+On a CPU the cases are tiny, moe-tiny and small (one process on all cores), tiny in one process of one thread,
+and tiny with FSDP2 and with DDP over 2 gloo ranks of one thread each; 1b and amber-7b need GPUs (their fp32
+weights and Adam state alone take 18 and 108 GB). On a GPU every config whose state fits the card runs.
 
     python bench/train_throughput.py                  # prepares demo-sized data into the temp dir if needed
     python bench/train_throughput.py --data DIR --configs tiny,moe-tiny
@@ -36,20 +36,22 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 CORPUS_BYTES = 4_000_000
 
-# (config, processes, data parallel, steps, warmup steps, overrides) per case; batches cut so a CPU step is short.
+# (config, processes, data parallel, threads per process (0: cores / processes), steps, warmup steps, overrides)
+# per case; batches cut so a CPU step is short.
 CPU_CASES = [
-    ("tiny", 1, "none", 30, 5, []),
-    ("moe-tiny", 1, "none", 30, 5, []),
-    ("small", 1, "none", 3, 1, ["batch.global_batch_size=2", "batch.micro_batch_size=2"]),
-    ("tiny", 2, "fsdp", 30, 5, []),
-    ("tiny", 2, "ddp", 30, 5, []),
+    ("tiny", 1, "none", 0, 30, 5, []),
+    ("tiny", 1, "none", 1, 30, 5, []),
+    ("moe-tiny", 1, "none", 0, 30, 5, []),
+    ("small", 1, "none", 0, 3, 1, ["batch.global_batch_size=2", "batch.micro_batch_size=2"]),
+    ("tiny", 2, "fsdp", 1, 30, 5, []),
+    ("tiny", 2, "ddp", 1, 30, 5, []),
 ]
 GPU_CASES = [
-    ("tiny", 1, "none", 50, 10, []),
-    ("moe-tiny", 1, "none", 50, 10, []),
-    ("small", 1, "none", 30, 5, ["batch.global_batch_size=32", "batch.micro_batch_size=32"]),
-    ("1b", 1, "none", 20, 5, ["batch.global_batch_size=8", "batch.micro_batch_size=4"]),
-    ("amber-7b", 1, "none", 10, 3, ["batch.global_batch_size=1", "batch.micro_batch_size=1"]),
+    ("tiny", 1, "none", 4, 50, 10, []),
+    ("moe-tiny", 1, "none", 4, 50, 10, []),
+    ("small", 1, "none", 4, 30, 5, ["batch.global_batch_size=32", "batch.micro_batch_size=32"]),
+    ("1b", 1, "none", 4, 20, 5, ["batch.global_batch_size=8", "batch.micro_batch_size=4"]),
+    ("amber-7b", 1, "none", 4, 10, 3, ["batch.global_batch_size=1", "batch.micro_batch_size=1"]),
 ]
 
 
@@ -118,11 +120,13 @@ def summarize(config: str, nproc: int, dp: str, extra: list[str], threads: int, 
 
 
 def markdown(rows: list[dict], note: str) -> str:
-    base = {r["config"]: r["tokens_per_s"] for r in rows if r["layout"] == "single"}
+    base = {}
+    for r in rows:
+        base.setdefault(r["config"], r["tokens_per_s"])
     lines = [
         "# Training throughput (glassbox trainer, bundled configs)", "", note, "",
         "| config | layout | procs x threads | params | batch x seq | median step (s) | tokens/s | "
-        "vs single | MFU | loss first -> last |",
+        "vs first | MFU | loss first -> last |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -166,22 +170,21 @@ def main() -> int:
     # falls on every case alike; each row is the median over all its rounds' timed steps.
     runs: dict[int, list[list[dict]]] = {i: [] for i in range(len(cases))}
     for round_ in range(args.rounds):
-        for i, (config, nproc, dp, steps, warmup, extra) in enumerate(cases):
-            threads = max(1, cores // nproc) if not gpu else 4
-            # A CPU rank owns cores / nproc of the cores the peak was measured on.
-            case_peak = peak if gpu else peak / nproc
+        for i, (config, nproc, dp, threads, steps, warmup, extra) in enumerate(cases):
+            threads = threads or max(1, cores // nproc)
+            # A CPU process owns `threads` of the cores the peak was measured on.
+            case_peak = peak if gpu else peak * threads / cores
             runs[i].append(run_case(config, nproc, dp, steps, extra, data, threads, case_peak))
-            print(f"round {round_ + 1}: {config} {dp} x{nproc} done", flush=True)
+            print(f"round {round_ + 1}: {config} {dp} x{nproc}, {threads} threads each, done", flush=True)
     rows = []
-    for i, (config, nproc, dp, steps, warmup, extra) in enumerate(cases):
-        threads = max(1, cores // nproc) if not gpu else 4
-        rows.append(summarize(config, nproc, dp, extra, threads, runs[i], warmup))
+    for i, (config, nproc, dp, threads, steps, warmup, extra) in enumerate(cases):
+        rows.append(summarize(config, nproc, dp, extra, threads or max(1, cores // nproc), runs[i], warmup))
     hardware = torch.cuda.get_device_name(0) if gpu else f"CPU, {cores} cores"
     note = (f"Measured on {hardware}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. Medians over the "
-            f"timed steps of {args.rounds} interleaved rounds; 'vs single' is tokens/s over the same config in one "
-            f"process on the same cores. MFU against a peak of {peak / 1e9:,.0f} GFLOP/s"
-            + (" (datasheet bf16)." if gpu else " (this CPU's measured fp32 matmul rate on all its cores; a rank of "
-               "N processes gets 1/N of it). A shared machine makes CPU numbers noisy."))
+            f"timed steps of {args.rounds} interleaved rounds; 'vs first' is tokens/s over the config's first row "
+            f"(one process on all cores). MFU against a peak of {peak / 1e9:,.0f} GFLOP/s"
+            + (" (datasheet bf16)." if gpu else " (this CPU's measured fp32 matmul rate on all its cores; a process "
+               "of T threads is measured against T / cores of it). A shared machine makes CPU numbers noisy."))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     from glassbox.atomic import write_json, write_text
 

@@ -182,7 +182,8 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     for g in grads:
         if isinstance(g, DTensor):
-            dims = tuple(i for i, pl in enumerate(g.placements) if pl.is_shard() or pl.is_partial())
+            # Every non-replicated dimension splits the gradient (FSDP2 over TP uses _StridedShard, not a Shard).
+            dims = tuple(i for i, pl in enumerate(g.placements) if not pl.is_replicate())
             meshes[id(g.device_mesh)] = g.device_mesh
             buckets.setdefault((id(g.device_mesh), dims), []).append(g.to_local())
         else:
