@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from glassbox.atomic import sha256_file, staged_dir, write_bytes, write_json
-from glassbox.data.sources import SourceDocs, read_source
+from glassbox.data.sources import read_source
 from glassbox.data.store import META_FORMAT, SPLITS, TokenStore, megatron_datasets
 from glassbox.data.tokenizer import MIN_VOCAB, eot_token, load_tokenizer, train_bpe
 from glassbox.errors import GlassboxError

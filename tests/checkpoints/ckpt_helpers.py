@@ -116,33 +116,3 @@ def order_rows(run_dir) -> list[tuple]:
 
     log = DataOrderLog(run_dir)
     return [tuple(sorted(log.row(step).items())) for step in range(1, len(log) + 1)]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world: int, port: int, fn, args) -> None:
-    import os
-
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        fn(rank, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(fn, world: int, *args) -> None:
-    """Run fn(rank, *args) in `world` processes joined by a real gloo process group."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_rank_main, args=(world, _free_port(), fn, args), nprocs=world, join=True)

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from ckpt_helpers import losses, order_rows, run_config, spawn
+from ckpt_helpers import losses, order_rows, run_config
+from distributed import run_distributed
 from glassbox.checkpoints.layout import list_checkpoints
 from glassbox.checkpoints.loading import load_partial
 from glassbox.errors import GlassboxError
@@ -88,7 +89,7 @@ def _check_partial_load_of_dtensors(trainer: Trainer, path) -> None:
 
 def test_resume_on_one_rank_from_two(prepared_data, tmp_path):
     """FSDP2 over 2 ranks, and TP=2, each resumed on 1 rank from step 2: same data order, same losses."""
-    spawn(_train_sharded, 2, prepared_data, tmp_path)       # one spawn for both layouts: startup dominates
+    run_distributed(_train_sharded, 2, tmp_path / "ranks", prepared_data, tmp_path)  # one spawn, both layouts
     for name in LAYOUTS:
         run = tmp_path / name
         manifest = json.loads((run / "checkpoints" / "step_000002" / "MANIFEST.json").read_text())

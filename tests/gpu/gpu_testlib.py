@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from distributed import run_distributed
 from glassbox.config import apply_overrides
 from glassbox.train.config import RunConfig, run_config_from_dict
 
@@ -34,32 +31,6 @@ def gpu_config(data_dir: Path, run_dir: Path, *overrides: str) -> RunConfig:
     return run_config_from_dict(apply_overrides(base, list(overrides)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
-    try:
-        result = fn(rank, *args)
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    except BaseException:
-        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
 def run_on_gpus(fn: Callable, world: int, tmp_dir: Path, *args: Any) -> list[Any]:
     """Run fn(rank, *args) in `world` spawned processes, one GPU each, joined by NCCL; their results."""
-    out = Path(tmp_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_worker, args=(world, _free_port(), fn, args, str(out)), nprocs=world, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return run_distributed(fn, world, tmp_dir, *args, backend="nccl")

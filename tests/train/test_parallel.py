@@ -17,7 +17,8 @@ import torch
 
 from glassbox.train.metrics_log import read_metrics
 from glassbox.train.trainer import Trainer
-from train_testlib import run_distributed, tiny_config
+from distributed import run_distributed
+from train_testlib import tiny_config
 
 COMMON = ("schedule.steps=4", "schedule.warmup_steps=1", "batch.micro_batch_size=2", "logging.val_every=2",
           "logging.val_samples=8")

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-import torch.multiprocessing as mp
 
 from glassbox.config import apply_overrides
 from glassbox.train.config import RunConfig, run_config_from_dict
@@ -46,34 +42,3 @@ def unigram_entropy(data_dir: Path) -> float:
     p = np.bincount(tokens).astype(np.float64)
     p = p[p > 0] / p.sum()
     return float(-(p * np.log(p)).sum())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        result = fn(rank, *args)
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    except BaseException:
-        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
-def run_distributed(fn: Callable, world: int, tmp_dir: Path, *args: Any) -> list[Any]:
-    """Run fn(rank, *args) in `world` spawned processes joined by a real gloo process group; their results."""
-    out = Path(tmp_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_worker, args=(world, _free_port(), fn, args, str(out)), nprocs=world, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
