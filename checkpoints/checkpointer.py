@@ -290,8 +290,20 @@ class CheckpointCallback(Callback):
             if path is not None:
                 load_checkpoint(path, state, allow_data_change=self.cfg.allow_data_change, verify_hashes=False)
                 self.checkpointer.last_saved_step = state.step
+                changed = self._follow_config_schedule(state)
                 if rank_and_world()[0] == 0:
                     self.log(f"[checkpoint] resumed from {path} at step {state.step}")
+                    if changed:
+                        self.log(f"[checkpoint] the LR schedule follows the run config from here: {changed}")
+
+    @staticmethod
+    def _follow_config_schedule(state: Any) -> str | None:
+        from glassbox.train.lr_schedule import follow_config
+
+        cfg = state.config
+        if state.lr_scheduler is None or not hasattr(cfg, "schedule"):
+            return None
+        return follow_config(state.lr_scheduler, cfg.optimizer, cfg.schedule)
 
     def on_step_end(self, state: Any) -> None:
         self.checkpointer.poll()

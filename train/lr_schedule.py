@@ -40,3 +40,28 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, opt: OptimizerConfig,
                        schedule: ScheduleConfig) -> torch.optim.lr_scheduler.LambdaLR:
     factor = WarmupDecay(schedule.steps, schedule.warmup_steps, schedule.decay, opt.min_lr / opt.lr)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def follow_config(scheduler: torch.optim.lr_scheduler.LambdaLR, opt: OptimizerConfig,
+                  schedule: ScheduleConfig) -> str | None:
+    """After a restore, make the schedule the run config's, keeping the restored step count.
+
+    A checkpoint restores the schedule it was saved with; a run resumed with more `schedule.steps` (extending a
+    run) or another `lr` / `min_lr` means the new values, so they replace the restored ones and the current LR is
+    recomputed from them. Returns what changed (for the log), or None when the config matches the checkpoint, in
+    which case nothing is touched and resume stays bit-exact.
+    """
+    wanted = WarmupDecay(schedule.steps, schedule.warmup_steps, schedule.decay, opt.min_lr / opt.lr)
+    current = scheduler.lr_lambdas[0]
+    changes = [f"{name} {getattr(current, name)} -> {value}" for name, value in vars(wanted).items()
+               if getattr(current, name) != value]
+    if any(base != opt.lr for base in scheduler.base_lrs):
+        changes.append(f"lr {scheduler.base_lrs[0]} -> {opt.lr}")
+    if not changes:
+        return None
+    for fn in scheduler.lr_lambdas:
+        vars(fn).update(vars(wanted))
+    scheduler.base_lrs = [opt.lr] * len(scheduler.base_lrs)
+    # get_last_lr() is what the next step applies: the value for the restored step under the new settings.
+    scheduler._last_lr = [opt.lr * fn(scheduler.last_epoch) for fn in scheduler.lr_lambdas]
+    return ", ".join(changes)

@@ -46,6 +46,25 @@ def test_stop_and_resume_is_bit_identical(prepared_data, tmp_path):
     assert (tmp_path / "b" / "checkpoints" / "step_000006" / "tokenizer" / "tokenizer.json").is_file()
 
 
+def test_extending_a_run_follows_the_new_schedule(prepared_data, tmp_path):
+    """A run resumed with more steps decays over the new length, exactly as a run planned that long would from
+    the resumed step on (the warmup is over, so only the cosine's span differs)."""
+    longer = {"steps": 10, "warmup_steps": 2}
+    planned = Trainer(run_config(prepared_data, tmp_path / "planned", schedule=longer))
+    planned.fit()
+    Trainer(run_config(prepared_data, tmp_path / "extended")).fit()          # 6 steps, saved at 6
+    extended = Trainer(run_config(prepared_data, tmp_path / "extended", schedule=longer,
+                                  checkpoint={"every": 2, "resume": "auto"}))
+    extended.fit()
+    lrs = {}
+    for name in ("planned", "extended"):
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        lrs[name] = {row["step"]: row["lr"] for row in rows}
+    assert extended.state.step == 10
+    assert [lrs["extended"][s] for s in range(7, 11)] == pytest.approx([lrs["planned"][s] for s in range(7, 11)])
+    assert lrs["extended"][10] == pytest.approx(1e-3)                        # min_lr at the new last step
+
+
 def test_resume_refuses_changed_data(prepared_data, tmp_path):
     Trainer(run_config(prepared_data, tmp_path, schedule={"steps": 2, "warmup_steps": 1})).fit()
     blend = [{"path": str(prepared_data), "weight": 1.0}, {"path": str(prepared_data), "weight": 2.0}]
