@@ -181,6 +181,13 @@ class Checkpointer:
             pending.info["stall_seconds"] = self.last_stall_s
             self._commit(pending.tmp, pending.final, pending.info, pending.started)
 
+    def close(self) -> None:
+        """Finish the pending async save, then free the staging buffers (pinned host memory on GPU)."""
+        self.wait()
+        if self._stager is not None:
+            self._stager.release()
+            self._stager = None
+
     def _background_group(self):
         """Async saves coordinate over gloo so their collectives never queue behind NCCL training kernels."""
         import torch.distributed as dist
@@ -313,4 +320,4 @@ class CheckpointCallback(Callback):
     def on_train_end(self, state: Any) -> None:
         if self.cfg.save_final and state.step > 0:
             self.checkpointer.save(state)
-        self.checkpointer.wait()
+        self.checkpointer.close()

@@ -42,13 +42,26 @@ def save(content: dict[str, Any], path: Path) -> None:
 
 def make_stager() -> Any:
     """A stager kept across saves: its host buffers (pinned, on GPU) are allocated once, and on GPU the
-    device-to-host copy runs on a side stream in the background (the caller waits before the next update)."""
+    device-to-host copy runs on a side stream in the background (the caller waits before the next update).
+
+    Some torch releases (2.11 on the GPU image) close the stager they were handed at the end of each async save;
+    closing empties its copy dispatch table, and the next save through it fails inside the copy
+    (`KeyError: <class 'type'>`). So DCP's close is ignored and the owner calls `release()` once, at the end.
+    """
     import torch
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
+    class RunStager(DefaultStager):
+        def close(self) -> None:
+            """Ignored: the stager outlives each save (see make_stager)."""
+
+        def release(self) -> None:
+            """Free the cached (pinned) buffers and the staging thread; the stager is unusable afterwards."""
+            super().close()
+
     gpu = torch.cuda.is_available()
-    return DefaultStager(StagingOptions(use_pinned_memory=gpu, use_shared_memory=False, use_async_staging=gpu,
-                                        use_non_blocking_copy=gpu))
+    return RunStager(StagingOptions(use_pinned_memory=gpu, use_shared_memory=False, use_async_staging=gpu,
+                                    use_non_blocking_copy=gpu))
 
 
 def async_save(content: dict[str, Any], path: Path, process_group: Any = None, stager: Any = None) -> Any:

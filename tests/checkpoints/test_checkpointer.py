@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ckpt_helpers import MiniLoop, assert_same_training_state, tiny_config
+from glassbox.checkpoints import dcp_io
 from glassbox.checkpoints.checkpointer import Checkpointer
 from glassbox.checkpoints.config import CheckpointConfig
 from glassbox.checkpoints.layout import list_checkpoints
@@ -137,6 +138,23 @@ def test_async_save_snapshots_state_and_measures_stall(tmp_path):
     load_checkpoint(path, other.state)
     for name, tensor in other.state.model.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
+
+
+def test_the_run_stager_survives_dcp_closing_it(tmp_path):
+    """torch 2.11's async save closes the stager it is handed after every save; the checkpointer keeps one stager
+    for the run, whose next save then failed inside the copy (KeyError: <class 'type'>, seen on an H100)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    loop = MiniLoop(tmp_path)
+    stager = dcp_io.make_stager()
+    for _ in range(2):
+        loop.step()
+        model_sd, optim_sd = get_state_dict(loop.state.model, loop.state.optimizer)
+        staged = stager.stage({"model": model_sd, "optim": optim_sd})
+        stager.close()                                   # what DCP does at the end of each save there
+        for name, tensor in model_sd.items():
+            assert torch.equal(staged["model"][name], tensor), name
+    stager.release()
 
 
 def test_partial_load_by_name_and_shard(tmp_path):
