@@ -32,6 +32,10 @@ from pathlib import Path
 
 import torch
 
+from glassbox.inference.engine import DTYPES, EngineConfig, LLMEngine
+from glassbox.inference.llm import LLM
+from glassbox.inference.sampling_params import SamplingParams
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 PRESETS = {
@@ -40,7 +44,6 @@ PRESETS = {
     "gpu": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
                 num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048),
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def make_model_dir(preset: str, out: Path) -> Path:
@@ -76,10 +79,6 @@ def median_times(fns: list, repeats: int, device: str) -> list[float]:
 
 def bench_throughput(args, model_dir: Path, vocab: int) -> list[dict]:
     from transformers import AutoModelForCausalLM
-
-    from glassbox.inference.engine import EngineConfig, LLMEngine
-    from glassbox.inference.llm import LLM
-    from glassbox.inference.sampling_params import SamplingParams
 
     dtype = DTYPES[args.dtype]
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device).eval()
@@ -126,9 +125,6 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def bench_latency(args, model_dir: Path, vocab: int) -> list[dict]:
-    from glassbox.inference.engine import EngineConfig, LLMEngine
-    from glassbox.inference.sampling_params import SamplingParams
-
     max_len = int(1.5 * args.prompt_len) + int(1.5 * args.max_tokens) + 2
     cfg = EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=64, max_model_len=max_len,
                        gpu_memory_utilization=args.gpu_memory_utilization)
@@ -161,12 +157,11 @@ def bench_latency(args, model_dir: Path, vocab: int) -> list[dict]:
                 continue
             for out in engine.step():
                 if out.finished:
-                    m = out.metrics
-                    n = len(out.outputs[0].token_ids)
-                    finished_tokens += n
-                    ttft.append(m["first_token_time"] - m["arrival_time"])
-                    if n > 1:
-                        tpot.append((m["last_token_time"] - m["first_token_time"]) / (n - 1))
+                    finished_tokens += len(out.outputs[0].token_ids)
+                    first, per_token = out.latency()
+                    ttft.append(first)
+                    if per_token is not None:
+                        tpot.append(per_token)
         wall = time.monotonic() - start
         row = {"rate": rate, "requests": len(ttft), "output_tok_s": finished_tokens / wall}
         for name, vals in (("ttft", ttft), ("tpot", tpot)):

@@ -42,12 +42,14 @@ from glassbox.checkpoints.manifest import write_manifest
 from glassbox.checkpoints.rank_state import TRAIN_STATE, capture_rng, capture_train_state, rng_file, save_file
 from glassbox.checkpoints.schedule import is_scheduled, steps_to_delete
 from glassbox.train.callbacks import Callback
+from glassbox.train.config import data_dirs
+from glassbox.train.parallel import unwrap
 
 
 def rank_and_world() -> tuple[int, int]:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if dcp_io.distributed():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
@@ -55,20 +57,15 @@ def rank_and_world() -> tuple[int, int]:
 def barrier() -> None:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if dcp_io.distributed():
         dist.barrier()
 
 
-def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
-
-
 def _data_dir(config: Any) -> Path | None:
+    """The run's (first) DATA_DIR, whose tokenizer a checkpoint carries; None for a config without data."""
     data = getattr(config, "data", None)
-    if data is None:
-        return None
-    path = data.path or (data.blend[0].path if data.blend else "")
-    return Path(path) if path else None
+    dirs = data_dirs(data) if data is not None else []
+    return Path(dirs[0]) if dirs and dirs[0] else None
 
 
 @dataclass
@@ -97,7 +94,7 @@ class Checkpointer:
         self._staging = None
         self._staging_hook = None
 
-    def _say(self, message: str) -> None:
+    def say(self, message: str) -> None:
         if rank_and_world()[0] == 0:
             self.log(f"[checkpoint] {message}")
 
@@ -134,7 +131,7 @@ class Checkpointer:
             if staging is not None:
                 self._hold_optimizer_until(staging, state.optimizer)
             else:
-                self._say(f"step {state.step}: async save started, training blocked {self.last_stall_s:.3f} s")
+                self.say(f"step {state.step}: async save started, training blocked {self.last_stall_s:.3f} s")
             return final
         dcp_io.save(content, tmp / DCP_DIR)
         barrier()
@@ -154,7 +151,7 @@ class Checkpointer:
             staging.result()
             self._staging = None
             self.last_stall_s = (self.last_stall_s or 0.0) + time.perf_counter() - t0
-            self._say(f"async save staged, training blocked {self.last_stall_s:.3f} s")
+            self.say(f"async save staged, training blocked {self.last_stall_s:.3f} s")
 
         # Removed in wait(): a hook cannot remove itself while the optimizer iterates over its hooks.
         self._staging_hook = optimizer.register_step_pre_hook(wait_for_staging)
@@ -192,7 +189,7 @@ class Checkpointer:
         """Async saves coordinate over gloo so their collectives never queue behind NCCL training kernels."""
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()):
+        if not dcp_io.distributed():
             return None
         if self._async_group is None:
             self._async_group = dist.new_group(backend="gloo")
@@ -212,7 +209,7 @@ class Checkpointer:
                     shutil.copyfile(data_dir / name, tmp / TOKENIZER_DIR / name)
 
     def _info(self, state: Any, world: int) -> dict[str, Any]:
-        model_cfg = getattr(_unwrapped(state.model), "config", None)
+        model_cfg = getattr(unwrap(state.model), "config", None)
         parallel = getattr(state.config, "parallel", None)
         return {
             "step": state.step,
@@ -239,14 +236,14 @@ class Checkpointer:
         os.replace(tmp, final)
         fsync_dir(self.root)
         write_text(self.root / LATEST, final.name + "\n")
-        self._say(f"step {info['step']}: committed {final} ({info['save_seconds']:.2f} s)")
+        self.say(f"step {info['step']}: committed {final} ({info['save_seconds']:.2f} s)")
         self._apply_retention()
 
     def _apply_retention(self) -> None:
         committed = dict(list_checkpoints(self.root))
         for step in steps_to_delete(list(committed), self.cfg):
             self._discard(committed[step])
-            self._say(f"retention: removed step {step}")
+            self.say(f"retention: removed step {step}")
 
     @staticmethod
     def _discard(path: Path) -> None:
@@ -298,10 +295,9 @@ class CheckpointCallback(Callback):
                 load_checkpoint(path, state, allow_data_change=self.cfg.allow_data_change, verify_hashes=False)
                 self.checkpointer.last_saved_step = state.step
                 changed = self._follow_config_schedule(state)
-                if rank_and_world()[0] == 0:
-                    self.log(f"[checkpoint] resumed from {path} at step {state.step}")
-                    if changed:
-                        self.log(f"[checkpoint] the LR schedule follows the run config from here: {changed}")
+                self.checkpointer.say(f"resumed from {path} at step {state.step}")
+                if changed:
+                    self.checkpointer.say(f"the LR schedule follows the run config from here: {changed}")
 
     @staticmethod
     def _follow_config_schedule(state: Any) -> str | None:

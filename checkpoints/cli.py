@@ -51,9 +51,10 @@ def run_list(args: argparse.Namespace) -> int:
     from glassbox.checkpoints.layout import checkpoints_root, list_checkpoints
     from glassbox.checkpoints.manifest import CheckpointCorrupt, verify
 
-    found = list_checkpoints(checkpoints_root(Path(args.run_dir)))
+    root = checkpoints_root(Path(args.run_dir))
+    found = list_checkpoints(root)
     if not found:
-        print(f"no checkpoints in {checkpoints_root(Path(args.run_dir))}")
+        print(f"no checkpoints in {root}")
     for step, path in found:
         try:
             manifest = verify(path)

@@ -15,7 +15,7 @@ from glassbox.checkpoints import dcp_io
 from glassbox.checkpoints.hf_format import save_hf_model_dir
 from glassbox.checkpoints.layout import DCP_DIR, TOKENIZER_DIR
 from glassbox.checkpoints.loading import resolve_checkpoint_path
-from glassbox.checkpoints.manifest import read_manifest, verify
+from glassbox.checkpoints.manifest import checked_manifest
 from glassbox.config import from_dict
 from glassbox.errors import GlassboxError
 from glassbox.train.model import ModelConfig, RotaryEmbedding, Transformer
@@ -24,7 +24,7 @@ from glassbox.train.model import ModelConfig, RotaryEmbedding, Transformer
 def load_model_from_checkpoint(path: Path, verify_hashes: bool = True) -> tuple[Transformer, dict]:
     """The checkpoint's model as a plain fp32 Transformer on CPU, plus its manifest."""
     path = resolve_checkpoint_path(Path(path))
-    manifest = verify(path) if verify_hashes else read_manifest(path)
+    manifest = checked_manifest(path, verify_hashes)
     if not manifest.get("model"):
         raise GlassboxError(f"{path}: the manifest has no model config")
     cfg = from_dict(ModelConfig, manifest["model"], "model")

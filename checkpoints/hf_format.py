@@ -25,6 +25,7 @@ import torch
 from glassbox.atomic import staged_dir
 from glassbox.errors import GlassboxError
 from glassbox.train.model import ModelConfig, RotaryEmbedding, Transformer
+from glassbox.train.parallel import unwrap
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -239,15 +240,11 @@ def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor], cfg: ModelConfig)
     return sd
 
 
-def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A plain Transformer's tensors, gathering DTensor shards (every rank of a sharded model must call this)."""
+def _full_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """A Transformer's tensors, gathering DTensor shards (every rank of a sharded model must call this)."""
     from torch.distributed.tensor import DTensor
 
-    model = getattr(model, "module", model)     # DDP
-    sd = {}
-    for name, tensor in model.state_dict(keep_vars=False).items():
-        sd[name] = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-    return sd
+    return {name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in model.state_dict().items()}
 
 
 def _eod_token(tokenizer_json: Path) -> tuple[str | None, int | None]:
@@ -317,9 +314,9 @@ def save_hf_model_dir(model: torch.nn.Module, out: Path, tokenizer_json: Path | 
     import torch.distributed as dist
 
     out = Path(out)
-    inner = getattr(model, "module", model)
-    cfg: ModelConfig = inner.config
-    sd = _full_state_dict(model)
+    inner = unwrap(model)
+    cfg = inner.config
+    sd = _full_state_dict(inner)
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return out
     if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():

@@ -19,8 +19,8 @@ import torch
 
 from glassbox.checkpoints import dcp_io
 from glassbox.checkpoints.checkpointer import barrier, rank_and_world
-from glassbox.checkpoints.layout import DCP_DIR, checkpoints_root, list_checkpoints
-from glassbox.checkpoints.manifest import MANIFEST, CheckpointCorrupt, read_manifest, verify
+from glassbox.checkpoints.layout import DCP_DIR, LATEST, checkpoints_root, list_checkpoints
+from glassbox.checkpoints.manifest import MANIFEST, CheckpointCorrupt, checked_manifest, verify
 from glassbox.checkpoints.rank_state import TRAIN_STATE, load_file, restore_rng, rng_file
 from glassbox.errors import GlassboxError
 
@@ -71,7 +71,7 @@ def resolve_checkpoint_path(path: Path) -> Path:
     if (path / MANIFEST).is_file() or path.name.startswith("step_"):
         return path
     for root in (path, checkpoints_root(path)):
-        latest = root / "latest"
+        latest = root / LATEST
         if latest.is_file():
             return root / latest.read_text().strip()
     return path
@@ -99,7 +99,7 @@ def load_checkpoint(path: Path, state: Any, allow_data_change: bool = False, ver
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     path = Path(path)
-    manifest = _rank0_decides(lambda: verify(path) if verify_hashes else read_manifest(path))
+    manifest = _rank0_decides(lambda: checked_manifest(path, verify_hashes))
     run_state = load_file(path / TRAIN_STATE)
     if state.sampler is not None and run_state["sampler"] is not None:
         # First, before the heavy load: a different data fingerprint stops the resume with what changed.
@@ -187,7 +187,7 @@ def load_partial(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     path = Path(path)
-    manifest = _rank0_decides(lambda: verify(path) if verify_hashes else read_manifest(path))
+    manifest = _rank0_decides(lambda: checked_manifest(path, verify_hashes))
     if shard is not None and not 0 <= shard[0] < shard[1]:
         raise GlassboxError(f"shard {shard}: expected (k, n) with 0 <= k < n")
     model_sd = get_model_state_dict(model)

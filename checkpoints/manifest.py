@@ -82,3 +82,8 @@ def verify(root: Path) -> dict[str, Any]:
         if digest != files[rel]["sha256"]:
             raise CheckpointCorrupt(f"{root / rel}: sha256 mismatch (corrupted)")
     return manifest
+
+
+def checked_manifest(root: Path, verify_hashes: bool = True) -> dict[str, Any]:
+    """`verify(root)`, or with `verify_hashes` off (the caller verified already) only `read_manifest(root)`."""
+    return verify(root) if verify_hashes else read_manifest(root)

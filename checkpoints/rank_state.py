@@ -68,7 +68,7 @@ def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
     """Metrics as built-in numbers (numpy scalars would not load under weights_only)."""
     out: dict[str, Any] = {}
     for key, value in metrics.items():
-        if isinstance(value, bool) or isinstance(value, str):
+        if isinstance(value, (bool, str)):
             out[key] = value
         elif isinstance(value, int):
             out[key] = int(value)

@@ -82,15 +82,15 @@ def _batch(args: argparse.Namespace) -> int:
         raise GlassboxError(f"--run {args.run}: no such run directory")
     cfg = run_data_config(args.run)
     row = DataOrderLog(args.run, read_only=True).row(args.step)
+    start, size = row["cursor_start"], row["batch_size"]
     sampler = build_sampler(cfg)
-    tokens = sampler.samples(row["cursor_start"], row["batch_size"])
+    tokens = sampler.samples(start, size)
     digest = batch_hash(tokens)
     if digest != row["token_hash"]:
         raise GlassboxError(
             f"step {args.step}: the batch rebuilt from {cfg.path or 'the blend'} hashes to {digest[:16]}, "
             f"but the run logged {row['token_hash'][:16]}: the data changed since training"
         )
-    start, size = row["cursor_start"], row["batch_size"]
     print(
         f"step {args.step}: global samples [{start}, {start + size}) of seq_len {sampler.seq_len} + 1, "
         f"data fingerprint {sampler.fingerprint[:16]}, hash {digest[:16]} matches the log"

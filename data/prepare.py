@@ -21,7 +21,7 @@ import numpy as np
 from glassbox.atomic import sha256_file, staged_dir, write_bytes, write_json
 from glassbox.data.sources import read_source
 from glassbox.data.store import META_FORMAT, SPLITS, TokenStore, megatron_datasets
-from glassbox.data.tokenizer import MIN_VOCAB, eot_token, load_tokenizer, train_bpe
+from glassbox.data.tokenizer import check_vocab_size, eot_token, load_tokenizer, train_bpe
 from glassbox.errors import GlassboxError
 
 DEFAULT_VALID_FRACTION = 0.02
@@ -106,8 +106,8 @@ def _tokenize_into_store(
     return counts, doc_tokens
 
 
-def _existing_inputs(out: Path) -> str | None:
-    """inputs_sha256 of a complete prepared DATA_DIR at `out`, None if absent; refuses to replace other folders."""
+def _existing_meta(out: Path) -> dict | None:
+    """meta.json of a complete prepared DATA_DIR at `out`, None if there is none; refuses to replace other folders."""
     if not out.exists():
         return None
     if not out.is_dir():
@@ -117,10 +117,9 @@ def _existing_inputs(out: Path) -> str | None:
             raise GlassboxError(f"--out {out}: exists, is not empty and holds no meta.json; refusing to replace it")
         return None
     try:
-        store = TokenStore(out)
+        return TokenStore(out).meta
     except GlassboxError:
         return None
-    return store.meta.get("inputs_sha256")
 
 
 def prepare(
@@ -138,11 +137,8 @@ def prepare(
     out = Path(out)
     if not sources:
         raise GlassboxError("no --source given")
-    if tokenizer is None and vocab_size < MIN_VOCAB:
-        raise GlassboxError(
-            f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least {MIN_VOCAB} "
-            f"(256 byte tokens + end-of-text)"
-        )
+    if tokenizer is None:
+        check_vocab_size(vocab_size)
     if not 0.0 <= valid_fraction < 1.0:
         raise GlassboxError(f"--valid-fraction {valid_fraction}: must be in [0, 1)")
     if max_bytes is not None and max_bytes <= 0:
@@ -168,8 +164,9 @@ def prepare(
         if s.replaced_bytes
     ]
 
-    if _existing_inputs(out) == inputs_sha:
-        return PrepareResult(out, TokenStore(out).meta, True, time.perf_counter() - t0, warnings)
+    existing = _existing_meta(out)
+    if existing is not None and existing.get("inputs_sha256") == inputs_sha:
+        return PrepareResult(out, existing, True, time.perf_counter() - t0, warnings)
 
     docs: list[str] = [d for s in read for d in s.documents]
     owner = [i for i, s in enumerate(read) for _ in s.documents]

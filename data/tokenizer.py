@@ -18,15 +18,20 @@ BYTE_ALPHABET = 256
 MIN_VOCAB = BYTE_ALPHABET + 1  # every byte plus the end-of-text token
 
 
-def train_bpe(texts: Iterable[str], count: int, vocab_size: int, progress: bool = False):
-    """Train a byte-level BPE of `vocab_size` ids (end-of-text is id 0) on `texts`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
+def check_vocab_size(vocab_size: int) -> None:
+    """A byte-level BPE needs every byte plus end-of-text; anything smaller is an error naming the flag."""
     if vocab_size < MIN_VOCAB:
         raise GlassboxError(
             f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least {MIN_VOCAB} "
             f"({BYTE_ALPHABET} byte tokens + {EOT})"
         )
+
+
+def train_bpe(texts: Iterable[str], count: int, vocab_size: int, progress: bool = False):
+    """Train a byte-level BPE of `vocab_size` ids (end-of-text is id 0) on `texts`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    check_vocab_size(vocab_size)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -69,15 +69,9 @@ class AsyncEngine:
             pass     # the server's loop closed during shutdown
 
     def _record(self, out: RequestOutput) -> None:
-        m = out.metrics
-        ttft = m["first_token_time"] - m["arrival_time"] if "first_token_time" in m else None
         n_gen = sum(len(o.token_ids) for o in out.outputs)
-        tpot = None
-        longest = max(len(o.token_ids) for o in out.outputs)
-        if longest > 1 and "last_token_time" in m:
-            tpot = (m["last_token_time"] - m["first_token_time"]) / (longest - 1)
         self.metrics.request_finished([o.finish_reason or "abort" for o in out.outputs], len(out.prompt_token_ids),
-                                      n_gen, ttft, tpot)
+                                      n_gen, *out.latency())
 
     def _apply_inbox(self) -> None:
         with self._lock:

@@ -148,4 +148,5 @@ class BlockManager:
             self.free[block_id] = None
 
     def slot(self, seq: Sequence, position: int) -> int:
+        """Where the KV of `seq`'s token at `position` lives in the flat cache (block id x block size + offset)."""
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

@@ -26,6 +26,9 @@ from glassbox.inference.speculative import Proposer, make_proposer
 from glassbox.inference.tokenizer import IncrementalDetokenizer, Tokenizer
 from glassbox.train.model import Transformer
 
+# The weight and KV dtypes the engine runs in, by the name EngineConfig.dtype takes.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 @dataclass
 class EngineConfig:
@@ -51,10 +54,9 @@ class EngineConfig:
     seed: int = 0
 
     def torch_dtype(self) -> torch.dtype:
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        if self.dtype not in dtypes:
-            raise GlassboxError(f"engine dtype {self.dtype!r}: expected one of {', '.join(dtypes)}")
-        return dtypes[self.dtype]
+        if self.dtype not in DTYPES:
+            raise GlassboxError(f"engine dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        return DTYPES[self.dtype]
 
 
 @dataclass
@@ -75,6 +77,17 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
 
+    def latency(self) -> tuple[float | None, float | None]:
+        """Time to first token (from arrival) and mean time per output token after the first (over the longest
+        output), in seconds; None where there are too few tokens to tell."""
+        m = self.metrics
+        if "first_token_time" not in m:
+            return None, None
+        ttft = m["first_token_time"] - m["arrival_time"]
+        longest = max(len(o.token_ids) for o in self.outputs)
+        tpot = (m["last_token_time"] - m["first_token_time"]) / (longest - 1) if longest > 1 else None
+        return ttft, tpot
+
 
 class _Request:
     """A prompt and its n sequences, with their decoded text and stop-string state."""
@@ -83,12 +96,11 @@ class _Request:
                  tokenizer: Tokenizer | None):
         self.request_id = request_id
         self.prompt_ids = prompt_ids
-        self.params = params
         self.seqs = seqs
         self.detok = [IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer else None for _ in seqs]
         self.texts = ["" for _ in seqs]
+        # The longest stop string, less one character, is the most text that could be an unfinished stop string.
         self.hold = max((len(s) for s in params.stop), default=1) - 1
-        self.arrival = seqs[0].arrival_time
 
     @property
     def finished(self) -> bool:
@@ -106,7 +118,7 @@ class _Request:
         for i, seq in enumerate(self.seqs):
             lps = seq.logprobs[:seq.num_output_tokens] if seq.params.logprobs is not None else None
             outs.append(CompletionOutput(i, seq.output_ids, self.visible_text(i), seq.finish_reason, lps))
-        metrics = {"arrival_time": self.arrival}
+        metrics = {"arrival_time": self.seqs[0].arrival_time}
         firsts = [s.first_token_time for s in self.seqs if s.first_token_time is not None]
         if firsts:
             metrics["first_token_time"] = min(firsts)
@@ -174,6 +186,7 @@ class LLMEngine:
     # Requests ------------------------------------------------------------------------------------------------
 
     def validate_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise GlassboxError if the engine cannot serve this prompt with these settings."""
         if not prompt_ids:
             raise GlassboxError("the prompt is empty")
         vocab = self.model.config.vocab_size
@@ -190,14 +203,14 @@ class LLMEngine:
                 f"max_tokens {params.max_tokens} + prompt {len(prompt_ids)} tokens exceeds the model's context of "
                 f"{self.max_model_len} tokens"
             )
+        if params.stop and self.tokenizer is None:
+            raise GlassboxError("stop strings need a tokenizer: the model directory has no tokenizer.json")
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None, priority: float = 0.0) -> None:
         if request_id in self.requests:
             raise GlassboxError(f"request id {request_id!r} is already in use")
         self.validate_prompt(prompt_ids, params)
-        if params.stop and self.tokenizer is None:
-            raise GlassboxError("stop strings need a tokenizer")
         arrival = time.monotonic() if arrival_time is None else arrival_time
         seqs = [Sequence(request_id, list(prompt_ids), params, index=i, arrival_time=arrival, priority=priority)
                 for i in range(params.n)]

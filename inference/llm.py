@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+from tqdm import tqdm
+
 from glassbox.errors import GlassboxError
 from glassbox.inference.engine import EngineConfig, LLMEngine, RequestOutput
 from glassbox.inference.sampling_params import SamplingParams
@@ -43,16 +45,9 @@ class LLM:
             self.engine.add_request(rid, prompt, p)
             order.append(rid)
         done: dict[str, RequestOutput] = {}
-        bar = None
-        if use_tqdm:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(order), desc="generate", unit="req")
-        while len(done) < len(order):
-            for out in self.engine.step(unfinished_outputs=False):
-                done[out.request_id] = out
-                if bar is not None:
+        with tqdm(total=len(order), desc="generate", unit="req", disable=not use_tqdm) as bar:
+            while len(done) < len(order):
+                for out in self.engine.step(unfinished_outputs=False):
+                    done[out.request_id] = out
                     bar.update(1)
-        if bar is not None:
-            bar.close()
         return [done[rid] for rid in order]

@@ -10,6 +10,18 @@ import threading
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+# The engine's stats() as Prometheus series: (name, type, help, stats key).
+ENGINE_METRICS = (
+    ("glassbox_num_requests_running", "gauge", "Sequences in the running batch.", "num_running"),
+    ("glassbox_num_requests_waiting", "gauge", "Sequences queued for admission (queue depth).", "num_waiting"),
+    ("glassbox_kv_cache_blocks_used", "gauge", "KV cache blocks held by sequences.", "kv_blocks_used"),
+    ("glassbox_kv_cache_blocks_total", "gauge", "KV cache blocks in the pool.", "kv_blocks_total"),
+    ("glassbox_num_preemptions_total", "counter", "Sequences preempted for recompute.", "num_preemptions"),
+    ("glassbox_prefix_cache_hit_tokens_total", "counter", "Prompt tokens served from the prefix cache.",
+     "prefix_cache_hit_tokens"),
+    ("glassbox_prefix_cache_query_tokens_total", "counter", "Prompt tokens looked up in the prefix cache.",
+     "prefix_cache_query_tokens"),
+)
 
 
 class Histogram:
@@ -79,23 +91,6 @@ class ServerMetrics:
             lines += self.ttft.render("glassbox_time_to_first_token_seconds", "Arrival to first generated token.")
             lines += self.tpot.render("glassbox_time_per_output_token_seconds",
                                       "Mean time between generated tokens after the first, per request.")
-            e = self.engine
-            gauges = [
-                ("glassbox_num_requests_running", "Sequences in the running batch.", e.get("num_running", 0)),
-                ("glassbox_num_requests_waiting", "Sequences queued for admission (queue depth).",
-                 e.get("num_waiting", 0)),
-                ("glassbox_kv_cache_blocks_used", "KV cache blocks held by sequences.", e.get("kv_blocks_used", 0)),
-                ("glassbox_kv_cache_blocks_total", "KV cache blocks in the pool.", e.get("kv_blocks_total", 0)),
-            ]
-            for name, help_text, value in gauges:
-                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
-            counters = [
-                ("glassbox_num_preemptions_total", "Sequences preempted for recompute.", e.get("num_preemptions", 0)),
-                ("glassbox_prefix_cache_hit_tokens_total", "Prompt tokens served from the prefix cache.",
-                 e.get("prefix_cache_hit_tokens", 0)),
-                ("glassbox_prefix_cache_query_tokens_total", "Prompt tokens looked up in the prefix cache.",
-                 e.get("prefix_cache_query_tokens", 0)),
-            ]
-            for name, help_text, value in counters:
-                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]
+            for name, kind, help_text, key in ENGINE_METRICS:
+                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {self.engine.get(key, 0)}"]
             return "\n".join(lines) + "\n"

@@ -70,7 +70,6 @@ class ModelRunner:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.block_size = block_size
-        self.num_blocks = num_blocks
         self.use_graphs = cuda_graphs and self.device.type == "cuda" and not cfg.is_moe
         # One scratch block past the pool takes the writes of graph padding rows.
         self.scratch = num_blocks
@@ -93,14 +92,13 @@ class ModelRunner:
         decode_lens: list[int] = []
         prefills: list[PrefillSpan] = []
         fresh: dict[int, list[int]] = {}
-        bs = self.block_size
         for s in batch.scheduled:
             row = len(ids)
             ids.extend(s.input_ids())
             pos = range(s.start, s.start + s.num_tokens)
             positions.extend(pos)
             table = s.seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            slots.extend(blocks.slot(s.seq, p) for p in pos)
             if s.samples:
                 logit_rows.extend(range(row + s.num_tokens - s.num_spec - 1, row + s.num_tokens))
             if s.num_tokens == 1:
@@ -234,21 +232,20 @@ class ModelRunner:
     def _replay(self, batch: SchedulerOutput, blocks: BlockManager) -> torch.Tensor:
         n = len(batch.scheduled)
         b = min(size for size in self.graphs if size >= n)
-        width, bs = self._tables.shape[1], self.block_size
+        width = self._tables.shape[1]
         ids = [0] * b
         pos = [0] * b
-        slots = [self.scratch * bs] * b
+        slots = [self.scratch * self.block_size] * b
         lens = [1] * b
         tables = [[self.scratch] * width for _ in range(b)]
         for i, s in enumerate(batch.scheduled):
             p = s.start
-            table = s.seq.block_table
             ids[i] = s.input_ids()[0]
             pos[i] = p
-            slots[i] = table[p // bs] * bs + p % bs
+            slots[i] = blocks.slot(s.seq, p)
             lens[i] = p + 1
             used = blocks.blocks_needed(p + 1)
-            tables[i][:used] = table[:used]
+            tables[i][:used] = s.seq.block_table[:used]
         self._ids[:b].copy_(torch.tensor(ids), non_blocking=True)
         self._pos[:b].copy_(torch.tensor(pos), non_blocking=True)
         self._slots[:b].copy_(torch.tensor(slots), non_blocking=True)

@@ -51,11 +51,10 @@ class Sampler:
         """
         row_seqs = [seq for seq, k in rows for _ in range(k + 1)]
         argmax = logits.argmax(-1).tolist()
-        if all(k == 0 for _, k in rows) and all(s.params.greedy for s in row_seqs):
+        all_greedy = all(s.params.greedy for s in row_seqs)
+        if all_greedy and all(k == 0 for _, k in rows):
             return [[tok] for tok in argmax]
-        probs = None
-        if not all(s.params.greedy for s in row_seqs):
-            probs = self._probs(logits, row_seqs).cpu()
+        probs = None if all_greedy else self._probs(logits, row_seqs).cpu()
         results: list[list[int]] = []
         r = 0
         for seq, k in rows:

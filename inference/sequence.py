@@ -25,7 +25,7 @@ class Status(enum.Enum):
 
 @dataclass
 class TokenLogprob:
-    """The chosen token's log-probability and the top alternatives (token id -> logprob), best first."""
+    """The chosen token's log-probability and the top alternatives as (token id, logprob) pairs, best first."""
 
     token_id: int
     logprob: float

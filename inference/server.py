@@ -95,9 +95,6 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
             raise APIError(400, "this model directory has no tokenizer.json: send prompts as token ids")
 
     def sampling(req: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if stop:
-            need_tokenizer()
         return SamplingParams(
             n=req.n,
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -105,7 +102,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
             top_k=max(req.top_k or 0, 0),
             seed=req.seed,
             max_tokens=max_tokens,
-            stop=stop,
+            stop=req.stop or [],
             stop_token_ids=list(req.stop_token_ids or []),
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
@@ -180,12 +177,11 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
                     return
                 if item.finished:
                     finals[item.request_id] = item
-                out_choices = []
                 for o in item.outputs:
                     idx = index_of[item.request_id] * n + o.index
                     state = choices.setdefault(idx, _Choice())
                     delta_text = o.text[state.text_sent:]
-                    new_lps = (o.logprobs or [])[state.tokens_sent:] if o.logprobs is not None else None
+                    new_lps = o.logprobs[state.tokens_sent:] if o.logprobs is not None else None
                     if state.finished or (not delta_text and o.finish_reason is None and state.started):
                         continue
                     choice: dict[str, Any] = {"index": idx, "finish_reason": o.finish_reason}
@@ -203,8 +199,6 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
                     state.finished = o.finish_reason is not None
                     state.text_sent = len(o.text)
                     state.tokens_sent = len(o.token_ids)
-                    out_choices.append(choice)
-                for choice in out_choices:
                     yield sse({**base, "choices": [choice]})
             if include_usage:
                 yield sse({**base, "choices": [], "usage": usage(prompts, finals)})
@@ -247,7 +241,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
             prompts = [list(p) for p in raw]
         if any(not p for p in prompts):
             raise APIError(400, "prompt: must not be empty", param="prompt")
-        params = [sampling(req, req.max_tokens or 16, req.logprobs) for _ in prompts]
+        params = [sampling(req, req.max_tokens or 16, req.logprobs)] * len(prompts)
         cid = f"cmpl-{uuid.uuid4().hex}"
         ids, queue = submit(prompts, params, cid)
         base = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model_name}
@@ -330,6 +324,6 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
 
     import uvicorn
 
-    engine = LLMEngine.from_model_dir(model_dir, config or EngineConfig())
+    engine = LLMEngine.from_model_dir(model_dir, config)
     app = create_app(AsyncEngine(engine), model_name or Path(model_dir).resolve().name, api_key)
     uvicorn.run(app, host=host, port=port, log_level="warning")

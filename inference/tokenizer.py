@@ -24,13 +24,10 @@ DEFAULT_CHAT_TEMPLATE = (
 
 class Tokenizer:
     def __init__(self, model_dir: Path):
-        from tokenizers import Tokenizer as HFTokenizer
+        from glassbox.data.tokenizer import load_tokenizer
 
         model_dir = Path(model_dir)
-        path = model_dir / "tokenizer.json"
-        if not path.is_file():
-            raise GlassboxError(f"{model_dir} has no tokenizer.json")
-        self._tok = HFTokenizer.from_file(str(path))
+        self._tok = load_tokenizer(model_dir / "tokenizer.json")
         config_path = model_dir / "tokenizer_config.json"
         self.config: dict[str, Any] = json.loads(config_path.read_text()) if config_path.is_file() else {}
         template = self.config.get("chat_template")
@@ -38,10 +35,6 @@ class Tokenizer:
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         self.chat_template: str = template or DEFAULT_CHAT_TEMPLATE
         self._compiled = None
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size()
 
     def _special(self, name: str) -> str | None:
         value = self.config.get(name)
@@ -61,9 +54,6 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
-
-    def id_to_token(self, token_id: int) -> str:
-        return self._tok.id_to_token(token_id) or ""
 
     def token_text(self, token_id: int) -> str:
         """The text of one token on its own (for logprob listings)."""

@@ -93,19 +93,16 @@ def _write_chunks(info: RunInfo, sampler, steps: list[int], out: Path, vocab_siz
     rows, prev = [], 0
     dtype = _token_dtype(vocab_size)
     for step in tqdm(steps, desc="chunks", unit="chunk"):
-        first = info.order_log.row(prev + 1)
-        last = info.order_log.row(step)
-        start = int(first["cursor_start"])
-        count = int(last["cursor_start"]) + int(last["batch_size"]) - start
+        logged = [info.order_log.row(s) for s in range(prev + 1, step + 1)]
+        start = logged[0]["cursor_start"]
+        count = logged[-1]["cursor_start"] + logged[-1]["batch_size"] - start
         samples = sampler.samples(start, count)
-        for s in range(prev + 1, step + 1):
-            row = info.order_log.row(s)
-            lo = int(row["cursor_start"]) - start
-            batch = samples[lo:lo + int(row["batch_size"])]
-            if batch_hash(batch) != row["token_hash"]:
+        for row in logged:
+            lo = row["cursor_start"] - start
+            if batch_hash(samples[lo:lo + row["batch_size"]]) != row["token_hash"]:
                 raise GlassboxError(
-                    f"step {s}: the batch rebuilt from {', '.join(map(str, data_dirs(info.config)))} does not match "
-                    f"the hash in {info.run_dir / 'data_order.zarr'}; the data changed since the run"
+                    f"step {row['step']}: the batch rebuilt from {', '.join(map(str, data_dirs(info.config)))} "
+                    f"does not match the hash in {info.run_dir / 'data_order.zarr'}; the data changed since the run"
                 )
         name = f"chunks/{L.branch_name(step)}.npy"
         path = out / name
@@ -148,10 +145,10 @@ def _compute(info: RunInfo) -> dict[str, Any]:
     return out
 
 
-def _reproduce_commands(facts_repo: str, dataset_repo: str, name: str, steps: list[int]) -> list[str]:
+def _reproduce_commands(repo_id: str, dataset_repo: str, name: str, steps: list[int]) -> list[str]:
     mid = steps[len(steps) // 2]
     return [
-        f"hf download {facts_repo} --local-dir {name}/model",
+        f"hf download {repo_id} --local-dir {name}/model",
         f"hf download {dataset_repo} --repo-type dataset --local-dir {name}/dataset",
         "# retrain from scratch on the released token store:",
         f"glassbox train --config {name}/model/reproduce/config.yaml --data {name}/dataset/store --run-dir runs/{name}",
@@ -206,7 +203,8 @@ def _main_branch(tmp: Path, final: str, info: RunInfo) -> None:
 
 def _dataset(info: RunInfo, tmp: Path, sampler, val, store_meta: dict, tokenizer: Path, vocab: int) -> list:
     ds = tmp / L.DATASET_DIR
-    for src, name in zip(data_dirs(info.config), released_store_names(len(data_dirs(info.config)))):
+    dirs = data_dirs(info.config)
+    for src, name in zip(dirs, released_store_names(len(dirs))):
         _copy_tree(src, ds / name)
     _copy_tree(info.run_dir / "data_order.zarr", ds / "data_order.zarr")
     write_json(ds / "meta.json", store_meta)
@@ -271,7 +269,6 @@ def write_cards(root: Path, index: dict[str, Any]) -> None:
 def build_release(run_dir: Path, out: Path, opts: BuildOptions | None = None) -> dict[str, Any]:
     """Build the release of `run_dir` at `out`; returns release.json's content."""
     from glassbox.data.sampler import build_sampler
-    from glassbox.data.store import TokenStore
 
     opts = opts or BuildOptions()
     run_dir, out = Path(run_dir), Path(out)
@@ -285,8 +282,8 @@ def build_release(run_dir: Path, out: Path, opts: BuildOptions | None = None) ->
     repo_id = opts.repo_id or f"glassbox/{name}"
     if repo_id.count("/") != 1:
         raise GlassboxError(f"--repo-id {repo_id!r}: expected ORG/NAME")
-    stores = [TokenStore(p) for p in data_dirs(cfg)]
     sampler = build_sampler(cfg.data, "train")
+    stores = sampler.stores
     fingerprint = _check_fingerprint(info, sampler)
     val = build_sampler(cfg.data, "valid").samples(0, opts.val_samples)
     if opts.probe_len > val.shape[1]:

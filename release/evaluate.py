@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from glassbox.errors import GlassboxError
+from glassbox.train.trainer import next_token_loss
 
 
 @torch.no_grad()
@@ -21,9 +21,7 @@ def validation_loss(model: torch.nn.Module, samples: torch.Tensor, batch_size: i
     total, count = 0.0, 0
     for i in range(0, samples.shape[0], batch_size):
         batch = samples[i:i + batch_size]
-        logits = model(batch[:, :-1]).float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-        total += loss.item()
+        total += next_token_loss(model(batch[:, :-1]), batch[:, 1:], reduction="sum").item()
         count += batch[:, 1:].numel()
     return total / count
 

@@ -81,12 +81,14 @@ def _flat_tensors(trainer) -> dict[str, Any]:
     import torch
     from torch.distributed.tensor import DTensor
 
+    from glassbox.train.parallel import unwrap
+
     def full(t):
         return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
 
-    model = trainer.state.model
-    out = {f"model.{k}": full(v) for k, v in getattr(model, "module", model).state_dict().items()}
-    names = {id(p): n for n, p in getattr(model, "module", model).named_parameters()}
+    model = unwrap(trainer.state.model)
+    out = {f"model.{k}": full(v) for k, v in model.state_dict().items()}
+    names = {id(p): n for n, p in model.named_parameters()}
     for p, st in trainer.state.optimizer.state.items():
         for k, v in st.items():
             if isinstance(v, torch.Tensor):

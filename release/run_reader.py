@@ -45,10 +45,6 @@ class RunInfo:
     checkpoints: dict[int, Path]      # step -> committed checkpoint directory
     order_log: Any                    # glassbox.data.order_log.DataOrderLog
 
-    @property
-    def final_step(self) -> int:
-        return self.config.schedule.steps
-
     def train_loss_curve(self) -> tuple[list[int], list[float]]:
         rows = [r for r in self.metrics if "loss" in r and "step" in r]
         return [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows]
@@ -69,7 +65,10 @@ def read_run(run_dir: Path) -> RunInfo:
     manifest_path = run_dir / "manifest.json"
     if not manifest_path.is_file():
         raise GlassboxError(f"{manifest_path} is missing: not a glassbox run directory")
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise GlassboxError(f"{manifest_path}: not JSON ({e.msg})") from None
     metrics = read_metrics(run_dir / "metrics.jsonl")
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:

@@ -152,6 +152,11 @@ class RunConfig:
             raise ConfigError("run_dir: must not be empty")
 
 
+def data_dirs(data: DataConfig) -> list[str]:
+    """The prepared DATA_DIRs a run reads: `data.path`, or each source of `data.blend` in order."""
+    return [data.path] if data.path else [src.path for src in data.blend]
+
+
 def run_config_from_dict(data: dict) -> RunConfig:
     return from_dict(RunConfig, data)
 

@@ -36,10 +36,13 @@ class WarmupDecay:
         return self.min_ratio + (1.0 - self.min_ratio) * shape
 
 
+def _factor(opt: OptimizerConfig, schedule: ScheduleConfig) -> WarmupDecay:
+    return WarmupDecay(schedule.steps, schedule.warmup_steps, schedule.decay, opt.min_lr / opt.lr)
+
+
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, opt: OptimizerConfig,
                        schedule: ScheduleConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    factor = WarmupDecay(schedule.steps, schedule.warmup_steps, schedule.decay, opt.min_lr / opt.lr)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _factor(opt, schedule))
 
 
 def follow_config(scheduler: torch.optim.lr_scheduler.LambdaLR, opt: OptimizerConfig,
@@ -51,7 +54,7 @@ def follow_config(scheduler: torch.optim.lr_scheduler.LambdaLR, opt: OptimizerCo
     recomputed from them. Returns what changed (for the log), or None when the config matches the checkpoint, in
     which case nothing is touched and resume stays bit-exact.
     """
-    wanted = WarmupDecay(schedule.steps, schedule.warmup_steps, schedule.decay, opt.min_lr / opt.lr)
+    wanted = _factor(opt, schedule)
     current = scheduler.lr_lambdas[0]
     changes = [f"{name} {getattr(current, name)} -> {value}" for name, value in vars(wanted).items()
                if getattr(current, name) != value]

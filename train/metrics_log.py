@@ -1,7 +1,8 @@
 """RUN_DIR/metrics.jsonl: one JSON object per optimizer step, appended as the run goes.
 
-Appends are line-buffered and flushed each step; a torn last line (a crash mid-write) is skipped by
-`read_metrics`, and `truncate` (after a resume from an earlier step) rewrites the file atomically.
+Each step appends one line and closes the file, so a killed process loses at most the step it was writing;
+a torn last line (a crash mid-write) is skipped by `read_metrics`, and `truncate` (after a resume from an
+earlier step) rewrites the file atomically.
 """
 
 from __future__ import annotations
@@ -41,4 +42,3 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
-            f.flush()

@@ -159,7 +159,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay on matrices only, and one group per kind of tensor (plain, or DTensor per mesh and
     placement), because foreach/fused optimizer kernels cannot mix plain tensors and DTensors in one list."""
     groups: dict[tuple, dict] = {}
-    for _, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
         decay = p.ndim >= 2

@@ -27,7 +27,7 @@ from glassbox.config import dump_yaml
 from glassbox.errors import GlassboxError
 from glassbox.train.batch_plan import build_batch_plan
 from glassbox.train.callbacks import Callback
-from glassbox.train.config import RunConfig
+from glassbox.train.config import RunConfig, data_dirs
 from glassbox.train.flops import peak_flops
 from glassbox.train.lr_schedule import build_lr_scheduler
 from glassbox.train.manifest import write_run_manifest
@@ -53,19 +53,15 @@ ATTENTION_KERNELS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDP
                      SDPBackend.MATH]
 
 
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy, in fp32, of logits [B, T, vocab] against next-token targets [B, T]."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy (mean, or "sum"), in fp32, of logits [B, T, vocab] against next-token targets [B, T]."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _data_sources(cfg: RunConfig) -> list[str]:
-    return [cfg.data.path] if cfg.data.path else [src.path for src in cfg.data.blend]
 
 
 class Trainer:
@@ -83,8 +79,9 @@ class Trainer:
         self.callbacks = default_callbacks(cfg) if callbacks is None else list(callbacks)
         self.run_dir = Path(cfg.run_dir)
 
-        stores = [TokenStore(path) for path in _data_sources(cfg)]
-        for path, store in zip(_data_sources(cfg), stores):
+        sources = data_dirs(cfg.data)
+        stores = [TokenStore(path) for path in sources]
+        for path, store in zip(sources, stores):
             if store.vocab_size > cfg.model.vocab_size:
                 raise GlassboxError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the vocabulary of "
                                     f"{path} ({store.vocab_size})")
@@ -115,7 +112,7 @@ class Trainer:
             "fingerprint": sampler.fingerprint,
             "sources": [{"path": str(path), "fingerprint": store.fingerprint,
                          "tokenizer_sha256": sha256_file(store.tokenizer_path)}
-                        for path, store in zip(_data_sources(cfg), stores)],
+                        for path, store in zip(sources, stores)],
         }
         self.flops_per_token = cfg.model.flops_per_token(cfg.data.seq_len)
         self.peak = cfg.logging.peak_flops or peak_flops(device, self.bf16)
@@ -194,7 +191,7 @@ class Trainer:
                 total.backward()
             loss_sum += loss.detach() * weight
 
-        grad_norm = clip_grad_norm([p for p in model.parameters()], cfg.optimizer.grad_clip)
+        grad_norm = clip_grad_norm(list(model.parameters()), cfg.optimizer.grad_clip)
         factor = s.batch_plan.lr_factor(step)
         for group, lr in zip(s.optimizer.param_groups, s.lr_scheduler.get_last_lr()):
             group["lr"] = lr * factor
@@ -242,7 +239,7 @@ class Trainer:
             chunk = chunk.to(self.world.device)
             with self._autocast():
                 logits = model(chunk[:, :-1])
-            loss = F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
+            loss = next_token_loss(logits, chunk[:, 1:], reduction="sum")
             total += torch.stack([loss.double(), torch.tensor(chunk[:, 1:].numel(), dtype=torch.float64,
                                                               device=total.device)])
         if self.world.dp_size > 1:

@@ -11,13 +11,12 @@ from glassbox.train.state import TrainState
 
 
 class WandbLogger(Callback):
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self):
         self.run = None
 
     def on_train_start(self, state: TrainState) -> None:
         wcfg = state.config.logging.wandb
-        if not self.enabled or wcfg.mode == "disabled" or (state.world is not None and not state.world.is_main):
+        if wcfg.mode == "disabled" or (state.world is not None and not state.world.is_main):
             return
         import wandb
 

@@ -14,7 +14,6 @@ from ckpt_helpers import EOD
 def tokenizer_dir(tmp_path_factory) -> Path:
     """A byte-level BPE tokenizer (vocab 300, end-of-text special token) trained on standard-library source."""
     import inspect
-    import json as json_module
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -24,7 +23,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[EOD],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([inspect.getsource(json_module), inspect.getsource(Path)], trainer)
+    tok.train_from_iterator([inspect.getsource(json), inspect.getsource(Path)], trainer)
     tok.save(str(out / "tokenizer.json"))
     (out / "meta.json").write_text(json.dumps({"eod_id": tok.token_to_id(EOD), "vocab_size": tok.get_vocab_size()}))
     return out

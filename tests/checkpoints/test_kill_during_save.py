@@ -10,7 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from ckpt_helpers import MiniLoop
+from ckpt_helpers import MiniLoop, tiny_config
 from glassbox.checkpoints.checkpointer import Checkpointer
 from glassbox.checkpoints.config import CheckpointConfig
 from glassbox.checkpoints.layout import list_checkpoints
@@ -64,8 +64,6 @@ def test_sigkill_mid_save_leaves_previous_checkpoints_loadable(tmp_path):
     newest = committed[-1][1]
     assert (root / "latest").read_text().strip() == newest.name
     assert find_resume_checkpoint(run, "auto", log=lambda m: None) == newest
-
-    from ckpt_helpers import tiny_config
 
     resumed = MiniLoop(run, tiny_config(tie=True, vocab_size=2048, hidden_size=128, intermediate_size=512), seed=1)
     load_checkpoint(newest, resumed.state)

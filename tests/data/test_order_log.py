@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import yaml
+import dataclasses
+
 import pytest
 import torch
+import yaml
+from tokenizers import Tokenizer
 
 from glassbox.cli import main
 from glassbox.data.config import DataConfig
@@ -48,7 +51,7 @@ def _train_run(run_dir, data_dir, batch_sizes):
     """What the trainer does per step: take the global batch, log cursor, size and hash."""
     cfg = DataConfig(path=str(data_dir), seq_len=32, seed=11)
     run_dir.mkdir()
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({"data": {"path": str(data_dir), "seq_len": 32, "seed": 11}}))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"data": dataclasses.asdict(cfg)}))
     sampler, log = build_sampler(cfg), DataOrderLog(run_dir)
     batches = []
     for step, b in enumerate(batch_sizes, 1):
@@ -69,7 +72,7 @@ def test_data_batch_rebuilds_a_step_and_catches_a_modified_store(store_copy, tmp
 
     assert main(["data", "batch", "--run", str(run), "--step", "1", "--decode"]) == 0
     text = capsys.readouterr().out
-    tok = __import__("tokenizers").Tokenizer.from_file(str(store_copy / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(store_copy / "tokenizer.json"))
     assert tok.decode(batches[0].tokens[0].tolist(), skip_special_tokens=False) in text
 
     assert main(["data", "batch", "--run", str(run), "--step", "9"]) == 2

@@ -165,6 +165,7 @@ def test_context_limit_finishes_with_length(model):
     (list(range(128)), GREEDY, "context"),
     ([1, 2], SamplingParams(max_tokens=200), "max_tokens"),
     ([1, 500], GREEDY, "vocabulary"),
+    ([1, 2], SamplingParams(stop=["x"]), "stop strings need a tokenizer"),
 ])
 def test_bad_requests_are_refused(model, prompt, params, fragment):
     with pytest.raises(GlassboxError, match=fragment):

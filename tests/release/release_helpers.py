@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+
+import yaml
 
 RUN_STEPS = 4
 CHECKPOINT_STEPS = [1, 2, 4]
@@ -31,3 +34,16 @@ def tiny_run_config(data_dir: Path, run_dir: Path):
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, symlinks=True)
     return dst
+
+
+def run_on_forged_data(tiny_run: Path, data_dir: Path, tmp_path: Path, fingerprint: str) -> Path:
+    """A copy of `tiny_run` whose config points at a copy of `data_dir` with its meta.json fingerprint forged."""
+    data = copy_tree(data_dir, tmp_path / "data")
+    meta = json.loads((data / "meta.json").read_text())
+    meta["fingerprint"] = fingerprint
+    (data / "meta.json").write_text(json.dumps(meta))
+    run = copy_tree(tiny_run, tmp_path / "run")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["path"] = str(data)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return run

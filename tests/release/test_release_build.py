@@ -14,7 +14,7 @@ from glassbox.cli import main
 from glassbox.release.layout import ReleaseLayout, branch_name
 from glassbox.release.manifest import check_manifest, list_files
 
-from release_helpers import CHECKPOINT_STEPS, copy_tree
+from release_helpers import CHECKPOINT_STEPS, copy_tree, run_on_forged_data
 
 
 def test_release_layout_branches_and_manifest(built_release):
@@ -130,14 +130,7 @@ def test_incomplete_run_is_refused(tiny_run, tmp_path, capsys):
 
 
 def test_run_on_different_data_is_refused(tiny_run, prepared_data, tmp_path, capsys):
-    data = copy_tree(prepared_data, tmp_path / "data")
-    meta = json.loads((data / "meta.json").read_text())
-    meta["fingerprint"] = "0" * 64
-    (data / "meta.json").write_text(json.dumps(meta))
-    run = copy_tree(tiny_run, tmp_path / "run")
-    config = yaml.safe_load((run / "config.yaml").read_text())
-    config["data"]["path"] = str(data)
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    run = run_on_forged_data(tiny_run, prepared_data, tmp_path, "0" * 64)
     out = tmp_path / "rel"
     assert main(["release", "build", "--run", str(run), "--out", str(out)]) == 2
     assert "data fingerprint mismatch" in capsys.readouterr().err
@@ -154,7 +147,6 @@ def test_corrupt_checkpoint_stops_the_build_midway_and_leaves_nothing(tiny_run, 
     assert main(["release", "build", "--run", str(run), "--out", str(out)]) == 2
     assert "step_000002" in capsys.readouterr().err
     _assert_nothing_written(out)
-
 
 
 def test_every_branch_loads_by_revision_from_a_hub_cache_offline(built_release, tmp_path):

@@ -9,7 +9,7 @@ import yaml
 from glassbox.cli import main
 from glassbox.release.reproduce import from_run, reproduce
 
-from release_helpers import copy_tree
+from release_helpers import copy_tree, run_on_forged_data
 
 
 def test_replay_from_previous_checkpoint_is_bit_exact(tiny_run, capsys):
@@ -51,13 +51,6 @@ def test_bad_input_is_a_clear_error(tiny_run, prepared_data, tmp_path, capsys):
     assert main(["reproduce", "--run", str(tmp_path), "--step", "1"]) == 2
     assert "config.yaml is missing" in capsys.readouterr().err
     # the run's data changed: the checkpoint's sampler state refuses it before any step is replayed
-    data = copy_tree(prepared_data, tmp_path / "data")
-    meta = json.loads((data / "meta.json").read_text())
-    meta["fingerprint"] = "f" * 64
-    (data / "meta.json").write_text(json.dumps(meta))
-    run = copy_tree(tiny_run, tmp_path / "run")
-    config = yaml.safe_load((run / "config.yaml").read_text())
-    config["data"]["path"] = str(data)
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    run = run_on_forged_data(tiny_run, prepared_data, tmp_path, "f" * 64)
     assert main(["reproduce", "--run", str(run), "--step", "4"]) == 2
     assert "fingerprint" in capsys.readouterr().err

@@ -2,10 +2,11 @@
 
 Two spawned ranks train the same config as FSDP2 over 2 ranks, DDP over 2 ranks, and tensor parallel of degree 2
 (dense, and MoE with attention-only TP); four ranks train it as FSDP2 x TP (2 x 2, dense and MoE); one process
-trains it alone. Per-step losses, gradient norms, validation
-loss and the final weights agree to float tolerance (the reductions add in a different order; Adam divides by the root of tiny second moments, so a weight whose
-gradient is almost zero can move by ~1e-5 differently, well under its total update of ~lr x steps = 4e-2; the weights are compared to 5e-4). The global batch
-(8) is split 4 per rank and accumulated over micro-batches of 2, so accumulation is exercised on both sides.
+trains it alone. Per-step losses, gradient norms, validation loss and the final weights agree to float tolerance:
+the reductions add in a different order, and Adam divides by the root of tiny second moments, so a weight whose
+gradient is almost zero can move by ~1e-5 differently, well under its total update of ~lr x steps = 4e-2 (the
+weights are compared to 5e-4). The global batch (8) is split 4 per rank and accumulated over micro-batches of 2,
+so accumulation is exercised on both sides.
 """
 
 from __future__ import annotations
