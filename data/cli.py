@@ -75,7 +75,7 @@ def run_data_config(run_dir: Path):
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from glassbox.data.order_log import DataOrderLog, batch_hash
+    from glassbox.data.order_log import DataOrderLog, check_logged_batch
     from glassbox.data.sampler import build_sampler
 
     if not args.run.is_dir():
@@ -85,12 +85,7 @@ def _batch(args: argparse.Namespace) -> int:
     start, size = row["cursor_start"], row["batch_size"]
     sampler = build_sampler(cfg)
     tokens = sampler.samples(start, size)
-    digest = batch_hash(tokens)
-    if digest != row["token_hash"]:
-        raise GlassboxError(
-            f"step {args.step}: the batch rebuilt from {cfg.path or 'the blend'} hashes to {digest[:16]}, "
-            f"but the run logged {row['token_hash'][:16]}: the data changed since training"
-        )
+    digest = check_logged_batch(tokens, row, cfg.path or "the blend")
     print(
         f"step {args.step}: global samples [{start}, {start + size}) of seq_len {sampler.seq_len} + 1, "
         f"data fingerprint {sampler.fingerprint[:16]}, hash {digest[:16]} matches the log"

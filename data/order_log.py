@@ -29,6 +29,21 @@ def batch_hash(tokens: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def check_logged_batch(tokens: torch.Tensor, row: dict, source: str) -> str:
+    """Hash a global batch rebuilt from the data and compare it with its data-order log row; returns the hash.
+
+    The one check behind `glassbox data batch`, release build and reproduce: a store that changed since training
+    fails here, naming the step, where the batch was rebuilt from, and both hashes.
+    """
+    digest = batch_hash(tokens)
+    if digest != row["token_hash"]:
+        raise GlassboxError(
+            f"step {row['step']}: the batch rebuilt from {source} hashes to {digest[:16]}, but the run logged "
+            f"{row['token_hash'][:16]}: the data changed since training"
+        )
+    return digest
+
+
 class DataOrderLog:
     """Append-only per-step log in `run_dir/data_order.zarr`; see the module docstring.
 

@@ -88,10 +88,11 @@ def _write_chunks(info: RunInfo, sampler, steps: list[int], out: Path, vocab_siz
     """The training samples of each checkpoint interval, in order, each step checked against the data-order log."""
     from tqdm import tqdm
 
-    from glassbox.data.order_log import batch_hash
+    from glassbox.data.order_log import check_logged_batch
 
     rows, prev = [], 0
     dtype = _token_dtype(vocab_size)
+    source = ", ".join(map(str, data_dirs(info.config)))
     for step in tqdm(steps, desc="chunks", unit="chunk"):
         logged = [info.order_log.row(s) for s in range(prev + 1, step + 1)]
         start = logged[0]["cursor_start"]
@@ -99,11 +100,7 @@ def _write_chunks(info: RunInfo, sampler, steps: list[int], out: Path, vocab_siz
         samples = sampler.samples(start, count)
         for row in logged:
             lo = row["cursor_start"] - start
-            if batch_hash(samples[lo:lo + row["batch_size"]]) != row["token_hash"]:
-                raise GlassboxError(
-                    f"step {row['step']}: the batch rebuilt from {', '.join(map(str, data_dirs(info.config)))} "
-                    f"does not match the hash in {info.run_dir / 'data_order.zarr'}; the data changed since the run"
-                )
+            check_logged_batch(samples[lo:lo + row["batch_size"]], row, source)
         name = f"chunks/{L.branch_name(step)}.npy"
         path = out / name
         path.parent.mkdir(parents=True, exist_ok=True)

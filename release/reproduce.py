@@ -114,17 +114,14 @@ def _compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[bool, float, list[st
 
 
 def _check_batch(sampler, order_log, step: int) -> None:
-    from glassbox.data.order_log import batch_hash
+    from glassbox.data.order_log import check_logged_batch
 
     row = order_log.row(step)
     if sampler.cursor != int(row["cursor_start"]):
         raise GlassboxError(
             f"step {step}: the sampler is at sample {sampler.cursor} but the data-order log says {row['cursor_start']}"
         )
-    batch = sampler.samples(int(row["cursor_start"]), int(row["batch_size"]))
-    if batch_hash(batch) != row["token_hash"]:
-        raise GlassboxError(f"step {step}: the batch rebuilt from the data does not match the data-order log's hash; "
-                            "the data changed since the run")
+    check_logged_batch(sampler.samples(int(row["cursor_start"]), int(row["batch_size"])), row, "the run's data")
 
 
 def _replay(trainer, source: ReplaySource, order_log, start: int, step: int) -> tuple[dict[str, Any], dict]:
