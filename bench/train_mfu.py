@@ -5,8 +5,9 @@ at the same per-GPU batch and sequence length, in bf16 with fp32 master weights 
 random token ids made on the GPU once (throughput does not depend on the text), except the full glassbox
 trainer, which reads a prepared token store as a real run does:
 
-- glassbox: the full trainer, `glassbox.train.trainer.Trainer.train_step()`, over a prepared token store (sampler,
-  data-order log and metrics row included; no callbacks), with torch.compile per block and of the loss, bf16
+- glassbox: the full trainer's steps as `Trainer.fit()` runs them (each step queued with `queue_step()` before the
+  previous one is read back with `finish_step()`), over a prepared token store (sampler, prefetch, data-order
+  log and metrics row included; no callbacks), with torch.compile per block and of the loss, bf16
   autocast, SDPA with cuDNN attention first, fused AdamW, and FSDP2 (bf16 params, fp32 reduce) on several GPUs.
 - glassbox-core: the same model, parallel wrapper, optimizer groups and step math on device-resident batches,
   without the trainer's data loading and logging: the ceiling the full trainer is measured against.
@@ -117,17 +118,16 @@ def build_glassbox(shape: Shape, device, args):
         "run_dir": str(run_dir),
     })
     trainer = Trainer(cfg, callbacks=[])
+    unfinished = []
 
     def step(_tokens):
-        return torch_scalar(trainer.train_step()["loss"], device)
+        queued = trainer.queue_step()
+        if unfinished:
+            trainer.finish_step(unfinished.pop())
+        unfinished.append(queued)
+        return queued.scalars[0]
 
     return step, [trainer.state.model]
-
-
-def torch_scalar(value: float, device):
-    import torch
-
-    return torch.tensor(value, device=device)
 
 
 def build_glassbox_core(shape: Shape, device, args):

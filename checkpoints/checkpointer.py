@@ -308,6 +308,9 @@ class CheckpointCallback(Callback):
             return None
         return follow_config(state.lr_scheduler, cfg.optimizer, cfg.schedule)
 
+    def needs_state(self, step: int) -> bool:
+        return is_scheduled(step, self.cfg, self.last_step or -1)
+
     def on_step_end(self, state: Any) -> None:
         self.checkpointer.poll()
         if is_scheduled(state.step, self.cfg, self.last_step or -1):

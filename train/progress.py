@@ -11,6 +11,9 @@ class ProgressBar(Callback):
         self.enabled = enabled
         self.bar = None
 
+    def needs_state(self, step: int) -> bool:
+        return False                 # metrics only
+
     def on_step_end(self, state: TrainState) -> None:
         if not self.enabled or (state.world is not None and not state.world.is_main):
             return

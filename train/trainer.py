@@ -4,6 +4,8 @@ A step t asks the batch plan for its global batch B_t, takes samples [cursor, cu
 (each data-parallel rank its contiguous slice), accumulates gradients over micro-batches, clips, steps AdamW,
 and writes the step's row to metrics.jsonl and to the data-order log. Everything that carries over between
 steps lives in `TrainState`, so a checkpoint of the state (the checkpoint callback's job) resumes exactly.
+A step is queued on the device first and its metrics read back after the next step is queued (`fit`), so the
+hot path has no host sync: the device never idles while the host logs, hashes or launches kernels.
 The step itself draws no random numbers; Python, numpy and torch are seeded once from `seed` before the model
 is built, and their states are what a checkpoint saves.
 """
@@ -14,6 +16,7 @@ import contextlib
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +41,19 @@ from glassbox.train.prefetch import BatchPrefetcher
 from glassbox.train.progress import ProgressBar
 from glassbox.train.state import TrainState
 from glassbox.train.wandb_logger import WandbLogger
+
+
+@dataclass
+class QueuedStep:
+    """A step whose work is queued on the device but not yet read back (see `Trainer.queue_step`)."""
+
+    step: int
+    size: int                           # global batch size
+    lr: float
+    started: float                      # perf_counter when it was queued
+    scalars: torch.Tensor               # [loss, grad_norm] (+ MoE aux loss), on the device
+    expert_load: torch.Tensor | None    # MoE: tokens per expert over the mean (1.0 = balanced)
+    val_sums: torch.Tensor | None       # on validation steps: [loss sum, token count]
 
 
 def default_callbacks(cfg: RunConfig) -> list[Callback]:
@@ -119,6 +135,8 @@ class Trainer:
         self.metrics_log = MetricsLog(self.run_dir)
         self.order_log = None
         self._logged_through: int | None = None
+        self._queued = 0                    # steps queued by queue_step and not yet finished
+        self._last_finish = 0.0
         if self.world.is_main:
             from glassbox.data.order_log import DataOrderLog
 
@@ -151,21 +169,22 @@ class Trainer:
         return t
 
     def train_step(self) -> dict:
-        """Run step `state.step + 1`: batch, forward/backward over micro-batches, clip, AdamW; return its row."""
+        """Run step `state.step + 1` to completion and return its metrics row."""
+        return self.finish_step(self.queue_step())
+
+    def queue_step(self) -> QueuedStep:
+        """Queue the next step's work on the device (batch, forward/backward over micro-batches, clip, AdamW, and
+        the validation pass on a validation step) and log its data order, without waiting for any of it.
+
+        The step's metrics stay on the device until `finish_step`; until then `state.step` still counts the
+        finished steps, while the sampler's cursor has moved past this step's batch. Steps are finished in the
+        order they were queued.
+        """
         s, cfg, world = self.state, self.cfg, self.world
-        step = s.step + 1
-        start_time = time.perf_counter()
+        step = s.step + self._queued + 1
+        started = time.perf_counter()
         size = s.batch_plan.global_batch_size(step)
         batch, batch_digest = self.prefetcher.next_batch(s.sampler, size)
-        if self.order_log is not None:
-            if self._logged_through != step - 1:
-                # This trainer's first step, or a step re-run after a restore: rows from that step on belong to
-                # a run that did not survive, and this one writes them again.
-                self.metrics_log.truncate(step - 1)
-                self.order_log.truncate(step - 1)
-            self._logged_through = step
-
-            self.order_log.append(step, batch.start, size, batch_digest)
 
         model, inner = s.model, unwrap(s.model)
         model.train()
@@ -199,53 +218,84 @@ class Trainer:
         s.optimizer.step()
         s.optimizer.zero_grad(set_to_none=True)
         s.lr_scheduler.step()
-        # The GPU has this step's work queued: read the next batch now, before the sync below.
+        val_every = cfg.logging.val_every
+        val = self._validation_sums() if (val_every and step % val_every == 0) or step == cfg.schedule.steps else None
+
+        # The device has the step's work queued: the host's bookkeeping runs while it computes.
+        if self.order_log is not None:
+            if self._logged_through != step - 1:
+                # This trainer's first step, or a step re-run after a restore: rows from that step on belong to
+                # a run that did not survive, and this one writes them again.
+                self.metrics_log.truncate(step - 1)
+                self.order_log.truncate(step - 1)
+            self._logged_through = step
+            self.order_log.append(step, batch.start, size, batch_digest)
         self.prefetcher.prefetch(s.sampler, s.batch_plan.global_batch_size(step + 1))
 
-        loss_value = self._dp_mean(loss_sum).item()
+        scalars = [self._dp_mean(loss_sum), grad_norm.float()]
+        if load_sum is not None:
+            scalars.append(self._dp_mean(aux_sum))
+            load_sum = self._dp_mean(load_sum) * cfg.model.num_experts
+        self._queued += 1
+        return QueuedStep(step=step, size=size, lr=lr_used, started=started, scalars=torch.stack(scalars),
+                          expert_load=load_sum, val_sums=val)
+
+    def finish_step(self, queued: QueuedStep) -> dict:
+        """Wait for a queued step, then count it done: its metrics row (one device-to-host read) goes to
+        metrics.jsonl and `state.metrics`. A non-finite loss stops the run here, naming the step."""
+        s, cfg, world = self.state, self.cfg, self.world
+        step, size = queued.step, queued.size
+        if step != s.step + 1:
+            raise GlassboxError(f"finish_step: step {step} is not the next unfinished step ({s.step + 1})")
+        values = queued.scalars.tolist()
+        loss_value = values[0]
         if not math.isfinite(loss_value):
             raise GlassboxError(f"training loss became {loss_value} at step {step} (lower optimizer.lr?)")
+        self._queued -= 1
         s.step = step
         s.samples += size
         s.tokens += size * cfg.data.seq_len
-        elapsed = time.perf_counter() - start_time
+        # Queued behind the previous step, a step's time is the time since that step finished.
+        now = time.perf_counter()
+        elapsed = now - max(queued.started, self._last_finish)
+        self._last_finish = now
         tokens_per_s = size * cfg.data.seq_len / elapsed
         row = {
-            "step": step, "samples": s.samples, "tokens": s.tokens, "loss": loss_value, "lr": lr_used,
-            "grad_norm": grad_norm.item(), "batch_size": size, "world_size": world.world_size,
+            "step": step, "samples": s.samples, "tokens": s.tokens, "loss": loss_value, "lr": queued.lr,
+            "grad_norm": values[1], "batch_size": size, "world_size": world.world_size,
             "step_time": elapsed, "tokens_per_s": tokens_per_s,
             "mfu": self.flops_per_token * tokens_per_s / (self.peak * world.world_size) if self.peak else 0.0,
         }
-        if load_sum is not None:
-            load = self._dp_mean(load_sum) * cfg.model.num_experts
-            row.update(moe_aux_loss=self._dp_mean(aux_sum).item(),
-                       expert_load_max=load.max().item(), expert_load_min=load.min().item())
-        val_every = cfg.logging.val_every
-        if (val_every and step % val_every == 0) or step == cfg.schedule.steps:
-            row["val_loss"] = self.evaluate()
+        if queued.expert_load is not None:
+            load = queued.expert_load.flatten().tolist()
+            row.update(moe_aux_loss=values[2], expert_load_max=max(load), expert_load_min=min(load))
+        if queued.val_sums is not None:
+            total, count = queued.val_sums.tolist()
+            row["val_loss"] = total / count
         s.metrics = row
         if world.is_main:
             self.metrics_log.append(row)
         return row
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean next-token loss on the fixed validation samples (each data-parallel rank an equal share)."""
+    def _validation_sums(self) -> torch.Tensor:
+        """[summed next-token loss, token count] over the fixed validation samples (each data-parallel rank an
+        equal share, summed over ranks), left on the device."""
         model = self.state.model
         was_training = model.training
         model.eval()
         total = torch.zeros(2, device=self.world.device, dtype=torch.float64)
-        for chunk in self.val_tokens.split(self.cfg.batch.micro_batch_size):
-            chunk = chunk.to(self.world.device)
-            with self._autocast():
-                logits = model(chunk[:, :-1])
-            loss = next_token_loss(logits, chunk[:, 1:], reduction="sum")
-            total += torch.stack([loss.double(), torch.tensor(chunk[:, 1:].numel(), dtype=torch.float64,
-                                                              device=total.device)])
+        with torch.no_grad():
+            for chunk in self.val_tokens.split(self.cfg.batch.micro_batch_size):
+                chunk = chunk.to(self.world.device)
+                with self._autocast():
+                    logits = model(chunk[:, :-1])
+                loss = next_token_loss(logits, chunk[:, 1:], reduction="sum")
+                total[0] += loss.double()
+                total[1] += chunk[:, 1:].numel()
         if self.world.dp_size > 1:
             dist.all_reduce(total, group=self.world.dp_group)
         model.train(was_training)
-        return (total[0] / total[1]).item()
+        return total
 
     def fit(self) -> TrainState:
         """Train to `schedule.steps`, calling the callbacks; a resume (in on_train_start) continues from its step."""
@@ -255,10 +305,19 @@ class Trainer:
         if self.world.is_main:
             write_run_manifest(self.run_dir, data=self.data_info, device=self.world.device, step=s.step,
                                world_size=self.world.world_size, dp=self.world.dp_size, tp=self.world.tp_size)
-        while s.step < self.cfg.schedule.steps:
-            self.train_step()
+        # Step t+1 is queued before step t is finished, so the device never waits for the host to read step t's
+        # metrics and run its callbacks, unless a callback needs the live state after step t (a checkpoint).
+        pending: QueuedStep | None = None
+        while pending is not None or s.step < self.cfg.schedule.steps:
+            if pending is None:
+                pending = self.queue_step()
+            overlaps = pending.step < self.cfg.schedule.steps and not any(
+                cb.needs_state(pending.step) for cb in self.callbacks)
+            following = self.queue_step() if overlaps else None
+            self.finish_step(pending)
             for cb in self.callbacks:
                 cb.on_step_end(s)
+            pending = following
         for cb in self.callbacks:
             cb.on_train_end(s)
         return s

@@ -31,6 +31,9 @@ class WandbLogger(Callback):
             settings=wandb.Settings(silent=True, console="off"),
         )
 
+    def needs_state(self, step: int) -> bool:
+        return False                 # metrics only
+
     def on_step_end(self, state: TrainState) -> None:
         if self.run is not None:
             self.run.log({k: v for k, v in state.metrics.items() if k != "step"}, step=state.step)

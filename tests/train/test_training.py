@@ -10,6 +10,8 @@ import torch
 import yaml
 
 from glassbox.data.order_log import DataOrderLog, batch_hash
+from glassbox.errors import GlassboxError
+from glassbox.train.callbacks import Callback
 from glassbox.train.config import load_run_config
 from glassbox.train.generate import greedy_sample
 from glassbox.train.metrics_log import read_metrics
@@ -112,3 +114,51 @@ def test_a_restarted_run_dir_rewrites_its_logs(prepared_data, tmp_path):
     assert [r["step"] for r in read_metrics(run)] == [1, 2]
     assert len(DataOrderLog(run, read_only=True)) == 2
     assert yaml.safe_load((run / "config.yaml").read_text())["schedule"]["steps"] == 2
+
+
+class _Watch(Callback):
+    """Records, after each step, the sampler's cursor and a parameter checksum; needs the live state only at
+    `state_steps`."""
+
+    def __init__(self, state_steps: set[int]):
+        self.state_steps = state_steps
+        self.seen: dict[int, tuple[int, float]] = {}
+
+    def needs_state(self, step: int) -> bool:
+        return step in self.state_steps
+
+    def on_step_end(self, state) -> None:
+        checksum = sum(float(p.detach().double().sum()) for p in state.model.parameters())
+        self.seen[state.step] = (state.sampler.cursor, checksum)
+
+
+def test_fit_overlaps_steps_yet_matches_step_by_step_training(prepared_data, tmp_path):
+    # fit() queues step t+1 before reading step t's metrics, except where a callback needs the state after t.
+    watch = _Watch(state_steps={3})
+    overlapped = Trainer(tiny_config(prepared_data, tmp_path / "a"), callbacks=[watch])
+    overlapped.fit()
+    stepped = Trainer(tiny_config(prepared_data, tmp_path / "b"), callbacks=[])
+    reference = {}
+    for _ in range(6):
+        stepped.train_step()
+        reference[stepped.state.step] = (stepped.state.sampler.cursor,
+                                         sum(float(p.detach().double().sum()) for p in stepped.state.model.parameters()))
+
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    keys = ("step", "samples", "loss", "grad_norm", "lr", "val_loss")
+    assert [[r.get(k) for k in keys] for r in a] == [[r.get(k) for k in keys] for r in b]
+    logs = [DataOrderLog(tmp_path / n, read_only=True) for n in "ab"]
+    assert [logs[0].row(t) for t in range(1, 7)] == [logs[1].row(t) for t in range(1, 7)]
+    # Where the callback asked for the state, it saw exactly what step-by-step training leaves; elsewhere the
+    # next step had already been queued (its batch taken, so the cursor is one batch ahead), except at the end.
+    assert watch.seen[3] == reference[3]
+    assert watch.seen[6] == reference[6]
+    assert [watch.seen[t][0] for t in (1, 2, 4, 5)] == [16, 24, 40, 48]
+    assert overlapped.state.sampler.cursor == overlapped.state.samples == 48
+
+
+def test_a_non_finite_loss_stops_the_run_naming_its_step(prepared_data, tmp_path):
+    trainer = Trainer(tiny_config(prepared_data, tmp_path / "run", "optimizer.lr=1e6", "schedule.warmup_steps=0",
+                                  "optimizer.grad_clip=0", "schedule.steps=40"), callbacks=[])
+    with pytest.raises(GlassboxError, match=r"training loss became (nan|inf) at step \d+"):
+        trainer.fit()
