@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The GPU measurements of bench/ and the GPU tests, batched for a lent GPU machine that has PyTorch and
+# transformers but cannot reach PyPI: the packages it lacks come as wheels in WHEELS (default .whl/, built on a
+# machine with network access: `pip download` of the py3.12 wheels named in docs/performance.md, plus
+# `pip wheel --no-deps -w .whl .` for glassbox itself). Results land in bench/results/ and, when OUT is set,
+# are copied there as each part finishes.
+#
+#     bash bench/gpu_session.sh tests        # tests/gpu, and the inference bench on the second GPU meanwhile
+#     bash bench/gpu_session.sh train        # bench/train_mfu.py: 4 systems x 3 sizes, then 1B on 2 GPUs
+set -uo pipefail
+cd "$(dirname "$0")/.."
+WHEELS=${WHEELS:-.whl}
+SITE=${SITE:-/tmp/glassbox-site}
+OUT=${OUT:-}
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
+export PYTHONPATH=$SITE
+export NCCL_NVLS_ENABLE=0          # no NVLink multicast on the lent machines
+# Run from outside the checkout, so its top-level glassbox/ folder does not shadow the installed package.
+ROOT=$PWD
+gpus=$(nvidia-smi -L | wc -l)
+
+save() {
+    [ -n "$OUT" ] && cp -f "$ROOT"/bench/results/* "$OUT"/ 2>/dev/null
+    return 0
+}
+
+case "${1:-}" in
+tests)
+    if [ "$gpus" -ge 2 ]; then
+        (cd /tmp && CUDA_VISIBLE_DEVICES=1 python3 "$ROOT/bench/inference_throughput.py" --device cuda \
+            --out-name inference_throughput_h100 > "${OUT:-/tmp}/inference.log" 2>&1; echo "inference bench rc=$?") &
+        (cd /tmp && CUDA_VISIBLE_DEVICES=0 python3 -m pytest "$ROOT/tests/gpu" -m gpu -p no:cacheprovider \
+            -q -s -k "not two_gpus" --rootdir "$ROOT" 2>&1 | tail -40)
+        wait
+        (cd /tmp && python3 -m pytest "$ROOT/tests/gpu" -m gpu -p no:cacheprovider -q -s -k two_gpus \
+            --rootdir "$ROOT" 2>&1 | tail -20)
+    else
+        (cd /tmp && python3 -m pytest "$ROOT/tests/gpu" -m gpu -p no:cacheprovider -q -s --rootdir "$ROOT" 2>&1 | tail -40)
+        (cd /tmp && python3 "$ROOT/bench/inference_throughput.py" --device cuda --out-name inference_throughput_h100 \
+            > "${OUT:-/tmp}/inference.log" 2>&1; echo "inference bench rc=$?")
+    fi
+    tail -25 "${OUT:-/tmp}/inference.log"
+    save
+    ;;
+train)
+    concurrent=$(( gpus >= 2 ? 2 : 1 ))
+    (cd /tmp && python3 "$ROOT/bench/train_mfu.py" --concurrent "$concurrent" --budget "${BUDGET:-330}" \
+        --log-dir "${OUT:-/tmp}/train_logs" 2>&1 | tail -30)
+    save
+    if [ "$gpus" -ge 2 ]; then
+        (cd /tmp && python3 "$ROOT/bench/train_mfu.py" --gpus 2 --sizes 1B --systems glassbox,torchtitan --append \
+            --log-dir "${OUT:-/tmp}/train_logs" 2>&1 | tail -25)
+        save
+    fi
+    ;;
+*)
+    echo "usage: bash bench/gpu_session.sh tests|train" >&2
+    exit 2
+    ;;
+esac
