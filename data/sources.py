@@ -119,8 +119,9 @@ def _expand_files(spec: str) -> tuple[Path, list[Path]]:
         matches = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
         if not matches:
             raise GlassboxError(f"source {spec!r}: no files match this pattern")
-        static = Path(spec.split("*")[0].split("?")[0].split("[")[0])
-        base = static if static.is_dir() and str(static).endswith(os.sep) else static.parent
+        # Names are relative to the folder the pattern starts in, as a folder source names its files.
+        prefix = re.split(r"[*?\[]", spec, maxsplit=1)[0]
+        base = Path(prefix) if prefix.endswith(("/", os.sep)) else Path(prefix).parent
         files = matches
     else:
         path = Path(spec)

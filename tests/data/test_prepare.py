@@ -167,3 +167,15 @@ def test_cli_prepare_prints_summary_and_errors_exit_2(tmp_path, capsys):
     assert main(["data", "prepare", "--source", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("glassbox: error: source") and "nope.jsonl" in err and "\n" not in err
+
+
+def test_a_glob_over_a_folder_reads_it_as_the_folder_source_does(tmp_path):
+    from glassbox.data.sources import read_source
+
+    corpus = write_corpus(tmp_path / "corpus", n_docs=3)
+    folder = read_source(str(corpus))
+    for spec in (str(corpus / "*.txt"), str(corpus) + "/**/*.txt"):
+        matched = read_source(spec)
+        assert matched.documents == folder.documents
+        assert matched.sha256 == folder.sha256, spec      # the same names, relative to the folder
+    assert read_source(str(corpus / "doc*.txt")).sha256 != read_source(str(tmp_path / "*/doc*.txt")).sha256
