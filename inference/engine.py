@@ -258,20 +258,37 @@ class LLMEngine:
             return []
         logits = self.runner.execute(batch, self.blocks)
         self.num_steps += 1
-        rows = [(s.seq, s.num_spec) for s in batch.scheduled if s.samples]
-        tokens = self.sampler.sample(logits, rows) if rows else []
-        self.sampler.logprobs(logits, rows, tokens)
-        now = time.monotonic()
-        touched: dict[str, _Request] = {}
+        rows: list[tuple[Sequence, int]] = []
         for s in batch.scheduled:
-            if not s.samples:
+            if s.samples:
+                rows.append((s.seq, s.num_spec))
+            else:                                       # a prefill chunk short of the prompt's end
                 s.seq.num_computed_tokens += s.num_tokens
                 self.blocks.commit(s.seq)
+        if not rows:
+            return []
+        tokens = self.sampler.sample(logits, rows)
+        self.sampler.logprobs(logits, rows, tokens)
+        touched = self._append_tokens(rows, tokens)
+        outputs = []
+        for req in touched.values():
+            if req.finished:
+                outputs.append(req.output())
+                del self.requests[req.request_id]
+            elif unfinished_outputs:
+                outputs.append(req.output())
+        return outputs
+
+    def _append_tokens(self, rows: list[tuple[Sequence, int]], tokens: list[list[int]]) -> dict[str, _Request]:
+        """Give each sampled sequence its accepted tokens, stopping it where a rule says so; returns the requests
+        that got tokens."""
+        now = time.monotonic()
+        touched: dict[str, _Request] = {}
+        requests, blocks = self.requests, self.blocks
         for (seq, _), accepted in zip(rows, tokens):
             seq.num_computed_tokens = seq.num_tokens + len(accepted) - 1
             seq.spec_tokens = []
-            req = self.requests[seq.request_id]
-            touched[req.request_id] = req
+            req = touched[seq.request_id] = requests[seq.request_id]
             if seq.first_token_time is None:
                 seq.first_token_time = now
             seq.last_token_time = now
@@ -282,17 +299,10 @@ class LLMEngine:
                     self.scheduler.finish(seq, reason)
                     self.proposer.on_finished(seq)
                     break
-            if not seq.finished:
-                self.blocks.trim(seq)
-                self.blocks.commit(seq)
-        outputs = []
-        for req in touched.values():
-            if req.finished:
-                outputs.append(req.output())
-                del self.requests[req.request_id]
-            elif unfinished_outputs:
-                outputs.append(req.output())
-        return outputs
+            else:
+                blocks.trim(seq)
+                blocks.commit(seq)
+        return touched
 
     def _check_stop(self, req: _Request, seq: Sequence, tok: int) -> str | None:
         p = seq.params

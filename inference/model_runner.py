@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -137,7 +138,7 @@ class ModelRunner:
         """Compute the batch's KV into the cache and return fp32 logits at its sampling positions, in order."""
         n = len(batch.scheduled)
         if self.graphs and n <= max(self.graphs) and all(s.num_tokens == 1 for s in batch.scheduled):
-            return self._replay(batch, blocks)
+            return self._replay(batch)
         return self._forward(self.prepare(batch, blocks))
 
     def _forward(self, inputs: BatchInputs) -> torch.Tensor:
@@ -206,13 +207,36 @@ class ModelRunner:
         return BatchInputs(self._ids[:b], self._pos[:b], self._slots[:b], None, None, self._tables[:b],
                            self._lens[:b], [], [])
 
+    def _split(self, buf: torch.Tensor | np.ndarray) -> tuple:
+        """The graph inputs as views of one flat buffer (a device tensor or its host staging array): ids, positions,
+        slots, lengths ([max batch] each), then block tables ([max batch, table width])."""
+        B = self._max_graph
+        return buf[:B], buf[B:2 * B], buf[2 * B:3 * B], buf[3 * B:4 * B], buf[4 * B:].reshape(B, -1)
+
+    def _pad_rows(self, lo: int, hi: int) -> None:
+        """Make host rows [lo, hi) padding: token 0 at position 0, writing to the scratch block, attending to it."""
+        ids, pos, slots, lens, tables = self._host_fields
+        ids[lo:hi] = 0
+        pos[lo:hi] = 0
+        slots[lo:hi] = self.scratch * self.block_size
+        lens[lo:hi] = 1
+        tables[lo:hi] = self.scratch
+
     def _capture(self, sizes: list[int], width: int) -> None:
-        biggest, dev, long = max(sizes), self.device, torch.long
-        self._ids = torch.zeros(biggest, dtype=long, device=dev)
-        self._pos = torch.zeros(biggest, dtype=long, device=dev)
-        self._slots = torch.full((biggest,), self.scratch * self.block_size, dtype=long, device=dev)
-        self._tables = torch.full((biggest, width), self.scratch, dtype=long, device=dev)
-        self._lens = torch.ones(biggest, dtype=long, device=dev)
+        # Every graph input lives in one device buffer, filled from one pinned host buffer, so that a replay costs
+        # one host-to-device copy. The host side is written through numpy, which takes Python lists far faster
+        # than torch.tensor does.
+        self._max_graph = biggest = max(sizes)
+        # The smallest captured batch size that fits n sequences, for every n up to the largest.
+        self._graph_size = [min(s for s in sizes if s >= n) for n in range(biggest + 1)]
+        self._pad_table = [self.scratch] * width
+        host = torch.empty(biggest * (4 + width), dtype=torch.long, pin_memory=True)
+        self._host_fields = self._split(host.numpy())
+        self._pad_rows(0, biggest)
+        self._host, self._dev = host, host.to(self.device)
+        self._ids, self._pos, self._slots, self._lens, self._tables = self._split(self._dev)
+        # Recorded after each upload: the host buffer may be rewritten only once the copy has read it.
+        self._uploaded = torch.cuda.Event()
         pool = None
         with torch.inference_mode():
             for b in sorted(sizes, reverse=True):
@@ -229,28 +253,36 @@ class ModelRunner:
                 self.graphs[b] = (graph, out)
         torch.cuda.synchronize()
 
-    def _replay(self, batch: SchedulerOutput, blocks: BlockManager) -> torch.Tensor:
-        n = len(batch.scheduled)
-        b = min(size for size in self.graphs if size >= n)
-        width = self._tables.shape[1]
-        ids = [0] * b
-        pos = [0] * b
-        slots = [self.scratch * self.block_size] * b
-        lens = [1] * b
-        tables = [[self.scratch] * width for _ in range(b)]
-        for i, s in enumerate(batch.scheduled):
+    def _replay(self, batch: SchedulerOutput) -> torch.Tensor:
+        """Run an all-decode batch through the smallest captured graph that fits it. This runs every decode step,
+        so the inputs are gathered into flat Python lists in one pass and uploaded with a single copy."""
+        scheduled = batch.scheduled
+        n = len(scheduled)
+        b = self._graph_size[n]
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        tables: list[int] = []
+        for s in scheduled:
             p = s.start
-            ids[i] = s.input_ids()[0]
-            pos[i] = p
-            slots[i] = blocks.slot(s.seq, p)
-            lens[i] = p + 1
-            used = blocks.blocks_needed(p + 1)
-            tables[i][:used] = s.seq.block_table[:used]
-        self._ids[:b].copy_(torch.tensor(ids), non_blocking=True)
-        self._pos[:b].copy_(torch.tensor(pos), non_blocking=True)
-        self._slots[:b].copy_(torch.tensor(slots), non_blocking=True)
-        self._lens[:b].copy_(torch.tensor(lens), non_blocking=True)
-        self._tables[:b].copy_(torch.tensor(tables), non_blocking=True)
+            table = s.seq.block_table
+            used = p // bs + 1                         # blocks holding positions 0..p
+            ids += s.input_ids()
+            pos.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
+            tables += table[:used]
+            tables += self._pad_table[used:]
+        self._uploaded.synchronize()
+        h_ids, h_pos, h_slots, h_lens, h_tables = self._host_fields
+        h_ids[:n] = ids
+        h_pos[:n] = pos
+        h_slots[:n] = slots
+        h_lens[:n] = h_pos[:n] + 1
+        h_tables.reshape(-1)[:len(tables)] = tables
+        self._pad_rows(n, b)
+        self._dev.copy_(self._host, non_blocking=True)
+        self._uploaded.record()
         graph, out = self.graphs[b]
         graph.replay()
         return out[:n]

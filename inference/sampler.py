@@ -49,11 +49,11 @@ class Sampler:
         Returns each sequence's accepted tokens: the accepted prefix of its draft plus one token sampled from
         the model (the correction, or the bonus token after a fully accepted draft).
         """
-        row_seqs = [seq for seq, k in rows for _ in range(k + 1)]
         argmax = logits.argmax(-1).tolist()
+        if all(k == 0 and seq.params.greedy for seq, k in rows):
+            return [[tok] for tok in argmax]           # plain greedy decoding: nothing else to do per row
+        row_seqs = [seq for seq, k in rows for _ in range(k + 1)]
         all_greedy = all(s.params.greedy for s in row_seqs)
-        if all_greedy and all(k == 0 for _, k in rows):
-            return [[tok] for tok in argmax]
         probs = None if all_greedy else self._probs(logits, row_seqs).cpu()
         results: list[list[int]] = []
         r = 0

@@ -9,6 +9,7 @@ blocks are still cached). Waiting sequences are admitted in policy order only in
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 from glassbox.inference.block_manager import BlockManager
@@ -89,10 +90,10 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        queue = self.policy.order_running(self.running)
+        queue = deque(self.policy.order_running(self.running))
         kept: list[Sequence] = []
         while queue:
-            seq = queue.pop(0)
+            seq = queue.popleft()
             if budget <= 0:
                 kept.append(seq)
                 continue
