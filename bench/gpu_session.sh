@@ -45,10 +45,12 @@ tests)
     ;;
 train)
     concurrent=$(( gpus >= 2 ? 2 : 1 ))
+    # SYSTEMS / SIZES narrow a rerun; --append keeps the other rows of the table.
     (cd /tmp && python3 "$ROOT/bench/train_mfu.py" --concurrent "$concurrent" --budget "${BUDGET:-330}" \
-        --log-dir "${OUT:-/tmp}/train_logs" 2>&1 | tail -30)
+        --systems "${SYSTEMS:-glassbox,glassbox-core,torchtitan,transformers}" --sizes "${SIZES:-125M,350M,1B}" \
+        --append --log-dir "${OUT:-/tmp}/train_logs" 2>&1 | tail -30)
     save
-    if [ "$gpus" -ge 2 ]; then
+    if [ "$gpus" -ge 2 ] && [ "${TWO_GPU:-1}" = 1 ]; then
         (cd /tmp && python3 "$ROOT/bench/train_mfu.py" --gpus 2 --sizes 1B --systems glassbox,torchtitan --append \
             --log-dir "${OUT:-/tmp}/train_logs" 2>&1 | tail -25)
         save
