@@ -44,20 +44,28 @@ def make_stager() -> Any:
     """A stager kept across saves: its host buffers (pinned, on GPU) are allocated once, and on GPU the
     device-to-host copy runs on a side stream in the background (the caller waits before the next update).
 
-    Some torch releases (2.11 on the GPU image) close the stager they were handed at the end of each async save;
-    closing empties its copy dispatch table, and the next save through it fails inside the copy
-    (`KeyError: <class 'type'>`). So DCP's close is ignored and the owner calls `release()` once, at the end.
+    Some torch releases (2.11 on the GPU image) close the inner copier (`StateDictStager`) at the end of every
+    staging, and may close the stager itself after a save; closing empties the copier's dispatch table, and the
+    next staging of a state holding a class object fails inside the copy (`KeyError: <class 'type'>`). So both
+    closes are ignored here, and the owner calls `release()` once, at the end.
     """
     import torch
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
     class RunStager(DefaultStager):
+        def __init__(self, options: StagingOptions):
+            super().__init__(options)
+            copier = self._state_dict_stager
+            self._close_copier = copier.close
+            copier.close = lambda: None
+
         def close(self) -> None:
             """Ignored: the stager outlives each save (see make_stager)."""
 
         def release(self) -> None:
             """Free the cached (pinned) buffers and the staging thread; the stager is unusable afterwards."""
             super().close()
+            self._close_copier()
 
     gpu = torch.cuda.is_available()
     return RunStager(StagingOptions(use_pinned_memory=gpu, use_shared_memory=False, use_async_staging=gpu,

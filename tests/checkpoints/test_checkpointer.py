@@ -141,8 +141,9 @@ def test_async_save_snapshots_state_and_measures_stall(tmp_path):
 
 
 def test_the_run_stager_survives_dcp_closing_it(tmp_path):
-    """torch 2.11's async save closes the stager it is handed after every save; the checkpointer keeps one stager
-    for the run, whose next save then failed inside the copy (KeyError: <class 'type'>, seen on an H100)."""
+    """torch 2.11 closes the stager's inner copier after every staging, and the stager after a save; the
+    checkpointer keeps one stager for the run, whose next save then failed inside the copy of a state holding a
+    class object (KeyError: <class 'type'>, seen on an H100)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     loop = MiniLoop(tmp_path)
@@ -150,8 +151,10 @@ def test_the_run_stager_survives_dcp_closing_it(tmp_path):
     for _ in range(2):
         loop.step()
         model_sd, optim_sd = get_state_dict(loop.state.model, loop.state.optimizer)
-        staged = stager.stage({"model": model_sd, "optim": optim_sd})
-        stager.close()                                   # what DCP does at the end of each save there
+        staged = stager.stage({"model": model_sd, "optim": optim_sd, "kind": torch.nn.Linear})
+        stager._state_dict_stager.close()                # what DCP does at the end of each staging there
+        stager.close()                                   # ... and of each save
+        assert staged["kind"] is torch.nn.Linear
         for name, tensor in model_sd.items():
             assert torch.equal(staged["model"][name], tensor), name
     stager.release()
