@@ -91,8 +91,6 @@ class BlockManager:
 
         Returns False, changing nothing, when the free list is too short.
         """
-        if not cached and self.blocks_needed(seq.num_computed_tokens + num_new_tokens) <= len(seq.block_table):
-            return True                                 # most decode steps: the last block still has room
         if not self.can_allocate(seq, num_new_tokens, cached):
             return False
         for block_id in cached:

@@ -138,7 +138,7 @@ class ModelRunner:
         """Compute the batch's KV into the cache and return fp32 logits at its sampling positions, in order."""
         n = len(batch.scheduled)
         if self.graphs and n <= max(self.graphs) and all(s.num_tokens == 1 for s in batch.scheduled):
-            return self._replay(batch)
+            return self._replay(batch, blocks)
         return self._forward(self.prepare(batch, blocks))
 
     def _forward(self, inputs: BatchInputs) -> torch.Tensor:
@@ -253,25 +253,23 @@ class ModelRunner:
                 self.graphs[b] = (graph, out)
         torch.cuda.synchronize()
 
-    def _replay(self, batch: SchedulerOutput) -> torch.Tensor:
+    def _replay(self, batch: SchedulerOutput, blocks: BlockManager) -> torch.Tensor:
         """Run an all-decode batch through the smallest captured graph that fits it. This runs every decode step,
         so the inputs are gathered into flat Python lists in one pass and uploaded with a single copy."""
         scheduled = batch.scheduled
         n = len(scheduled)
         b = self._graph_size[n]
-        bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
         tables: list[int] = []
         for s in scheduled:
             p = s.start
-            table = s.seq.block_table
-            used = p // bs + 1                         # blocks holding positions 0..p
+            used = blocks.blocks_needed(p + 1)
             ids += s.input_ids()
             pos.append(p)
-            slots.append(table[p // bs] * bs + p % bs)
-            tables += table[:used]
+            slots.append(blocks.slot(s.seq, p))
+            tables += s.seq.block_table[:used]
             tables += self._pad_table[used:]
         self._uploaded.synchronize()
         h_ids, h_pos, h_slots, h_lens, h_tables = self._host_fields
