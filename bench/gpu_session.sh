@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements of bench/ and the GPU tests, batched for a lent GPU machine that has PyTorch and
-# transformers but cannot reach PyPI: the packages it lacks come as wheels in WHEELS (default .whl/, built on a
-# machine with network access: `pip download` of the py3.12 wheels named in docs/performance.md, plus
-# `pip wheel --no-deps -w .whl .` for glassbox itself). Results land in bench/results/ and, when OUT is set,
-# are copied there as each part finishes.
+# transformers but cannot reach PyPI: the packages it lacks (megatron-core, zarr and its codecs, torchtitan 0.3.0
+# and its dependencies, and glassbox itself from `pip wheel --no-deps -w .whl .`) come as py3.12 wheels in
+# WHEELS (default .whl/). Results land in bench/results/ and, when OUT is set, the files each part wrote are
+# copied there as it finishes.
 #
 #     bash bench/gpu_session.sh tests        # tests/gpu, and the inference bench on the second GPU meanwhile
 #     bash bench/gpu_session.sh train        # bench/train_mfu.py: 4 systems x 3 sizes, then 1B on 2 GPUs
@@ -20,8 +20,8 @@ export NCCL_NVLS_ENABLE=0          # no NVLink multicast on the lent machines
 ROOT=$PWD
 gpus=$(nvidia-smi -L | wc -l)
 
-save() {
-    [ -n "$OUT" ] && cp -f "$ROOT"/bench/results/* "$OUT"/ 2>/dev/null
+save() {    # save STEM: bench/results/STEM.* to OUT (only what the part wrote: the machine returns few files)
+    [ -n "$OUT" ] && cp -f "$ROOT"/bench/results/"$1".* "$OUT"/ 2>/dev/null
     return 0
 }
 
@@ -41,7 +41,7 @@ tests)
             > "${OUT:-/tmp}/inference.log" 2>&1; echo "inference bench rc=$?")
     fi
     tail -25 "${OUT:-/tmp}/inference.log"
-    save
+    save inference_throughput_h100
     ;;
 train)
     concurrent=$(( gpus >= 2 ? 2 : 1 ))
@@ -49,11 +49,11 @@ train)
     (cd /tmp && python3 "$ROOT/bench/train_mfu.py" --concurrent "$concurrent" --budget "${BUDGET:-330}" \
         --systems "${SYSTEMS:-glassbox,glassbox-core,torchtitan,transformers}" --sizes "${SIZES:-125M,350M,1B}" \
         --append --log-dir "${OUT:-/tmp}/train_logs" 2>&1 | tail -30)
-    save
+    save train_mfu
     if [ "$gpus" -ge 2 ] && [ "${TWO_GPU:-1}" = 1 ]; then
         (cd /tmp && python3 "$ROOT/bench/train_mfu.py" --gpus 2 --sizes 1B --systems glassbox,torchtitan --append \
             --log-dir "${OUT:-/tmp}/train_logs" 2>&1 | tail -25)
-        save
+        save train_mfu
     fi
     ;;
 *)

@@ -309,11 +309,12 @@ class CheckpointCallback(Callback):
         return follow_config(state.lr_scheduler, cfg.optimizer, cfg.schedule)
 
     def needs_state(self, step: int) -> bool:
+        """True on save steps: the save must see the state exactly as that step left it."""
         return is_scheduled(step, self.cfg, self.last_step or -1)
 
     def on_step_end(self, state: Any) -> None:
         self.checkpointer.poll()
-        if is_scheduled(state.step, self.cfg, self.last_step or -1):
+        if self.needs_state(state.step):
             self.checkpointer.save(state)
 
     def on_train_end(self, state: Any) -> None:
