@@ -92,8 +92,9 @@ def model_config(shape: Shape):
 
 
 def build_glassbox(shape: Shape, device, args):
-    """The full trainer: `Trainer.train_step()` over a prepared token store (sampler, data-order log, metrics
-    row and all), configured as a GPU run is: compile on, bf16, FSDP2 when there are several GPUs."""
+    """The full trainer over a prepared token store (sampler, data-order log, metrics row and all), configured as
+    a GPU run is (compile on, bf16, FSDP2 when there are several GPUs), its steps overlapped as `Trainer.fit()`
+    overlaps them between checkpoints: each step is queued before the previous one is finished."""
     import tempfile
 
     import torch.distributed as dist

@@ -128,8 +128,11 @@ class _Watch(Callback):
         return step in self.state_steps
 
     def on_step_end(self, state) -> None:
-        checksum = sum(float(p.detach().double().sum()) for p in state.model.parameters())
-        self.seen[state.step] = (state.sampler.cursor, checksum)
+        self.seen[state.step] = _cursor_and_checksum(state)
+
+
+def _cursor_and_checksum(state) -> tuple[int, float]:
+    return state.sampler.cursor, sum(float(p.detach().double().sum()) for p in state.model.parameters())
 
 
 def test_fit_overlaps_steps_yet_matches_step_by_step_training(prepared_data, tmp_path):
@@ -141,8 +144,7 @@ def test_fit_overlaps_steps_yet_matches_step_by_step_training(prepared_data, tmp
     reference = {}
     for _ in range(6):
         stepped.train_step()
-        reference[stepped.state.step] = (stepped.state.sampler.cursor,
-                                         sum(float(p.detach().double().sum()) for p in stepped.state.model.parameters()))
+        reference[stepped.state.step] = _cursor_and_checksum(stepped.state)
 
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     keys = ("step", "samples", "loss", "grad_norm", "lr", "val_loss")
