@@ -6,6 +6,7 @@
 # copied there as it finishes.
 #
 #     bash bench/gpu_session.sh tests        # tests/gpu, and the inference bench on the second GPU meanwhile
+#     bash bench/gpu_session.sh inference    # tests/inference GPU tests, then the inference bench (one GPU)
 #     bash bench/gpu_session.sh train        # bench/train_mfu.py: 4 systems x 3 sizes, then 1B on 2 GPUs
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +44,14 @@ tests)
     tail -25 "${OUT:-/tmp}/inference.log"
     save inference_throughput_h100
     ;;
+inference)
+    (cd /tmp && python3 -m pytest "$ROOT/tests/inference/test_gpu.py" -m gpu -p no:cacheprovider -q -s \
+        --rootdir "$ROOT" 2>&1 | tail -20)
+    [ "${TESTS_ONLY:-0}" = 1 ] && exit 0
+    (cd /tmp && python3 "$ROOT/bench/inference_throughput.py" --device cuda --out-name inference_throughput_h100 \
+        2>&1 | tee "${OUT:-/tmp}/inference.log" | grep -v "it/s\]$" | tail -25)
+    save inference_throughput_h100
+    ;;
 train)
     concurrent=$(( gpus >= 2 ? 2 : 1 ))
     # SYSTEMS / SIZES narrow a rerun; --append keeps the other rows of the table.
@@ -57,7 +66,7 @@ train)
     fi
     ;;
 *)
-    echo "usage: bash bench/gpu_session.sh tests|train" >&2
+    echo "usage: bash bench/gpu_session.sh tests|inference|train" >&2
     exit 2
     ;;
 esac

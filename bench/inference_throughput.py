@@ -84,8 +84,12 @@ def bench_throughput(args, model_dir: Path, vocab: int) -> list[dict]:
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device).eval()
     cfg = EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=max(args.batch_sizes),
                        max_model_len=args.prompt_len + args.max_tokens + 1, enable_prefix_caching=False,
-                       gpu_memory_utilization=args.gpu_memory_utilization)
+                       gpu_memory_utilization=args.gpu_memory_utilization, compile=args.compile)
+    t0 = time.perf_counter()
     llm = LLM(engine=LLMEngine.from_model_dir(model_dir, cfg))
+    args.engine_startup_s = time.perf_counter() - t0
+    print(f"engine start-up (load, KV pool, graphs{', compile' if args.compile else ''}): "
+          f"{args.engine_startup_s:.1f} s", flush=True)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     rows = []
     for B in args.batch_sizes:
@@ -127,7 +131,7 @@ def percentile(values: list[float], q: float) -> float:
 def bench_latency(args, model_dir: Path, vocab: int) -> list[dict]:
     max_len = int(1.5 * args.prompt_len) + int(1.5 * args.max_tokens) + 2
     cfg = EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=64, max_model_len=max_len,
-                       gpu_memory_utilization=args.gpu_memory_utilization)
+                       gpu_memory_utilization=args.gpu_memory_utilization, compile=args.compile)
     engine = LLMEngine.from_model_dir(model_dir, cfg)
     # Warm up kernels and graphs before the clock matters.
     engine.add_request("warm", list(range(2, 2 + args.prompt_len)),
@@ -184,7 +188,9 @@ def write_results(args, result: dict) -> None:
         f"# Inference throughput ({env['device']}, {args.dtype}, model preset {result['model']})",
         "",
         f"Prompt {args.prompt_len} tokens, {args.max_tokens} generated tokens per request (EOS ignored), greedy; "
-        f"median of {args.repeats} runs (the two alternating). torch {env['torch']}, {env['threads']} CPU threads.",
+        f"median of {args.repeats} runs (the two alternating). torch {env['torch']}, {env['threads']} CPU threads. "
+        f"Engine {'with' if args.compile else 'without'} `compile`; its start-up took {args.engine_startup_s:.0f} s; "
+        "transformers runs eagerly, as `generate` does by default.",
         "",
         "| batch | glassbox engine tok/s | transformers generate tok/s | engine / transformers |",
         "|---:|---:|---:|---:|",
@@ -221,6 +227,8 @@ def main() -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.4,
                    help="share of the GPU the engine may fill (KV pool included); transformers runs beside it")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="the engine's compile option (default auto: on with CUDA, where the decode graphs use it)")
     p.add_argument("--out-name", default="inference_throughput")
     args = p.parse_args()
     if args.threads:
@@ -232,6 +240,7 @@ def main() -> None:
     args.max_tokens = args.max_tokens or (128 if cuda else 32)
     args.rates = args.rates or ([8, 32, 128] if cuda else [2, 4, 8])
     args.num_requests = args.num_requests or (256 if cuda else 32)
+    args.compile = args.compile == "on" or (args.compile == "auto" and cuda)
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir or make_model_dir(args.preset, Path(tmp) / "model")

@@ -17,6 +17,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (default: from memory)")
     p.add_argument("--policy", default="fcfs", help="scheduling policy: fcfs or priority (default: fcfs)")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks between prompts")
+    p.add_argument("--compile", action="store_true",
+                   help="CUDA, dense models: torch.compile the decode forward before capturing its CUDA graphs "
+                        "(about 2x faster decoding; tens of seconds of start-up per captured batch size)")
 
 
 def _engine_config(args: argparse.Namespace):
@@ -26,7 +29,7 @@ def _engine_config(args: argparse.Namespace):
     return EngineConfig(device=args.device, dtype=dtype, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, policy=args.policy,
-                        enable_prefix_caching=not args.no_prefix_caching)
+                        enable_prefix_caching=not args.no_prefix_caching, compile=args.compile)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

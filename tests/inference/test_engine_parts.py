@@ -183,6 +183,12 @@ def test_kv_pool_too_small_is_an_error(model):
         LLMEngine(model, config=EngineConfig(num_kv_blocks=2, block_size=16))
 
 
+def test_compile_without_cuda_graphs_is_an_error(model):
+    # compile only changes the CUDA-graph decode path; on the CPU it would silently do nothing.
+    with pytest.raises(GlassboxError, match="compile.*CUDA"):
+        LLMEngine(model, config=EngineConfig(compile=True))
+
+
 def test_abort_frees_blocks(model):
     eng = LLMEngine(model)
     eng.add_request("long", list(range(30)), SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))

@@ -1,4 +1,5 @@
-"""On a CUDA device: decode CUDA graphs give the same greedy tokens as eager execution and as transformers."""
+"""On a CUDA device: decode CUDA graphs, compiled or not, give the same greedy tokens as eager execution and as
+transformers."""
 
 from __future__ import annotations
 
@@ -17,18 +18,20 @@ def test_cuda_graphs_match_eager_and_transformers(llama_dir, prompts):
 
     params = SamplingParams(temperature=0, max_tokens=24)
     outs = {}
-    for graphs in (True, False):
-        cfg = EngineConfig(device="cuda", dtype="float32", cuda_graphs=graphs, max_num_seqs=20, num_kv_blocks=512)
+    for mode in ("graphs", "compiled graphs", "eager"):
+        cfg = EngineConfig(device="cuda", dtype="float32", cuda_graphs=mode != "eager",
+                           compile=mode == "compiled graphs", max_num_seqs=20, num_kv_blocks=512)
         llm = LLM(engine=LLMEngine.from_model_dir(llama_dir, cfg))
-        assert bool(llm.engine.runner.graphs) == graphs
+        assert bool(llm.engine.runner.graphs) == (mode != "eager")
         token_prompts = [llm.tokenizer.encode(p) for p in prompts]
-        outs[graphs] = [o.outputs[0].token_ids for o in llm.generate(token_prompts, params)]
+        outs[mode] = [o.outputs[0].token_ids for o in llm.generate(token_prompts, params)]
         alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in token_prompts[:3]]
-        assert alone == outs[graphs][:3]
-    assert outs[True] == outs[False]
+        assert alone == outs[mode][:3], mode
+    assert outs["graphs"] == outs["eager"]
+    assert outs["compiled graphs"] == outs["eager"]
     hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).cuda().eval()
     torch.backends.cuda.matmul.allow_tf32 = False
-    for ids, got in zip(token_prompts, outs[True]):
+    for ids, got in zip(token_prompts, outs["graphs"]):
         x = torch.tensor([ids], device="cuda")
         ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=24, do_sample=False)[0, len(ids):]
         assert got == ref.tolist()
