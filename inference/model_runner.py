@@ -10,18 +10,20 @@ Logits are computed only at the positions that sample.
 On CUDA, batches of pure decodes replay CUDA graphs captured at padded batch sizes (1, 2, 4, 8, then every 16),
 which removes the per-kernel launch cost that dominates decoding small models. Padding rows write into a scratch
 block past the pool and are dropped. MoE models run eagerly: their routing reads expert counts on the host.
-With `compile`, the decode forward is first compiled by `torch.compile` (one specialisation per captured size), so
-each graph replays Inductor's fused kernels instead of the ~45 eager kernels per layer: replay time is then what
-remains of a decode step.
+With `compile`, the decoder layer is first compiled by `torch.compile` (one specialisation per captured size, shared
+by all layers), so each graph replays Inductor's fused kernels instead of the ~45 eager kernels per layer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from glassbox.errors import GlassboxError
@@ -55,6 +57,15 @@ class BatchInputs:
     # Fresh prompts (nothing cached), grouped by length: each [prompts, length] tensor of rows runs as one causal
     # SDPA call over the K/V just computed.
     fresh: list[torch.Tensor]
+
+
+# Attention kernels for eager batches, whose shapes change every step (prompt lengths, decode counts, table
+# widths). cuDNN attention is left out: it builds a plan for every new shape, which on the H100 made steps with
+# fresh prompts of many lengths take up to a second. Captured graphs have fixed shapes and keep torch's choice.
+EAGER_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+# Decode-block specialisations torch.compile has been asked for in this process (see ModelRunner._capture).
+_compiled_sizes = 0
 
 
 def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
@@ -151,10 +162,13 @@ class ModelRunner:
         n = len(batch.scheduled)
         if self.graphs and n <= max(self.graphs) and all(s.num_tokens == 1 for s in batch.scheduled):
             return self._replay(batch, blocks)
-        return self._forward(self.prepare(batch, blocks))
+        with sdpa_kernel(EAGER_ATTENTION):
+            return self._forward(self.prepare(batch, blocks))
 
-    def _forward(self, inputs: BatchInputs) -> torch.Tensor:
+    def _forward(self, inputs: BatchInputs, block: Callable | None = None) -> torch.Tensor:
+        """The model over a flat batch; `block` replaces `_block` for every decoder layer (its compiled form)."""
         m = self.model
+        block = block or self._block
         x = m.embed_tokens(inputs.input_ids)
         cos, sin = m.rotary(inputs.positions, x.dtype)
         cos, sin = cos[:, None, :], sin[:, None, :]
@@ -162,21 +176,26 @@ class ModelRunner:
         if inputs.decode_lens is not None:
             keys = inputs.decode_tables.shape[1] * self.block_size
             decode_mask = (torch.arange(keys, device=x.device)[None, :] < inputs.decode_lens[:, None])[:, None, None]
-        for i, layer in enumerate(m.layers):
-            h = layer.input_layernorm(x)
-            x = x + self._attention(layer.self_attn, h, cos, sin, i, inputs, decode_mask)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        for layer, kc, vc in zip(m.layers, self.k_cache, self.v_cache):
+            x = block(layer, x, cos, sin, kc, vc, inputs, decode_mask)
         if inputs.logit_rows is not None:
             x = x[inputs.logit_rows]
         return m.lm_head(m.norm(x)).float()
 
-    def _attention(self, attn: Attention, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
-                   inputs: BatchInputs, decode_mask: torch.Tensor | None) -> torch.Tensor:
+    def _block(self, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor,
+               vc: torch.Tensor, inputs: BatchInputs, decode_mask: torch.Tensor | None) -> torch.Tensor:
+        """One decoder layer, its K/V cache passed in (not indexed by layer number), so that every layer runs the
+        same compiled code."""
+        h = layer.input_layernorm(x)
+        x = x + self._attention(layer.self_attn, h, cos, sin, kc, vc, inputs, decode_mask)
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def _attention(self, attn: Attention, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor,
+                   vc: torch.Tensor, inputs: BatchInputs, decode_mask: torch.Tensor | None) -> torch.Tensor:
         N, hd = h.shape[0], attn.head_dim
         q = apply_rotary(attn.q_proj(h).view(N, -1, hd), cos, sin)
         k = apply_rotary(attn.k_proj(h).view(N, -1, hd), cos, sin)
         v = attn.v_proj(h).view(N, -1, hd)
-        kc, vc = self.k_cache[layer], self.v_cache[layer]
         kc.index_copy_(0, inputs.slots, k)
         vc.index_copy_(0, inputs.slots, v)
         if not inputs.prefills and not inputs.fresh:
@@ -249,13 +268,17 @@ class ModelRunner:
         self._ids, self._pos, self._slots, self._lens, self._tables = self._split(self._dev)
         # Recorded after each upload: the host buffer may be rewritten only once the copy has read it.
         self._uploaded = torch.cuda.Event()
-        forward = self._forward
+        block = None
         if self.compile:
-            # Static shapes: each captured size is its own specialisation, compiled once in the warm-up below.
-            forward = torch.compile(self._forward, dynamic=False, fullgraph=True)
+            # Regional compilation: every layer shares one compiled block (its weights and cache are inputs, not
+            # constants), so compiling costs one layer per captured size, not the whole stack. Static shapes: each
+            # size is its own specialisation, compiled in the warm-up below. Dynamo counts specialisations per
+            # code object over the whole process (earlier engines included), so its limit grows with them.
+            global _compiled_sizes
+            _compiled_sizes += len(sizes)
+            block = torch.compile(self._block, dynamic=False, fullgraph=True)
         pool = None
-        # One compiled specialisation per captured size: lift dynamo's recompile limit to that many.
-        with torch.inference_mode(), torch._dynamo.config.patch(recompile_limit=max(8, len(sizes))):
+        with torch.inference_mode(), torch._dynamo.config.patch(recompile_limit=max(8, _compiled_sizes)):
             # Only compiling is slow enough (tens of seconds per size) to need a progress bar.
             for b in tqdm(sorted(sizes, reverse=True), desc="compiling decode graphs", unit="size",
                           disable=not self.compile):
@@ -263,11 +286,11 @@ class ModelRunner:
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
-                    forward(inputs)          # warm-up outside the graph (compile, lazy inits, autotuning)
+                    self._forward(inputs, block)     # warm-up outside the graph (compile, lazy inits, autotuning)
                 torch.cuda.current_stream().wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    out = forward(inputs)
+                    out = self._forward(inputs, block)
                 pool = graph.pool()
                 self.graphs[b] = (graph, out)
         torch.cuda.synchronize()

@@ -2,7 +2,8 @@
 
 Endpoints: /v1/completions, /v1/chat/completions (both with SSE streaming), /v1/models, /health, /metrics.
 Errors use OpenAI's body, {"error": {"message", "type", "param", "code"}}, with 4xx codes for bad input. A
-streaming client that disconnects has its request aborted, which frees its KV blocks at the next engine step.
+client that disconnects, streaming or not, has its request aborted, which frees its KV blocks at the next engine
+step.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from glassbox.inference.engine import EngineConfig, LLMEngine, RequestOutput
 from glassbox.inference.protocol import ChatCompletionRequest, CompletionRequest
 from glassbox.inference.sampling_params import SamplingParams
 from glassbox.inference.sequence import TokenLogprob
+
+
+# How often, at least, a non-streaming request checks that its client is still connected while it waits.
+DISCONNECT_POLL_S = 0.1
 
 
 class APIError(Exception):
@@ -146,11 +151,21 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
         prompt = sum(len(p) for p in prompts)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    async def collect(ids: list[str], queue: asyncio.Queue) -> dict[str, RequestOutput]:
+    async def collect(ids: list[str], queue: asyncio.Queue, request: Request) -> dict[str, RequestOutput]:
+        """Wait for the requests' final outputs. A non-streaming response has nothing to write until the end, so
+        the client's disconnect is polled between outputs; a client gone means the requests are aborted."""
         finals: dict[str, RequestOutput] = {}
         try:
             while len(finals) < len(ids):
-                item = await queue.get()
+                if queue.empty():
+                    if await request.is_disconnected():
+                        raise APIError(499, "the client closed the connection", "client_closed_request")
+                    try:
+                        item = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+                    except TimeoutError:
+                        continue
+                else:
+                    item = queue.get_nowait()
                 if isinstance(item, Exception):
                     raise APIError(500, f"generation failed: {item}", "server_error")
                 if item.finished:
@@ -222,7 +237,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
                                             "owned_by": "glassbox", "max_model_len": llm.max_model_len}]}
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         if req.echo:
             raise APIError(400, "echo is not supported", param="echo")
@@ -249,7 +264,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
             include_usage = bool((req.stream_options or {}).get("include_usage"))
             return StreamingResponse(stream(ids, queue, req.n, False, prompts, base, include_usage),
                                      media_type="text/event-stream")
-        finals = await collect(ids, queue)
+        finals = await collect(ids, queue, request)
         choices = []
         for i, rid in enumerate(ids):
             for o in finals[rid].outputs:
@@ -258,7 +273,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
         return {**base, "choices": choices, "usage": usage(prompts, finals)}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
         need_tokenizer()
         text = tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages])
@@ -275,7 +290,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
             include_usage = bool((req.stream_options or {}).get("include_usage"))
             return StreamingResponse(stream(ids, queue, req.n, True, [prompt], base, include_usage),
                                      media_type="text/event-stream")
-        finals = await collect(ids, queue)
+        finals = await collect(ids, queue, request)
         choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
                     "finish_reason": o.finish_reason,
                     "logprobs": chat_logprobs(o.logprobs) if o.logprobs is not None else None}

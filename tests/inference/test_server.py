@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import time
 
 import httpx
@@ -237,3 +238,24 @@ def test_disconnect_aborts_and_frees_blocks(server, prompts):
     _wait_idle(server)
     after = re.search(aborted, httpx.get(f"{server}/metrics").text, re.M)
     assert after and float(after.group(1)) == (float(before.group(1)) if before else 0) + 1
+
+
+def test_non_streaming_disconnect_aborts_and_frees_blocks(server, prompts):
+    # 64 sequences of 200 tokens: over a second of work on the CPU. The client sends the request on a raw socket,
+    # waits until the engine is running it, and hangs up without reading a byte.
+    body = json.dumps({"model": MODEL, "prompt": prompts[4:8], "max_tokens": 200, "ignore_eos": True, "n": 16,
+                       "temperature": 1}).encode()
+    host, port = server.removeprefix("http://").split(":")
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    aborted = r'^glassbox_requests_total\{finish_reason="abort"\} (\S+)$'
+    before = re.search(aborted, httpx.get(f"{server}/metrics").text, re.M)
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(head + body)
+        deadline = time.time() + 10
+        while not _metric(server, "glassbox_num_requests_running"):
+            assert time.time() < deadline, "the request never started"
+            time.sleep(0.01)
+    _wait_idle(server)
+    after = re.search(aborted, httpx.get(f"{server}/metrics").text, re.M)
+    assert after and float(after.group(1)) == (float(before.group(1)) if before else 0) + 64
