@@ -158,12 +158,13 @@ class LLMEngine:
         self.num_steps = 0
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path, config: EngineConfig | None = None) -> "LLMEngine":
+    def from_model_dir(cls, model_dir: str | Path, config: EngineConfig | None = None,
+                       proposer: Proposer | None = None) -> "LLMEngine":
         from glassbox.inference.loader import load_model_dir
 
         config = config or EngineConfig()
         model, tokenizer, eos = load_model_dir(Path(model_dir), config.torch_dtype(), config.device)
-        return cls(model, tokenizer, config, eos)
+        return cls(model, tokenizer, config, eos, proposer)
 
     def _auto_num_blocks(self) -> int:
         cfg = self.config

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Request(BaseModel):
-    # Unknown fields (user, presence_penalty, ...) are accepted and ignored, as OpenAI-compatible servers do.
+    # Unknown fields (user, ...) are accepted and ignored, as OpenAI-compatible servers do.
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
@@ -23,12 +23,16 @@ class _Request(BaseModel):
     stop_token_ids: list[int] | None = None
     seed: int | None = None
     ignore_eos: bool = False
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(default=1.0, gt=0)
 
 
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
+    best_of: int | None = Field(default=None, ge=1)
 
 
 class ChatMessage(BaseModel):

@@ -6,6 +6,9 @@ seed), so a seeded request yields the same tokens whatever else shares its batch
 proposers, i.e. a deterministic draft distribution, so verification is the standard speculative rule with a
 one-hot draft: accept draft token t with probability p(t), else draw from p with t removed; greedy accepts a draft
 token exactly when it is the argmax. Either way the output distribution is the model's own.
+
+Penalties (presence, frequency, repetition) rewrite a sequence's logit rows first. Each row counts the tokens that
+precede it: the sequence's output so far plus the draft tokens before that row's position.
 """
 
 from __future__ import annotations
@@ -13,6 +16,30 @@ from __future__ import annotations
 import torch
 
 from glassbox.inference.sequence import Sequence, TokenLogprob
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
+    """The logits with each penalized sequence's rows rewritten (a copy; rows of other sequences unchanged)."""
+    logits = logits.clone()
+    V, dev = logits.shape[-1], logits.device
+    r = 0
+    for seq, k in rows:
+        p = seq.params
+        if p.penalized:
+            draft = seq.spec_tokens[:k]
+            for j in range(k + 1):
+                row = logits[r + j]
+                output = torch.tensor(seq.output_ids + draft[:j], dtype=torch.long, device=dev)
+                counts = torch.bincount(output, minlength=V).to(row.dtype)
+                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+                if p.repetition_penalty != 1:
+                    seen = torch.zeros(V, dtype=torch.bool, device=dev)
+                    seen[torch.tensor(seq.prompt_ids, dtype=torch.long, device=dev)] = True
+                    seen |= counts > 0
+                    scaled = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+                    row.copy_(torch.where(seen, scaled, row))
+        r += k + 1
+    return logits
 
 
 class Sampler:
@@ -49,6 +76,8 @@ class Sampler:
         Returns each sequence's accepted tokens: the accepted prefix of its draft plus one token sampled from
         the model (the correction, or the bonus token after a fully accepted draft).
         """
+        if any(seq.params.penalized for seq, _ in rows):
+            logits = apply_penalties(logits, rows)
         argmax = logits.argmax(-1).tolist()
         if all(k == 0 and seq.params.greedy for seq, k in rows):
             return [[tok] for tok in argmax]           # plain greedy decoding: nothing else to do per row

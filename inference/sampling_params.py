@@ -14,7 +14,12 @@ class SamplingParams:
     temperature 0 means greedy. top_k <= 0 and top_p == 1 disable those filters. `seed` makes a sampled request
     reproducible regardless of what else is in the batch; with n > 1, sample i uses seed + i. `logprobs` asks for
     the log-probability of each chosen token plus that many top alternatives (0 = only the chosen token), taken
-    from the model's raw distribution, before temperature and filters.
+    from the model's raw distribution, before penalties, temperature and filters.
+
+    Penalties change the logits before any decoding rule, greedy included. `presence_penalty` and
+    `frequency_penalty` (OpenAI's, each in [-2, 2]) subtract a flat amount from every token already generated and an
+    amount per time it was generated; `repetition_penalty` (the CTRL / transformers rule, > 0, 1 = off) divides the
+    positive logits and multiplies the negative ones of every token in the prompt or the output.
     """
 
     n: int = 1
@@ -27,6 +32,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -46,6 +54,15 @@ class SamplingParams:
             raise GlassboxError(f"sampling: logprobs must be >= 0, got {self.logprobs}")
         if any(not s for s in self.stop):
             raise GlassboxError("sampling: stop strings must be non-empty")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise GlassboxError(f"sampling: {name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.repetition_penalty <= 0:
+            raise GlassboxError(f"sampling: repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
 
     @property
     def greedy(self) -> bool:

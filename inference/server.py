@@ -111,6 +111,9 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
             stop_token_ids=list(req.stop_token_ids or []),
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
         )
 
     def submit(prompts: list[list[int]], params: list[SamplingParams], prefix: str) -> tuple[list[str], asyncio.Queue]:
@@ -241,6 +244,9 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
         check_model(req.model)
         if req.echo:
             raise APIError(400, "echo is not supported", param="echo")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "best_of other than n is not supported: ask for n samples and rank them yourself",
+                           param="best_of")
         raw = req.prompt
         if isinstance(raw, str):
             need_tokenizer()

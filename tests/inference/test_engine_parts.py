@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from infer_helpers import ScriptedProposer
 
 from glassbox.errors import GlassboxError
 from glassbox.inference.block_manager import BlockManager
@@ -198,31 +199,6 @@ def test_abort_frees_blocks(model):
     out = eng.abort("long")
     assert out.outputs[0].finish_reason == "abort" and eng.blocks.num_used_blocks == 0
     assert not eng.has_unfinished() and eng.step() == []
-
-
-class ScriptedProposer:
-    """Drafts from a known continuation, corrupting every third draft token, so some drafts are rejected."""
-
-    name = "scripted"
-
-    def __init__(self, prompt_len: int, continuation: list[int]):
-        self.prompt_len = prompt_len
-        self.continuation = continuation
-        self.calls = 0
-
-    def propose(self, seqs: list[Sequence], max_tokens: int) -> list[list[int]]:
-        drafts = []
-        for seq in seqs:
-            done = seq.num_output_tokens
-            draft = list(self.continuation[done:done + max_tokens])
-            for j in range(2, len(draft), 3):
-                draft[j] = (draft[j] + 1) % 200
-            drafts.append(draft)
-        self.calls += 1
-        return drafts
-
-    def on_finished(self, seq: Sequence) -> None:
-        return None
 
 
 def test_speculative_drafts_are_verified_and_rolled_back(model):

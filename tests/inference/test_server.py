@@ -72,6 +72,16 @@ def test_completion_matches_offline_greedy(client, offline, prompts):
     assert resp.usage.completion_tokens == len(ref.outputs[0].token_ids)
 
 
+def test_penalties_reach_the_engine(client, offline, prompts):
+    # OpenAI's penalties, and the repetition penalty as an extra field, reach the engine unchanged.
+    kw = dict(presence_penalty=0.5, frequency_penalty=1.5)
+    resp = client.completions.create(model=MODEL, prompt=prompts[5], max_tokens=16, temperature=0,
+                                     extra_body={"repetition_penalty": 1.3}, **kw)
+    ref = offline.generate(prompts[5], SamplingParams(temperature=0, max_tokens=16, repetition_penalty=1.3, **kw))
+    plain = offline.generate(prompts[5], SamplingParams(temperature=0, max_tokens=16))
+    assert resp.choices[0].text == ref[0].outputs[0].text != plain[0].outputs[0].text
+
+
 def test_batch_of_prompts_and_token_prompts(client, offline, prompts):
     ids = offline.tokenizer.encode(prompts[2])
     resp = client.completions.create(model=MODEL, prompt=[prompts[1], prompts[2]], max_tokens=6, temperature=0)
@@ -165,6 +175,9 @@ def test_stop_string(client, prompts):
     (json.dumps({"model": MODEL, "prompt": "x" * 3000}), 400, "context"),
     (json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 100000}), 400, "max_tokens"),
     (json.dumps({"model": MODEL, "prompt": "x", "temperature": -1}), 400, "temperature"),
+    (json.dumps({"model": MODEL, "prompt": "x", "frequency_penalty": 2.5}), 400, "frequency_penalty"),
+    (json.dumps({"model": MODEL, "prompt": "x", "best_of": 3}), 400, "best_of"),
+    (json.dumps({"model": MODEL, "prompt": "x", "echo": True}), 400, "echo"),
     (json.dumps({"model": "gpt-4", "prompt": "x"}), 404, "does not exist"),
     (json.dumps({"prompt": "x"}), 400, "model"),
 ])
