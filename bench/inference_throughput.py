@@ -209,7 +209,8 @@ def write_results(args, result: dict) -> None:
         f"{args.prompt_len * 3 // 2} tokens, outputs {max(1, args.max_tokens // 2)}-{args.max_tokens * 3 // 2} "
         "tokens, after an unmeasured warm-up burst of 64 such requests.",
         "",
-        "| rate (req/s) | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | TPOT p50 ms | TPOT p90 ms | TPOT p99 ms | output tok/s |",
+        "| rate (req/s) | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | TPOT p50 ms | TPOT p90 ms | TPOT p99 ms "
+        "| output tok/s |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["latency"]:

@@ -99,7 +99,8 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
         if tokenizer is None:
             raise APIError(400, "this model directory has no tokenizer.json: send prompts as token ids")
 
-    def sampling(req: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling(req: CompletionRequest | ChatCompletionRequest, max_tokens: int,
+                 logprobs: int | None) -> SamplingParams:
         return SamplingParams(
             n=req.n,
             temperature=1.0 if req.temperature is None else req.temperature,
