@@ -3,9 +3,10 @@
 The weights and the math of every block (norms, rotary, projections, SwiGLU / MoE) are the training model's own
 modules; only attention differs: each token's K and V are written into its cache slot (block id x block size +
 offset), and queries attend over their sequence's blocks gathered through its block table. Decoding tokens (one
-query per sequence) are batched into one SDPA call with a padding mask; prefill chunks and speculative
-verification (several queries per sequence) run per sequence with a causal mask offset by the cached context.
-Logits are computed only at the positions that sample.
+query per sequence) are batched into one SDPA call with a padding mask. Sequences with several query tokens
+(prompts, later prefill chunks, prefix-cache hits, speculative verification) are padded into one more call, each
+query seeing its sequence's cached keys up to its own position; fresh prompts of one length skip the cache and
+the mask (is_causal). Logits are computed only at the positions that sample.
 
 On CUDA, batches of pure decodes replay CUDA graphs captured at padded batch sizes (1, 2, 4, 8, then every 16),
 which removes the per-kernel launch cost that dominates decoding small models. Padding rows write into a scratch
@@ -33,15 +34,21 @@ from glassbox.train.model import Attention, Transformer, apply_rotary
 
 
 @dataclass
-class PrefillSpan:
-    """A sequence with several query tokens this step that also attends to KV from earlier steps (a later prefill
-    chunk, a prefix-cache hit, or speculative verification): rows [row, row + n) of the flat batch, at positions
-    [start, start + n), its blocks in `table`."""
+class SpanBatch:
+    """Sequences with several query tokens this step (prompts, later prefill chunks, prefix-cache hits,
+    speculative verification), attended in one SDPA call.
 
-    row: int
-    n: int
-    start: int
-    table: torch.Tensor
+    `rows` [G, Lq] are the query rows in the flat batch (a shorter sequence repeats its last row). With `causal`,
+    every sequence is a fresh prompt of the same length, so its keys are exactly its rows and is_causal applies.
+    Otherwise keys come from the cache through block `tables` [G, blocks], `mask` [G, 1, Lq, Lk] lets each query
+    see its sequence up to its own position, and the real queries, `rows[valid]`, go back to `out_rows`."""
+
+    rows: torch.Tensor
+    causal: bool
+    tables: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    out_rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -53,10 +60,12 @@ class BatchInputs:
     decode_rows: torch.Tensor | None         # None with decode_lens set: every row is a decode
     decode_tables: torch.Tensor | None
     decode_lens: torch.Tensor | None
-    prefills: list[PrefillSpan]
-    # Fresh prompts (nothing cached), grouped by length: each [prompts, length] tensor of rows runs as one causal
-    # SDPA call over the K/V just computed.
-    fresh: list[torch.Tensor]
+    spans: list[SpanBatch]
+
+
+# A span batch's mask holds at most this many elements (SDPA may expand it to a float bias per head);
+# sequences beyond it go into further batches.
+SPAN_MASK_LIMIT = 1 << 20
 
 
 # Attention kernels for eager batches, whose shapes change every step (prompt lengths, decode counts, table
@@ -114,8 +123,7 @@ class ModelRunner:
         decode_rows: list[int] = []
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
-        prefills: list[PrefillSpan] = []
-        fresh: dict[int, list[int]] = {}
+        spans: list[tuple[int, int, int, list[int]]] = []       # (row, tokens, start, block table)
         for s in batch.scheduled:
             row = len(ids)
             ids.extend(s.input_ids())
@@ -129,11 +137,8 @@ class ModelRunner:
                 decode_rows.append(row)
                 decode_tables.append(table[:blocks.blocks_needed(s.start + 1)])
                 decode_lens.append(s.start + 1)
-            elif s.start == 0:
-                fresh.setdefault(s.num_tokens, []).append(row)
             else:
-                ctx_table = torch.tensor(table[:blocks.blocks_needed(s.start + s.num_tokens)], device=self.device)
-                prefills.append(PrefillSpan(row, s.num_tokens, s.start, ctx_table))
+                spans.append((row, s.num_tokens, s.start, table[:blocks.blocks_needed(s.start + s.num_tokens)]))
         dev = self.device
         every_row = logit_rows == list(range(len(ids)))
         inputs = BatchInputs(
@@ -142,17 +147,51 @@ class ModelRunner:
             slots=torch.tensor(slots, device=dev),
             logit_rows=None if every_row else torch.tensor(logit_rows, device=dev, dtype=torch.long),
             decode_rows=None, decode_tables=None, decode_lens=None,
-            prefills=prefills,
-            fresh=[torch.tensor(rows, device=dev)[:, None] + torch.arange(n, device=dev)[None, :]
-                   for n, rows in fresh.items()],
+            spans=self._span_batches(spans),
         )
         if decode_rows:
             width = max(len(t) for t in decode_tables)
-            if prefills or fresh:
+            if spans:
                 inputs.decode_rows = torch.tensor(decode_rows, device=dev)
             inputs.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=dev)
             inputs.decode_lens = torch.tensor(decode_lens, device=dev)
         return inputs
+
+    def _span_batches(self, spans: list[tuple[int, int, int, list[int]]]) -> list[SpanBatch]:
+        """Group multi-token sequences into as few SDPA calls as the mask limit allows: one call per layer for a
+        whole step's prompts, instead of one per prompt (the launches of which dominated steps with many prompts)."""
+        dev = self.device
+        if not spans:
+            return []
+        if all(start == 0 and n == spans[0][1] for _, n, start, _ in spans):
+            rows = [[row + i for i in range(n)] for row, n, _, _ in spans]
+            return [SpanBatch(torch.tensor(rows, device=dev), causal=True)]
+        # Longest context first; a batch grows while its padded mask stays under the limit.
+        spans = sorted(spans, key=lambda sp: -(sp[2] + sp[1]))
+        groups: list[list[tuple[int, int, int, list[int]]]] = []
+        for sp in spans:
+            g = groups[-1] if groups else None
+            if g is not None:
+                lq = max(max(n for _, n, _, _ in g), sp[1])
+                lk = len(g[0][3]) * self.block_size
+                if (len(g) + 1) * lq * lk <= SPAN_MASK_LIMIT:
+                    g.append(sp)
+                    continue
+            groups.append([sp])
+        batches = []
+        for g in groups:
+            lq = max(n for _, n, _, _ in g)
+            width = max(len(t) for _, _, _, t in g)
+            rows = [[row + min(i, n - 1) for i in range(lq)] for row, n, _, _ in g]
+            qpos = [[start + min(i, n - 1) for i in range(lq)] for _, n, start, _ in g]
+            valid = torch.tensor([[i < n for i in range(lq)] for _, n, _, _ in g], device=dev)
+            rows_t = torch.tensor(rows, device=dev)
+            keys = torch.arange(width * self.block_size, device=dev)
+            mask = keys[None, None, :] <= torch.tensor(qpos, device=dev)[:, :, None]
+            batches.append(SpanBatch(
+                rows_t, causal=False, mask=mask[:, None], valid=valid, out_rows=rows_t[valid],
+                tables=torch.tensor([t + [0] * (width - len(t)) for _, _, _, t in g], device=dev)))
+        return batches
 
     # Running ---------------------------------------------------------------------------------------------------
 
@@ -198,25 +237,22 @@ class ModelRunner:
         v = attn.v_proj(h).view(N, -1, hd)
         kc.index_copy_(0, inputs.slots, k)
         vc.index_copy_(0, inputs.slots, v)
-        if not inputs.prefills and not inputs.fresh:
+        if not inputs.spans:
             return attn.o_proj(self._decode_attention(q, kc, vc, inputs.decode_tables, decode_mask).reshape(N, -1))
         out = torch.empty_like(q)
         if inputs.decode_rows is not None:
             out[inputs.decode_rows] = self._decode_attention(q[inputs.decode_rows], kc, vc, inputs.decode_tables,
                                                              decode_mask)
-        for rows in inputs.fresh:
-            o = F.scaled_dot_product_attention(q[rows].transpose(1, 2), k[rows].transpose(1, 2),
-                                               v[rows].transpose(1, 2), is_causal=True, enable_gqa=True)
-            out[rows] = o.transpose(1, 2)
-        for span in inputs.prefills:
-            qs = q[span.row:span.row + span.n].transpose(0, 1)[None]
-            ctx = span.start + span.n
-            ks = self._gather(kc, span.table[None])[:, :, :ctx]
-            vs = self._gather(vc, span.table[None])[:, :, :ctx]
-            qpos = torch.arange(span.start, ctx, device=h.device)
-            mask = torch.arange(ctx, device=h.device)[None, :] <= qpos[:, None]
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
-            out[span.row:span.row + span.n] = o[0].transpose(0, 1)
+        for b in inputs.spans:
+            qs = q[b.rows].transpose(1, 2)                                   # [G, heads, Lq, head_dim]
+            if b.causal:
+                o = F.scaled_dot_product_attention(qs, k[b.rows].transpose(1, 2), v[b.rows].transpose(1, 2),
+                                                   is_causal=True, enable_gqa=True)
+                out[b.rows] = o.transpose(1, 2)
+            else:
+                o = F.scaled_dot_product_attention(qs, self._gather(kc, b.tables), self._gather(vc, b.tables),
+                                                   attn_mask=b.mask, enable_gqa=True)
+                out[b.out_rows] = o.transpose(1, 2)[b.valid]
         return attn.o_proj(out.reshape(N, -1))
 
     def _gather(self, cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
@@ -236,7 +272,7 @@ class ModelRunner:
 
     def _static_inputs(self, b: int) -> BatchInputs:
         return BatchInputs(self._ids[:b], self._pos[:b], self._slots[:b], None, None, self._tables[:b],
-                           self._lens[:b], [], [])
+                           self._lens[:b], [])
 
     def _split(self, buf: torch.Tensor | np.ndarray) -> tuple:
         """The graph inputs as views of one flat buffer (a device tensor or its host staging array): ids, positions,
