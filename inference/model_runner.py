@@ -250,8 +250,12 @@ class ModelRunner:
                                                    is_causal=True, enable_gqa=True)
                 out[b.rows] = o.transpose(1, 2)
             else:
-                o = F.scaled_dot_product_attention(qs, self._gather(kc, b.tables), self._gather(vc, b.tables),
-                                                   attn_mask=b.mask, enable_gqa=True)
+                # K/V heads repeated to the query heads: with a mask and grouped heads, SDPA falls back to its
+                # unfused math kernel; with equal heads the fused memory-efficient kernel takes the mask.
+                groups = qs.shape[1] // kc.shape[1]
+                ks = self._gather(kc, b.tables).repeat_interleave(groups, dim=1)
+                vs = self._gather(vc, b.tables).repeat_interleave(groups, dim=1)
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=b.mask)
                 out[b.out_rows] = o.transpose(1, 2)[b.valid]
         return attn.o_proj(out.reshape(N, -1))
 
