@@ -22,6 +22,7 @@ and .md (--out-name changes the file stem, e.g. to keep CPU and GPU results side
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import random
@@ -255,6 +256,7 @@ def main() -> None:
         vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
         throughput = bench_throughput(args, model_dir, vocab)
         if cuda:
+            gc.collect()
             torch.cuda.empty_cache()          # the transformers model and the first engine are gone
         latency = bench_latency(args, model_dir, vocab)
     device = torch.cuda.get_device_name(args.device) if cuda else platform.processor() or platform.machine()

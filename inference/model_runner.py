@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.fx.experimental._config
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -41,13 +42,14 @@ class SpanBatch:
     `rows` [G, Lq] are the query rows in the flat batch (a shorter sequence repeats its last row). With `causal`,
     every sequence is a fresh prompt of the same length, so its keys are exactly its rows and is_causal applies.
     Otherwise keys come from the cache through block `tables` [G, blocks], `mask` [G, 1, Lq, Lk] lets each query
-    see its sequence up to its own position, and the real queries, `rows[valid]`, go back to `out_rows`."""
+    see its sequence up to its own position, and the real queries (flat positions `valid`) go back to `out_rows`.
+    Integer indices, not boolean masks, so that no step needs a data-dependent shape (compilable)."""
 
     rows: torch.Tensor
     causal: bool
     tables: torch.Tensor | None = None
     mask: torch.Tensor | None = None
-    valid: torch.Tensor | None = None
+    valid: torch.Tensor | None = None       # positions of the real queries in the flattened [G x Lq] batch
     out_rows: torch.Tensor | None = None
 
 
@@ -73,8 +75,11 @@ SPAN_MASK_LIMIT = 1 << 20
 # fresh prompts of many lengths take up to a second. Captured graphs have fixed shapes and keep torch's choice.
 EAGER_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
-# Decode-block specialisations torch.compile has been asked for in this process (see ModelRunner._capture).
-_compiled_sizes = 0
+# Compiles of the decoder layer that the runners of this process may need (see ModelRunner.__init__), and the
+# most batch structures one runner's eager path is expected to meet (spans causal or not, one batch or several,
+# with decodes or without, dims of size 1 specialised).
+_compiles_allowed = 8
+EAGER_STRUCTURES = 24
 
 
 def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
@@ -88,6 +93,73 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sizes + [max_num_seqs]
 
 
+def decoder_layer(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor,
+                  vc: torch.Tensor, inputs: BatchInputs, decode_mask: torch.Tensor | None,
+                  block_size: int) -> torch.Tensor:
+    """One decoder layer over a flat batch with a paged KV cache. Its cache is passed in (not indexed by layer
+    number) and it is a plain function (not a runner method), so every layer of every runner runs the same
+    compiled code, and compiled code holds no runner (nor its KV pool) alive."""
+    h = layer.input_layernorm(x)
+    x = x + paged_attention(layer.self_attn, h, cos, sin, kc, vc, inputs, decode_mask, block_size)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def paged_attention(attn: Attention, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor,
+                    vc: torch.Tensor, inputs: BatchInputs, decode_mask: torch.Tensor | None,
+                    block_size: int) -> torch.Tensor:
+    N, hd = h.shape[0], attn.head_dim
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    q = apply_rotary(attn.q_proj(h).view(N, -1, hd), cos, sin)
+    k = apply_rotary(attn.k_proj(h).view(N, -1, hd), cos, sin)
+    v = attn.v_proj(h).view(N, -1, hd)
+    kc.index_copy_(0, inputs.slots, k)
+    vc.index_copy_(0, inputs.slots, v)
+    if not inputs.spans:
+        out = decode_attention(q, kc, vc, inputs.decode_tables, decode_mask, block_size)
+        return attn.o_proj(out.reshape(N, -1))
+    out = torch.empty_like(q)
+    if inputs.decode_rows is not None:
+        out[inputs.decode_rows] = decode_attention(q[inputs.decode_rows], kc, vc, inputs.decode_tables, decode_mask,
+                                                   block_size)
+    for b in inputs.spans:
+        qs = q[b.rows].transpose(1, 2)                                   # [G, heads, Lq, head_dim]
+        if b.causal:
+            o = F.scaled_dot_product_attention(qs, k[b.rows].transpose(1, 2), v[b.rows].transpose(1, 2),
+                                               is_causal=True, enable_gqa=True)
+            out[b.rows] = o.transpose(1, 2)
+        else:
+            # K/V heads repeated to the query heads: with a mask and grouped heads, SDPA falls back to its
+            # unfused math kernel; with equal heads the fused memory-efficient kernel takes the mask.
+            groups = qs.shape[1] // kc.shape[1]
+            ks = gather_blocks(kc, b.tables, block_size).repeat_interleave(groups, dim=1)
+            vs = gather_blocks(vc, b.tables, block_size).repeat_interleave(groups, dim=1)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=b.mask[:, None]).transpose(1, 2)
+            out[b.out_rows] = o.reshape(-1, *o.shape[2:])[b.valid]
+    return attn.o_proj(out.reshape(N, -1))
+
+
+def gather_blocks(cache: torch.Tensor, tables: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[B, blocks] block tables -> [B, kv_heads, blocks x block_size, head_dim] keys or values."""
+    B, nb = tables.shape
+    blocks = cache.view(-1, block_size, *cache.shape[1:])[tables]
+    return blocks.view(B, nb * block_size, *cache.shape[1:]).transpose(1, 2)
+
+
+def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, tables: torch.Tensor, mask: torch.Tensor,
+                     block_size: int) -> torch.Tensor:
+    ks = gather_blocks(kc, tables, block_size)
+    vs = gather_blocks(vc, tables, block_size)
+    o = F.scaled_dot_product_attention(q[:, :, None, :], ks, vs, attn_mask=mask[:, None, None], enable_gqa=True)
+    return o[:, :, 0, :]
+
+
+def _dynamic_shapes():
+    """How the eager path's dynamic shapes are traced: sizes that happen to be equal in one batch (a span's table
+    width and the decodes') stay separate symbols, and a size of 1 is not specialised (one prompt, one decode),
+    so that a batch structure compiles once, whatever its sizes."""
+    return torch.fx.experimental._config.patch(use_duck_shape=False, backed_size_oblivious=True)
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, max_model_len: int,
                  max_num_seqs: int, cuda_graphs: bool = True, compile: bool = False):
@@ -97,13 +169,20 @@ class ModelRunner:
         self.device, self.dtype = p.device, p.dtype
         self.block_size = block_size
         self.use_graphs = cuda_graphs and self.device.type == "cuda" and not cfg.is_moe
-        if compile and not self.use_graphs:
-            raise GlassboxError(
-                "engine option compile: it compiles the CUDA-graph decode path, which this engine does not use "
-                f"(device {self.device.type}, cuda_graphs={cuda_graphs}, MoE={cfg.is_moe}); it needs a dense model "
-                "on CUDA with cuda_graphs on"
-            )
+        if compile and cfg.is_moe:
+            raise GlassboxError("engine option compile: MoE routing reads expert counts on the host, which a compiled "
+                                "layer cannot; serve MoE models without compile")
         self.compile = compile
+        # Eager batches (prefills, mixed steps, decodes beyond the graphs) run the layer compiled for dynamic
+        # shapes: one compile per batch structure (prompts alone or beside decodes, of one length or several),
+        # not per size. Dynamo counts compiles per code object over the whole process, so its limit grows with
+        # every runner's graphs and structures; it is only ever raised.
+        self._eager_block: Callable = decoder_layer
+        if compile:
+            global _compiles_allowed
+            _compiles_allowed += EAGER_STRUCTURES + (len(graph_batch_sizes(max_num_seqs)) if self.use_graphs else 0)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _compiles_allowed)
+            self._eager_block = torch.compile(decoder_layer, dynamic=True, fullgraph=True)
         # One scratch block past the pool takes the writes of graph padding rows.
         self.scratch = num_blocks
         shape = ((num_blocks + 1) * block_size, cfg.num_kv_heads, cfg.head_dim)
@@ -184,12 +263,13 @@ class ModelRunner:
             width = max(len(t) for _, _, _, t in g)
             rows = [[row + min(i, n - 1) for i in range(lq)] for row, n, _, _ in g]
             qpos = [[start + min(i, n - 1) for i in range(lq)] for _, n, start, _ in g]
-            valid = torch.tensor([[i < n for i in range(lq)] for _, n, _, _ in g], device=dev)
+            valid = [g_i * lq + i for g_i, (_, n, _, _) in enumerate(g) for i in range(n)]
             rows_t = torch.tensor(rows, device=dev)
             keys = torch.arange(width * self.block_size, device=dev)
             mask = keys[None, None, :] <= torch.tensor(qpos, device=dev)[:, :, None]
             batches.append(SpanBatch(
-                rows_t, causal=False, mask=mask[:, None], valid=valid, out_rows=rows_t[valid],
+                rows_t, causal=False, mask=mask, valid=torch.tensor(valid, device=dev),
+                out_rows=torch.tensor([r for (row, n, _, _) in g for r in range(row, row + n)], device=dev),
                 tables=torch.tensor([t + [0] * (width - len(t)) for _, _, _, t in g], device=dev)))
         return batches
 
@@ -201,76 +281,25 @@ class ModelRunner:
         n = len(batch.scheduled)
         if self.graphs and n <= max(self.graphs) and all(s.num_tokens == 1 for s in batch.scheduled):
             return self._replay(batch, blocks)
-        with sdpa_kernel(EAGER_ATTENTION):
-            return self._forward(self.prepare(batch, blocks))
+        with sdpa_kernel(EAGER_ATTENTION), _dynamic_shapes():
+            return self._forward(self.prepare(batch, blocks), self._eager_block)
 
     def _forward(self, inputs: BatchInputs, block: Callable | None = None) -> torch.Tensor:
-        """The model over a flat batch; `block` replaces `_block` for every decoder layer (its compiled form)."""
+        """The model over a flat batch; `block` replaces `decoder_layer` for every layer (its compiled form)."""
         m = self.model
-        block = block or self._block
+        block = block or decoder_layer
         x = m.embed_tokens(inputs.input_ids)
+        # Broadcast dims of size 1 are added inside the layer, where the compiler sees them as constants.
         cos, sin = m.rotary(inputs.positions, x.dtype)
-        cos, sin = cos[:, None, :], sin[:, None, :]
         decode_mask = None
         if inputs.decode_lens is not None:
             keys = inputs.decode_tables.shape[1] * self.block_size
-            decode_mask = (torch.arange(keys, device=x.device)[None, :] < inputs.decode_lens[:, None])[:, None, None]
+            decode_mask = torch.arange(keys, device=x.device)[None, :] < inputs.decode_lens[:, None]
         for layer, kc, vc in zip(m.layers, self.k_cache, self.v_cache):
-            x = block(layer, x, cos, sin, kc, vc, inputs, decode_mask)
+            x = block(layer, x, cos, sin, kc, vc, inputs, decode_mask, self.block_size)
         if inputs.logit_rows is not None:
             x = x[inputs.logit_rows]
         return m.lm_head(m.norm(x)).float()
-
-    def _block(self, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor,
-               vc: torch.Tensor, inputs: BatchInputs, decode_mask: torch.Tensor | None) -> torch.Tensor:
-        """One decoder layer, its K/V cache passed in (not indexed by layer number), so that every layer runs the
-        same compiled code."""
-        h = layer.input_layernorm(x)
-        x = x + self._attention(layer.self_attn, h, cos, sin, kc, vc, inputs, decode_mask)
-        return x + layer.mlp(layer.post_attention_layernorm(x))
-
-    def _attention(self, attn: Attention, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor,
-                   vc: torch.Tensor, inputs: BatchInputs, decode_mask: torch.Tensor | None) -> torch.Tensor:
-        N, hd = h.shape[0], attn.head_dim
-        q = apply_rotary(attn.q_proj(h).view(N, -1, hd), cos, sin)
-        k = apply_rotary(attn.k_proj(h).view(N, -1, hd), cos, sin)
-        v = attn.v_proj(h).view(N, -1, hd)
-        kc.index_copy_(0, inputs.slots, k)
-        vc.index_copy_(0, inputs.slots, v)
-        if not inputs.spans:
-            return attn.o_proj(self._decode_attention(q, kc, vc, inputs.decode_tables, decode_mask).reshape(N, -1))
-        out = torch.empty_like(q)
-        if inputs.decode_rows is not None:
-            out[inputs.decode_rows] = self._decode_attention(q[inputs.decode_rows], kc, vc, inputs.decode_tables,
-                                                             decode_mask)
-        for b in inputs.spans:
-            qs = q[b.rows].transpose(1, 2)                                   # [G, heads, Lq, head_dim]
-            if b.causal:
-                o = F.scaled_dot_product_attention(qs, k[b.rows].transpose(1, 2), v[b.rows].transpose(1, 2),
-                                                   is_causal=True, enable_gqa=True)
-                out[b.rows] = o.transpose(1, 2)
-            else:
-                # K/V heads repeated to the query heads: with a mask and grouped heads, SDPA falls back to its
-                # unfused math kernel; with equal heads the fused memory-efficient kernel takes the mask.
-                groups = qs.shape[1] // kc.shape[1]
-                ks = self._gather(kc, b.tables).repeat_interleave(groups, dim=1)
-                vs = self._gather(vc, b.tables).repeat_interleave(groups, dim=1)
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=b.mask)
-                out[b.out_rows] = o.transpose(1, 2)[b.valid]
-        return attn.o_proj(out.reshape(N, -1))
-
-    def _gather(self, cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-        """[B, blocks] block tables -> [B, kv_heads, blocks x block_size, head_dim] keys or values."""
-        B, nb = tables.shape
-        blocks = cache.view(-1, self.block_size, *cache.shape[1:])[tables]
-        return blocks.view(B, nb * self.block_size, *cache.shape[1:]).transpose(1, 2)
-
-    def _decode_attention(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, tables: torch.Tensor,
-                          mask: torch.Tensor) -> torch.Tensor:
-        ks = self._gather(kc, tables)
-        vs = self._gather(vc, tables)
-        o = F.scaled_dot_product_attention(q[:, :, None, :], ks, vs, attn_mask=mask, enable_gqa=True)
-        return o[:, :, 0, :]
 
     # CUDA graphs -----------------------------------------------------------------------------------------------
 
@@ -312,13 +341,10 @@ class ModelRunner:
         if self.compile:
             # Regional compilation: every layer shares one compiled block (its weights and cache are inputs, not
             # constants), so compiling costs one layer per captured size, not the whole stack. Static shapes: each
-            # size is its own specialisation, compiled in the warm-up below. Dynamo counts specialisations per
-            # code object over the whole process (earlier engines included), so its limit grows with them.
-            global _compiled_sizes
-            _compiled_sizes += len(sizes)
-            block = torch.compile(self._block, dynamic=False, fullgraph=True)
+            # size is its own specialisation, compiled in the warm-up below.
+            block = torch.compile(decoder_layer, dynamic=False, fullgraph=True)
         pool = None
-        with torch.inference_mode(), torch._dynamo.config.patch(recompile_limit=max(8, _compiled_sizes)):
+        with torch.inference_mode():
             # Only compiling is slow enough (tens of seconds per size) to need a progress bar.
             for b in tqdm(sorted(sizes, reverse=True), desc="compiling decode graphs", unit="size",
                           disable=not self.compile):

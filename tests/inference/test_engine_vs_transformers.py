@@ -3,6 +3,10 @@ or in a batch, through chunked prefill, prefix-cache hits and preemption."""
 
 from __future__ import annotations
 
+import gc
+import shutil
+import weakref
+
 import pytest
 import torch
 from infer_helpers import one_thread
@@ -105,3 +109,29 @@ def test_logprobs_match_transformers_logits(llama_dir, llama_reference):
         assert lp.logprob == pytest.approx(float(ref[j, lp.token_id]), abs=1e-4)
         top_ids = ref[j].topk(4).indices.tolist()
         assert [t for t, _ in lp.top] == top_ids
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_engine_matches_transformers_and_compiles_only_at_start(llama_dir, llama_reference):
+    from torch._dynamo.utils import counters
+
+    token_prompts, expected = llama_reference
+    # Chunked prefill (16-token budget) and prefix hits: prompts alone and beside decodes, of one and many lengths.
+    cfg = EngineConfig(block_size=4, num_kv_blocks=256, max_num_batched_tokens=16, max_model_len=80, compile=True)
+    llm = LLM(engine=LLMEngine.from_model_dir(llama_dir, cfg))
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled > 0
+    assert _engine_greedy(llm, token_prompts) == expected
+    assert _engine_greedy(llm, token_prompts[3:9]) == expected[3:9]
+    assert llm.engine.blocks.prefix_hits > 0
+    assert counters["stats"]["unique_graphs"] == compiled      # the start-up run met every structure
+    # Compiled code keeps no runner alive, not even in a reference cycle awaiting the garbage collector: a second
+    # engine in the process gets the memory (on a GPU, the KV pool) of the first as soon as it is dropped.
+    runner = weakref.ref(llm.engine.runner)
+    gc.disable()
+    try:
+        del llm
+        assert runner() is None
+    finally:
+        gc.enable()
