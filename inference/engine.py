@@ -157,38 +157,6 @@ class LLMEngine:
         self.proposer = proposer or make_proposer(cfg.proposer)
         self.requests: dict[str, _Request] = {}
         self.num_steps = 0
-        if cfg.compile:
-            self._compile_eager_structures()
-
-    def _compile_eager_structures(self) -> None:
-        """Run, before any request, the batch structures a server meets on the eager path: a lone prompt, prompts
-        of one length and of several, prompts joining running decodes, a prefix-cache hit. Each is compiled here
-        once (dynamic shapes), instead of stalling the first request that has it for seconds."""
-        bs, vocab = self.config.block_size, self.model.config.vocab_size
-        length = max(2, min(2 * bs + 1, self.max_model_len // 2 - 8))
-        made = iter(range(1 << 30))
-
-        def add(n: int, prefix: list[int] | None = None) -> list[int]:
-            i = next(made)
-            prompt = (prefix or []) + [(7 * i + 3 * j + 1) % vocab for j in range(n)]
-            self.add_request(f"__compile-{i}", prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
-            return prompt
-
-        first = add(length)
-        # Per step, the prompts that join it: alone, then beside one and several running decodes.
-        for joining in ([], [length + 1, length + 2], [length, length], [1], []):
-            for n in joining:
-                add(n)
-            self.step()
-        add(1, prefix=first)                      # shares the first prompt's full blocks: a prefix-cache hit
-        while self.has_unfinished():
-            self.step()
-        for joining in ([length + 1, length + 2], [length, length], [length]):   # with nothing else running
-            for n in joining:
-                add(n)
-            while self.has_unfinished():
-                self.step()
-        self.num_steps = 0
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: EngineConfig | None = None,

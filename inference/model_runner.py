@@ -18,6 +18,7 @@ by all layers), so each graph replays Inductor's fused kernels instead of the ~4
 from __future__ import annotations
 
 from collections.abc import Callable
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -191,6 +192,8 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if self.use_graphs:
             self._capture(graph_batch_sizes(max_num_seqs), -(-max_model_len // block_size))
+        if compile:
+            self._compile_eager_structures()
 
     # Inputs ----------------------------------------------------------------------------------------------------
 
@@ -218,6 +221,11 @@ class ModelRunner:
                 decode_lens.append(s.start + 1)
             else:
                 spans.append((row, s.num_tokens, s.start, table[:blocks.blocks_needed(s.start + s.num_tokens)]))
+        return self._inputs(ids, positions, slots, logit_rows, decode_rows, decode_tables, decode_lens, spans)
+
+    def _inputs(self, ids: list[int], positions: list[int], slots: list[int], logit_rows: list[int],
+                decode_rows: list[int], decode_tables: list[list[int]], decode_lens: list[int],
+                spans: list[tuple[int, int, int, list[int]]]) -> BatchInputs:
         dev = self.device
         every_row = logit_rows == list(range(len(ids)))
         inputs = BatchInputs(
@@ -235,6 +243,30 @@ class ModelRunner:
             inputs.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=dev)
             inputs.decode_lens = torch.tensor(decode_lens, device=dev)
         return inputs
+
+    def _compile_eager_structures(self) -> None:
+        """Compile the eager path for every batch structure before serving, instead of stalling the first request
+        that brings a new one for seconds: prompts of one length (causal) or not (masked), one or two of them,
+        beside no, one or two decodes, plus decodes alone; each at a small and a larger size (tables of one block
+        and of two), in case a size of 1 specialises. The batches are synthetic: every token reads and writes only
+        the scratch block past the pool."""
+        bs, scratch = self.block_size, self.scratch
+        with torch.inference_mode(), sdpa_kernel(EAGER_ATTENTION), _dynamic_shapes():
+            for small in (True, False):
+                n = 2 if small else bs + 3                       # tokens per prompt; its context's blocks below
+                table = [scratch] * (1 if small else 2)
+                for causal, prompts, decodes in itertools.product((True, False), (0, 1, 2), (0, 1, 2)):
+                    if prompts + decodes == 0 or (prompts == 0 and not causal):
+                        continue
+                    spans = [(row * n, n + (0 if causal else row), 0, table) for row in range(prompts)]
+                    if prompts == 1 and not causal:               # one prompt, masked: a prefix-cache hit
+                        spans = [(0, n, 1, table)]
+                    tokens = sum(sp[1] for sp in spans)
+                    decode_rows = list(range(tokens, tokens + decodes))
+                    total = tokens + decodes
+                    inputs = self._inputs([0] * total, [0] * total, [scratch * bs] * total, list(range(total)),
+                                          decode_rows, [table] * decodes, [n] * decodes, spans)
+                    self._forward(inputs, self._eager_block)
 
     def _span_batches(self, spans: list[tuple[int, int, int, list[int]]]) -> list[SpanBatch]:
         """Group multi-token sequences into as few SDPA calls as the mask limit allows: one call per layer for a

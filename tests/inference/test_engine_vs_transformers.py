@@ -125,13 +125,23 @@ def test_compiled_engine_matches_transformers_and_compiles_only_at_start(llama_d
     assert _engine_greedy(llm, token_prompts) == expected
     assert _engine_greedy(llm, token_prompts[3:9]) == expected[3:9]
     assert llm.engine.blocks.prefix_hits > 0
+    # Staggered arrivals, as a server sees them: one new prompt at a time beside running decodes.
+    eng = llm.engine
+    for i, ids in enumerate(token_prompts[:6]):
+        eng.add_request(f"staggered-{i}", ids, SamplingParams(temperature=0, max_tokens=MAX_NEW))
+        eng.step()
+        eng.step()
+    finals = {}
+    while eng.has_unfinished():
+        finals.update({o.request_id: o for o in eng.step() if o.finished})
+    assert [finals[f"staggered-{i}"].outputs[0].token_ids for i in range(6)] == expected[:6]
     assert counters["stats"]["unique_graphs"] == compiled      # the start-up run met every structure
     # Compiled code keeps no runner alive, not even in a reference cycle awaiting the garbage collector: a second
     # engine in the process gets the memory (on a GPU, the KV pool) of the first as soon as it is dropped.
     runner = weakref.ref(llm.engine.runner)
     gc.disable()
     try:
-        del llm
+        del llm, eng
         assert runner() is None
     finally:
         gc.enable()
