@@ -11,8 +11,9 @@ the mask (is_causal). Logits are computed only at the positions that sample.
 On CUDA, batches of pure decodes replay CUDA graphs captured at padded batch sizes (1, 2, 4, 8, then every 16),
 which removes the per-kernel launch cost that dominates decoding small models. Padding rows write into a scratch
 block past the pool and are dropped. MoE models run eagerly: their routing reads expert counts on the host.
-With `compile`, the decoder layer is first compiled by `torch.compile` (one specialisation per captured size, shared
-by all layers), so each graph replays Inductor's fused kernels instead of the ~45 eager kernels per layer.
+With `compile`, the decoder layer (one plain function for all layers) is compiled by `torch.compile`: at each
+captured size, so each graph replays Inductor's fused kernels instead of the ~45 eager kernels per layer, and with
+dynamic shapes for eager batches, whose every structure is compiled at start-up on synthetic batches.
 """
 
 from __future__ import annotations
