@@ -184,8 +184,9 @@ class ModelRunner:
             global _compiles_allowed
             _compiles_allowed += EAGER_STRUCTURES + (len(graph_batch_sizes(max_num_seqs)) if self.use_graphs else 0)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _compiles_allowed)
-            self._eager_block = torch.compile(decoder_layer, dynamic=True, fullgraph=True)
-        # One scratch block past the pool takes the writes of graph padding rows.
+            # Not fullgraph: a structure nobody foresaw must run (split, or eagerly past the limit), never fail.
+            self._eager_block = torch.compile(decoder_layer, dynamic=True)
+        # One scratch block past the pool takes the writes of graph padding rows and of compile warm-ups.
         self.scratch = num_blocks
         shape = ((num_blocks + 1) * block_size, cfg.num_kv_heads, cfg.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]

@@ -121,7 +121,7 @@ def test_compiled_engine_matches_transformers_and_compiles_only_at_start(llama_d
     cfg = EngineConfig(block_size=4, num_kv_blocks=256, max_num_batched_tokens=16, max_model_len=80, compile=True)
     llm = LLM(engine=LLMEngine.from_model_dir(llama_dir, cfg))
     compiled = counters["stats"]["unique_graphs"]
-    assert compiled > 0
+    assert compiled > 0 and not counters["graph_break"]          # each structure is one whole graph
     assert _engine_greedy(llm, token_prompts) == expected
     assert _engine_greedy(llm, token_prompts[3:9]) == expected[3:9]
     assert llm.engine.blocks.prefix_hits > 0
