@@ -18,9 +18,10 @@ dynamic shapes for eager batches, whose every structure is compiled at start-up 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,6 +35,16 @@ from glassbox.errors import GlassboxError
 from glassbox.inference.block_manager import BlockManager
 from glassbox.inference.scheduler import SchedulerOutput
 from glassbox.train.model import Attention, Transformer, apply_rotary
+
+
+class Span(NamedTuple):
+    """A sequence with several query tokens this step: rows [row, row + n) of the flat batch, at positions
+    [start, start + n), its context's blocks in `table`."""
+
+    row: int
+    n: int
+    start: int
+    table: list[int]
 
 
 @dataclass
@@ -207,7 +218,7 @@ class ModelRunner:
         decode_rows: list[int] = []
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
-        spans: list[tuple[int, int, int, list[int]]] = []       # (row, tokens, start, block table)
+        spans: list[Span] = []
         for s in batch.scheduled:
             row = len(ids)
             ids.extend(s.input_ids())
@@ -222,12 +233,12 @@ class ModelRunner:
                 decode_tables.append(table[:blocks.blocks_needed(s.start + 1)])
                 decode_lens.append(s.start + 1)
             else:
-                spans.append((row, s.num_tokens, s.start, table[:blocks.blocks_needed(s.start + s.num_tokens)]))
+                spans.append(Span(row, s.num_tokens, s.start, table[:blocks.blocks_needed(s.start + s.num_tokens)]))
         return self._inputs(ids, positions, slots, logit_rows, decode_rows, decode_tables, decode_lens, spans)
 
     def _inputs(self, ids: list[int], positions: list[int], slots: list[int], logit_rows: list[int],
                 decode_rows: list[int], decode_tables: list[list[int]], decode_lens: list[int],
-                spans: list[tuple[int, int, int, list[int]]]) -> BatchInputs:
+                spans: list[Span]) -> BatchInputs:
         dev = self.device
         every_row = logit_rows == list(range(len(ids)))
         inputs = BatchInputs(
@@ -246,6 +257,7 @@ class ModelRunner:
             inputs.decode_lens = torch.tensor(decode_lens, device=dev)
         return inputs
 
+    @torch.inference_mode()   # the inputs too: compiled code is guarded on inference tensors, as execute makes
     def _compile_eager_structures(self) -> None:
         """Compile the eager path for every batch structure before serving, instead of stalling the first request
         that brings a new one for seconds: prompts of one length (causal) or not (masked), one or two of them,
@@ -253,58 +265,58 @@ class ModelRunner:
         and of two), in case a size of 1 specialises. The batches are synthetic: every token reads and writes only
         the scratch block past the pool."""
         bs, scratch = self.block_size, self.scratch
-        with torch.inference_mode(), sdpa_kernel(EAGER_ATTENTION), _dynamic_shapes():
-            for small in (True, False):
-                n = 2 if small else bs + 3                       # tokens per prompt; its context's blocks below
-                table = [scratch] * (1 if small else 2)
-                for causal, prompts, decodes in itertools.product((True, False), (0, 1, 2), (0, 1, 2)):
-                    if prompts + decodes == 0 or (prompts == 0 and not causal):
-                        continue
-                    spans = [(row * n, n + (0 if causal else row), 0, table) for row in range(prompts)]
-                    if prompts == 1 and not causal:               # one prompt, masked: a prefix-cache hit
-                        spans = [(0, n, 1, table)]
-                    tokens = sum(sp[1] for sp in spans)
-                    decode_rows = list(range(tokens, tokens + decodes))
-                    total = tokens + decodes
-                    inputs = self._inputs([0] * total, [0] * total, [scratch * bs] * total, list(range(total)),
-                                          decode_rows, [table] * decodes, [n] * decodes, spans)
-                    self._forward(inputs, self._eager_block)
+        for small in (True, False):
+            n = 2 if small else bs + 3                       # tokens per prompt; its context's blocks below
+            table = [scratch] * (1 if small else 2)
+            for causal, prompts, decodes in itertools.product((True, False), (0, 1, 2), (0, 1, 2)):
+                if prompts + decodes == 0 or (prompts == 0 and not causal):
+                    continue
+                spans = [Span(row * n, n + (0 if causal else row), 0, table) for row in range(prompts)]
+                if prompts == 1 and not causal:               # one prompt, masked: a prefix-cache hit
+                    spans = [Span(0, n, 1, table)]
+                tokens = sum(sp.n for sp in spans)
+                decode_rows = list(range(tokens, tokens + decodes))
+                total = tokens + decodes
+                inputs = self._inputs([0] * total, [0] * total, [scratch * bs] * total, list(range(total)),
+                                      decode_rows, [table] * decodes, [n] * decodes, spans)
+                self._run_eager(inputs)
 
-    def _span_batches(self, spans: list[tuple[int, int, int, list[int]]]) -> list[SpanBatch]:
+    def _span_batches(self, spans: list[Span]) -> list[SpanBatch]:
         """Group multi-token sequences into as few SDPA calls as the mask limit allows: one call per layer for a
         whole step's prompts, instead of one per prompt (the launches of which dominated steps with many prompts)."""
         dev = self.device
         if not spans:
             return []
-        if all(start == 0 and n == spans[0][1] for _, n, start, _ in spans):
-            rows = [[row + i for i in range(n)] for row, n, _, _ in spans]
+        if all(sp.start == 0 and sp.n == spans[0].n for sp in spans):
+            rows = [[sp.row + i for i in range(sp.n)] for sp in spans]
             return [SpanBatch(torch.tensor(rows, device=dev), causal=True)]
-        # Longest context first; a batch grows while its padded mask stays under the limit.
-        spans = sorted(spans, key=lambda sp: -(sp[2] + sp[1]))
-        groups: list[list[tuple[int, int, int, list[int]]]] = []
+        # Longest context first (the first of a group has the widest table); a group grows while its padded mask,
+        # sequences x longest query x widest context, stays under the limit.
+        spans = sorted(spans, key=lambda sp: -(sp.start + sp.n))
+        groups: list[list[Span]] = []
+        lq = 0
         for sp in spans:
-            g = groups[-1] if groups else None
-            if g is not None:
-                lq = max(max(n for _, n, _, _ in g), sp[1])
-                lk = len(g[0][3]) * self.block_size
-                if (len(g) + 1) * lq * lk <= SPAN_MASK_LIMIT:
-                    g.append(sp)
-                    continue
-            groups.append([sp])
+            if groups and (len(groups[-1]) + 1) * max(lq, sp.n) * len(groups[-1][0].table) * self.block_size \
+                    <= SPAN_MASK_LIMIT:
+                groups[-1].append(sp)
+                lq = max(lq, sp.n)
+            else:
+                groups.append([sp])
+                lq = sp.n
         batches = []
         for g in groups:
-            lq = max(n for _, n, _, _ in g)
-            width = max(len(t) for _, _, _, t in g)
-            rows = [[row + min(i, n - 1) for i in range(lq)] for row, n, _, _ in g]
-            qpos = [[start + min(i, n - 1) for i in range(lq)] for _, n, start, _ in g]
-            valid = [g_i * lq + i for g_i, (_, n, _, _) in enumerate(g) for i in range(n)]
+            lq = max(sp.n for sp in g)
+            width = max(len(sp.table) for sp in g)
+            rows = [[sp.row + min(i, sp.n - 1) for i in range(lq)] for sp in g]
+            qpos = [[sp.start + min(i, sp.n - 1) for i in range(lq)] for sp in g]
+            valid = [g_i * lq + i for g_i, sp in enumerate(g) for i in range(sp.n)]
             rows_t = torch.tensor(rows, device=dev)
             keys = torch.arange(width * self.block_size, device=dev)
             mask = keys[None, None, :] <= torch.tensor(qpos, device=dev)[:, :, None]
             batches.append(SpanBatch(
                 rows_t, causal=False, mask=mask, valid=torch.tensor(valid, device=dev),
-                out_rows=torch.tensor([r for (row, n, _, _) in g for r in range(row, row + n)], device=dev),
-                tables=torch.tensor([t + [0] * (width - len(t)) for _, _, _, t in g], device=dev)))
+                out_rows=torch.tensor([r for sp in g for r in range(sp.row, sp.row + sp.n)], device=dev),
+                tables=torch.tensor([sp.table + [0] * (width - len(sp.table)) for sp in g], device=dev)))
         return batches
 
     # Running ---------------------------------------------------------------------------------------------------
@@ -315,8 +327,13 @@ class ModelRunner:
         n = len(batch.scheduled)
         if self.graphs and n <= max(self.graphs) and all(s.num_tokens == 1 for s in batch.scheduled):
             return self._replay(batch, blocks)
+        return self._run_eager(self.prepare(batch, blocks))
+
+    def _run_eager(self, inputs: BatchInputs) -> torch.Tensor:
+        """A batch the graphs do not take, through the eager (or dynamically compiled) layer; callers run in
+        inference mode."""
         with sdpa_kernel(EAGER_ATTENTION), _dynamic_shapes():
-            return self._forward(self.prepare(batch, blocks), self._eager_block)
+            return self._forward(inputs, self._eager_block)
 
     def _forward(self, inputs: BatchInputs, block: Callable | None = None) -> torch.Tensor:
         """The model over a flat batch; `block` replaces `decoder_layer` for every layer (its compiled form)."""
