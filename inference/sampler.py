@@ -26,18 +26,21 @@ def apply_penalties(logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> t
     for seq, k in rows:
         p = seq.params
         if p.penalized:
-            draft = seq.spec_tokens[:k]
+            # Counts of the output so far; each later row adds the draft token before it.
+            counts = torch.bincount(torch.tensor(seq.output_ids, dtype=torch.long, device=dev), minlength=V)
+            counts = counts.to(logits.dtype)
+            in_prompt = None
+            if p.repetition_penalty != 1:
+                in_prompt = torch.zeros(V, dtype=torch.bool, device=dev)
+                in_prompt[torch.tensor(seq.prompt_ids, dtype=torch.long, device=dev)] = True
             for j in range(k + 1):
+                if j:
+                    counts[seq.spec_tokens[j - 1]] += 1
                 row = logits[r + j]
-                output = torch.tensor(seq.output_ids + draft[:j], dtype=torch.long, device=dev)
-                counts = torch.bincount(output, minlength=V).to(row.dtype)
                 row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
-                if p.repetition_penalty != 1:
-                    seen = torch.zeros(V, dtype=torch.bool, device=dev)
-                    seen[torch.tensor(seq.prompt_ids, dtype=torch.long, device=dev)] = True
-                    seen |= counts > 0
+                if in_prompt is not None:
                     scaled = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
-                    row.copy_(torch.where(seen, scaled, row))
+                    row.copy_(torch.where(in_prompt | (counts > 0), scaled, row))
         r += k + 1
     return logits
 
