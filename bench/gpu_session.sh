@@ -26,11 +26,15 @@ save() {    # save STEM: bench/results/STEM.* to OUT (only what the part wrote: 
     return 0
 }
 
+inference_bench() {    # inference_bench: bench/inference_throughput.py on CUDA, its log in OUT (or /tmp)
+    (cd /tmp && python3 "$ROOT/bench/inference_throughput.py" --device cuda --out-name inference_throughput_h100 \
+        > "${OUT:-/tmp}/inference.log" 2>&1; echo "inference bench rc=$?")
+}
+
 case "${1:-}" in
 tests)
     if [ "$gpus" -ge 2 ]; then
-        (cd /tmp && CUDA_VISIBLE_DEVICES=1 python3 "$ROOT/bench/inference_throughput.py" --device cuda \
-            --out-name inference_throughput_h100 > "${OUT:-/tmp}/inference.log" 2>&1; echo "inference bench rc=$?") &
+        CUDA_VISIBLE_DEVICES=1 inference_bench &
         (cd /tmp && CUDA_VISIBLE_DEVICES=0 python3 -m pytest "$ROOT/tests/gpu" -m gpu -p no:cacheprovider \
             -q -s -k "not two_gpus" --rootdir "$ROOT" 2>&1 | tail -40)
         wait
@@ -38,8 +42,7 @@ tests)
             --rootdir "$ROOT" 2>&1 | tail -20)
     else
         (cd /tmp && python3 -m pytest "$ROOT/tests/gpu" -m gpu -p no:cacheprovider -q -s --rootdir "$ROOT" 2>&1 | tail -40)
-        (cd /tmp && python3 "$ROOT/bench/inference_throughput.py" --device cuda --out-name inference_throughput_h100 \
-            > "${OUT:-/tmp}/inference.log" 2>&1; echo "inference bench rc=$?")
+        inference_bench
     fi
     tail -25 "${OUT:-/tmp}/inference.log"
     save inference_throughput_h100
@@ -48,8 +51,8 @@ inference)
     (cd /tmp && python3 -m pytest "$ROOT/tests/inference/test_gpu.py" -m gpu -p no:cacheprovider -q -s \
         --rootdir "$ROOT" 2>&1 | tail -20)
     [ "${TESTS_ONLY:-0}" = 1 ] && exit 0
-    (cd /tmp && python3 "$ROOT/bench/inference_throughput.py" --device cuda --out-name inference_throughput_h100 \
-        2>&1 | tee "${OUT:-/tmp}/inference.log" | grep -v "it/s\]$" | tail -25)
+    inference_bench
+    grep -v "it/s\]$" "${OUT:-/tmp}/inference.log" | tail -25
     save inference_throughput_h100
     ;;
 train)
