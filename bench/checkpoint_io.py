@@ -63,7 +63,7 @@ def train_step(state, vocab: int, device: torch.device) -> None:
 
 
 def build_state(args, run_dir: Path):
-    from glassbox.train.model import ModelConfig, Transformer
+    from glassbox.models.transformer import ModelConfig, Transformer
     from glassbox.train.state import TrainState
 
     cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,

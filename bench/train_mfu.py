@@ -79,7 +79,7 @@ SHAPES = {
 
 def model_config(shape: Shape):
     """The shape as glassbox's ModelConfig: one place that counts parameters and FLOPs for every system."""
-    from glassbox.train.model import ModelConfig
+    from glassbox.models.transformer import ModelConfig
 
     return ModelConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, num_layers=shape.layers,
                        num_heads=shape.heads, num_kv_heads=shape.kv_heads, intermediate_size=shape.mlp,
@@ -138,7 +138,7 @@ def build_glassbox_core(shape: Shape, device, args):
     import torch
 
     from glassbox.train.config import ParallelConfig
-    from glassbox.train.model import Transformer
+    from glassbox.models.transformer import Transformer
     from glassbox.train.parallel import clip_grad_norm, init_world, param_groups, parallelize
     from glassbox.train.trainer import ATTENTION_KERNELS, next_token_loss
     from torch.nn.attention import sdpa_kernel

@@ -43,7 +43,7 @@ from glassbox.checkpoints.rank_state import TRAIN_STATE, capture_rng, capture_tr
 from glassbox.checkpoints.schedule import is_scheduled, steps_to_delete
 from glassbox.train.callbacks import Callback
 from glassbox.train.config import data_dirs
-from glassbox.train.parallel import unwrap
+from glassbox.models.transformer import unwrap
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -18,7 +18,7 @@ from glassbox.checkpoints.loading import resolve_checkpoint_path
 from glassbox.checkpoints.manifest import checked_manifest
 from glassbox.config import from_dict
 from glassbox.errors import GlassboxError
-from glassbox.train.model import ModelConfig, RotaryEmbedding, Transformer
+from glassbox.models.transformer import ModelConfig, RotaryEmbedding, Transformer
 
 
 def load_model_from_checkpoint(path: Path, verify_hashes: bool = True) -> tuple[Transformer, dict]:

@@ -24,8 +24,8 @@ import torch
 
 from glassbox.atomic import staged_dir
 from glassbox.errors import GlassboxError
-from glassbox.train.model import ModelConfig, RotaryEmbedding, Transformer
-from glassbox.train.parallel import unwrap
+from glassbox.models.transformer import ModelConfig, RotaryEmbedding, Transformer
+from glassbox.models.transformer import unwrap
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3

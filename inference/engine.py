@@ -24,7 +24,7 @@ from glassbox.inference.scheduler import Scheduler
 from glassbox.inference.sequence import Sequence, TokenLogprob
 from glassbox.inference.speculative import Proposer, make_proposer
 from glassbox.inference.tokenizer import IncrementalDetokenizer, Tokenizer
-from glassbox.train.model import Transformer
+from glassbox.models.transformer import Transformer
 
 # The weight and KV dtypes the engine runs in, by the name EngineConfig.dtype takes.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -9,7 +9,7 @@ import torch
 
 from glassbox.errors import GlassboxError
 from glassbox.inference.tokenizer import Tokenizer
-from glassbox.train.model import Transformer
+from glassbox.models.transformer import Transformer
 
 
 def _ids(value: int | list[int] | None) -> list[int]:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from glassbox.errors import GlassboxError
 from glassbox.inference.block_manager import BlockManager
 from glassbox.inference.scheduler import SchedulerOutput
-from glassbox.train.model import Attention, Transformer, apply_rotary
+from glassbox.models.transformer import Attention, Transformer, apply_rotary
 
 
 class Span(NamedTuple):

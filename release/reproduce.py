@@ -81,7 +81,7 @@ def _flat_tensors(trainer) -> dict[str, Any]:
     import torch
     from torch.distributed.tensor import DTensor
 
-    from glassbox.train.parallel import unwrap
+    from glassbox.models.transformer import unwrap
 
     def full(t):
         return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()

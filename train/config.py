@@ -13,7 +13,7 @@ from typing import Literal
 from glassbox.checkpoints.config import CheckpointConfig
 from glassbox.config import ConfigError, apply_overrides, from_dict, load_yaml
 from glassbox.data.config import DataConfig
-from glassbox.train.model import ModelConfig
+from glassbox.models.transformer import ModelConfig
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from glassbox.train.model import Transformer
+from glassbox.models.transformer import Transformer
 
 
 @torch.no_grad()

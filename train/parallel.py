@@ -24,7 +24,7 @@ from torch import nn
 from glassbox.config import ConfigError
 from glassbox.errors import GlassboxError
 from glassbox.train.config import ParallelConfig
-from glassbox.train.model import ModelConfig, Transformer
+from glassbox.models.transformer import ModelConfig, Transformer
 
 
 @dataclass
@@ -127,11 +127,6 @@ def parallelize(model: Transformer, cfg: ParallelConfig, world: World, bf16: boo
         fully_shard(block, mesh=world.mesh["dp"], mp_policy=mp)
     fully_shard(model, mesh=world.mesh["dp"], mp_policy=mp)
     return model
-
-
-def unwrap(model: nn.Module) -> Transformer:
-    """The Transformer inside a DDP wrapper (FSDP2 and TP keep the module itself)."""
-    return model.module if hasattr(model, "module") and isinstance(model.module, Transformer) else model
 
 
 @contextlib.contextmanager

@@ -35,8 +35,8 @@ from glassbox.train.flops import peak_flops
 from glassbox.train.lr_schedule import build_lr_scheduler
 from glassbox.train.manifest import write_run_manifest
 from glassbox.train.metrics_log import MetricsLog
-from glassbox.train.model import Transformer
-from glassbox.train.parallel import World, clip_grad_norm, gradient_sync, init_world, param_groups, parallelize, unwrap
+from glassbox.models.transformer import Transformer, unwrap
+from glassbox.train.parallel import World, clip_grad_norm, gradient_sync, init_world, param_groups, parallelize
 from glassbox.train.prefetch import BatchPrefetcher
 from glassbox.train.progress import ProgressBar
 from glassbox.train.state import TrainState

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from glassbox.train.model import ModelConfig, Transformer
+from glassbox.models.transformer import ModelConfig, Transformer
 
 EOD = "<|endoftext|>"
 

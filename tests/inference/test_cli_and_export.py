@@ -17,7 +17,7 @@ from glassbox.checkpoints.hf_format import save_hf_model_dir
 from glassbox.cli import main
 from glassbox.inference.llm import LLM
 from glassbox.inference.sampling_params import SamplingParams
-from glassbox.train.model import ModelConfig, Transformer
+from glassbox.models.transformer import ModelConfig, Transformer
 
 
 @pytest.fixture(scope="module")

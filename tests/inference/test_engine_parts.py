@@ -17,7 +17,7 @@ from glassbox.inference.scheduler import Scheduler
 from glassbox.inference.sequence import Sequence
 from glassbox.inference.speculative import PROPOSERS, NoProposer
 from glassbox.inference.tokenizer import IncrementalDetokenizer, Tokenizer
-from glassbox.train.model import ModelConfig, Transformer
+from glassbox.models.transformer import ModelConfig, Transformer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 

@@ -69,7 +69,7 @@ def test_trainer_refuses_a_vocab_smaller_than_the_data(prepared_data, tmp_path):
 
 
 def test_tensor_parallel_must_divide_heads():
-    from glassbox.train.model import ModelConfig
+    from glassbox.models.transformer import ModelConfig
     from glassbox.train.parallel import check_tensor_parallel
 
     with pytest.raises(ConfigError, match=r"model.num_kv_heads \(2\) must divide by parallel.tensor_parallel \(4\)"):

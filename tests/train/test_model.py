@@ -10,7 +10,7 @@ import torch
 from glassbox.train.batch_plan import ScheduledBatchPlan, build_batch_plan
 from glassbox.train.config import BatchConfig, BatchStage, OptimizerConfig, ScheduleConfig
 from glassbox.train.lr_schedule import build_lr_scheduler
-from glassbox.train.model import MoE, ModelConfig, Transformer
+from glassbox.models.transformer import MoE, ModelConfig, Transformer
 
 
 def small(**kw) -> ModelConfig:

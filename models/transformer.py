@@ -282,3 +282,8 @@ class Transformer(nn.Module):
         if not self.config.is_moe:
             return None
         return torch.stack([layer.mlp.last_expert_load for layer in self.layers])
+
+
+def unwrap(model: nn.Module) -> Transformer:
+    """The Transformer inside a DDP wrapper (FSDP2 and TP keep the module itself)."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, Transformer) else model
