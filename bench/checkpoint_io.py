@@ -74,7 +74,7 @@ def build_state(args, run_dir: Path):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
     state = TrainState(config=None, run_dir=run_dir, model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                       sampler=None, batch_plan=None, step=1)
+                       sampler=None, step_plan=None, step=1)
     train_step(state, cfg.vocab_size, device)
     return state, cfg
 

@@ -1,9 +1,12 @@
-"""Saving: the full training state on a schedule, sharded, hashed and committed atomically.
+"""Saving: the training state, or any subset of its tensors, sharded, hashed and committed atomically.
 
 Model and optimizer go through `torch.distributed.checkpoint` exactly as they are sharded (FSDP2 / tensor
-parallel DTensors, or plain tensors), keyed by parameter name, so any world size can load them back. Each rank
-adds its RNG states; rank 0 adds the loop's state (step, sampler, batch plan, LR schedule, `extra`), the resolved
-config and the tokenizer, so a checkpoint exports on its own. Everything is written into `step_NNNNNN.tmp/`,
+parallel DTensors, or plain tensors), keyed by parameter name, so any world size can load them back. `save(state,
+keys=...)` writes only the chosen parameters (each with its optimizer moments); the manifest points every other
+parameter at the checkpoint holding its newest copy (checkpoints/index.py). By default a save holds every
+parameter that can have changed since it was last saved: all of them, except frozen ones (requires_grad off)
+already saved once. Each rank adds its RNG states; rank 0 adds the loop's state (counters and every stateful
+part: sampler, step plan, LR schedule, callbacks), the resolved config and the tokenizer. Everything is written into `step_NNNNNN.tmp/`,
 fsynced, listed with sha256 hashes in MANIFEST.json, and only then renamed to `step_NNNNNN/`; `latest` moves
 after the rename. A process killed at any point leaves the committed checkpoints untouched.
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import fnmatch
 import os
 import shutil
 import time
@@ -35,37 +39,22 @@ from glassbox.checkpoints.layout import (
     LATEST,
     TOKENIZER_DIR,
     checkpoints_root,
-    list_checkpoints,
     step_dir_name,
 )
+from glassbox.checkpoints.index import CheckpointIndex, StateView
 from glassbox.checkpoints.manifest import write_manifest
-from glassbox.checkpoints.rank_state import TRAIN_STATE, capture_rng, capture_train_state, rng_file, save_file
-from glassbox.checkpoints.schedule import is_scheduled, steps_to_delete
-from glassbox.train.callbacks import Callback
-from glassbox.train.config import data_dirs
+from glassbox.checkpoints.rank_state import (
+    TRAIN_STATE,
+    CheckpointState,
+    capture_rng,
+    capture_train_state,
+    rng_file,
+    save_file,
+)
+from glassbox.checkpoints.schedule import steps_to_delete
+from glassbox.distributed import barrier, rank_and_world
+from glassbox.errors import GlassboxError
 from glassbox.models.transformer import unwrap
-
-
-def rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dcp_io.distributed():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dcp_io.distributed():
-        dist.barrier()
-
-
-def _data_dir(config: Any) -> Path | None:
-    """The run's (first) DATA_DIR, whose tokenizer a checkpoint carries; None for a config without data."""
-    data = getattr(config, "data", None)
-    dirs = data_dirs(data) if data is not None else []
-    return Path(dirs[0]) if dirs and dirs[0] else None
 
 
 @dataclass
@@ -76,19 +65,42 @@ class _Pending:
     tmp: Path
     final: Path
     info: dict[str, Any]
+    references: dict[str, dict[str, Any]]
     started: float
 
 
-class Checkpointer:
-    """Writes checkpoints of a `TrainState` into RUN_DIR/checkpoints/ and applies retention."""
+def _parameter_names(model: torch.nn.Module, model_sd: dict[str, Any]) -> dict[str, str]:
+    """State-dict key -> the name of the parameter it is (a tied LM head maps to the embedding's name), so
+    aliases of one tensor are always saved together."""
+    params = dict(unwrap(model).named_parameters(remove_duplicate=False))
+    canonical = {id(p): n for n, p in unwrap(model).named_parameters()}
+    return {key: canonical.get(id(params[key]), key) if key in params else key for key in model_sd}
 
-    def __init__(self, cfg: CheckpointConfig, run_dir: Path, log: Callable[[str], None] = print):
+
+def _frozen(model: torch.nn.Module) -> set[str]:
+    return {n for n, p in unwrap(model).named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+class Checkpointer:
+    """Writes checkpoints of a training state into RUN_DIR/checkpoints/ and applies retention.
+
+    `tokenizer_dir` (a prepared DATA_DIR) is copied into every checkpoint so each exports on its own.
+    """
+
+    def __init__(self, cfg: CheckpointConfig, run_dir: Path, log: Callable[[str], None] = print,
+                 tokenizer_dir: Path | None = None):
         self.cfg = cfg
         self.root = checkpoints_root(run_dir)
         self.log = log
+        self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else None
         self.pending: _Pending | None = None
         self.last_stall_s: float | None = None
         self.last_saved_step: int | None = None
+        self.last_path: Path | None = None
+        # Per parameter, the newest committed copy {"step", "sha256"} (known on rank 0, which writes manifests),
+        # and on every rank the names that have a copy at all (the same everywhere: it decides what is saved).
+        self.copies: dict[str, dict[str, Any]] = {}
+        self.saved_names: set[str] = set()
         self._async_group = None
         self._stager = None
         self._staging = None
@@ -98,8 +110,19 @@ class Checkpointer:
         if rank_and_world()[0] == 0:
             self.log(f"[checkpoint] {message}")
 
-    def save(self, state: Any) -> Path:
-        """Checkpoint `state` at `state.step`; returns the final path (committed unless async is still writing)."""
+    def adopt(self, view: StateView) -> None:
+        """Continue from a restored checkpoint: its copies are what later partial saves refer to."""
+        self.copies = {name: {"step": src.step, "sha256": src.entry["sha256"]} for name, src in view.tensors.items()}
+        self.saved_names = set(view.tensors)
+        self.last_saved_step = view.step
+        self.last_path = view.path
+
+    def save(self, state: CheckpointState, keys: list[str] | None = None) -> Path:
+        """Checkpoint `state` at `state.step`; returns the final path (committed unless async is still writing).
+
+        `keys`: the parameters to write (names or fnmatch patterns; each with its optimizer moments and tied
+        aliases); None writes every parameter that can have changed since its last save.
+        """
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         self.wait()
@@ -108,24 +131,33 @@ class Checkpointer:
         final = self.root / step_dir_name(state.step)
         if self.last_saved_step == state.step:
             return final
+        model_sd, optim_sd = get_state_dict(state.model, state.optimizer)
+        names = _parameter_names(state.model, model_sd)
+        chosen = self._choose(names, _frozen(state.model), keys)
         self.last_saved_step = state.step
         tmp = final.with_name(final.name + ".tmp")
         if rank == 0:
             self._remove_stale_tmp()
             tmp.mkdir(parents=True)
         barrier()
-        model_sd, optim_sd = get_state_dict(state.model, state.optimizer)
         save_file(capture_rng(), tmp / rng_file(rank))
         if rank == 0:
             self._write_run_files(state, tmp)
-        info = self._info(state, world)
-        content = {"model": model_sd, "optim": optim_sd}
+        references = {key: self.copies[key] for key in model_sd if key not in chosen and key in self.copies}
+        info = self._info(state, world, exact=all(names[key] in _frozen(state.model) for key in model_sd
+                                                  if key not in chosen))
+        content = {
+            "model": {k: v for k, v in model_sd.items() if k in chosen},
+            "optim": {"state": {k: v for k, v in optim_sd["state"].items() if k in chosen},
+                      "param_groups": optim_sd["param_groups"]},
+        }
+        self.saved_names |= set(chosen)
         if self.cfg.async_save:
             if self._stager is None:
                 self._stager = dcp_io.make_stager()
             response = dcp_io.async_save(content, tmp / DCP_DIR, self._background_group(), self._stager)
             upload = getattr(response, "upload_completion", response)
-            self.pending = _Pending(upload, tmp, final, info, started)
+            self.pending = _Pending(upload, tmp, final, info, references, started)
             self.last_stall_s = time.perf_counter() - started
             staging = getattr(response, "staging_completion", None)
             if staging is not None:
@@ -136,10 +168,26 @@ class Checkpointer:
         dcp_io.save(content, tmp / DCP_DIR)
         barrier()
         if rank == 0:
-            self._commit(tmp, final, info, started)
+            self._commit(tmp, final, info, references, started)
         barrier()
+        self.last_path = final
         self.last_stall_s = time.perf_counter() - started
         return final
+
+    def _choose(self, names: dict[str, str], frozen: set[str], keys: list[str] | None) -> set[str]:
+        """The state-dict keys this save writes: the asked-for parameters with their aliases, or by default all
+        but frozen ones that have a copy already. A parameter never saved before must be written now."""
+        if keys is None:
+            wanted = {n for n in names.values() if n not in frozen or n not in self.saved_names}
+        else:
+            wanted = {n for n in names.values() if any(fnmatch.fnmatchcase(n, k) for k in keys)}
+            if not wanted:
+                raise GlassboxError(f"checkpoint save: no parameter matches {keys}")
+        unsaved = sorted(n for n in set(names.values()) - wanted if n not in self.saved_names)
+        if unsaved:
+            raise GlassboxError(f"checkpoint save: {unsaved[0]} has no earlier copy, so this checkpoint must hold "
+                                "it (the first save of a run holds every tensor)")
+        return {key for key, name in names.items() if name in wanted}
 
     def _hold_optimizer_until(self, staging: Any, optimizer: torch.optim.Optimizer) -> None:
         """The device-to-host copy overlaps the next forward/backward; the next optimizer step (the first write
@@ -176,7 +224,7 @@ class Checkpointer:
         pending.future.result()
         if rank_and_world()[0] == 0:
             pending.info["stall_seconds"] = self.last_stall_s
-            self._commit(pending.tmp, pending.final, pending.info, pending.started)
+            self._commit(pending.tmp, pending.final, pending.info, pending.references, pending.started)
 
     def close(self) -> None:
         """Finish the pending async save, then free the staging buffers (pinned host memory on GPU)."""
@@ -195,27 +243,27 @@ class Checkpointer:
             self._async_group = dist.new_group(backend="gloo")
         return self._async_group
 
-    def _write_run_files(self, state: Any, tmp: Path) -> None:
+    def _write_run_files(self, state: CheckpointState, tmp: Path) -> None:
         from glassbox.config import dump_yaml
 
         save_file(capture_train_state(state), tmp / TRAIN_STATE)
         if dataclasses.is_dataclass(state.config):
             (tmp / CONFIG).write_text(dump_yaml(state.config))
-        data_dir = _data_dir(state.config)
-        if data_dir is not None and (data_dir / "tokenizer.json").is_file():
+        if self.tokenizer_dir is not None and (self.tokenizer_dir / "tokenizer.json").is_file():
             (tmp / TOKENIZER_DIR).mkdir()
             for name in ("tokenizer.json", "meta.json"):
-                if (data_dir / name).is_file():
-                    shutil.copyfile(data_dir / name, tmp / TOKENIZER_DIR / name)
+                if (self.tokenizer_dir / name).is_file():
+                    shutil.copyfile(self.tokenizer_dir / name, tmp / TOKENIZER_DIR / name)
 
-    def _info(self, state: Any, world: int) -> dict[str, Any]:
+    def _info(self, state: CheckpointState, world: int, exact: bool) -> dict[str, Any]:
         model_cfg = getattr(unwrap(state.model), "config", None)
         parallel = getattr(state.config, "parallel", None)
         return {
             "step": state.step,
             "samples": state.samples,
             "tokens": state.tokens,
-            "data_fingerprint": getattr(state.sampler, "fingerprint", None),
+            "exact": exact,
+            "data_fingerprint": getattr(getattr(state, "sampler", None), "fingerprint", None),
             "world_size": world,
             "parallel": dataclasses.asdict(parallel) if dataclasses.is_dataclass(parallel) else None,
             "model": dataclasses.asdict(model_cfg) if dataclasses.is_dataclass(model_cfg) else None,
@@ -224,11 +272,11 @@ class Checkpointer:
             "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
 
-    def _commit(self, tmp: Path, final: Path, info: dict[str, Any], started: float) -> None:
-        info["tensors"] = _tensor_table(tmp / DCP_DIR, info["step"])
+    def _commit(self, tmp: Path, final: Path, info: dict[str, Any], references: dict[str, dict[str, Any]],
+                started: float) -> None:
         info["save_seconds"] = time.perf_counter() - started
         fsync_tree(tmp)
-        write_manifest(tmp, info)
+        manifest = write_manifest(tmp, info, references)
         if final.exists():
             # A checkpoint of this step from a timeline that was abandoned (a resume from an earlier step, or a
             # copy that failed verification): the run that is alive now replaces it.
@@ -236,13 +284,22 @@ class Checkpointer:
         os.replace(tmp, final)
         fsync_dir(self.root)
         write_text(self.root / LATEST, final.name + "\n")
-        self.say(f"step {info['step']}: committed {final} ({info['save_seconds']:.2f} s)")
+        self.copies = {name: {"step": t["step"], "sha256": t["sha256"]} for name, t in manifest["tensors"].items()}
+        self.last_path = final
+        held = sum(1 for t in manifest["tensors"].values() if t["step"] == info["step"])
+        part = "" if held == len(manifest["tensors"]) else f", {held} of {len(manifest['tensors'])} tensors"
+        self.say(f"step {info['step']}: committed {final} ({info['save_seconds']:.2f} s{part})")
         self._apply_retention()
 
     def _apply_retention(self) -> None:
-        committed = dict(list_checkpoints(self.root))
-        for step in steps_to_delete(list(committed), self.cfg):
-            self._discard(committed[step])
+        """Delete what the schedule lets go, except checkpoints that a kept one reads tensors from."""
+        index = CheckpointIndex(self.root)
+        doomed = steps_to_delete(index.steps(), self.cfg)
+        needed = index.needed_steps([s for s in index.steps() if s not in doomed])
+        for step in doomed:
+            if step in needed:
+                continue
+            self._discard(index.paths[step])
             self.say(f"retention: removed step {step}")
 
     @staticmethod
@@ -259,65 +316,3 @@ class Checkpointer:
         for path in self.root.iterdir():
             if path.is_dir() and path.name.endswith((".tmp", ".deleting")):
                 shutil.rmtree(path)
-
-
-def _tensor_table(dcp_dir: Path, step: int) -> dict[str, Any]:
-    """Per model tensor: global shape, dtype and the step its values come from (all equal in a full save)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    metadata = FileSystemReader(str(dcp_dir)).read_metadata()
-    table = {}
-    for key, meta in metadata.state_dict_metadata.items():
-        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata):
-            table[key[len("model."):]] = {"shape": list(meta.size), "dtype": str(meta.properties.dtype), "step": step}
-    return table
-
-
-class CheckpointCallback(Callback):
-    """Resumes in `on_train_start` when `cfg.resume` is set, saves on schedule, and finishes async saves."""
-
-    def __init__(self, cfg: CheckpointConfig, run_dir: Path, log: Callable[[str], None] = print):
-        self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.log = log
-        self.checkpointer = Checkpointer(cfg, self.run_dir, log)
-        self.last_step: int | None = None
-
-    def on_train_start(self, state: Any) -> None:
-        from glassbox.checkpoints.loading import find_resume_checkpoint, load_checkpoint
-
-        schedule = getattr(state.config, "schedule", None)
-        self.last_step = getattr(schedule, "steps", None)
-        if self.cfg.resume:
-            path = find_resume_checkpoint(self.run_dir, self.cfg.resume, self.log)
-            if path is not None:
-                load_checkpoint(path, state, allow_data_change=self.cfg.allow_data_change, verify_hashes=False)
-                self.checkpointer.last_saved_step = state.step
-                changed = self._follow_config_schedule(state)
-                self.checkpointer.say(f"resumed from {path} at step {state.step}")
-                if changed:
-                    self.checkpointer.say(f"the LR schedule follows the run config from here: {changed}")
-
-    @staticmethod
-    def _follow_config_schedule(state: Any) -> str | None:
-        from glassbox.train.lr_schedule import follow_config
-
-        cfg = state.config
-        if state.lr_scheduler is None or not hasattr(cfg, "schedule"):
-            return None
-        return follow_config(state.lr_scheduler, cfg.optimizer, cfg.schedule)
-
-    def needs_state(self, step: int) -> bool:
-        """True on save steps: the save must see the state exactly as that step left it."""
-        return is_scheduled(step, self.cfg, self.last_step or -1)
-
-    def on_step_end(self, state: Any) -> None:
-        self.checkpointer.poll()
-        if self.needs_state(state.step):
-            self.checkpointer.save(state)
-
-    def on_train_end(self, state: Any) -> None:
-        if self.cfg.save_final and state.step > 0:
-            self.checkpointer.save(state)
-        self.checkpointer.close()

@@ -37,29 +37,40 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_verify(args: argparse.Namespace) -> int:
-    from glassbox.checkpoints.loading import resolve_checkpoint_path
-    from glassbox.checkpoints.manifest import verify
+def _describe(view) -> str:
+    manifest = view.manifest
+    sources = view.sources()
+    spread = f", tensors from {len(sources)} checkpoints" if len(sources) > 1 else ""
+    exact = "" if view.exact else ", partial (tensors of earlier steps)"
+    return (f"{len(manifest['files'])} files, step {manifest['step']}, samples {manifest['samples']}"
+            f"{spread}{exact}")
 
-    path = resolve_checkpoint_path(Path(args.path))
-    manifest = verify(path)
-    print(f"{path}: OK ({len(manifest['files'])} files, step {manifest['step']}, samples {manifest['samples']})")
+
+def run_verify(args: argparse.Namespace) -> int:
+    from glassbox.checkpoints.loading import checkpoint_view
+
+    view = checkpoint_view(Path(args.path))
+    view.verify()
+    print(f"{view.path}: OK ({_describe(view)})")
     return 0
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from glassbox.checkpoints.layout import checkpoints_root, list_checkpoints
-    from glassbox.checkpoints.manifest import CheckpointCorrupt, verify
+    from glassbox.checkpoints.index import CheckpointIndex
+    from glassbox.checkpoints.manifest import CheckpointCorrupt
 
-    root = checkpoints_root(Path(args.run_dir))
-    found = list_checkpoints(root)
-    if not found:
-        print(f"no checkpoints in {root}")
-    for step, path in found:
+    index = CheckpointIndex.of_run(Path(args.run_dir))
+    if not index.steps():
+        print(f"no checkpoints in {index.root}")
+    for step in index.steps():
         try:
-            manifest = verify(path)
-            status = f"ok  samples={manifest['samples']} tokens={manifest['tokens']}"
+            view = index.view(step)
+            view.verify()
+            manifest = view.manifest
+            sources = sorted(view.steps() - {step})
+            spread = f" tensors-from={','.join(map(str, sources))}" if sources else ""
+            status = f"ok  samples={manifest['samples']} tokens={manifest['tokens']}{spread}"
         except CheckpointCorrupt as e:
             status = f"BAD {e}"
-        print(f"{path.name}  {status}")
+        print(f"{index.paths[step].name}  {status}")
     return 0

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from glassbox.atomic import staged_dir
+from glassbox.distributed import full_tensor, is_main_process
 from glassbox.errors import GlassboxError
-from glassbox.models.transformer import ModelConfig, RotaryEmbedding, Transformer
+from glassbox.models.transformer import ModelConfig, Transformer
 from glassbox.models.transformer import unwrap
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -242,9 +243,7 @@ def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor], cfg: ModelConfig)
 
 def _full_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """A Transformer's tensors, gathering DTensor shards (every rank of a sharded model must call this)."""
-    from torch.distributed.tensor import DTensor
-
-    return {name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in model.state_dict().items()}
+    return {name: full_tensor(t) for name, t in model.state_dict().items()}
 
 
 def _eod_token(tokenizer_json: Path) -> tuple[str | None, int | None]:
@@ -311,13 +310,11 @@ def save_hf_model_dir(model: torch.nn.Module, out: Path, tokenizer_json: Path | 
     `dtype` casts the weights (default: as they are). A sharded (FSDP2 / tensor-parallel) model is gathered, so
     every rank must call this; only rank 0 writes. An existing `out` is replaced only if it is an export already.
     """
-    import torch.distributed as dist
-
     out = Path(out)
     inner = unwrap(model)
     cfg = inner.config
     sd = _full_state_dict(inner)
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+    if not is_main_process():
         return out
     if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise GlassboxError(f"{out} exists and is not a model directory; choose an empty or new --out")
@@ -389,7 +386,4 @@ def load_hf_model_dir(path: Path, dtype: torch.dtype = torch.float32,
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
         raise GlassboxError(f"{path}: weights do not fit the config: {e}") from None
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta).to(device)
-    return model.eval(), cfg
+    return model.materialize(device).eval(), cfg

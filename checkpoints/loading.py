@@ -1,10 +1,12 @@
-"""Loading: pick the checkpoint to resume from, restore a whole TrainState, or restore chosen tensors only.
+"""Loading: pick the checkpoint to resume from, restore a whole training state, or restore chosen tensors only.
 
-`find_resume_checkpoint` verifies hashes before anything is loaded: `auto` walks back from the newest checkpoint
-to the first that verifies and says which it refused and why; an explicit path must verify or the run stops with
-the bad file's name. `load_checkpoint` loads model and optimizer into whatever layout the live ones have (DCP
-reshards: save under FSDP2 on 2 ranks or TP=2, load on 1), checks the data fingerprint through the sampler, and
-restores counters, schedule, batch plan and RNG. `load_partial` restores a subset of tensors (by name pattern,
+Everything goes through the checkpoint index (checkpoints/index.py): a checkpoint's view names, per parameter,
+the directory holding its copy, so a state spread over several directories loads like one. Hashes are verified
+before anything is loaded: `auto` walks back from the newest checkpoint to the first whose view verifies and says
+which it refused and why; an explicit path must verify or the run stops naming the bad file or tensor.
+`load_checkpoint` loads model and optimizer into whatever layout the live ones have (DCP reshards: save under
+FSDP2 on 2 ranks or TP=2, load on 1), checks the data fingerprint through the sampler, and restores counters,
+every stateful part (step plan, LR schedule, callbacks) and RNG. `load_partial` restores a subset of tensors (by name pattern,
 and optionally one dim-0 shard of each) into a live model and optimizer, leaving everything else as it is: the
 primitive SCAR's partial recovery is built on.
 """
@@ -18,10 +20,11 @@ from typing import Any, Callable, Iterable
 import torch
 
 from glassbox.checkpoints import dcp_io
-from glassbox.checkpoints.checkpointer import barrier, rank_and_world
-from glassbox.checkpoints.layout import DCP_DIR, LATEST, checkpoints_root, list_checkpoints
-from glassbox.checkpoints.manifest import MANIFEST, CheckpointCorrupt, checked_manifest, verify
-from glassbox.checkpoints.rank_state import TRAIN_STATE, load_file, restore_rng, rng_file
+from glassbox.checkpoints.index import CheckpointIndex, StateView
+from glassbox.checkpoints.layout import DCP_DIR, LATEST, checkpoints_root
+from glassbox.checkpoints.manifest import MANIFEST, CheckpointCorrupt
+from glassbox.checkpoints.rank_state import TRAIN_STATE, CheckpointState, load_file, restore_rng, rng_file
+from glassbox.distributed import barrier, rank_and_world
 from glassbox.errors import GlassboxError
 
 
@@ -46,15 +49,15 @@ def _rank0_decides(fn: Callable[[], Any]) -> Any:
 
 
 def _newest_verified(run_dir: Path, log: Callable[[str], None]) -> Path | None:
-    root = checkpoints_root(run_dir)
-    found = list_checkpoints(root)
-    if not found:
-        log(f"[checkpoint] resume auto: no checkpoint in {root}, starting fresh")
+    index = CheckpointIndex.of_run(run_dir)
+    if not index.steps():
+        log(f"[checkpoint] resume auto: no checkpoint in {index.root}, starting fresh")
         return None
     refused = 0
-    for step, path in reversed(found):
+    for step in reversed(index.steps()):
+        path = index.paths[step]
         try:
-            verify(path)
+            index.view(step).verify()
         except CheckpointCorrupt as e:
             refused += 1
             log(f"[checkpoint] refusing {path.name}: {e}")
@@ -62,7 +65,26 @@ def _newest_verified(run_dir: Path, log: Callable[[str], None]) -> Path | None:
         if refused:
             log(f"[checkpoint] falling back to the previous verified checkpoint {path.name}")
         return path
-    raise GlassboxError(f"resume auto: none of the {len(found)} checkpoints in {root} verifies")
+    raise GlassboxError(f"resume auto: none of the {len(index.steps())} checkpoints in {index.root} verifies")
+
+
+def checkpoint_view(path: Path) -> StateView:
+    """The view of checkpoint directory `path` through the index of the run it belongs to."""
+    path = resolve_checkpoint_path(Path(path))
+    if not path.is_dir():
+        raise GlassboxError(f"{path} is not a checkpoint directory")
+    return CheckpointIndex.of_checkpoint(path).view_of(path)
+
+
+def verified_view(path: Path, verify_hashes: bool = True) -> StateView:
+    """`checkpoint_view(path)`, decided on rank 0 and, with `verify_hashes`, checked byte for byte first."""
+    def check() -> str:
+        view = checkpoint_view(path)
+        if verify_hashes:
+            view.verify()
+        return str(view.path)
+
+    return checkpoint_view(Path(_rank0_decides(check)))
 
 
 def resolve_checkpoint_path(path: Path) -> Path:
@@ -87,45 +109,68 @@ def find_resume_checkpoint(run_dir: Path, resume: str, log: Callable[[str], None
         path = resolve_checkpoint_path(Path(resume))
         if not path.is_dir():
             raise GlassboxError(f"checkpoint.resume: {path} is not a checkpoint directory")
-        verify(path)
+        checkpoint_view(path).verify()
         return str(path)
 
     chosen = _rank0_decides(choose)
     return Path(chosen) if chosen is not None else None
 
 
-def load_checkpoint(path: Path, state: Any, allow_data_change: bool = False, verify_hashes: bool = True) -> dict:
-    """Restore `state` (model, optimizer, schedule, sampler, batch plan, counters, RNG) from checkpoint `path`."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+def load_view(view: StateView, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+              ) -> dict[str, Any]:
+    """Load every parameter of `view` (and, given the optimizer, its moments and param groups) into the live
+    state dicts, one DCP read per source directory; returns them for `set_state_dict`."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    path = Path(path)
-    manifest = _rank0_decides(lambda: checked_manifest(path, verify_hashes))
+    model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (model.state_dict(), None)
+    for path, held in view.sources().items():
+        keys = [k for k in held if k in model_sd]
+        content: dict[str, Any] = {"model": {k: model_sd[k] for k in keys}}
+        if optim_sd is not None:
+            content["optim"] = {"state": {k: optim_sd["state"][k] for k in keys if k in optim_sd["state"]}}
+            if path == view.path:
+                content["optim"]["param_groups"] = optim_sd["param_groups"]
+        try:
+            dcp_io.load(content, path / DCP_DIR)
+        except Exception as e:      # DCP wraps per-rank failures; the message names the missing or mismatched key
+            raise GlassboxError(f"{path}: cannot load model/optimizer state into this model ({e})") from None
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def load_checkpoint(path: Path, state: CheckpointState, allow_data_change: bool = False,
+                    verify_hashes: bool = True) -> dict:
+    """Restore `state` (model, optimizer, counters, stateful parts, RNG) from checkpoint `path` and the
+    checkpoints its view reads from; returns the view's manifest."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    view = verified_view(Path(path), verify_hashes)
+    path = view.path
     run_state = load_file(path / TRAIN_STATE)
-    if state.sampler is not None and run_state["sampler"] is not None:
+    parts = state.stateful()
+    saved_parts = run_state["stateful"]
+    if "sampler" in parts and saved_parts.get("sampler") is not None:
         # First, before the heavy load: a different data fingerprint stops the resume with what changed.
-        state.sampler.load_state_dict(run_state["sampler"], allow_fingerprint_change=allow_data_change)
-    model_sd, optim_sd = get_state_dict(state.model, state.optimizer)
-    content = {"model": model_sd, "optim": optim_sd}
-    try:
-        dcp_io.load(content, path / DCP_DIR)
-    except Exception as e:      # DCP wraps per-rank failures; the message names the missing or mismatched key
-        raise GlassboxError(f"{path}: cannot load model/optimizer state into this model ({e})") from None
-    set_state_dict(state.model, state.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    if state.lr_scheduler is not None and run_state["lr_scheduler"] is not None:
-        groups = len(state.optimizer.param_groups)
-        state.lr_scheduler.load_state_dict(_scheduler_for_groups(run_state["lr_scheduler"], groups, path))
-    if state.batch_plan is not None and run_state["batch_plan"] is not None:
-        state.batch_plan.load_state_dict(run_state["batch_plan"])
+        parts["sampler"].load_state_dict(saved_parts["sampler"], allow_fingerprint_change=allow_data_change)
+    loaded = load_view(view, state.model, state.optimizer)
+    set_state_dict(state.model, state.optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    for name, part in parts.items():
+        if name == "sampler":
+            continue
+        if name not in saved_parts:
+            raise GlassboxError(f"{path}: holds no state for {name!r} (saved: {', '.join(sorted(saved_parts))})")
+        saved = saved_parts[name]
+        if name == "lr_scheduler" and hasattr(part, "optimizer"):
+            saved = _scheduler_for_groups(saved, len(state.optimizer.param_groups), path)
+        part.load_state_dict(saved)
     state.step, state.samples, state.tokens = run_state["step"], run_state["samples"], run_state["tokens"]
     state.metrics = dict(run_state["metrics"])
-    state.extra = dict(run_state["extra"])
     rank, world = rank_and_world()
     rng = path / rng_file(rank)
-    if world != manifest.get("world_size") and not rng.is_file():
+    if world != view.manifest.get("world_size") and not rng.is_file():
         rng = path / rng_file(0)     # a larger world than saved: new ranks start from rank 0's streams
     restore_rng(load_file(rng))
     barrier()
-    return manifest
+    return view.manifest
 
 
 def _scheduler_for_groups(saved: dict[str, Any], groups: int, path: Path) -> dict[str, Any]:
@@ -186,8 +231,7 @@ def load_partial(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    path = Path(path)
-    manifest = _rank0_decides(lambda: checked_manifest(path, verify_hashes))
+    view = verified_view(Path(path), verify_hashes)
     if shard is not None and not 0 <= shard[0] < shard[1]:
         raise GlassboxError(f"shard {shard}: expected (k, n) with 0 <= k < n")
     model_sd = get_model_state_dict(model)
@@ -195,9 +239,9 @@ def load_partial(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     chosen = [fqn for fqn in model_sd if any(fnmatch.fnmatchcase(fqn, p) for p in patterns)]
     if not chosen:
         raise GlassboxError(f"no parameter matches {patterns}")
-    missing = [fqn for fqn in chosen if fqn not in manifest.get("tensors", {})]
+    missing = [fqn for fqn in chosen if fqn not in view.tensors]
     if missing:
-        raise GlassboxError(f"{path}: tensor {missing[0]!r} is not in this checkpoint")
+        raise GlassboxError(f"{view.path}: tensor {missing[0]!r} is not in this checkpoint")
     live: dict[str, Any] = {"model": {fqn: model_sd[fqn] for fqn in chosen}}
     if optimizer is not None:
         optim_state = get_optimizer_state_dict(model, optimizer)["state"]
@@ -206,10 +250,17 @@ def load_partial(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
             for fqn in chosen if fqn in optim_state
         }}
     buffers = _map_tensors(live, lambda t: torch.empty_like(t))
-    try:
-        dcp_io.load(buffers, path / DCP_DIR)
-    except Exception as e:      # DCP wraps per-rank failures
-        raise GlassboxError(f"{path}: cannot load {len(chosen)} chosen tensors ({e})") from None
+    for source, held in view.sources().items():
+        keys = [k for k in held if k in live["model"]]
+        if not keys:
+            continue
+        part: dict[str, Any] = {"model": {k: buffers["model"][k] for k in keys}}
+        if "optim" in buffers:
+            part["optim"] = {"state": {k: buffers["optim"]["state"][k] for k in keys if k in buffers["optim"]["state"]}}
+        try:
+            dcp_io.load(part, source / DCP_DIR)
+        except Exception as e:      # DCP wraps per-rank failures
+            raise GlassboxError(f"{source}: cannot load {len(keys)} chosen tensors ({e})") from None
     with torch.no_grad():
         for target, loaded in zip(_leaves(live), _leaves(buffers)):
             _copy_rows(target, loaded, shard)

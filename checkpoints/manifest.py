@@ -1,53 +1,116 @@
-"""MANIFEST.json: what a checkpoint holds and the sha256 of every file in it (ARCHITECTURE.md, invariant 6).
+"""MANIFEST.json: what a checkpoint holds, with the sha256 of every file and of every tensor in it.
 
-A checkpoint counts only if its manifest verifies: every listed file present, of the listed size and hash. A
-truncated or corrupted file is refused with a message that names it, and `--resume auto` falls back to an older
-checkpoint. The manifest also carries step, samples, tokens, the data fingerprint and, per tensor, the step at
-which it was saved (invariant 3: partial checkpoints will mix steps).
+A checkpoint may hold any subset of the training state's tensors (ARCHITECTURE.md, invariant 3). Its manifest
+has, for every parameter of the state, the step its values are from: parameters this directory holds carry
+that step, their shape and dtype, and the byte ranges (file, offset, length, sha256) of the weight and of each
+optimizer moment in the DCP files; parameters it does not hold carry the step of the checkpoint that does and
+that copy's sha256, so `CheckpointIndex` can resolve and check them. Non-tensor DCP entries (the optimizer's
+param groups) are hashed the same way under `objects`. Hashes are computed in the same single read that hashes
+the files, so per-tensor hashes cost no extra I/O.
+
+A directory counts only if its manifest verifies: every listed file present, of the listed size and hash. A
+truncated or corrupted file is refused with a message that names it (and, for a tensor, which tensor).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from glassbox.atomic import sha256_file, write_json
+from glassbox.atomic import write_json
+from glassbox.checkpoints.layout import DCP_DIR
 from glassbox.errors import GlassboxError
+from glassbox.file_table import check_table, hash_file, list_files, parallel_map
 
 MANIFEST = "MANIFEST.json"
-FORMAT = "glassbox-checkpoint/1"
+FORMAT = "glassbox-checkpoint/2"
+MODEL_PREFIX = "model."
+OPTIM_STATE_PREFIX = "optim.state."
 
 
 class CheckpointCorrupt(GlassboxError):
     """A checkpoint whose manifest is missing or does not match its files; the message names the file."""
 
 
-def _files(root: Path) -> list[str]:
-    found = []
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            rel = os.path.relpath(os.path.join(dirpath, name), root)
-            if rel != MANIFEST:
-                found.append(rel.replace(os.sep, "/"))
-    return sorted(found)
+def _dcp_chunks(dcp_dir: Path) -> dict[str, list[tuple[str, int, int]]]:
+    """Every DCP entry's stored chunks as (file relative to the checkpoint, offset, length), in chunk order.
+
+    Read from DCP's own metadata, which this process has just written (it is never read from a checkpoint that
+    has not been hash-checked)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(dcp_dir)).read_metadata()
+    chunks: dict[str, list[tuple[tuple, str, int, int]]] = {}
+    for index, info in metadata.storage_data.items():
+        order = (tuple(index.offset) if index.offset is not None else (), index.index or 0)
+        chunks.setdefault(index.fqn, []).append((order, f"{DCP_DIR}/{info.relative_path}", info.offset, info.length))
+    return {key: [c[1:] for c in sorted(parts)] for key, parts in chunks.items()}
 
 
-def _hash_all(root: Path, rels: list[str]) -> dict[str, str]:
-    # hashlib releases the GIL on large buffers, so threads hash several shard files at disk speed.
-    with ThreadPoolExecutor(max_workers=min(8, max(1, len(rels)))) as pool:
-        return dict(zip(rels, pool.map(lambda rel: sha256_file(root / rel), rels)))
+def _tensor_meta(dcp_dir: Path) -> dict[str, tuple[list[int], str]]:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(str(dcp_dir)).read_metadata()
+    return {key: (list(meta.size), str(meta.properties.dtype)) for key, meta in metadata.state_dict_metadata.items()
+            if isinstance(meta, TensorStorageMetadata)}
 
 
-def write_manifest(root: Path, info: dict[str, Any]) -> dict[str, Any]:
-    """Hash every file under `root` and write MANIFEST.json (atomically) with `info` and the file table."""
+def entry_digest(chunks: list[list]) -> str:
+    """One sha256 for an entry stored in several chunks: the hash of its chunks' hashes, in chunk order."""
+    return hashlib.sha256("".join(c[3] for c in chunks).encode()).hexdigest()
+
+
+def _split_key(key: str) -> tuple[str, str] | None:
+    """DCP key -> (parameter name, "weight" or the optimizer moment), or None for a non-tensor entry."""
+    if key.startswith(MODEL_PREFIX):
+        return key[len(MODEL_PREFIX):], "weight"
+    if key.startswith(OPTIM_STATE_PREFIX):
+        name, moment = key[len(OPTIM_STATE_PREFIX):].rsplit(".", 1)
+        return name, moment
+    return None
+
+
+def write_manifest(root: Path, info: dict[str, Any], references: dict[str, dict[str, Any]] | None = None
+                   ) -> dict[str, Any]:
+    """Hash every file under `root` (and every DCP entry within them) and write MANIFEST.json atomically.
+
+    `info["step"]` is the step of the tensors held here; `references` gives, for parameters of the state held
+    elsewhere, {"step", "sha256"} of the copy they come from.
+    """
     root = Path(root)
-    rels = _files(root)
-    hashes = _hash_all(root, rels)
-    files = {rel: {"sha256": hashes[rel], "bytes": (root / rel).stat().st_size} for rel in rels}
-    manifest = {"format": FORMAT, **info, "files": files}
+    rels = list_files(root, exclude=[MANIFEST])
+    chunks = _dcp_chunks(root / DCP_DIR) if (root / DCP_DIR / ".metadata").is_file() else {}
+    ranges: dict[str, list[tuple[str, int, int]]] = {}
+    for key, parts in chunks.items():
+        for i, (rel, offset, length) in enumerate(parts):
+            ranges.setdefault(rel, []).append((key, i, offset, length))
+    hashed = parallel_map(lambda rel: hash_file(root / rel, [(o, n) for _, _, o, n in ranges.get(rel, [])]), rels)
+    files, hashed_chunks = {}, {key: [None] * len(parts) for key, parts in chunks.items()}
+    for rel, (digest, part_digests) in zip(rels, hashed):
+        files[rel] = {"sha256": digest, "bytes": (root / rel).stat().st_size}
+        for (key, i, offset, length), part in zip(ranges.get(rel, []), part_digests):
+            hashed_chunks[key][i] = [rel, offset, length, part]
+    meta = _tensor_meta(root / DCP_DIR) if chunks else {}
+    tensors: dict[str, dict[str, Any]] = {name: dict(ref) for name, ref in (references or {}).items()}
+    objects: dict[str, dict[str, Any]] = {}
+    for key, parts in sorted(hashed_chunks.items()):
+        entry = {"sha256": entry_digest(parts), "chunks": parts}
+        split = _split_key(key) if key in meta else None
+        if split is None:
+            objects[key] = entry
+            continue
+        name, part = split
+        held = tensors.setdefault(name, {"step": info["step"]})
+        held["step"] = info["step"]
+        if part == "weight":
+            shape, dtype = meta[key]
+            held.update(shape=shape, dtype=dtype, **entry)
+        else:
+            held.setdefault("optimizer", {})[part] = entry
+    manifest = {"format": FORMAT, **info, "tensors": tensors, "objects": objects, "files": files}
     write_json(root / MANIFEST, manifest)
     return manifest
 
@@ -69,21 +132,54 @@ def verify(root: Path) -> dict[str, Any]:
     """The manifest of `root` if every file it lists is intact; else CheckpointCorrupt naming the bad file."""
     root = Path(root)
     manifest = read_manifest(root)
-    files = manifest["files"]
-    for rel, entry in files.items():
-        path = root / rel
-        if not path.is_file():
-            raise CheckpointCorrupt(f"{path}: missing")
-        size = path.stat().st_size
-        if size != entry["bytes"]:
-            raise CheckpointCorrupt(f"{path}: {size} bytes, manifest says {entry['bytes']} (truncated or altered)")
-    hashes = _hash_all(root, sorted(files))
-    for rel, digest in hashes.items():
-        if digest != files[rel]["sha256"]:
-            raise CheckpointCorrupt(f"{root / rel}: sha256 mismatch (corrupted)")
+    check = check_table(root, manifest["files"])
+    for rel in check.missing:
+        raise CheckpointCorrupt(f"{root / rel}: missing")
+    for rel in check.changed:
+        size = (root / rel).stat().st_size
+        expected = manifest["files"][rel]["bytes"]
+        if size != expected:
+            raise CheckpointCorrupt(f"{root / rel}: {size} bytes, manifest says {expected} (truncated or altered)")
+        raise CheckpointCorrupt(f"{root / rel}: sha256 mismatch (corrupted)")
     return manifest
 
 
 def checked_manifest(root: Path, verify_hashes: bool = True) -> dict[str, Any]:
     """`verify(root)`, or with `verify_hashes` off (the caller verified already) only `read_manifest(root)`."""
     return verify(root) if verify_hashes else read_manifest(root)
+
+
+def held_entries(entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A held parameter's stored entries: "weight" and each optimizer moment, each with its chunks."""
+    out = {"weight": entry} if "chunks" in entry else {}
+    out.update(entry.get("optimizer", {}))
+    return out
+
+
+def _read_range(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def verify_entries(root: Path, entries: dict[str, dict[str, Any]]) -> None:
+    """Check the stored bytes of the named entries (a parameter's weight / moments, or an object) against their
+    chunk hashes, reading only those bytes; CheckpointCorrupt names the entry, the file and the directory."""
+    root = Path(root)
+    jobs = [(name, chunk) for name, entry in entries.items() for chunk in entry["chunks"]]
+
+    def check(job: tuple[str, list]) -> str | None:
+        name, (rel, offset, length, digest) = job
+        path = root / rel
+        if not path.is_file():
+            return f"{root}: tensor {name}: {rel} is missing"
+        data = _read_range(path, offset, length)
+        if len(data) != length:
+            return f"{root}: tensor {name}: {rel} is truncated ({len(data)} of {length} bytes at {offset})"
+        if hashlib.sha256(data).hexdigest() != digest:
+            return f"{root}: tensor {name}: sha256 mismatch in {rel} (corrupted)"
+        return None
+
+    for problem in parallel_map(check, jobs):
+        if problem is not None:
+            raise CheckpointCorrupt(problem)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -77,15 +77,36 @@ def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def capture_train_state(state: Any) -> dict[str, Any]:
-    """The loop's counters and the stateful helpers of `TrainState` (not model or optimizer: those go to DCP)."""
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class CheckpointState(Protocol):
+    """What checkpoints save and restore; glassbox.train.state.TrainState is the one the trainer keeps.
+
+    Model and optimizer go to DCP (sharded, per tensor); the counters, the last metrics row and every part
+    `stateful()` names (sampler, step plan, LR schedule, callbacks with state of their own) to train_state.pt.
+    """
+
+    config: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    step: int
+    samples: int
+    tokens: int
+    metrics: dict[str, Any]
+
+    def stateful(self) -> dict[str, Stateful]: ...
+
+
+def capture_train_state(state: CheckpointState) -> dict[str, Any]:
+    """The loop's counters and the state of each stateful part (not model or optimizer: those go to DCP)."""
     return {
         "step": state.step,
         "samples": state.samples,
         "tokens": state.tokens,
-        "sampler": state.sampler.state_dict() if state.sampler is not None else None,
-        "batch_plan": state.batch_plan.state_dict() if state.batch_plan is not None else None,
-        "lr_scheduler": state.lr_scheduler.state_dict() if state.lr_scheduler is not None else None,
         "metrics": _plain(state.metrics),
-        "extra": dict(state.extra),
+        "stateful": {name: part.state_dict() for name, part in state.stateful().items()},
     }

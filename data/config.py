@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from glassbox.config import ConfigError
 
@@ -19,6 +20,10 @@ class DataConfig:
     blend: list[BlendSource] = field(default_factory=list)  # several DATA_DIRs sampled by weight
     seq_len: int = 256                                      # tokens per sample (each sample holds seq_len + 1 ids)
     seed: int = 1234                                        # seed of the global sample order
+
+    def dirs(self) -> list[Path]:
+        """The prepared DATA_DIRs a run reads: `path`, or each source of `blend` in order."""
+        return [Path(self.path)] if self.path else [Path(src.path) for src in self.blend]
 
     def validate(self) -> None:
         if bool(self.path) == bool(self.blend):

@@ -158,9 +158,9 @@ def _build_with_megatron(spec: EpochSpec, out: Path) -> None:
 
 
 def _build(spec: EpochSpec, out: Path) -> None:
-    import torch.distributed as dist
+    from glassbox.distributed import is_distributed
 
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         proc = subprocess.run(
             [sys.executable, "-m", "glassbox.data.indices", spec.to_json(), str(out)],
             capture_output=True,

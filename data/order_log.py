@@ -2,13 +2,15 @@
 
 Row N (steps are 1-based) holds the cursor before step N, its global batch size, and a hash of the batch's token
 ids. With the store and the sampler settings this is enough to rebuild any step's batch exactly and to prove it
-is the batch that was trained on (`glassbox data batch`). zarr appends by chunk and writes each chunk through a
+is the batch that was trained on (`glassbox data batch`). Beside it, the step's plan as it ran (micro-batch size,
+learning-rate scale, training progress), so `glassbox reproduce` replays a run whose plan changed step by step. zarr appends by chunk and writes each chunk through a
 temporary file and a rename, so a crash never leaves a torn row behind.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from glassbox.errors import GlassboxError
 
 HASH_BYTES = 32
 _COLUMNS = 2 + HASH_BYTES // 8
+PLAN_COLUMNS = ["micro_batch_size", "lr_scale", "progress"]
 _CHUNK_ROWS = 4096
 
 
@@ -47,9 +50,10 @@ def check_logged_batch(tokens: torch.Tensor, row: dict, source: str) -> str:
 class DataOrderLog:
     """Append-only per-step log in `run_dir/data_order.zarr`; see the module docstring.
 
-    One int64 array `rows` of [capacity, 6]: cursor_start, batch_size, then the 32-byte hash as four int64 words;
-    the group attribute `steps` says how many rows are valid. An append is one chunk write plus one small
-    attribute write (the array grows a chunk at a time).
+    One int64 array `rows` of [capacity, 6]: cursor_start, batch_size, then the 32-byte hash as four int64 words,
+    and one float64 array `plan` of [capacity, 3] (PLAN_COLUMNS; floats hold every micro-batch size exactly); the
+    group attribute `steps` says how many rows are valid. An append is two chunk writes plus one small attribute
+    write (the arrays grow a chunk at a time).
     """
 
     def __init__(self, run_dir: str | Path, read_only: bool = False):
@@ -64,12 +68,17 @@ class DataOrderLog:
                 group.create_array("rows", shape=(0, _COLUMNS), chunks=(_CHUNK_ROWS, _COLUMNS), dtype="int64")
                 group.attrs["columns"] = ["cursor_start", "batch_size", "token_hash[0:8]", "token_hash[8:16]",
                                           "token_hash[16:24]", "token_hash[24:32]"]
+                group.create_array("plan", shape=(0, len(PLAN_COLUMNS)), chunks=(_CHUNK_ROWS, len(PLAN_COLUMNS)),
+                                   dtype="float64")
+                group.attrs["plan_columns"] = PLAN_COLUMNS
             self._group = group
             self._rows = group["rows"]
+            self._plan = group["plan"]
             self._steps = int(group.attrs.get("steps", 0))
         except (KeyError, ValueError, OSError) as e:
             raise GlassboxError(f"{self.path}: not a readable data-order log ({type(e).__name__}: {e})") from None
-        if self._rows.ndim != 2 or self._rows.shape[1] != _COLUMNS or not 0 <= self._steps <= self._rows.shape[0]:
+        if (self._rows.ndim != 2 or self._rows.shape[1] != _COLUMNS or not 0 <= self._steps <= self._rows.shape[0]
+                or self._plan.shape[0] < self._steps):
             raise GlassboxError(f"{self.path}: rows {self._rows.shape} / steps {self._steps} is not a data-order log")
 
     def __len__(self) -> int:
@@ -79,8 +88,11 @@ class DataOrderLog:
         self._group.attrs["steps"] = n
         self._steps = n
 
-    def append(self, step: int, cursor_start: int, batch_size: int, token_hash: str) -> None:
-        """Record step `step`; it must be the next step (call `truncate` first when resuming)."""
+    def append(self, step: int, cursor_start: int, batch_size: int, token_hash: str, *,
+               micro_batch_size: int | None = None, lr_scale: float | None = None,
+               progress: float | None = None) -> None:
+        """Record step `step`; it must be the next step (call `truncate` first when resuming). The plan columns
+        are the trainer's; a step logged without them (data-order tools) cannot be replayed by `reproduce`."""
         if step != len(self) + 1:
             raise GlassboxError(
                 f"{self.path}: cannot log step {step}, the log holds steps 1..{len(self)} "
@@ -95,8 +107,12 @@ class DataOrderLog:
         row = np.concatenate([np.array([cursor_start, batch_size], dtype=np.int64), np.frombuffer(digest, "<i8")])
         if self._rows.shape[0] < step:
             self._rows.resize((self._rows.shape[0] + _CHUNK_ROWS, _COLUMNS))
+        if self._plan.shape[0] < step:
+            self._plan.resize((self._plan.shape[0] + _CHUNK_ROWS, len(PLAN_COLUMNS)))
         # The row is written before the step count claims it, so a crash in between leaves the log as it was.
         self._rows[step - 1] = row
+        plan = [math.nan if v is None else v for v in (micro_batch_size, lr_scale, progress)]
+        self._plan[step - 1] = np.array(plan, dtype=np.float64)
         self._set_steps(step)
 
     def row(self, step: int) -> dict:
@@ -109,6 +125,17 @@ class DataOrderLog:
             "batch_size": int(r[1]),
             "token_hash": r[2:].tobytes().hex(),
         }
+
+    def plan_row(self, step: int) -> dict:
+        """`row(step)` with the step's plan as the trainer ran it (PLAN_COLUMNS); an error for a step logged
+        without one."""
+        row = self.row(step)
+        plan = np.asarray(self._plan[step - 1], dtype=np.float64)
+        if np.isnan(plan).any():
+            raise GlassboxError(f"{self.path}: step {step} was logged without its plan (micro-batch, LR scale, "
+                                "progress), so it cannot be replayed")
+        row.update(micro_batch_size=int(plan[0]), lr_scale=float(plan[1]), progress=float(plan[2]))
+        return row
 
     def truncate(self, last_step: int) -> None:
         """Drop rows after `last_step` (a run resumed from that step's checkpoint re-logs what follows)."""

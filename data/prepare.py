@@ -20,7 +20,7 @@ import numpy as np
 
 from glassbox.atomic import sha256_file, staged_dir, write_bytes, write_json
 from glassbox.data.sources import read_source
-from glassbox.data.store import META_FORMAT, SPLITS, TokenStore, megatron_datasets
+from glassbox.data.store import META_FORMAT, SPLITS, TokenStore, megatron_datasets, token_dtype
 from glassbox.data.tokenizer import check_vocab_size, eot_token, load_tokenizer, train_bpe
 from glassbox.errors import GlassboxError
 
@@ -180,7 +180,7 @@ def prepare(
             write_bytes(tmp / "tokenizer.json", tok.to_str(pretty=True).encode())
             eot_name, eod_id = eot_token(tok, "trained")
         actual_vocab = tok.get_vocab_size(with_added_tokens=True)
-        dtype = np.dtype(np.uint16 if actual_vocab <= 1 << 16 else np.int32)
+        dtype = token_dtype(actual_vocab)
 
         valid = _valid_documents(docs, valid_fraction)
         split_of = ["valid" if i in valid else "train" for i in range(len(docs))]

@@ -25,6 +25,12 @@ SPLITS = ("train", "valid")
 META_FORMAT = 1
 
 
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest dtype megatron's indexed dataset reads back for token ids below `vocab_size`: uint16, else
+    int32 (its index format has no uint32 code), so a store and the arrays released from it agree."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.int32)
+
+
 def megatron_datasets() -> SimpleNamespace:
     """megatron-core's dataset modules, imported quietly: importing megatron.core warns about optional GPU
     libraries (Transformer Engine, Apex) that the data pipeline never uses.

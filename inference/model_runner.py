@@ -27,14 +27,13 @@ import numpy as np
 import torch
 import torch.fx.experimental._config
 import torch.nn.functional as F
-from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from glassbox.errors import GlassboxError
 from glassbox.inference.block_manager import BlockManager
 from glassbox.inference.scheduler import SchedulerOutput
-from glassbox.models.transformer import Attention, Transformer, apply_rotary
+from glassbox.models.transformer import Attention, Block, Transformer, apply_rotary
 
 
 class Span(NamedTuple):
@@ -106,15 +105,18 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sizes + [max_num_seqs]
 
 
-def decoder_layer(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor,
+def decoder_layer(layer: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor,
                   vc: torch.Tensor, inputs: BatchInputs, decode_mask: torch.Tensor | None,
                   block_size: int) -> torch.Tensor:
     """One decoder layer over a flat batch with a paged KV cache. Its cache is passed in (not indexed by layer
     number) and it is a plain function (not a runner method), so every layer of every runner runs the same
-    compiled code, and compiled code holds no runner (nor its KV pool) alive."""
-    h = layer.input_layernorm(x)
-    x = x + paged_attention(layer.self_attn, h, cos, sin, kc, vc, inputs, decode_mask, block_size)
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+    compiled code, and compiled code holds no runner (nor its KV pool) alive. The block itself is the training
+    model's `Block.forward`; only its attention is replaced."""
+
+    def attention(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return paged_attention(layer.self_attn, h, cos, sin, kc, vc, inputs, decode_mask, block_size)
+
+    return layer(x, cos, sin, attention=attention)
 
 
 def paged_attention(attn: Attention, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor,

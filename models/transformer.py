@@ -12,6 +12,7 @@ are shared with the inference engine, which runs the same weights with a paged K
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -230,8 +231,14 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """`attention(h, cos, sin)`, when given, stands in for `self_attn` over the normed input: the inference
+        engine passes its paged-KV attention, so training and serving share this one definition of the block
+        (norm, attention, residual, norm, MLP, residual) instead of each spelling it out."""
+        attend = self.self_attn if attention is None else attention
+        x = x + attend(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -251,16 +258,41 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 * layers) (GPT-2)."""
-        std = self.config.init_std
-        out_std = std / math.sqrt(2 * self.config.num_layers)
         for name, p in self.named_parameters():
-            if name.endswith("layernorm.weight") or name == "norm.weight":
-                p.fill_(1.0)
-            elif name.endswith(("o_proj.weight", "down_proj.weight", "mlp.down_proj")):
-                nn.init.normal_(p, std=out_std)
-            else:
-                nn.init.normal_(p, std=std)
+            self.init_parameter(name, p)
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, t: torch.Tensor) -> None:
+        """Fill `t`, parameter `name` or a full-size tensor standing in for it, drawing from the global torch RNG.
+
+        Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 * layers) (GPT-2); norms 1.
+        """
+        std = self.config.init_std
+        if name.endswith("layernorm.weight") or name == "norm.weight":
+            t.fill_(1.0)
+        elif name.endswith(("o_proj.weight", "down_proj.weight", "mlp.down_proj")):
+            nn.init.normal_(t, std=std / math.sqrt(2 * self.config.num_layers))
+        else:
+            nn.init.normal_(t, std=std)
+
+    def materialize(self, device: str | torch.device) -> Transformer:
+        """Make a model built under `torch.device("meta")` usable on `device`; returns it.
+
+        Parameters still on the meta device get storage there, uninitialised (fill them, or load into them);
+        parameters already given storage (`load_state_dict(assign=True)`) are kept. Either way the LM head is
+        re-tied to the embedding (both `to_empty` and assignment replace the shared Parameter with two) and the
+        rotary table, a non-persistent buffer no state dict carries, is recomputed as the eager build computes it
+        and moved to `device`.
+        """
+        on_meta = [p.is_meta for p in self.parameters()]
+        if any(on_meta):
+            if not all(on_meta):
+                raise ValueError("materialize: some parameters are on the meta device and some are not")
+            self.to_empty(device=device)
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(self.config.head_dim, self.config.rope_theta).to(device)
+        return self
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] (in the compute dtype; the loss upcasts)."""

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from glassbox.atomic import staged_dir, write_json, write_text
+from glassbox.data.store import token_dtype
 from glassbox.errors import GlassboxError
 from glassbox.release import layout as L
 from glassbox.release.manifest import write_manifest
@@ -38,10 +39,6 @@ class BuildOptions:
     val_samples: int = 16               # validation samples for each checkpoint's loss (stored in the dataset repo)
     probe_len: int = 16                 # tokens in the logit probe
     force: bool = False                 # replace an existing release directory
-
-
-def data_dirs(cfg) -> list[Path]:
-    return [Path(cfg.data.path)] if cfg.data.path else [Path(src.path) for src in cfg.data.blend]
 
 
 def released_store_names(n: int) -> list[str]:
@@ -69,17 +66,13 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _token_dtype(vocab_size: int):
-    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-
-
 def _check_fingerprint(info: RunInfo, sampler) -> str:
     """The data the sampler reads now must be the data the run trained on."""
     recorded = info.manifest.get("data", {}).get("fingerprint")
     if recorded and recorded != sampler.fingerprint:
         raise GlassboxError(
             f"data fingerprint mismatch: {info.run_dir / 'manifest.json'} records {recorded}, but the data at "
-            f"{', '.join(map(str, data_dirs(info.config)))} has {sampler.fingerprint}"
+            f"{', '.join(map(str, info.config.data.dirs()))} has {sampler.fingerprint}"
         )
     return sampler.fingerprint
 
@@ -91,8 +84,8 @@ def _write_chunks(info: RunInfo, sampler, steps: list[int], out: Path, vocab_siz
     from glassbox.data.order_log import check_logged_batch
 
     rows, prev = [], 0
-    dtype = _token_dtype(vocab_size)
-    source = ", ".join(map(str, data_dirs(info.config)))
+    dtype = token_dtype(vocab_size)
+    source = ", ".join(map(str, info.config.data.dirs()))
     for step in tqdm(steps, desc="chunks", unit="chunk"):
         logged = [info.order_log.row(s) for s in range(prev + 1, step + 1)]
         start = logged[0]["cursor_start"]
@@ -160,16 +153,20 @@ def _export_branches(info: RunInfo, tmp: Path, val: Any, probe_ids: list[int]) -
 
     from glassbox.checkpoints.export import export_checkpoint
     from glassbox.checkpoints.hf_format import load_hf_model_dir
-    from glassbox.checkpoints.manifest import read_manifest
+    from glassbox.checkpoints.loading import checkpoint_view
     from glassbox.release.evaluate import validation_loss
     from glassbox.release.probe import load_transformers_model, probe_summary
 
     branches = []
     seq_len = info.config.data.seq_len
     for step, ckpt in tqdm(info.checkpoints.items(), desc="export", unit="ckpt"):
-        saved = read_manifest(ckpt).get("step")
-        if saved != step:
-            raise GlassboxError(f"{ckpt} holds step {saved}, not {step}")
+        view = checkpoint_view(ckpt)
+        if view.step != step:
+            raise GlassboxError(f"{ckpt} holds step {view.step}, not {step}")
+        if len(view.sources()) > 1:
+            raise GlassboxError(f"{ckpt} reads tensors from the checkpoints of steps {sorted(view.steps() - {step})}: "
+                                "a release branch carries one self-contained training state (save the release "
+                                "steps in full, e.g. without optimizer.frozen)")
         name = L.branch_name(step)
         out = tmp / L.BRANCHES_DIR / name
         export_checkpoint(ckpt, out)
@@ -200,14 +197,14 @@ def _main_branch(tmp: Path, final: str, info: RunInfo) -> None:
 
 def _dataset(info: RunInfo, tmp: Path, sampler, val, store_meta: dict, tokenizer: Path, vocab: int) -> list:
     ds = tmp / L.DATASET_DIR
-    dirs = data_dirs(info.config)
+    dirs = info.config.data.dirs()
     for src, name in zip(dirs, released_store_names(len(dirs))):
         _copy_tree(src, ds / name)
     _copy_tree(info.run_dir / "data_order.zarr", ds / "data_order.zarr")
     write_json(ds / "meta.json", store_meta)
     _copy_file(tokenizer, ds / "tokenizer.json")
     with open(ds / "validation.npy", "wb") as f:
-        np.save(f, val.numpy().astype(_token_dtype(vocab)))
+        np.save(f, val.numpy().astype(token_dtype(vocab)))
     return _write_chunks(info, sampler, list(info.checkpoints), ds, vocab)
 
 
@@ -227,7 +224,7 @@ def card_facts(info: RunInfo, opts: BuildOptions, index: dict[str, Any], metas: 
 
     cfg = info.config
     tokens = index["branches"][-1]["tokens"]
-    sources = [s for meta in metas for s in meta.get("sources", [])] or [str(p) for p in data_dirs(cfg)]
+    sources = [s for meta in metas for s in meta.get("sources", [])] or [str(p) for p in cfg.data.dirs()]
     store_meta = metas[0]
     return CardFacts(
         name=index["name"],

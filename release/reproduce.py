@@ -1,7 +1,8 @@
 """`glassbox reproduce`: replay training from the checkpoint before step N to step N and compare with checkpoint N.
 
 The replay is the real Trainer on the run's resolved config, restored from the previous checkpoint (or from the
-seeded initialisation when N is the first checkpoint). Before each step it checks that the sampler stands where
+seeded initialisation when N is the first checkpoint), taking each step as the data-order log recorded it (its
+batch size, micro-batch, LR scale and progress: a `ReplayPlan`), so a run whose plan adapted replays exactly. Before each step it checks that the sampler stands where
 the data-order log says and that the batch it will take hashes to the logged value, so a replay on other data
 stops at the first wrong batch instead of reporting a meaningless difference. After step N every tensor (weights
 and optimizer state) is compared with checkpoint N: "bit-exact" when all are identical, else the largest
@@ -18,7 +19,8 @@ from typing import Any
 
 from glassbox.errors import GlassboxError
 from glassbox.release.layout import ReleaseLayout, branch_step
-from glassbox.release.run_reader import list_checkpoints, read_metrics
+from glassbox.release.run_reader import list_checkpoints
+from glassbox.train.metrics_log import read_metrics
 
 
 @dataclass
@@ -37,7 +39,8 @@ def from_run(run_dir: Path) -> ReplaySource:
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise GlassboxError(f"{config} is missing: not a glassbox run directory")
-    return ReplaySource(config.read_text(), list_checkpoints(run_dir), run_dir, read_metrics(run_dir / "metrics.jsonl"),
+    return ReplaySource(config.read_text(), list_checkpoints(run_dir), run_dir,
+                        read_metrics(run_dir / "metrics.jsonl", required=True),
                         None)
 
 
@@ -55,7 +58,7 @@ def from_release(release_dir: Path) -> ReplaySource:
         raise GlassboxError(f"{config} is missing: the release holds no config to replay with")
     data_paths = [str((layout.dataset / name).resolve()) for name in index["stores"]]
     return ReplaySource(config.read_text(), checkpoints, layout.dataset,
-                        read_metrics(layout.model / "metrics" / "metrics.jsonl"), data_paths)
+                        read_metrics(layout.model / "metrics" / "metrics.jsonl", required=True), data_paths)
 
 
 @dataclass
@@ -79,12 +82,12 @@ class ReproduceResult:
 def _flat_tensors(trainer) -> dict[str, Any]:
     """Every tensor of the model and optimizer, as full CPU copies keyed by a readable name."""
     import torch
-    from torch.distributed.tensor import DTensor
 
+    from glassbox.distributed import full_tensor
     from glassbox.models.transformer import unwrap
 
     def full(t):
-        return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
+        return full_tensor(t).detach().cpu().clone()
 
     model = unwrap(trainer.state.model)
     out = {f"model.{k}": full(v) for k, v in model.state_dict().items()}
@@ -145,6 +148,7 @@ def _replay(trainer, source: ReplaySource, order_log, start: int, step: int) -> 
 def reproduce(source: ReplaySource, step: int) -> ReproduceResult:
     from glassbox.data.order_log import DataOrderLog
     from glassbox.release.training import load_into, scratch_trainer
+    from glassbox.train.step_plan import ReplayPlan
 
     if step not in source.checkpoints:
         have = ", ".join(map(str, source.checkpoints)) or "none"
@@ -159,7 +163,10 @@ def reproduce(source: ReplaySource, step: int) -> ReproduceResult:
         # The trainer logs each step it takes; give it the run's log up to the starting step to append to.
         shutil.copytree(order_log.path, Path(work) / order_log.path.name)
         DataOrderLog(work).truncate(start)
-        trainer = scratch_trainer(source.config_text, Path(work), source.data_paths)
+        # One step past `step` too, where the log has it: the trainer reads ahead to prefetch that batch.
+        replayed_steps = range(start + 1, min(step + 1, len(order_log)) + 1)
+        plan = ReplayPlan({s: order_log.plan_row(s) for s in replayed_steps}, 1)
+        trainer = scratch_trainer(source.config_text, Path(work), source.data_paths, plan)
         replayed, metrics = _replay(trainer, source, order_log, start, step)
         load_into(trainer, source.checkpoints[step])
         exact, worst, differing = _compare(replayed, _flat_tensors(trainer))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from glassbox.errors import GlassboxError
+from glassbox.train.metrics_log import read_metrics
 
 
 def list_checkpoints(run_dir: Path) -> dict[int, Path]:
@@ -19,20 +20,6 @@ def list_checkpoints(run_dir: Path) -> dict[int, Path]:
     from glassbox.checkpoints.layout import checkpoints_root, list_checkpoints as committed
 
     return dict(committed(checkpoints_root(run_dir)))
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise GlassboxError(f"{path} is missing: not a finished run")
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise GlassboxError(f"{path}:{i}: not JSON ({e.msg})") from None
-    return rows
 
 
 @dataclass
@@ -69,7 +56,7 @@ def read_run(run_dir: Path) -> RunInfo:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as e:
         raise GlassboxError(f"{manifest_path}: not JSON ({e.msg})") from None
-    metrics = read_metrics(run_dir / "metrics.jsonl")
+    metrics = read_metrics(run_dir / "metrics.jsonl", required=True)
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
         raise GlassboxError(f"no checkpoints in {run_dir / 'checkpoints'}: nothing to release")

@@ -33,11 +33,12 @@ def scratch_config(config_text: str, work_dir: Path, data_paths: list[str] | Non
     return from_dict(RunConfig, data)
 
 
-def scratch_trainer(config_text: str, work_dir: Path, data_paths: list[str] | None = None):
-    """A Trainer with no callbacks whose run directory is `work_dir`."""
+def scratch_trainer(config_text: str, work_dir: Path, data_paths: list[str] | None = None, plan=None):
+    """A Trainer with no callbacks whose run directory is `work_dir`; `plan` replaces the config's step plan
+    (a replay of the logged steps)."""
     from glassbox.train.trainer import Trainer
 
-    return Trainer(scratch_config(config_text, work_dir, data_paths), callbacks=[])
+    return Trainer(scratch_config(config_text, work_dir, data_paths), callbacks=[], plan=plan)
 
 
 def load_into(trainer, checkpoint_dir: Path) -> None:

@@ -26,6 +26,7 @@ class OptimizerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     grad_clip: float = 1.0        # global L2 norm; 0 turns clipping off
+    frozen: list[str] = field(default_factory=list)   # parameter names (fnmatch patterns) that are not trained
 
     def validate(self) -> None:
         if self.lr <= 0:
@@ -38,6 +39,8 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.betas: expected two values in [0, 1), got {self.betas}")
         if self.grad_clip < 0:
             raise ConfigError(f"optimizer.grad_clip: must be >= 0, got {self.grad_clip}")
+        if any(not isinstance(p, str) or not p for p in self.frozen):
+            raise ConfigError(f"optimizer.frozen: expected parameter name patterns, got {self.frozen}")
 
 
 @dataclass
@@ -94,6 +97,9 @@ class ParallelConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False         # torch.compile each transformer block
     backend: Literal["auto", "gloo", "nccl"] = "auto"     # auto: nccl on GPU, gloo on CPU
+    # Recompute each block's forward in the backward, keeping only its input: activation memory drops from
+    # every block's intermediates to one block's plus a residual per block, for about one more forward of compute.
+    activation_checkpointing: bool = False
 
     def validate(self) -> None:
         if self.tensor_parallel < 1:
@@ -150,11 +156,6 @@ class RunConfig:
             )
         if not self.run_dir:
             raise ConfigError("run_dir: must not be empty")
-
-
-def data_dirs(data: DataConfig) -> list[str]:
-    """The prepared DATA_DIRs a run reads: `data.path`, or each source of `data.blend` in order."""
-    return [data.path] if data.path else [src.path for src in data.blend]
 
 
 def run_config_from_dict(data: dict) -> RunConfig:

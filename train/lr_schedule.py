@@ -1,20 +1,22 @@
-"""Warmup then decay (cosine by default) from `optimizer.lr` to `optimizer.min_lr`, as a LambdaLR.
+"""The learning rate as a function of training progress: warmup, then decay (cosine by default) to `min_lr`.
 
-The factor is a small callable object rather than a closure so the scheduler's `state_dict()` holds its settings
-and a checkpoint restores the schedule exactly.
+Computed in one place, `LRSchedule.lr(progress)`, from progress in samples (train/step_plan.py): `schedule.steps`
+and `warmup_steps` count steps of the base global batch, so a fixed-batch run gets exactly the per-step schedule,
+and a run whose batch changes (a schedule of stages, or Pollux) moves along the schedule by the samples it has
+seen, not by its step count. The trainer multiplies in the step plan's LR scale. The schedule's settings are its
+state, so a checkpoint restores it exactly; `follow_config` lets a resumed run take new settings.
 """
 
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import Any
 
 from glassbox.train.config import OptimizerConfig, ScheduleConfig
 
 
 class WarmupDecay:
-    """factor(i) for the 0-based step index i: linear warmup to 1, then decay to min_lr / lr at the last step."""
+    """factor(i) for i steps of progress (a float): linear warmup to 1, then decay to min_lr / lr at the last step."""
 
     def __init__(self, steps: int, warmup_steps: int, decay: str, min_ratio: float):
         self.steps = steps
@@ -22,7 +24,7 @@ class WarmupDecay:
         self.decay = decay
         self.min_ratio = min_ratio
 
-    def __call__(self, i: int) -> float:
+    def __call__(self, i: float) -> float:
         if i < self.warmup_steps:
             return (i + 1) / self.warmup_steps
         if self.decay == "constant":
@@ -36,35 +38,50 @@ class WarmupDecay:
         return self.min_ratio + (1.0 - self.min_ratio) * shape
 
 
-def _factor(opt: OptimizerConfig, schedule: ScheduleConfig) -> WarmupDecay:
+class LRSchedule:
+    """lr(progress) = peak_lr x WarmupDecay(progress / samples_per_step)."""
+
+    def __init__(self, peak_lr: float, shape: WarmupDecay, samples_per_step: int):
+        self.peak_lr = peak_lr
+        self.shape = shape
+        self.samples_per_step = samples_per_step
+
+    def lr(self, progress: float) -> float:
+        return self.peak_lr * self.shape(progress / self.samples_per_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"peak_lr": self.peak_lr, "samples_per_step": self.samples_per_step, **vars(self.shape)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        self.peak_lr = float(state.pop("peak_lr"))
+        self.samples_per_step = int(state.pop("samples_per_step"))
+        self.shape = WarmupDecay(**state)
+
+
+def _shape(opt: OptimizerConfig, schedule: ScheduleConfig) -> WarmupDecay:
     return WarmupDecay(schedule.steps, schedule.warmup_steps, schedule.decay, opt.min_lr / opt.lr)
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, opt: OptimizerConfig,
-                       schedule: ScheduleConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, _factor(opt, schedule))
+def build_lr_schedule(opt: OptimizerConfig, schedule: ScheduleConfig, samples_per_step: int) -> LRSchedule:
+    return LRSchedule(opt.lr, _shape(opt, schedule), samples_per_step)
 
 
-def follow_config(scheduler: torch.optim.lr_scheduler.LambdaLR, opt: OptimizerConfig,
-                  schedule: ScheduleConfig) -> str | None:
-    """After a restore, make the schedule the run config's, keeping the restored step count.
+def follow_config(lr_schedule: LRSchedule, opt: OptimizerConfig, schedule: ScheduleConfig) -> str | None:
+    """After a restore, make the schedule the run config's.
 
     A checkpoint restores the schedule it was saved with; a run resumed with more `schedule.steps` (extending a
-    run) or another `lr` / `min_lr` means the new values, so they replace the restored ones and the current LR is
-    recomputed from them. Returns what changed (for the log), or None when the config matches the checkpoint, in
-    which case nothing is touched and resume stays bit-exact.
+    run) or another `lr` / `min_lr` means the new values, so they replace the restored ones. Returns what changed
+    (for the log), or None when the config matches the checkpoint, in which case nothing is touched and resume
+    stays bit-exact.
     """
-    wanted = _factor(opt, schedule)
-    current = scheduler.lr_lambdas[0]
-    changes = [f"{name} {getattr(current, name)} -> {value}" for name, value in vars(wanted).items()
-               if getattr(current, name) != value]
-    if any(base != opt.lr for base in scheduler.base_lrs):
-        changes.append(f"lr {scheduler.base_lrs[0]} -> {opt.lr}")
+    wanted = _shape(opt, schedule)
+    changes = [f"{name} {getattr(lr_schedule.shape, name)} -> {value}" for name, value in vars(wanted).items()
+               if getattr(lr_schedule.shape, name) != value]
+    if lr_schedule.peak_lr != opt.lr:
+        changes.append(f"lr {lr_schedule.peak_lr} -> {opt.lr}")
     if not changes:
         return None
-    for fn in scheduler.lr_lambdas:
-        vars(fn).update(vars(wanted))
-    scheduler.base_lrs = [opt.lr] * len(scheduler.base_lrs)
-    # get_last_lr() is what the next step applies: the value for the restored step under the new settings.
-    scheduler._last_lr = [opt.lr * fn(scheduler.last_epoch) for fn in scheduler.lr_lambdas]
+    lr_schedule.shape = wanted
+    lr_schedule.peak_lr = opt.lr
     return ", ".join(changes)

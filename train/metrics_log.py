@@ -12,20 +12,33 @@ from pathlib import Path
 from typing import Any
 
 from glassbox.atomic import write_text
+from glassbox.errors import GlassboxError
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+def read_metrics(path: str | Path, *, required: bool = False) -> list[dict[str, Any]]:
+    """The rows of a metrics file (or of RUN_DIR/metrics.jsonl when given the run directory).
+
+    Only the last line can be torn by a crash mid-append, so only it is skipped when it does not parse; a bad
+    line anywhere else means the file was damaged and is an error naming `path:line`. A missing file is an
+    empty log for a run that may not have stepped yet, and an error when `required` (a finished run must have
+    one)."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
-    if not path.exists():
+    if not path.is_file():
+        if required:
+            raise GlassboxError(f"{path} is missing: not a finished run")
         return []
+    lines = path.read_text().splitlines()
     rows = []
-    for line in path.read_text().splitlines():
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
             rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+        except json.JSONDecodeError as e:
+            if i < len(lines):
+                raise GlassboxError(f"{path}:{i}: not JSON ({e.msg})") from None
     return rows
 
 

@@ -13,6 +13,7 @@ Everything runs on CPU with gloo as on GPUs with NCCL.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -104,12 +105,38 @@ def apply_tensor_parallel(model: Transformer, tp_mesh) -> None:
         parallelize_module(block, tp_mesh, plan)
 
 
+def apply_activation_checkpointing(model: Transformer) -> None:
+    """Keep only each block's input for the backward and recompute the rest of its forward there.
+
+    The block's forward is replaced on the instance, not wrapped in a module as torch's `checkpoint_wrapper`
+    does, so parameter names and state-dict keys stay `layers.N.<...>` and checkpoints load either way; compile
+    and FSDP2 then apply to the block as to any other. Non-reentrant checkpointing recomputes the same values,
+    so losses and gradients are those without it.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    def checkpointed(forward):
+        # A frame of our own around the call: `checkpoint` disables dynamo when a compiled frame does not call
+        # it, so `partial(checkpoint, forward)` as the forward would leave the compiled block running eagerly.
+        @functools.wraps(forward)
+        def run(*args, **kwargs):
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return run
+
+    for block in model.layers:
+        block.forward = checkpointed(block.forward)
+
+
 def parallelize(model: Transformer, cfg: ParallelConfig, world: World, bf16: bool) -> nn.Module:
-    """TP, then compile, then data parallel; returns the module to train (the model itself unless DDP wraps it)."""
-    model.to(world.device)
+    """TP, activation checkpointing, compile, then data parallel; returns the module to train (the model itself
+    unless DDP wraps it). A model built on the meta device stays there (`glassbox.train.model_init`)."""
+    if not any(p.is_meta for p in model.parameters()):
+        model.to(world.device)
     if world.tp_size > 1:
         check_tensor_parallel(model.config, world.tp_size)
         apply_tensor_parallel(model, world.mesh["tp"])
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
     if cfg.compile:
         for block in model.layers:
             block.compile()
@@ -164,8 +191,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 @torch.no_grad()
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Global L2 norm of the gradients over every shard, then scale them to `max_norm` if above (0: no clip).
+def grad_sq_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """Squared global L2 norm of the gradients over every shard, on the device.
 
     Sharded DTensor gradients contribute their local sum of squares, reduced once per mesh dimension they are
     sharded on; replicated and plain gradients are identical on every rank and count once.
@@ -190,10 +217,44 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         for d in dims:
             dist.all_reduce(sq, group=meshes[mesh_id].get_group(d))
         total += sq
-    norm = total.sqrt()
+    return total
+
+
+@torch.no_grad()
+def clip_gradients(params: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:
+    """Scale the gradients to `max_norm` when their global `norm` is above it (0: no clipping)."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
     if max_norm > 0 and grads:
         # The scale stays on the device, so clipping adds no host sync to the step; a factor of exactly 1 (norm
         # under the limit) leaves the gradients bit-identical.
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in grads], scale)
-    return norm
+
+
+@torch.no_grad()
+def local_grad_sq_norm(model: nn.Module) -> torch.Tensor:
+    """Squared L2 norm of this rank's gradient as accumulated so far, before any data-parallel reduction.
+
+    With gradient sync off (every micro-batch but a step's last), plain and DDP parameters hold the local sum
+    in `.grad`; FSDP2 keeps it unsharded beside each sharded parameter, which only its parameter groups reach
+    (the one place glassbox reads FSDP2 internals). One fused norm kernel, no collective, no host sync.
+    """
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    grads: list[torch.Tensor] = []
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            group = module._get_fsdp_state()._fsdp_param_group
+            for fp in group.fsdp_params if group is not None else []:
+                g = fp.unsharded_accumulated_grad
+                grads.append(g if g is not None else fp._unsharded_param.grad)
+    grads = [g for g in grads if g is not None]
+    if not grads:
+        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                 for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.stack(torch._foreach_norm(grads, 2.0)).float().pow(2).sum()

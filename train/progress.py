@@ -7,12 +7,11 @@ from glassbox.train.state import TrainState
 
 
 class ProgressBar(Callback):
+    order = 100                      # metrics only: after the callbacks that change state
+
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self.bar = None
-
-    def needs_state(self, step: int) -> bool:
-        return False                 # metrics only
 
     def on_step_end(self, state: TrainState) -> None:
         if not self.enabled or (state.world is not None and not state.world.is_main):

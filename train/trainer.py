@@ -1,8 +1,9 @@
 """The training loop: one optimizer step at a time over the global sample order, features plugged in as callbacks.
 
-A step t asks the batch plan for its global batch B_t, takes samples [cursor, cursor + B_t) from the sampler
-(each data-parallel rank its contiguous slice), accumulates gradients over micro-batches, clips, steps AdamW,
-and writes the step's row to metrics.jsonl and to the data-order log. Everything that carries over between
+A step t asks the step plan for its spec (global batch B_t, micro-batch, LR scale, progress), takes samples
+[cursor, cursor + B_t) from the sampler (each data-parallel rank its contiguous slice), accumulates gradients
+over micro-batches, clips, steps AdamW at the LR of its progress, and writes the step's row to metrics.jsonl and
+to the data-order log (with the spec, so a replay takes the same steps). Everything that carries over between
 steps lives in `TrainState`, so a checkpoint of the state (the checkpoint callback's job) resumes exactly.
 A step is queued on the device first and its metrics read back after the next step is queued (`fit`), so the
 hot path has no host sync: the device never idles while the host logs, hashes or launches kernels.
@@ -13,6 +14,7 @@ is built, and their states are what a checkpoint saves.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
 import random
 import time
@@ -28,18 +30,28 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from glassbox.atomic import sha256_file, write_text
 from glassbox.config import dump_yaml
 from glassbox.errors import GlassboxError
-from glassbox.train.batch_plan import build_batch_plan
-from glassbox.train.callbacks import Callback
-from glassbox.train.config import RunConfig, data_dirs
+from glassbox.train.callbacks import Callback, GradientStats, ordered
+from glassbox.train.checkpointing import CheckpointCallback
+from glassbox.train.config import RunConfig
 from glassbox.train.flops import peak_flops
-from glassbox.train.lr_schedule import build_lr_scheduler
+from glassbox.train.lr_schedule import build_lr_schedule
 from glassbox.train.manifest import write_run_manifest
 from glassbox.train.metrics_log import MetricsLog
 from glassbox.models.transformer import Transformer, unwrap
-from glassbox.train.parallel import World, clip_grad_norm, gradient_sync, init_world, param_groups, parallelize
+from glassbox.train.parallel import (
+    World,
+    clip_gradients,
+    grad_sq_norm,
+    gradient_sync,
+    init_world,
+    local_grad_sq_norm,
+    param_groups,
+    parallelize,
+)
 from glassbox.train.prefetch import BatchPrefetcher
 from glassbox.train.progress import ProgressBar
 from glassbox.train.state import TrainState
+from glassbox.train.step_plan import StepPlan, StepSpec, build_step_plan
 from glassbox.train.wandb_logger import WandbLogger
 
 
@@ -47,8 +59,7 @@ from glassbox.train.wandb_logger import WandbLogger
 class QueuedStep:
     """A step whose work is queued on the device but not yet read back (see `Trainer.queue_step`)."""
 
-    step: int
-    size: int                           # global batch size
+    spec: StepSpec
     lr: float
     started: float                      # perf_counter when it was queued
     scalars: torch.Tensor               # [loss, grad_norm] (+ MoE aux loss), on the device
@@ -56,12 +67,15 @@ class QueuedStep:
     val_sums: torch.Tensor | None       # on validation steps: [loss sum, token count]
 
 
-def default_callbacks(cfg: RunConfig) -> list[Callback]:
-    """The callbacks every run gets. Checkpointing (glassbox.checkpoints) belongs first in this list: its
-    on_train_start restores a resumed state, which the callbacks after it then see."""
-    from glassbox.checkpoints.checkpointer import CheckpointCallback
+CLOSING_HOOKS = ("on_step_end", "on_train_end")
 
-    return [CheckpointCallback(cfg.checkpoint, Path(cfg.run_dir)), WandbLogger(), ProgressBar(cfg.logging.progress)]
+
+def default_callbacks(cfg: RunConfig) -> list[Callback]:
+    """The callbacks every run gets: checkpointing (first by its order: its on_train_start restores a resumed
+    state, which the callbacks after it then see), wandb and the progress bar (last)."""
+    dirs = cfg.data.dirs()
+    checkpoints = CheckpointCallback(cfg.checkpoint, Path(cfg.run_dir), tokenizer_dir=dirs[0] if dirs else None)
+    return [checkpoints, WandbLogger(), ProgressBar(cfg.logging.progress)]
 
 
 # SDPA kernels in order of preference on CUDA: cuDNN attention is faster than flash attention on Hopper.
@@ -80,8 +94,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def freeze(model: torch.nn.Module, patterns: list[str]) -> list[str]:
+    """Turn training off for the parameters matching `patterns` (optimizer.frozen); returns their names."""
+    names = [n for n, p in model.named_parameters() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
+    if patterns and not names:
+        raise GlassboxError(f"optimizer.frozen: no parameter matches {patterns}")
+    params = dict(model.named_parameters())
+    for name in names:
+        params[name].requires_grad_(False)
+    return names
+
+
 class Trainer:
-    def __init__(self, cfg: RunConfig, callbacks: list[Callback] | None = None):
+    """`plan` replaces the step plan the config describes (e.g. Pollux's adaptive one, or a replay)."""
+
+    def __init__(self, cfg: RunConfig, callbacks: list[Callback] | None = None, plan: StepPlan | None = None):
         from glassbox.data.sampler import build_sampler
         from glassbox.data.store import TokenStore
 
@@ -92,10 +119,10 @@ class Trainer:
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.callbacks = default_callbacks(cfg) if callbacks is None else list(callbacks)
+        self.callbacks = ordered(default_callbacks(cfg) if callbacks is None else list(callbacks))
         self.run_dir = Path(cfg.run_dir)
 
-        sources = data_dirs(cfg.data)
+        sources = cfg.data.dirs()
         stores = [TokenStore(path) for path in sources]
         for path, store in zip(sources, stores):
             if store.vocab_size > cfg.model.vocab_size:
@@ -111,6 +138,7 @@ class Trainer:
 
         seed_everything(cfg.seed)
         model = parallelize(Transformer(cfg.model), cfg.parallel, self.world, self.bf16)
+        freeze(model, cfg.optimizer.frozen)
         # Compiled with the blocks: the fp32 upcast fuses into the cross-entropy, so fp32 logits never hit memory.
         self._loss = torch.compile(next_token_loss) if cfg.parallel.compile else next_token_loss
         optimizer = torch.optim.AdamW(
@@ -121,8 +149,9 @@ class Trainer:
                                           digest=self.world.is_main)
         self.state = TrainState(
             config=cfg, run_dir=self.run_dir, model=model, optimizer=optimizer,
-            lr_scheduler=build_lr_scheduler(optimizer, cfg.optimizer, cfg.schedule),
-            sampler=sampler, batch_plan=build_batch_plan(cfg.batch), world=self.world,
+            lr_scheduler=build_lr_schedule(cfg.optimizer, cfg.schedule, cfg.batch.global_batch_size),
+            sampler=sampler, step_plan=plan if plan is not None else build_step_plan(cfg.batch), world=self.world,
+            callback_states={cb.name: cb for cb in self.callbacks if cb.state_dict() is not None},
         )
         self.data_info = {
             "fingerprint": sampler.fingerprint,
@@ -143,6 +172,16 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
             self.order_log = DataOrderLog(self.run_dir)
+        for cb in self.callbacks:
+            cb.setup(self)
+
+    def dispatch(self, hook: str, *args) -> None:
+        """Call `hook(state, *args)` on every callback: in order, except the closing hooks (`on_step_end`,
+        `on_train_end`), which run in reverse, so the checkpoint callback, first to start, saves last, after
+        every other callback has updated its state for the step."""
+        callbacks = reversed(self.callbacks) if hook in CLOSING_HOOKS else self.callbacks
+        for cb in callbacks:
+            getattr(cb, hook)(self.state, *args)
 
     @contextlib.contextmanager
     def _rank0_first(self):
@@ -183,20 +222,25 @@ class Trainer:
         s, cfg, world = self.state, self.cfg, self.world
         step = s.step + self._queued + 1
         started = time.perf_counter()
-        size = s.batch_plan.global_batch_size(step)
-        batch, batch_digest = self.prefetcher.next_batch(s.sampler, size)
+        spec = s.step_plan.spec(step)
+        s.step_plan.advance(spec)
+        batch, batch_digest = self.prefetcher.next_batch(s.sampler, spec.global_batch)
+        self.dispatch("on_step_start", spec, batch.tokens)
 
         model, inner = s.model, unwrap(s.model)
         model.train()
         local = batch.tokens
-        chunks = local.split(cfg.batch.micro_batch_size)
+        chunks = local.split(spec.micro_batch)
+        local_norms = []
+        wants_local_norms = any(cb.wants_local_norms for cb in self.callbacks)
         loss_sum = torch.zeros((), device=world.device)
         aux_sum = torch.zeros((), device=world.device)
         load_sum = None
         for i, chunk in enumerate(chunks):
             chunk = chunk.to(world.device, non_blocking=True)
             weight = chunk.shape[0] / local.shape[0]
-            with gradient_sync(model, i == len(chunks) - 1):
+            last = i == len(chunks) - 1
+            with gradient_sync(model, last):
                 with self._autocast():
                     logits = model(chunk[:, :-1])
                 loss = self._loss(logits, chunk[:, 1:])
@@ -209,15 +253,20 @@ class Trainer:
                     load_sum = load if load_sum is None else load_sum + load
                 total.backward()
             loss_sum += loss.detach() * weight
+            if wants_local_norms and not last:
+                local_norms.append(local_grad_sq_norm(model))
 
-        grad_norm = clip_grad_norm(list(model.parameters()), cfg.optimizer.grad_clip)
-        factor = s.batch_plan.lr_factor(step)
-        for group, lr in zip(s.optimizer.param_groups, s.lr_scheduler.get_last_lr()):
-            group["lr"] = lr * factor
-        lr_used = s.optimizer.param_groups[0]["lr"]
+        params = [p for p in model.parameters() if p.requires_grad]
+        sq_norm = grad_sq_norm(params)
+        self.dispatch("on_after_backward", GradientStats(local_norms, sq_norm, spec.micro_batch, spec.global_batch))
+        grad_norm = sq_norm.sqrt()
+        clip_gradients(params, grad_norm, cfg.optimizer.grad_clip)
+        lr = s.lr_scheduler.lr(spec.progress) * spec.lr_scale
+        for group in s.optimizer.param_groups:
+            group["lr"] = lr
         s.optimizer.step()
         s.optimizer.zero_grad(set_to_none=True)
-        s.lr_scheduler.step()
+        self.dispatch("on_optimizer_step", spec)
         val_every = cfg.logging.val_every
         val = self._validation_sums() if (val_every and step % val_every == 0) or step == cfg.schedule.steps else None
 
@@ -229,22 +278,24 @@ class Trainer:
                 self.metrics_log.truncate(step - 1)
                 self.order_log.truncate(step - 1)
             self._logged_through = step
-            self.order_log.append(step, batch.start, size, batch_digest)
-        self.prefetcher.prefetch(s.sampler, s.batch_plan.global_batch_size(step + 1))
+            self.order_log.append(step, batch.start, spec.global_batch, batch_digest, micro_batch_size=spec.micro_batch,
+                                  lr_scale=spec.lr_scale, progress=spec.progress)
+        if step < cfg.schedule.steps:
+            self.prefetcher.prefetch(s.sampler, s.step_plan.spec(step + 1).global_batch)
 
         scalars = [self._dp_mean(loss_sum), grad_norm.float()]
         if load_sum is not None:
             scalars.append(self._dp_mean(aux_sum))
             load_sum = self._dp_mean(load_sum) * cfg.model.num_experts
         self._queued += 1
-        return QueuedStep(step=step, size=size, lr=lr_used, started=started, scalars=torch.stack(scalars),
+        return QueuedStep(spec=spec, lr=lr, started=started, scalars=torch.stack(scalars),
                           expert_load=load_sum, val_sums=val)
 
     def finish_step(self, queued: QueuedStep) -> dict:
         """Wait for a queued step, then count it done: its metrics row (one device-to-host read) goes to
         metrics.jsonl and `state.metrics`. A non-finite loss stops the run here, naming the step."""
         s, cfg, world = self.state, self.cfg, self.world
-        step, size = queued.step, queued.size
+        step, size = queued.spec.step, queued.spec.global_batch
         if step != s.step + 1:
             raise GlassboxError(f"finish_step: step {step} is not the next unfinished step ({s.step + 1})")
         values = queued.scalars.tolist()
@@ -262,7 +313,8 @@ class Trainer:
         tokens_per_s = size * cfg.data.seq_len / elapsed
         row = {
             "step": step, "samples": s.samples, "tokens": s.tokens, "loss": loss_value, "lr": queued.lr,
-            "grad_norm": values[1], "batch_size": size, "world_size": world.world_size,
+            "grad_norm": values[1], "batch_size": size, "micro_batch_size": queued.spec.micro_batch,
+            "progress": queued.spec.progress + size, "world_size": world.world_size,
             "step_time": elapsed, "tokens_per_s": tokens_per_s,
             "mfu": self.flops_per_token * tokens_per_s / (self.peak * world.world_size) if self.peak else 0.0,
         }
@@ -300,8 +352,7 @@ class Trainer:
     def fit(self) -> TrainState:
         """Train to `schedule.steps`, calling the callbacks; a resume (in on_train_start) continues from its step."""
         s = self.state
-        for cb in self.callbacks:
-            cb.on_train_start(s)
+        self.dispatch("on_train_start")
         if self.world.is_main:
             write_run_manifest(self.run_dir, data=self.data_info, device=self.world.device, step=s.step,
                                world_size=self.world.world_size, dp=self.world.dp_size, tp=self.world.tp_size)
@@ -311,13 +362,11 @@ class Trainer:
         while pending is not None or s.step < self.cfg.schedule.steps:
             if pending is None:
                 pending = self.queue_step()
-            overlaps = pending.step < self.cfg.schedule.steps and not any(
-                cb.needs_state(pending.step) for cb in self.callbacks)
+            step = pending.spec.step
+            overlaps = step < self.cfg.schedule.steps and not any(cb.needs_state(step) for cb in self.callbacks)
             following = self.queue_step() if overlaps else None
             self.finish_step(pending)
-            for cb in self.callbacks:
-                cb.on_step_end(s)
+            self.dispatch("on_step_end")
             pending = following
-        for cb in self.callbacks:
-            cb.on_train_end(s)
+        self.dispatch("on_train_end")
         return s

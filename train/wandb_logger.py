@@ -11,6 +11,8 @@ from glassbox.train.state import TrainState
 
 
 class WandbLogger(Callback):
+    order = 100                      # metrics only: after the callbacks that change state
+
     def __init__(self):
         self.run = None
 
@@ -30,9 +32,6 @@ class WandbLogger(Callback):
             config=to_dict(state.config),
             settings=wandb.Settings(silent=True, console="off"),
         )
-
-    def needs_state(self, step: int) -> bool:
-        return False                 # metrics only
 
     def on_step_end(self, state: TrainState) -> None:
         if self.run is not None:

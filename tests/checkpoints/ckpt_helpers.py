@@ -46,7 +46,7 @@ class MiniLoop:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _Decay())
         self.state = TrainState(config=None, run_dir=run_dir, model=model, optimizer=optimizer,
-                                lr_scheduler=schedule, sampler=None, batch_plan=None)
+                                lr_scheduler=schedule, sampler=None, step_plan=None)
 
     def step(self) -> float:
         s = self.state

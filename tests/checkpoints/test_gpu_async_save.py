@@ -19,7 +19,7 @@ def _state(run_dir, seed: int) -> TrainState:
     model = tiny_model(tiny_config(vocab_size=4096, hidden_size=256, intermediate_size=1024), seed).cuda().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     return TrainState(config=None, run_dir=run_dir, model=model, optimizer=optimizer, lr_scheduler=None,
-                      sampler=None, batch_plan=None)
+                      sampler=None, step_plan=None)
 
 
 def _step(state: TrainState) -> None:

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from glassbox.train.batch_plan import ScheduledBatchPlan, build_batch_plan
+from glassbox.train.step_plan import ScheduledPlan, build_step_plan
 from glassbox.train.config import BatchConfig, BatchStage, OptimizerConfig, ScheduleConfig
-from glassbox.train.lr_schedule import build_lr_scheduler
+from glassbox.train.lr_schedule import build_lr_schedule
 from glassbox.models.transformer import MoE, ModelConfig, Transformer
 
 
@@ -106,14 +106,8 @@ def test_moe_aux_loss_pulls_a_collapsed_router_back_to_balance():
 
 
 def test_warmup_then_cosine_to_min_lr():
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.AdamW([p], lr=1e-3)
-    sched = build_lr_scheduler(opt, OptimizerConfig(lr=1e-3, min_lr=1e-4), ScheduleConfig(steps=20, warmup_steps=4))
-    lrs = []
-    for _ in range(20):
-        lrs.append(sched.get_last_lr()[0])
-        opt.step()
-        sched.step()
+    sched = build_lr_schedule(OptimizerConfig(lr=1e-3, min_lr=1e-4), ScheduleConfig(steps=20, warmup_steps=4), 8)
+    lrs = [sched.lr(8 * i) for i in range(20)]
     assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert lrs[-1] == pytest.approx(1e-4)
     mid = 4 + 15 / 2
@@ -122,11 +116,11 @@ def test_warmup_then_cosine_to_min_lr():
 
 
 def test_batch_plans():
-    assert build_batch_plan(BatchConfig(global_batch_size=8)).global_batch_size(1000) == 8
-    plan = build_batch_plan(BatchConfig(global_batch_size=8, schedule=[BatchStage(3, 16, 1.5), BatchStage(5, 4)]))
-    assert isinstance(plan, ScheduledBatchPlan)
-    assert [plan.global_batch_size(s) for s in range(1, 7)] == [8, 8, 16, 16, 4, 4]
-    assert [plan.lr_factor(s) for s in range(1, 7)] == [1, 1, 1.5, 1.5, 1, 1]
-    other = build_batch_plan(BatchConfig(global_batch_size=2, schedule=[BatchStage(1, 2)]))
+    assert build_step_plan(BatchConfig(global_batch_size=8)).spec(1000).global_batch == 8
+    plan = build_step_plan(BatchConfig(global_batch_size=8, schedule=[BatchStage(3, 16, 1.5), BatchStage(5, 4)]))
+    assert isinstance(plan, ScheduledPlan)
+    assert [plan.spec(s).global_batch for s in range(1, 7)] == [8, 8, 16, 16, 4, 4]
+    assert [plan.spec(s).lr_scale for s in range(1, 7)] == [1, 1, 1.5, 1.5, 1, 1]
+    other = build_step_plan(BatchConfig(global_batch_size=2, schedule=[BatchStage(1, 2)]))
     other.load_state_dict(plan.state_dict())
-    assert [other.global_batch_size(s) for s in range(1, 7)] == [8, 8, 16, 16, 4, 4]
+    assert [other.spec(s).global_batch for s in range(1, 7)] == [8, 8, 16, 16, 4, 4]
