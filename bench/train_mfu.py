@@ -13,8 +13,8 @@ trainer, which reads a prepared token store as a real run does:
   without the trainer's data loading and logging: the ceiling the full trainer is measured against.
 - torchtitan 0.3.0: its Llama3 model built from its own config classes and its `parallelize_llama` (compile per
   block, FSDP2 with bf16 params / fp32 reduce), its cross-entropy loss (compiled), its optimizer container (fused
-  AdamW) and its gradient clipping; its SDPA attention module; no activation checkpointing (everything fits on
-  one GPU) and none of its trainer's dataset stack (its Trainer class needs a tokenizer and HF datasets).
+  AdamW) and its gradient clipping; its SDPA attention module; its full activation checkpointing only with
+  `--ac`; none of its trainer's dataset stack (its Trainer class needs a tokenizer and HF datasets).
 - transformers: `LlamaForCausalLM` with SDPA, bf16 autocast over fp32 weights, fused AdamW, eager, one GPU (DDP
   when several).
 
@@ -33,6 +33,7 @@ loop; events also count the host's gaps between steps); the row reports the medi
 
     python bench/train_mfu.py --concurrent 2            # all systems, 125M / 350M / 1B, one GPU per row
     python bench/train_mfu.py --gpus 2 --sizes 1B --systems glassbox,torchtitan --append
+    python bench/train_mfu.py --sizes 3B --ac --tag ac --append --run-timeout 900   # fits one GPU only with AC
     python bench/train_mfu.py --sizes tiny --device cpu # seconds on a CPU: checks the code paths, not speed
 
 Writes bench/results/train_mfu.json (a list of rows) and bench/results/train_mfu.md.
@@ -73,6 +74,10 @@ SHAPES = {
     "125M": Shape(hidden=768, layers=12, heads=12, kv_heads=4, mlp=2048, batch=16),
     "350M": Shape(hidden=1024, layers=24, heads=16, kv_heads=8, mlp=2816, batch=16),
     "1B": Shape(hidden=2048, layers=16, heads=16, kv_heads=8, mlp=5632, batch=8),
+    # 3.0B parameters (Llama-3.2-3B's width, depth and GQA) at 65k tokens per step: ~45 GiB of fp32 weights,
+    # gradients and AdamW moments plus ~150 GiB of activations does not fit one 141 GB GPU; with activation
+    # checkpointing (--ac) the activations drop to ~45 GiB (a residual per block, one block's recompute, logits).
+    "3B": Shape(hidden=3072, layers=28, heads=24, kv_heads=8, mlp=8192, batch=32),
     "tiny": Shape(hidden=64, layers=2, heads=4, kv_heads=2, mlp=128, batch=2, seq=64, vocab=512),
 }
 
@@ -114,7 +119,7 @@ def build_glassbox(shape: Shape, device, args):
         "schedule": {"steps": 100_000, "warmup_steps": 10},
         "batch": {"global_batch_size": shape.batch * world, "micro_batch_size": shape.batch},
         "parallel": {"device": device.type, "precision": "bf16", "compile": not args.no_compile,
-                     **({"data_parallel": "fsdp"} if world > 1 else {})},
+                     "activation_checkpointing": args.ac, **({"data_parallel": "fsdp"} if world > 1 else {})},
         "logging": {"val_samples": world, "progress": False, "wandb": {"mode": "disabled"}},
         "run_dir": str(run_dir),
     })
@@ -138,15 +143,16 @@ def build_glassbox_core(shape: Shape, device, args):
     import torch
 
     from glassbox.train.config import ParallelConfig
-    from glassbox.models.transformer import Transformer
-    from glassbox.train.parallel import clip_grad_norm, init_world, param_groups, parallelize
+    from glassbox.train.model_init import build_model
+    from glassbox.train.parallel import clip_gradients, grad_sq_norm, init_world, param_groups
     from glassbox.train.trainer import ATTENTION_KERNELS, next_token_loss
     from torch.nn.attention import sdpa_kernel
 
-    pcfg = ParallelConfig(device=device.type, precision="bf16", compile=not args.no_compile)
+    pcfg = ParallelConfig(device=device.type, precision="bf16", compile=not args.no_compile,
+                          activation_checkpointing=args.ac)
     world = init_world(pcfg)
     torch.manual_seed(0)
-    model = parallelize(Transformer(model_config(shape)), pcfg, world, bf16=True)
+    model = build_model(model_config(shape), pcfg, world, bf16=True)
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95), eps=1e-8,
                                   fused=device.type == "cuda")
     params = list(model.parameters())
@@ -158,7 +164,7 @@ def build_glassbox_core(shape: Shape, device, args):
             logits = model(inputs)
         loss = loss_of(logits, labels)
         loss.backward()
-        clip_grad_norm(params, 1.0)
+        clip_gradients(params, grad_sq_norm(params).sqrt(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
@@ -509,7 +515,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=6)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--ac", action="store_true", help="activation checkpointing in every system")
+    p.add_argument("--ac", "--activation-checkpointing", dest="ac", action="store_true",
+                   help="activation checkpointing in every system (glassbox: parallel.activation_checkpointing)")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--tag", default="", help="a label for this variant, kept in each row")
     p.add_argument("--append", action="store_true", help="keep --out's rows of other variants (tags)")

@@ -53,13 +53,17 @@ def replay_constructor_draws(model: nn.Module) -> None:
 def init_weights(model: Transformer, device: torch.device) -> None:
     """Give a meta-built (and possibly sharded) model storage on `device` and its initial weights.
 
-    Each parameter's full value is drawn on the CPU, as the eager build draws it; a DTensor keeps the slice its
-    placements give this rank (`distribute_tensor` with `src_data_rank=None` slices locally, no communication).
+    Each parameter's full value is drawn on the CPU, as the eager build draws it: straight into a whole CPU
+    parameter, else into a scratch tensor of which a DTensor keeps the slice its placements give this rank
+    (`distribute_tensor` with `src_data_rank=None` slices locally, no communication).
     """
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     model.materialize(device)
     for name, p in model.named_parameters():
+        if not isinstance(p, DTensor) and p.device.type == "cpu":
+            model.init_parameter(name, p)
+            continue
         full = torch.empty(p.shape, dtype=p.dtype, device="cpu")
         model.init_parameter(name, full)
         if isinstance(p, DTensor):
