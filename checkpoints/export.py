@@ -17,7 +17,7 @@ from glassbox.checkpoints.layout import TOKENIZER_DIR
 from glassbox.checkpoints.loading import load_view, resolve_checkpoint_path, verified_view
 from glassbox.config import from_dict
 from glassbox.errors import GlassboxError
-from glassbox.models.transformer import ModelConfig, RotaryEmbedding, Transformer
+from glassbox.models.transformer import ModelConfig, Transformer
 
 
 def load_model_from_checkpoint(path: Path, verify_hashes: bool = True) -> tuple[Transformer, dict]:
@@ -29,10 +29,7 @@ def load_model_from_checkpoint(path: Path, verify_hashes: bool = True) -> tuple[
     cfg = from_dict(ModelConfig, manifest["model"], "model")
     with torch.device("meta"):
         model = Transformer(cfg)
-    model.to_empty(device="cpu")
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+    model.materialize("cpu")
     # Checkpoints store the weights in the dtype they were trained in; they load into fp32 buffers of that shape,
     # each from the checkpoint its view names.
     load_view(view, model)

@@ -37,7 +37,8 @@ from glassbox.train.flops import peak_flops
 from glassbox.train.lr_schedule import build_lr_schedule
 from glassbox.train.manifest import write_run_manifest
 from glassbox.train.metrics_log import MetricsLog
-from glassbox.models.transformer import Transformer, unwrap
+from glassbox.train.model_init import build_model
+from glassbox.models.transformer import unwrap
 from glassbox.train.parallel import (
     World,
     clip_gradients,
@@ -46,7 +47,6 @@ from glassbox.train.parallel import (
     init_world,
     local_grad_sq_norm,
     param_groups,
-    parallelize,
 )
 from glassbox.train.prefetch import BatchPrefetcher
 from glassbox.train.progress import ProgressBar
@@ -137,7 +137,7 @@ class Trainer:
         self.val_tokens = val[self.world.dp_rank * per_rank:(self.world.dp_rank + 1) * per_rank]
 
         seed_everything(cfg.seed)
-        model = parallelize(Transformer(cfg.model), cfg.parallel, self.world, self.bf16)
+        model = build_model(cfg.model, cfg.parallel, self.world, self.bf16)
         freeze(model, cfg.optimizer.frozen)
         # Compiled with the blocks: the fp32 upcast fuses into the cross-entropy, so fp32 logits never hit memory.
         self._loss = torch.compile(next_token_loss) if cfg.parallel.compile else next_token_loss
