@@ -59,7 +59,7 @@ class StateView:
         return out
 
     def steps(self) -> set[int]:
-        return {src.step for src in self.tensors.values()} | {self.step}
+        return {src.step for src in self.tensors.values() if src.path != self.path} | {self.step}
 
     def verify(self) -> None:
         """Check every byte this view would load; CheckpointCorrupt names the file, and the tensor if it is one.
@@ -135,8 +135,8 @@ class CheckpointIndex:
         tensors = {}
         for name, ref in manifest.get("tensors", {}).items():
             source_step = int(ref["step"])
-            if source_step == step:
-                tensors[name] = TensorSource(name, step, head, ref)
+            if "chunks" in ref:        # held here (from this step, or of its own step in a consolidated copy)
+                tensors[name] = TensorSource(name, source_step, head, ref)
                 continue
             try:
                 source = self.manifest(source_step)

@@ -73,12 +73,13 @@ def _split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-def write_manifest(root: Path, info: dict[str, Any], references: dict[str, dict[str, Any]] | None = None
-                   ) -> dict[str, Any]:
+def write_manifest(root: Path, info: dict[str, Any], references: dict[str, dict[str, Any]] | None = None,
+                   steps: dict[str, int] | None = None) -> dict[str, Any]:
     """Hash every file under `root` (and every DCP entry within them) and write MANIFEST.json atomically.
 
-    `info["step"]` is the step of the tensors held here; `references` gives, for parameters of the state held
-    elsewhere, {"step", "sha256"} of the copy they come from.
+    The tensors held here are from step `info["step"]`, or from `steps[name]` (a consolidated copy of tensors
+    of several steps); `references` gives, for parameters of the state held elsewhere, {"step", "sha256"} of
+    the copy they come from.
     """
     root = Path(root)
     rels = list_files(root, exclude=[MANIFEST])
@@ -103,8 +104,8 @@ def write_manifest(root: Path, info: dict[str, Any], references: dict[str, dict[
             objects[key] = entry
             continue
         name, part = split
-        held = tensors.setdefault(name, {"step": info["step"]})
-        held["step"] = info["step"]
+        held = tensors.setdefault(name, {})
+        held["step"] = (steps or {}).get(name, info["step"])
         if part == "weight":
             shape, dtype = meta[key]
             held.update(shape=shape, dtype=dtype, **entry)

@@ -153,6 +153,7 @@ def _export_branches(info: RunInfo, tmp: Path, val: Any, probe_ids: list[int]) -
 
     from glassbox.checkpoints.export import export_checkpoint
     from glassbox.checkpoints.hf_format import load_hf_model_dir
+    from glassbox.checkpoints.consolidate import consolidate
     from glassbox.checkpoints.loading import checkpoint_view
     from glassbox.release.evaluate import validation_loss
     from glassbox.release.probe import load_transformers_model, probe_summary
@@ -163,14 +164,10 @@ def _export_branches(info: RunInfo, tmp: Path, val: Any, probe_ids: list[int]) -
         view = checkpoint_view(ckpt)
         if view.step != step:
             raise GlassboxError(f"{ckpt} holds step {view.step}, not {step}")
-        if len(view.sources()) > 1:
-            raise GlassboxError(f"{ckpt} reads tensors from the checkpoints of steps {sorted(view.steps() - {step})}: "
-                                "a release branch carries one self-contained training state (save the release "
-                                "steps in full, e.g. without optimizer.frozen)")
         name = L.branch_name(step)
         out = tmp / L.BRANCHES_DIR / name
         export_checkpoint(ckpt, out)
-        _copy_tree(ckpt, out / L.TRAINING_STATE)
+        consolidate(view, out / L.TRAINING_STATE)      # self-contained, even if its tensors were spread
         model, _ = load_hf_model_dir(out)
         loss = validation_loss(model, val)
         row = info.order_log.row(step)

@@ -102,3 +102,24 @@ def test_save_of_chosen_keys_refers_to_the_rest(prepared_data, tmp_path):
     view = CheckpointIndex(tmp_path / "checkpoints").view(1)
     view.verify()
     assert view.steps() == {0, 1} and not view.exact
+
+
+def test_a_spread_view_consolidates_into_one_exact_directory(prepared_data, tmp_path):
+    from glassbox.checkpoints.consolidate import consolidate
+    from glassbox.checkpoints.loading import checkpoint_view, load_checkpoint
+
+    straight = _frozen_run(prepared_data, tmp_path / "run")
+    view = CheckpointIndex(tmp_path / "run" / "checkpoints").view(6)
+    assert len(view.sources()) == 2
+    copy = consolidate(view, tmp_path / "elsewhere" / "training_state")
+    alone = checkpoint_view(copy)
+    alone.verify()
+    assert list(alone.sources()) == [copy]
+    assert alone.tensors[FROZEN_NAME].step == 2 and alone.tensors["layers.1.mlp.gate_proj.weight"].step == 6
+    exported, _ = load_model_from_checkpoint(copy)
+    live = straight.state.model.state_dict()
+    assert all(torch.equal(t, live[n]) for n, t in exported.state_dict().items())
+    other = Trainer(run_config(prepared_data, tmp_path / "other", optimizer=FROZEN))
+    load_checkpoint(copy, other.state)
+    a, b = straight.state.optimizer.state_dict()["state"], other.state.optimizer.state_dict()["state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i])
