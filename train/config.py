@@ -70,6 +70,8 @@ class BatchConfig:
     global_batch_size: int = 32   # samples per optimizer step, over all data-parallel ranks
     micro_batch_size: int = 8     # samples per forward/backward on one rank; more are accumulated
     schedule: list[BatchStage] = field(default_factory=list)   # optional per-step changes of the global batch
+    plan: str = "auto"            # the step plan: auto (fixed, or staged with a schedule), fixed, scheduled, or
+                                  # one registered by a module (train/step_plan.py register_plan)
 
     def validate(self) -> None:
         if self.global_batch_size <= 0:

@@ -12,8 +12,9 @@ batch sizes changed adaptively is reproduced exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
+from glassbox.config import ConfigError
 from glassbox.errors import GlassboxError
 from glassbox.train.config import BatchConfig, BatchStage
 
@@ -108,7 +109,22 @@ class ReplayPlan(StepPlan):
         self.progress = float(state["progress"])
 
 
+PLANS: dict[str, Callable[[BatchConfig], StepPlan]] = {
+    "fixed": lambda cfg: StepPlan(cfg.global_batch_size, cfg.micro_batch_size),
+    "scheduled": lambda cfg: ScheduledPlan(cfg.global_batch_size, cfg.micro_batch_size, cfg.schedule),
+}
+
+
+def register_plan(name: str, factory: Callable[[BatchConfig], StepPlan]) -> None:
+    """Make `batch.plan: name` build `factory(batch_config)` (how a feature module, e.g. Pollux, plugs in)."""
+    if name in PLANS or name == "auto":
+        raise GlassboxError(f"step plan {name!r} is registered already")
+    PLANS[name] = factory
+
+
 def build_step_plan(cfg: BatchConfig) -> StepPlan:
-    if cfg.schedule:
-        return ScheduledPlan(cfg.global_batch_size, cfg.micro_batch_size, cfg.schedule)
-    return StepPlan(cfg.global_batch_size, cfg.micro_batch_size)
+    """The plan `batch.plan` names; `auto` is `scheduled` when `batch.schedule` has stages, else `fixed`."""
+    name = cfg.plan if cfg.plan != "auto" else ("scheduled" if cfg.schedule else "fixed")
+    if name not in PLANS:
+        raise ConfigError(f"batch.plan: unknown step plan {cfg.plan!r} (known: auto, {', '.join(sorted(PLANS))})")
+    return PLANS[name](cfg)

@@ -88,3 +88,20 @@ def test_a_callbacks_state_survives_resume_and_it_sees_gradient_norms(prepared_d
     resumed.fit()
     assert second.resumed_from is not None and second.resumed_from.name == "step_000004"
     assert second.seen == 6                      # 4 restored from the checkpoint, then 2 more
+
+
+def test_a_plan_registered_by_name_is_chosen_from_the_config(prepared_data, tmp_path):
+    import pytest
+
+    from glassbox.config import ConfigError
+    from glassbox.train.step_plan import PLANS, build_step_plan, register_plan
+
+    register_plan("changing-test", lambda batch: ChangingPlan(batch.global_batch_size, batch.micro_batch_size))
+    try:
+        cfg = tiny_config(prepared_data, tmp_path, "batch.plan=changing-test")
+        assert isinstance(build_step_plan(cfg.batch), ChangingPlan)
+        assert type(build_step_plan(tiny_config(prepared_data, tmp_path).batch)) is StepPlan
+        with pytest.raises(ConfigError, match="batch.plan: unknown step plan 'nope'"):
+            build_step_plan(tiny_config(prepared_data, tmp_path, "batch.plan=nope").batch)
+    finally:
+        del PLANS["changing-test"]
