@@ -15,16 +15,18 @@ from pathlib import Path
 
 from glassbox.atomic import staged_dir
 from glassbox.checkpoints.index import StateView
+from glassbox.checkpoints.dcp_io import read_metadata
 from glassbox.checkpoints.layout import DCP_DIR
-from glassbox.checkpoints.manifest import MANIFEST, MODEL_PREFIX, OPTIM_STATE_PREFIX, read_manifest, write_manifest
+from glassbox.checkpoints.manifest import (
+    MANIFEST,
+    MODEL_PREFIX,
+    OPTIM_STATE_PREFIX,
+    SELF_HASH,
+    read_manifest,
+    write_manifest,
+)
 
 METADATA = ".metadata"
-
-
-def _read_metadata(dcp_dir: Path):
-    from torch.distributed.checkpoint import FileSystemReader
-
-    return FileSystemReader(str(dcp_dir)).read_metadata()
 
 
 def _owns(key: str, names: set[str]) -> bool:
@@ -40,7 +42,7 @@ def _copy_entries(source: Path, names: set[str], out_file: Path, metadata) -> No
     """Append the chunks of `names` stored in `source`'s DCP files to `out_file`, registering them in `metadata`."""
     from dataclasses import replace
 
-    src = _read_metadata(source / DCP_DIR)
+    src = read_metadata(source / DCP_DIR)
     with open(out_file, "wb") as out:
         for index, info in sorted(src.storage_data.items(), key=lambda kv: (kv[1].relative_path, kv[1].offset)):
             if not _owns(index.fqn, names):
@@ -65,13 +67,13 @@ def consolidate(view: StateView, dest: Path) -> Path:
     with staged_dir(dest) as tmp:
         shutil.copytree(view.path, tmp, dirs_exist_ok=True, copy_function=shutil.copyfile,
                         ignore=shutil.ignore_patterns(MANIFEST))
-        metadata = _read_metadata(view.path / DCP_DIR)
+        metadata = read_metadata(view.path / DCP_DIR)
         for source, names in sources.items():
             if source != view.path:
                 _copy_entries(source, set(names), tmp / DCP_DIR / f"__from_{source.name}.distcp", metadata)
         with open(tmp / DCP_DIR / METADATA, "wb") as f:
             pickle.dump(metadata, f)
         head = read_manifest(view.path)
-        info = {k: v for k, v in head.items() if k not in ("format", "tensors", "objects", "files")}
+        info = {k: v for k, v in head.items() if k not in ("format", "tensors", "objects", "files", SELF_HASH)}
         write_manifest(tmp, info, steps={name: src.step for name, src in view.tensors.items()})
     return dest

@@ -9,9 +9,12 @@ are written, and later hashed, in parallel.
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
+
+from glassbox.errors import GlassboxError
 
 warnings.filterwarnings("ignore", message=".*assuming the intent is to (load|save) in a single process")
 
@@ -81,8 +84,70 @@ def async_save(content: dict[str, Any], path: Path, process_group: Any = None, s
                           async_stager=stager, no_dist=not distributed())
 
 
+# What DCP's `.metadata` pickle may name: its own metadata records and the torch values inside them. Anything else
+# (os.system, builtins.eval, any class whose construction runs code) is refused, as torch's weights-only loader
+# refuses it in a tensor file.
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class UnsafeMetadata(GlassboxError):
+    """A `.metadata` file that names something other than checkpoint metadata (a crafted pickle)."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        import torch
+
+        if name in _METADATA_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                         torch.memory_format)):
+            return getattr(torch, name)
+        raise UnsafeMetadata(f"refusing to unpickle {module}.{name}: not a checkpoint metadata type")
+
+
+def read_metadata(dcp_dir: Path) -> Any:
+    """DCP's metadata of `dcp_dir`, unpickled with only checkpoint metadata types allowed (UnsafeMetadata, a
+    GlassboxError naming the file, for anything else)."""
+    path = Path(dcp_dir) / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            return _MetadataUnpickler(f).load()
+    except UnsafeMetadata as e:
+        raise UnsafeMetadata(f"{path}: {e}") from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError) as e:
+        raise GlassboxError(f"{path}: not readable DCP metadata ({type(e).__name__}: {e})") from None
+
+
+def safe_reader(path: Path) -> Any:
+    """A DCP reader of `path` whose metadata goes through `read_metadata`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            metadata = read_metadata(Path(self.path))
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
+
+
 def load(content: dict[str, Any], path: Path) -> None:
-    """Fill the tensors of `content` in place from `path`, resharding to their layout."""
+    """Fill the tensors of `content` in place from `path`, resharding to their layout; the metadata is read
+    with `read_metadata`, so loading a checkpoint never runs pickled code."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.load(content, checkpoint_id=path, no_dist=not distributed())
+    read_metadata(path)         # refused here with its own error, before DCP wraps it in a per-rank exception
+    dcp.load(content, storage_reader=safe_reader(path), no_dist=not distributed())

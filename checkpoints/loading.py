@@ -132,6 +132,8 @@ def load_view(view: StateView, model: torch.nn.Module, optimizer: torch.optim.Op
                 content["optim"]["param_groups"] = optim_sd["param_groups"]
         try:
             dcp_io.load(content, path / DCP_DIR)
+        except GlassboxError:
+            raise
         except Exception as e:      # DCP wraps per-rank failures; the message names the missing or mismatched key
             raise GlassboxError(f"{path}: cannot load model/optimizer state into this model ({e})") from None
     return {"model": model_sd, "optim": optim_sd}
@@ -259,6 +261,8 @@ def load_partial(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
             part["optim"] = {"state": {k: buffers["optim"]["state"][k] for k in keys if k in buffers["optim"]["state"]}}
         try:
             dcp_io.load(part, source / DCP_DIR)
+        except GlassboxError:
+            raise
         except Exception as e:      # DCP wraps per-rank failures
             raise GlassboxError(f"{source}: cannot load {len(keys)} chosen tensors ({e})") from None
     with torch.no_grad():

@@ -9,7 +9,9 @@ param groups) are hashed the same way under `objects`. Hashes are computed in th
 the files, so per-tensor hashes cost no extra I/O.
 
 A directory counts only if its manifest verifies: every listed file present, of the listed size and hash. A
-truncated or corrupted file is refused with a message that names it (and, for a tensor, which tensor).
+truncated or corrupted file is refused with a message that names it (and, for a tensor, which tensor). The
+manifest checks itself too: `manifest_sha256` is the hash of the rest of its content, so an edited field (the
+step, the model config a checkpoint exports with) is refused like a corrupted file.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from glassbox.atomic import write_json
+from glassbox.checkpoints.dcp_io import read_metadata
 from glassbox.checkpoints.layout import DCP_DIR
 from glassbox.errors import GlassboxError
 from glassbox.file_table import check_table, hash_file, list_files, parallel_map
 
 MANIFEST = "MANIFEST.json"
 FORMAT = "glassbox-checkpoint/2"
+SELF_HASH = "manifest_sha256"
 MODEL_PREFIX = "model."
 OPTIM_STATE_PREFIX = "optim.state."
 
@@ -39,9 +43,7 @@ def _dcp_chunks(dcp_dir: Path) -> dict[str, list[tuple[str, int, int]]]:
 
     Read from DCP's own metadata, which this process has just written (it is never read from a checkpoint that
     has not been hash-checked)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    metadata = FileSystemReader(str(dcp_dir)).read_metadata()
+    metadata = read_metadata(dcp_dir)
     chunks: dict[str, list[tuple[tuple, str, int, int]]] = {}
     for index, info in metadata.storage_data.items():
         order = (tuple(index.offset) if index.offset is not None else (), index.index or 0)
@@ -50,10 +52,9 @@ def _dcp_chunks(dcp_dir: Path) -> dict[str, list[tuple[str, int, int]]]:
 
 
 def _tensor_meta(dcp_dir: Path) -> dict[str, tuple[list[int], str]]:
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    metadata = FileSystemReader(str(dcp_dir)).read_metadata()
+    metadata = read_metadata(dcp_dir)
     return {key: (list(meta.size), str(meta.properties.dtype)) for key, meta in metadata.state_dict_metadata.items()
             if isinstance(meta, TensorStorageMetadata)}
 
@@ -112,8 +113,15 @@ def write_manifest(root: Path, info: dict[str, Any], references: dict[str, dict[
         else:
             held.setdefault("optimizer", {})[part] = entry
     manifest = {"format": FORMAT, **info, "tensors": tensors, "objects": objects, "files": files}
+    manifest[SELF_HASH] = content_sha256(manifest)
     write_json(root / MANIFEST, manifest)
     return manifest
+
+
+def content_sha256(manifest: dict[str, Any]) -> str:
+    """sha256 of a manifest's content without its own hash, as sorted compact JSON."""
+    body = {k: v for k, v in manifest.items() if k != SELF_HASH}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
@@ -126,6 +134,8 @@ def read_manifest(root: Path) -> dict[str, Any]:
         raise CheckpointCorrupt(f"{path}: unreadable ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "files" not in manifest:
         raise CheckpointCorrupt(f"{path}: not a {FORMAT} manifest")
+    if manifest.get(SELF_HASH) != content_sha256(manifest):
+        raise CheckpointCorrupt(f"{path}: its content does not match its manifest_sha256 (the manifest was edited)")
     return manifest
 
 
