@@ -62,6 +62,7 @@ class QueuedStep:
     spec: StepSpec
     lr: float
     started: float                      # perf_counter when it was queued
+    queue_s: float                      # time to queue it (on a CPU: all of its work)
     scalars: torch.Tensor               # [loss, grad_norm] (+ MoE aux loss), on the device
     expert_load: torch.Tensor | None    # MoE: tokens per expert over the mean (1.0 = balanced)
     val_sums: torch.Tensor | None       # on validation steps: [loss sum, token count]
@@ -288,7 +289,8 @@ class Trainer:
             scalars.append(self._dp_mean(aux_sum))
             load_sum = self._dp_mean(load_sum) * cfg.model.num_experts
         self._queued += 1
-        return QueuedStep(spec=spec, lr=lr, started=started, scalars=torch.stack(scalars),
+        return QueuedStep(spec=spec, lr=lr, started=started, queue_s=time.perf_counter() - started,
+                          scalars=torch.stack(scalars),
                           expert_load=load_sum, val_sums=val)
 
     def finish_step(self, queued: QueuedStep) -> dict:
@@ -306,9 +308,10 @@ class Trainer:
         s.step = step
         s.samples += size
         s.tokens += size * cfg.data.seq_len
-        # Queued behind the previous step, a step's time is the time since that step finished.
+        # Queued behind the previous step, a step's time is the time since that step finished; on the CPU the
+        # work runs while the step is queued (before the previous step is read back), so it is at least that.
         now = time.perf_counter()
-        elapsed = now - max(queued.started, self._last_finish)
+        elapsed = max(now - max(queued.started, self._last_finish), queued.queue_s)
         self._last_finish = now
         tokens_per_s = size * cfg.data.seq_len / elapsed
         row = {

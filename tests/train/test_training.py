@@ -164,3 +164,18 @@ def test_a_non_finite_loss_stops_the_run_naming_its_step(prepared_data, tmp_path
                                   "optimizer.grad_clip=0", "schedule.steps=40"), callbacks=[])
     with pytest.raises(GlassboxError, match=r"training loss became (nan|inf) at step \d+"):
         trainer.fit()
+
+
+def test_step_time_is_measured_at_checkpoint_steps_too(prepared_data, tmp_path):
+    """On the CPU a step's work runs while it is queued; a checkpoint step (not overlapped) used to report the
+    ~1 ms since the previous step was read back (MFU in the hundreds) while the step before took its time."""
+    import statistics
+
+    from glassbox.train.metrics_log import read_metrics
+
+    cfg = tiny_config(prepared_data, tmp_path, "schedule.steps=8", "checkpoint.every=2", "logging.val_every=0")
+    Trainer(cfg).fit()
+    rows = {r["step"]: r for r in read_metrics(tmp_path)}
+    others = statistics.median(rows[s]["step_time"] for s in (1, 3, 5, 7))
+    assert all(rows[s]["step_time"] > 0.3 * others for s in (2, 4, 6)), {s: rows[s]["step_time"] for s in rows}
+    assert all(r["mfu"] < 1 for r in rows.values())
