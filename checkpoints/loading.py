@@ -24,28 +24,8 @@ from glassbox.checkpoints.index import CheckpointIndex, StateView
 from glassbox.checkpoints.layout import DCP_DIR, LATEST, checkpoints_root
 from glassbox.checkpoints.manifest import MANIFEST, CheckpointCorrupt
 from glassbox.checkpoints.rank_state import TRAIN_STATE, CheckpointState, load_file, restore_rng, rng_file
-from glassbox.distributed import barrier, rank_and_world
+from glassbox.distributed import barrier, rank0_decides, rank_and_world
 from glassbox.errors import GlassboxError
-
-
-def _rank0_decides(fn: Callable[[], Any]) -> Any:
-    """Run `fn` on rank 0 only and give every rank its result, or raise its GlassboxError on every rank."""
-    import torch.distributed as dist
-
-    rank, world = rank_and_world()
-    if world == 1:
-        return fn()
-    box: list[Any] = [None]
-    if rank == 0:
-        try:
-            box[0] = ("ok", fn())
-        except GlassboxError as e:
-            box[0] = ("error", str(e))
-    dist.broadcast_object_list(box, src=0)
-    kind, value = box[0]
-    if kind == "error":
-        raise GlassboxError(value)
-    return value
 
 
 def _newest_verified(run_dir: Path, log: Callable[[str], None]) -> Path | None:
@@ -84,7 +64,7 @@ def verified_view(path: Path, verify_hashes: bool = True) -> StateView:
             view.verify()
         return str(view.path)
 
-    return checkpoint_view(Path(_rank0_decides(check)))
+    return checkpoint_view(Path(rank0_decides(check)))
 
 
 def resolve_checkpoint_path(path: Path) -> Path:
@@ -112,7 +92,7 @@ def find_resume_checkpoint(run_dir: Path, resume: str, log: Callable[[str], None
         checkpoint_view(path).verify()
         return str(path)
 
-    chosen = _rank0_decides(choose)
+    chosen = rank0_decides(choose)
     return Path(chosen) if chosen is not None else None
 
 

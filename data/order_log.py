@@ -110,15 +110,46 @@ class DataOrderLog:
         if self._plan.shape[0] < step:
             self._plan.resize((self._plan.shape[0] + _CHUNK_ROWS, len(PLAN_COLUMNS)))
         # The row is written before the step count claims it, so a crash in between leaves the log as it was.
+        self._read(self._rows, step - 1, step)      # a damaged chunk is named before it is written over
         self._rows[step - 1] = row
         plan = [math.nan if v is None else v for v in (micro_batch_size, lr_scale, progress)]
         self._plan[step - 1] = np.array(plan, dtype=np.float64)
         self._set_steps(step)
 
+    def _chunk_steps(self, step: int) -> str:
+        first = (step - 1) // _CHUNK_ROWS * _CHUNK_ROWS + 1
+        return f"steps {first}..{first + _CHUNK_ROWS - 1}"
+
+    def _read(self, array, lo: int, hi: int) -> np.ndarray:
+        """Rows [lo, hi) of one of the log's arrays; a chunk that cannot be read (truncated, corrupted) is an error
+        naming the log and the steps it holds, not the codec's own."""
+        try:
+            return np.asarray(array[lo:hi])
+        except Exception as e:      # zarr and its codecs raise many types for a damaged chunk
+            raise GlassboxError(f"{self.path}: the chunk holding {self._chunk_steps(lo + 1)} cannot be read "
+                                f"({type(e).__name__}: {e}); the data-order log is damaged") from None
+
+    def _check_rows(self, rows: np.ndarray, first_step: int) -> None:
+        """A row whose batch size is 0 was never written: its chunk was deleted (zarr reads it as zeros)."""
+        empty = np.flatnonzero(rows[:, 1] <= 0)
+        if empty.size:
+            step = first_step + int(empty[0])
+            raise GlassboxError(f"{self.path}: step {step} reads as an empty row: the chunk holding "
+                                f"{self._chunk_steps(step)} is missing; the data-order log is damaged")
+
+    def check(self, through_step: int) -> dict:
+        """Read every row up to `through_step` (all must be there and intact) and return the last one."""
+        if through_step > len(self):
+            raise GlassboxError(f"{self.path}: holds steps 1..{len(self)}, but the run is at step {through_step}")
+        self._check_rows(self._read(self._rows, 0, through_step), 1)
+        return self.row(through_step)
+
     def row(self, step: int) -> dict:
         if not 1 <= step <= len(self):
             raise GlassboxError(f"{self.path}: step {step} is not logged (the log holds steps 1..{len(self)})")
-        r = np.asarray(self._rows[step - 1], dtype="<i8")
+        r = self._read(self._rows, step - 1, step).astype("<i8")
+        self._check_rows(r, step)
+        r = r[0]
         return {
             "step": step,
             "cursor_start": int(r[0]),
@@ -130,7 +161,7 @@ class DataOrderLog:
         """`row(step)` with the step's plan as the trainer ran it (PLAN_COLUMNS); an error for a step logged
         without one."""
         row = self.row(step)
-        plan = np.asarray(self._plan[step - 1], dtype=np.float64)
+        plan = self._read(self._plan, step - 1, step)[0].astype(np.float64)
         if np.isnan(plan).any():
             raise GlassboxError(f"{self.path}: step {step} was logged without its plan (micro-batch, LR scale, "
                                 "progress), so it cannot be replayed")

@@ -6,6 +6,8 @@ rank, wait for the others, give me the whole of a possibly sharded tensor. One a
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 
 
@@ -42,3 +44,26 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def rank0_decides(fn: Callable[[], Any]) -> Any:
+    """Run `fn` on rank 0 only and give every rank its result, or raise its GlassboxError on every rank (so a
+    check that only rank 0 can make stops every rank, instead of leaving the others waiting in a collective)."""
+    import torch.distributed as dist
+
+    from glassbox.errors import GlassboxError
+
+    rank, world = rank_and_world()
+    if world == 1:
+        return fn()
+    box: list[Any] = [None]
+    if rank == 0:
+        try:
+            box[0] = ("ok", fn())
+        except GlassboxError as e:
+            box[0] = ("error", str(e))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise GlassboxError(value)
+    return value

@@ -29,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from glassbox.atomic import sha256_file, write_text
 from glassbox.config import dump_yaml
+from glassbox.distributed import rank0_decides
 from glassbox.errors import GlassboxError
 from glassbox.train.callbacks import Callback, GradientStats, ordered
 from glassbox.train.checkpointing import CheckpointCallback
@@ -332,6 +333,17 @@ class Trainer:
             self.metrics_log.append(row)
         return row
 
+    def _check_order_log(self) -> None:
+        """A resumed run continues the data-order log: it must hold every step up to the checkpoint's, intact,
+        and its last row must end where the restored sampler stands."""
+        s = self.state
+        row = self.order_log.check(s.step)
+        logged_end = row["cursor_start"] + row["batch_size"]
+        if logged_end != s.sampler.cursor:
+            raise GlassboxError(
+                f"{self.order_log.path}: step {s.step} ends at sample {logged_end}, but the checkpoint's sampler "
+                f"is at {s.sampler.cursor}: the log and the checkpoint disagree (restore the run's own log)")
+
     def _validation_sums(self) -> torch.Tensor:
         """[summed next-token loss, token count] over the fixed validation samples (each data-parallel rank an
         equal share, summed over ranks), left on the device."""
@@ -356,6 +368,8 @@ class Trainer:
         """Train to `schedule.steps`, calling the callbacks; a resume (in on_train_start) continues from its step."""
         s = self.state
         self.dispatch("on_train_start")
+        if s.step > 0:
+            rank0_decides(self._check_order_log)
         if self.world.is_main:
             write_run_manifest(self.run_dir, data=self.data_info, device=self.world.device, step=s.step,
                                world_size=self.world.world_size, dp=self.world.dp_size, tp=self.world.tp_size)

@@ -67,3 +67,31 @@ def test_a_crafted_metadata_pickle_never_runs(tmp_path):
     with pytest.raises(UnsafeMetadata, match="refusing to unpickle"):
         load_checkpoint(path, MiniLoop(tmp_path / "other").state)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "other-run"])
+def test_resume_refuses_a_damaged_or_foreign_data_order_log(prepared_data, tmp_path, damage):
+    import shutil
+
+    from ckpt_helpers import run_config
+    from glassbox.errors import GlassboxError
+    from glassbox.train.trainer import Trainer
+
+    Trainer(run_config(prepared_data, tmp_path / "run", schedule={"steps": 4, "warmup_steps": 2})).fit()
+    chunk = tmp_path / "run" / "data_order.zarr" / "rows" / "c" / "0" / "0"
+    if damage == "truncate":
+        chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+        expected = r"data_order\.zarr: the chunk holding steps 1\.\.4096 cannot be read"
+    elif damage == "delete":
+        chunk.unlink()
+        expected = r"data_order\.zarr: step 1 reads as an empty row: the chunk holding steps 1\.\.4096 is missing"
+    else:
+        Trainer(run_config(prepared_data, tmp_path / "other", batch={"global_batch_size": 4, "micro_batch_size": 4},
+                           schedule={"steps": 4, "warmup_steps": 2})).fit()
+        shutil.rmtree(tmp_path / "run" / "data_order.zarr")
+        shutil.copytree(tmp_path / "other" / "data_order.zarr", tmp_path / "run" / "data_order.zarr")
+        expected = r"step 4 ends at sample 16, but the checkpoint's sampler is at 32: the log and the checkpoint disagree"
+    resumed = Trainer(run_config(prepared_data, tmp_path / "run", schedule={"steps": 6, "warmup_steps": 2},
+                                 checkpoint={"every": 2, "resume": "auto"}))
+    with pytest.raises(GlassboxError, match=expected):
+        resumed.fit()
