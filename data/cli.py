@@ -84,7 +84,10 @@ def _batch(args: argparse.Namespace) -> int:
     row = DataOrderLog(args.run, read_only=True).row(args.step)
     start, size = row["cursor_start"], row["batch_size"]
     sampler = build_sampler(cfg)
-    tokens = sampler.samples(start, size)
+    try:
+        tokens = sampler.samples(start, size)
+    except GlassboxError as e:
+        raise GlassboxError(f"step {args.step}: {e}") from None
     digest = check_logged_batch(tokens, row, cfg.path or "the blend")
     print(
         f"step {args.step}: global samples [{start}, {start + size}) of seq_len {sampler.seq_len} + 1, "

@@ -20,6 +20,7 @@ class DataConfig:
     blend: list[BlendSource] = field(default_factory=list)  # several DATA_DIRs sampled by weight
     seq_len: int = 256                                      # tokens per sample (each sample holds seq_len + 1 ids)
     seed: int = 1234                                        # seed of the global sample order
+    verify: bool = True      # check the token files' chunk hashes as they are read (off: recorded in the manifest)
 
     def dirs(self) -> list[Path]:
         """The prepared DATA_DIRs a run reads: `path`, or each source of `blend` in order."""

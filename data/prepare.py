@@ -20,9 +20,18 @@ import numpy as np
 
 from glassbox.atomic import sha256_file, staged_dir, write_bytes, write_json
 from glassbox.data.sources import read_source
-from glassbox.data.store import META_FORMAT, SPLITS, TokenStore, megatron_datasets, token_dtype
+from glassbox.data.store import (
+    CHUNK_BYTES,
+    META_FORMAT,
+    SPLITS,
+    TokenStore,
+    canonical_sha256,
+    megatron_datasets,
+    token_dtype,
+)
 from glassbox.data.tokenizer import check_vocab_size, eot_token, load_tokenizer, train_bpe
 from glassbox.errors import GlassboxError
+from glassbox.file_table import hash_file
 
 DEFAULT_VALID_FRACTION = 0.02
 # Characters of text handed to one encode_batch call: big enough to keep every core busy, small enough to
@@ -41,11 +50,6 @@ class PrepareResult:
     @property
     def fingerprint(self) -> str:
         return self.meta["fingerprint"]
-
-
-def canonical_sha256(obj) -> str:
-    """sha256 of `obj` as sorted, compact JSON: equal content, equal hash."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def in_valid_split(text: str, valid_fraction: float) -> bool:
@@ -189,10 +193,13 @@ def prepare(
         for n, src in zip(doc_tokens, owner):
             source_tokens[src] += n
 
-        files = {
-            name: sha256_file(tmp / name)
-            for name in ["tokenizer.json"] + [f"{s}.{ext}" for s in SPLITS for ext in ("bin", "idx")]
-        }
+        files = {name: sha256_file(tmp / name) for name in ["tokenizer.json"] + [f"{s}.idx" for s in SPLITS]}
+        chunks = {}
+        for split in SPLITS:
+            name = f"{split}.bin"
+            size = (tmp / name).stat().st_size
+            ranges = [(o, min(CHUNK_BYTES, size - o)) for o in range(0, size, CHUNK_BYTES)]
+            files[name], chunks[name] = hash_file(tmp / name, ranges)     # one read for both
         meta = {
             "format": META_FORMAT,
             "sources": [dict(s.summary(), tokens=n) for s, n in zip(read, source_tokens)],
@@ -203,6 +210,8 @@ def prepare(
             "dtype": dtype.name,
             "splits": splits,
             "files": files,
+            "chunk_bytes": CHUNK_BYTES,
+            "chunks": chunks,
             "inputs_sha256": inputs_sha,
         }
         meta["fingerprint"] = canonical_sha256(meta)

@@ -39,8 +39,10 @@ class SampleBatch:
 class _StoreTokens:
     """One store split's tokens as a flat memory-mapped array, with each document's start offset."""
 
-    def __init__(self, store: TokenStore, split: str):
+    def __init__(self, store: TokenStore, split: str, verify: bool):
         prefix = store.prefix(split)
+        self.itemsize = store.dtype.itemsize
+        self.check = store.tokens_check(split) if verify else None
         indexed = megatron_datasets().indexed_dataset.IndexedDataset(str(prefix), mmap=True)
         self.starts = np.asarray(indexed.index.sequence_pointers, dtype=np.int64) // store.dtype.itemsize
         self.lengths = np.asarray(indexed.index.sequence_lengths, dtype=np.int64)
@@ -52,21 +54,28 @@ class _StoreTokens:
         d1, o1 = int(sample_index[j + 1][0]), int(sample_index[j + 1][1])
         if d0 == d1:
             s = self.starts[document_index[d0]] + o0
-            return self.tokens[s : s + length]
+            return self._read(s, s + length)
         parts = []
         for i in range(d0, d1 + 1):
             doc = document_index[i]
             begin = self.starts[doc] + (o0 if i == d0 else 0)
             end = self.starts[doc] + (o1 + 1 if i == d1 else self.lengths[doc])
-            parts.append(self.tokens[begin:end])
+            parts.append(self._read(begin, end))
         return np.concatenate(parts)[:length]
+
+    def _read(self, begin: int, end: int) -> np.ndarray:
+        """Tokens [begin, end), their bytes checked against the store's chunk hashes first (unless off)."""
+        if self.check is not None:
+            self.check.check(int(begin) * self.itemsize, int(end) * self.itemsize)
+        return self.tokens[begin:end]
 
 
 class GlobalSampler:
     """See the module docstring. Build with `build_sampler`."""
 
     def __init__(
-        self, stores: list[TokenStore], weights: list[float], split: str, seq_len: int, seed: int, cache_dir: Path
+        self, stores: list[TokenStore], weights: list[float], split: str, seq_len: int, seed: int, cache_dir: Path,
+        verify: bool = True,
     ):
         self.stores = stores
         self.weights = weights
@@ -89,7 +98,7 @@ class GlobalSampler:
         self._components = tuple(
             Component(str(s.prefix(split)), s.fingerprint, w, s.eod_id, s.vocab_size) for s, w in zip(stores, weights)
         )
-        self._tokens = [_StoreTokens(s, split) for s in stores]
+        self._tokens = [_StoreTokens(s, split, verify) for s in stores]
         self._epochs: OrderedDict[int, EpochIndex] = OrderedDict()
         self.epoch_size = self._epoch_index(0).num_samples
 
@@ -246,4 +255,4 @@ def build_sampler(cfg: DataConfig, split: str = "train", cache_dir: Path | None 
     else:
         stores, weights = [TokenStore(cfg.path)], [1.0]
     cache = Path(cache_dir) if cache_dir is not None else stores[0].path / "cache"
-    return GlobalSampler(stores, weights, split, cfg.seq_len, cfg.seed, cache)
+    return GlobalSampler(stores, weights, split, cfg.seq_len, cfg.seed, cache, cfg.verify)

@@ -155,8 +155,12 @@ class Trainer:
             sampler=sampler, step_plan=plan if plan is not None else build_step_plan(cfg.batch), world=self.world,
             callback_states={cb.name: cb for cb in self.callbacks if cb.state_dict() is not None},
         )
+        if not cfg.data.verify and self.world.is_main:
+            print("[data] data.verify is off: the token files are not checked against their hashes (recorded in "
+                  "manifest.json)")
         self.data_info = {
             "fingerprint": sampler.fingerprint,
+            "verified": cfg.data.verify,
             "sources": [{"path": str(path), "fingerprint": store.fingerprint,
                          "tokenizer_sha256": sha256_file(store.tokenizer_path)}
                         for path, store in zip(sources, stores)],
