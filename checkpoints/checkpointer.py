@@ -81,6 +81,28 @@ def _frozen(model: torch.nn.Module) -> set[str]:
     return {n for n, p in unwrap(model).named_parameters(remove_duplicate=False) if not p.requires_grad}
 
 
+class CheckpointWriteError(GlassboxError):
+    """A checkpoint could not be written (disk full, file too large, I/O error); nothing of it was committed."""
+
+
+def _root_cause(error: BaseException) -> str:
+    """The OSError behind DCP's wrapped per-rank exceptions, or the error's own first line."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return f"{type(seen).__name__}: {seen.strerror or seen}"
+        seen = seen.__cause__ or seen.__context__
+    text = str(error)
+    for marker in ("No space left on device", "File too large", "Disk quota exceeded", "Input/output error"):
+        if marker in text:
+            return marker
+    return text.strip().splitlines()[-1] if text.strip() else type(error).__name__
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 class Checkpointer:
     """Writes checkpoints of a training state into RUN_DIR/checkpoints/ and applies retention.
 
@@ -101,6 +123,7 @@ class Checkpointer:
         # and on every rank the names that have a copy at all (the same everywhere: it decides what is saved).
         self.copies: dict[str, dict[str, Any]] = {}
         self.saved_names: set[str] = set()
+        self._names_before_save: set[str] = set()
         self._async_group = None
         self._stager = None
         self._staging = None
@@ -140,9 +163,15 @@ class Checkpointer:
             self._remove_stale_tmp()
             tmp.mkdir(parents=True)
         barrier()
-        save_file(capture_rng(), tmp / rng_file(rank))
-        if rank == 0:
-            self._write_run_files(state, tmp)
+        failure = None
+        try:
+            save_file(capture_rng(), tmp / rng_file(rank))
+            if rank == 0:
+                self._write_run_files(state, tmp)
+        except OSError as e:
+            failure = e
+        if not self._all_ranks_ok(failure is None):
+            self._abandon(tmp, state.step, failure or OSError("another rank failed to write its files"))
         references = {key: self.copies[key] for key in model_sd if key not in chosen and key in self.copies}
         info = self._info(state, world, exact=all(names[key] in _frozen(state.model) for key in model_sd
                                                   if key not in chosen))
@@ -151,6 +180,7 @@ class Checkpointer:
             "optim": {"state": {k: v for k, v in optim_sd["state"].items() if k in chosen},
                       "param_groups": optim_sd["param_groups"]},
         }
+        self._names_before_save = set(self.saved_names)
         self.saved_names |= set(chosen)
         if self.cfg.async_save:
             if self._stager is None:
@@ -165,10 +195,13 @@ class Checkpointer:
             else:
                 self.say(f"step {state.step}: async save started, training blocked {self.last_stall_s:.3f} s")
             return final
-        dcp_io.save(content, tmp / DCP_DIR)
-        barrier()
-        if rank == 0:
-            self._commit(tmp, final, info, references, started)
+        try:
+            dcp_io.save(content, tmp / DCP_DIR)
+            barrier()
+            if rank == 0:
+                self._commit(tmp, final, info, references, started)
+        except Exception as e:      # DCP raises on every rank, wrapping the writer threads' OSError
+            self._abandon(tmp, state.step, e)
         barrier()
         self.last_path = final
         self.last_stall_s = time.perf_counter() - started
@@ -188,6 +221,31 @@ class Checkpointer:
             raise GlassboxError(f"checkpoint save: {unsaved[0]} has no earlier copy, so this checkpoint must hold "
                                 "it (the first save of a run holds every tensor)")
         return {key for key, name in names.items() if name in wanted}
+
+    def _all_ranks_ok(self, ok: bool) -> bool:
+        """Whether every rank's `ok` is True (one small gloo collective, so a rank that failed to write its files
+        stops every rank, rather than leaving the others in DCP's save)."""
+        import torch.distributed as dist
+
+        if not dcp_io.distributed():
+            return ok
+        flag = torch.tensor([1 if ok else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._background_group())
+        return bool(flag.item())
+
+    def _abandon(self, tmp: Path, step: int, error: Exception) -> None:
+        """A save that failed: remove its partial directory (the committed checkpoints are untouched) and raise
+        one CheckpointWriteError saying which checkpoint, why, and how much room there is."""
+        if rank_and_world()[0] == 0 and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.last_saved_step = None
+        self.saved_names = self._names_before_save     # what this save would have added has no copy
+        free = shutil.disk_usage(self.root if self.root.exists() else self.root.parent).free
+        previous = _tree_bytes(self.last_path) if self.last_path is not None and self.last_path.is_dir() else None
+        need = f", the previous checkpoint took {previous / 2**20:.1f} MiB" if previous else ""
+        raise CheckpointWriteError(
+            f"checkpoint of step {step}: writing {tmp} failed ({_root_cause(error)}); {free / 2**20:.1f} MiB free "
+            f"there{need}. The partial directory was removed; the committed checkpoints are intact.") from None
 
     def _hold_optimizer_until(self, staging: Any, optimizer: torch.optim.Optimizer) -> None:
         """The device-to-host copy overlaps the next forward/backward; the next optimizer step (the first write
@@ -221,10 +279,13 @@ class Checkpointer:
         if self._staging_hook is not None:
             self._staging_hook.remove()
             self._staging_hook = None
-        pending.future.result()
-        if rank_and_world()[0] == 0:
-            pending.info["stall_seconds"] = self.last_stall_s
-            self._commit(pending.tmp, pending.final, pending.info, pending.references, pending.started)
+        try:
+            pending.future.result()
+            if rank_and_world()[0] == 0:
+                pending.info["stall_seconds"] = self.last_stall_s
+                self._commit(pending.tmp, pending.final, pending.info, pending.references, pending.started)
+        except Exception as e:      # the background writers' failure surfaces here
+            self._abandon(pending.tmp, pending.info["step"], e)
 
     def close(self) -> None:
         """Finish the pending async save, then free the staging buffers (pinned host memory on GPU)."""
@@ -234,7 +295,8 @@ class Checkpointer:
             self._stager = None
 
     def _background_group(self):
-        """Async saves coordinate over gloo so their collectives never queue behind NCCL training kernels."""
+        """The checkpointer's own collectives (async saves, agreeing on a failed write) run over gloo, so they never
+        queue behind NCCL training kernels."""
         import torch.distributed as dist
 
         if not dcp_io.distributed():

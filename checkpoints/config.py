@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from glassbox.config import ConfigError
 
@@ -17,6 +18,7 @@ class CheckpointConfig:
     async_save: bool = False    # save in the background (GPU runs); the blocking stall is measured and logged
     resume: str | None = None   # None: start fresh; "auto": newest verified checkpoint; or a checkpoint path
     allow_data_change: bool = False   # resume even if the data fingerprint differs from the checkpoint's
+    on_save_error: Literal["stop", "continue"] = "stop"   # a save that fails (disk full): stop, or train on
 
     def validate(self) -> None:
         if self.every < 0:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from glassbox.checkpoints.checkpointer import Checkpointer
+from glassbox.checkpoints.checkpointer import Checkpointer, CheckpointWriteError
 from glassbox.checkpoints.config import CheckpointConfig
 from glassbox.checkpoints.loading import checkpoint_view, find_resume_checkpoint, load_checkpoint
 from glassbox.checkpoints.schedule import is_scheduled
@@ -64,16 +64,25 @@ class CheckpointCallback(Callback):
         return is_scheduled(step, self.cfg, self.last_step or -1)
 
     def on_step_end(self, state: Any) -> None:
-        self.checkpointer.poll()
+        self._guarded(self.checkpointer.poll)
         if self.needs_state(state.step):
-            self.checkpointer.save(state)
+            self._guarded(lambda: self.checkpointer.save(state))
         self._announce()
 
     def on_train_end(self, state: Any) -> None:
         if self.cfg.save_final and state.step > 0:
-            self.checkpointer.save(state)
-        self.checkpointer.close()
+            self._guarded(lambda: self.checkpointer.save(state))
+        self._guarded(self.checkpointer.close)
         self._announce()
+
+    def _guarded(self, action: Callable[[], Any]) -> None:
+        """Run a save; a failed one stops the run, or with `on_save_error: continue` is reported and skipped."""
+        try:
+            action()
+        except CheckpointWriteError as e:
+            if self.cfg.on_save_error == "stop":
+                raise
+            self.checkpointer.say(f"{e} Training continues (checkpoint.on_save_error: continue).")
 
     def _announce(self) -> None:
         """Tell the callbacks of a checkpoint committed since the last announcement."""
