@@ -8,21 +8,24 @@ single-threaded; `glassbox.inference.async_engine` drives it from a thread besid
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from glassbox.config import ConfigError
 from glassbox.errors import GlassboxError
 from glassbox.inference.block_manager import BlockManager
 from glassbox.inference.model_runner import ModelRunner, kv_bytes_per_block
-from glassbox.inference.policy import make_policy
+from glassbox.inference.policy import POLICIES, make_policy
 from glassbox.inference.sampler import Sampler
-from glassbox.inference.sampling_params import SamplingParams
+from glassbox.inference.sampling_params import MAX_SEED, SamplingParams, SamplingParamsError
 from glassbox.inference.scheduler import Scheduler
 from glassbox.inference.sequence import Sequence, TokenLogprob
-from glassbox.inference.speculative import Proposer, make_proposer
+from glassbox.inference.speculative import PROPOSERS, Proposer, make_proposer
 from glassbox.inference.tokenizer import IncrementalDetokenizer, Tokenizer
 from glassbox.models.transformer import Transformer
 
@@ -37,7 +40,9 @@ class EngineConfig:
     capped at `cpu_kv_cache_gb`. `compile` runs the decoder layer through `torch.compile`: at fixed sizes for the
     CUDA graphs of decoding (about 1.7x faster per decode step on the H100), with dynamic shapes for everything
     else, every batch structure compiled before the first request. It costs start-up time (about 3 minutes on the
-    H100 for a 350M model, 35 s on a 2-core CPU for a 7M one), so it is off by default; dense models only."""
+    H100 for a 350M model, 35 s on a 2-core CPU for a 7M one), so it is off by default; dense models only.
+    `max_n` caps the samples one request may ask for (n), so that one request cannot occupy the engine for long.
+    Every field is checked when the config is built and again when an engine is built from it."""
 
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -56,11 +61,54 @@ class EngineConfig:
     cuda_graphs: bool = True
     compile: bool = False
     seed: int = 0
+    max_n: int = 64
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a ConfigError naming the first field out of range or of the wrong type."""
+        def bad(name: str, expected: str) -> ConfigError:
+            return ConfigError(f"engine.{name}: must be {expected}, got {getattr(self, name)!r}")
+
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_n"):
+            if not _is_int(getattr(self, name), 1):
+                raise bad(name, "a positive integer")
+        for name in ("num_kv_blocks", "max_model_len"):
+            if getattr(self, name) is not None and not _is_int(getattr(self, name), 1):
+                raise bad(name, "a positive integer or None")
+        if not _is_int(self.num_spec_tokens, 0):
+            raise bad("num_spec_tokens", "an integer >= 0")
+        if not _is_int(self.seed, 0, MAX_SEED):
+            raise bad("seed", f"an integer in [0, {MAX_SEED}]")
+        if not _is_real(self.gpu_memory_utilization) or not 0 < self.gpu_memory_utilization <= 1:
+            raise bad("gpu_memory_utilization", "a fraction in (0, 1]")
+        if not _is_real(self.cpu_kv_cache_gb) or self.cpu_kv_cache_gb <= 0:
+            raise bad("cpu_kv_cache_gb", "a positive number")
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "cuda_graphs", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "true or false")
+        for name, known in (("policy", POLICIES), ("proposer", PROPOSERS), ("dtype", DTYPES)):
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in known:
+                raise bad(name, f"one of {', '.join(known)}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise bad("device", "a torch device such as cpu, cuda or cuda:1") from None
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype not in DTYPES:
             raise GlassboxError(f"engine dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         return DTYPES[self.dtype]
+
+
+def _is_int(value: object, lo: int, hi: int | None = None) -> bool:
+    return (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= lo
+            and (hi is None or value <= hi))
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -74,12 +122,16 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
+    """A request's outputs so far. `error` is what made the engine fail the request (its unfinished outputs then
+    finish with reason "error"); None for every request served to its end or aborted."""
+
     request_id: str
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    error: Exception | None = None
 
     def latency(self) -> tuple[float | None, float | None]:
         """Time to first token (from arrival) and mean time per output token after the first (over the longest
@@ -138,10 +190,19 @@ class LLMEngine:
                  eos_token_ids: list[int] | None = None, proposer: Proposer | None = None):
         self.config = config or EngineConfig()
         cfg = self.config
+        cfg.validate()
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = set(eos_token_ids or [])
         self.max_model_len = min(cfg.max_model_len or model.config.max_seq_len, model.config.max_seq_len)
+        if not cfg.enable_chunked_prefill and cfg.max_num_batched_tokens < self.max_model_len:
+            # Unchunked, a sequence must fit in one step's budget, or it (and every request behind it) would wait
+            # forever; that includes a sequence recomputed after preemption, up to the full context.
+            raise ConfigError(
+                f"engine.max_num_batched_tokens: {cfg.max_num_batched_tokens} is below the context of "
+                f"{self.max_model_len} tokens, which without chunked prefill must fit in one step: raise it, lower "
+                "max_model_len, or enable chunked prefill"
+            )
         num_blocks = cfg.num_kv_blocks or self._auto_num_blocks()
         if num_blocks * cfg.block_size < self.max_model_len:
             raise GlassboxError(
@@ -157,6 +218,7 @@ class LLMEngine:
         self.proposer = proposer or make_proposer(cfg.proposer)
         self.requests: dict[str, _Request] = {}
         self.num_steps = 0
+        self.num_failed_requests = 0
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: EngineConfig | None = None,
@@ -164,6 +226,7 @@ class LLMEngine:
         from glassbox.inference.loader import load_model_dir
 
         config = config or EngineConfig()
+        config.validate()
         model, tokenizer, eos = load_model_dir(Path(model_dir), config.torch_dtype(), config.device)
         return cls(model, tokenizer, config, eos, proposer)
 
@@ -190,11 +253,19 @@ class LLMEngine:
 
     # Requests ------------------------------------------------------------------------------------------------
 
-    def validate_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise GlassboxError if the engine cannot serve this prompt with these settings."""
+    def validate_prompt(self, prompt_ids: list[int], params: SamplingParams, priority: float = 0.0) -> None:
+        """Raise GlassboxError if the engine cannot serve this prompt with these settings (a SamplingParamsError,
+        naming the field, for sampling values; the params are checked again in case they changed since built)."""
+        params.validate()
+        if params.n > self.config.max_n:
+            raise SamplingParamsError("n", f"must be at most {self.config.max_n} (this engine's max_n), got {params.n}")
+        vocab = self.model.config.vocab_size
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise SamplingParamsError("logprobs", f"must be at most the vocabulary size {vocab}, got {params.logprobs}")
+        if not _is_real(priority):
+            raise GlassboxError(f"priority must be a finite number, got {priority!r}")
         if not prompt_ids:
             raise GlassboxError("the prompt is empty")
-        vocab = self.model.config.vocab_size
         bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise GlassboxError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
@@ -213,9 +284,10 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None, priority: float = 0.0) -> None:
+        """Queue a request; `priority` orders it under the priority policy (lower first)."""
         if request_id in self.requests:
             raise GlassboxError(f"request id {request_id!r} is already in use")
-        self.validate_prompt(prompt_ids, params)
+        self.validate_prompt(prompt_ids, params, priority)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         seqs = [Sequence(request_id, list(prompt_ids), params, index=i, arrival_time=arrival, priority=priority)
                 for i in range(params.n)]
@@ -225,12 +297,25 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now, freeing its KV blocks; returns its final output (None if unknown)."""
+        return self._stop(request_id, "abort")
+
+    def fail(self, request_id: str, error: Exception) -> RequestOutput | None:
+        """Stop a request because serving it raised `error`: its unfinished sequences finish with reason "error",
+        their KV blocks are freed, and the output carries the error (None if the engine never added the request).
+        Either way it counts in stats()["num_failed_requests"]."""
+        self.num_failed_requests += 1
+        out = self._stop(request_id, "error")
+        if out is not None:
+            out.error = error
+        return out
+
+    def _stop(self, request_id: str, reason: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
         for seq in req.seqs:
             if not seq.finished:
-                self.scheduler.finish(seq, "abort")
+                self.scheduler.finish(seq, reason)
         return req.output()
 
     def has_unfinished(self) -> bool:
@@ -256,7 +341,8 @@ class LLMEngine:
 
     def step(self, unfinished_outputs: bool = True) -> list[RequestOutput]:
         """Run one batch. Returns an output for every request that got tokens (for streaming), or with
-        `unfinished_outputs` False only for the requests that finished (offline use: cheaper)."""
+        `unfinished_outputs` False only for the requests that finished (offline use: cheaper). A request whose
+        sampling or stop checks raise is failed alone (`fail`), its output among those returned."""
         self._propose()
         batch = self.scheduler.schedule()
         if not batch.scheduled:
@@ -272,10 +358,9 @@ class LLMEngine:
                 self.blocks.commit(s.seq)
         if not rows:
             return []
-        tokens = self.sampler.sample(logits, rows)
-        self.sampler.logprobs(logits, rows, tokens)
-        touched = self._append_tokens(rows, tokens)
-        outputs = []
+        tokens = self.sampler.logprobs(logits, rows, self.sampler.sample(logits, rows))
+        touched, failed = self._append_tokens(rows, tokens)
+        outputs = [self.fail(request_id, error) for request_id, error in failed.items()]
         for req in touched.values():
             if req.finished:
                 outputs.append(req.output())
@@ -284,30 +369,46 @@ class LLMEngine:
                 outputs.append(req.output())
         return outputs
 
-    def _append_tokens(self, rows: list[tuple[Sequence, int]], tokens: list[list[int]]) -> dict[str, _Request]:
-        """Give each sampled sequence its accepted tokens, stopping it where a rule says so; returns the requests
-        that got tokens."""
+    def _append_tokens(self, rows: list[tuple[Sequence, int]], tokens: list[list[int] | Exception]
+                       ) -> tuple[dict[str, _Request], dict[str, Exception]]:
+        """Give each sampled sequence its accepted tokens, stopping it where a rule says so. Returns the requests
+        that got tokens, and those to fail with their error: an entry the sampler could not sample, or one whose
+        stop checks raised, fails its whole request."""
         now = time.monotonic()
         touched: dict[str, _Request] = {}
-        requests, blocks = self.requests, self.blocks
+        failed: dict[str, Exception] = {}
         for (seq, _), accepted in zip(rows, tokens):
-            seq.num_computed_tokens = seq.num_tokens + len(accepted) - 1
-            seq.spec_tokens = []
-            req = touched[seq.request_id] = requests[seq.request_id]
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            seq.last_token_time = now
-            for tok in accepted:
-                seq.token_ids.append(tok)
-                reason = self._check_stop(req, seq, tok)
-                if reason is not None:
-                    self.scheduler.finish(seq, reason)
-                    self.proposer.on_finished(seq)
-                    break
-            else:
-                blocks.trim(seq)
-                blocks.commit(seq)
-        return touched
+            request_id = seq.request_id
+            if request_id in failed:
+                continue
+            if not isinstance(accepted, Exception):
+                try:
+                    touched[request_id] = self._append(seq, accepted, now)
+                    continue
+                except Exception as e:
+                    accepted = e
+            failed[request_id] = accepted
+            touched.pop(request_id, None)
+        return touched, failed
+
+    def _append(self, seq: Sequence, accepted: list[int], now: float) -> _Request:
+        seq.num_computed_tokens = seq.num_tokens + len(accepted) - 1
+        seq.spec_tokens = []
+        req = self.requests[seq.request_id]
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.last_token_time = now
+        for tok in accepted:
+            seq.token_ids.append(tok)
+            reason = self._check_stop(req, seq, tok)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                self.proposer.on_finished(seq)
+                break
+        else:
+            self.blocks.trim(seq)
+            self.blocks.commit(seq)
+        return req
 
     def _check_stop(self, req: _Request, seq: Sequence, tok: int) -> str | None:
         p = seq.params
@@ -339,4 +440,5 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "prefix_cache_hit_tokens": self.blocks.prefix_hits,
             "prefix_cache_query_tokens": self.blocks.prefix_queries,
+            "num_failed_requests": self.num_failed_requests,
         }

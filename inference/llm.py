@@ -28,7 +28,9 @@ class LLM:
     def generate(self, prompts: str | list[str] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        """Outputs in prompt order. Prompts are strings (tokenised here) or lists of token ids."""
+        """Outputs in prompt order. Prompts are strings (tokenised here) or lists of token ids. A request the engine
+        fails (an exception while sampling it) comes back finished, with finish_reason "error" and the exception in
+        its `error`; the others are unaffected."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = params or SamplingParams()

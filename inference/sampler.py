@@ -9,6 +9,9 @@ token exactly when it is the argmax. Either way the output distribution is the m
 
 Penalties (presence, frequency, repetition) rewrite a sequence's logit rows first. Each row counts the tokens that
 precede it: the sequence's output so far plus the draft tokens before that row's position.
+
+A row that still cannot be sampled (values the checks in SamplingParams missed) fails alone: its entry gets the
+exception in place of tokens, and the engine fails that request only.
 """
 
 from __future__ import annotations
@@ -73,60 +76,95 @@ class Sampler:
     def _draw(self, probs: torch.Tensor, seq: Sequence) -> int:
         return int(torch.multinomial(probs, 1, generator=seq.generator or self.generator))
 
-    def sample(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> list[list[int]]:
+    def sample(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> list[list[int] | Exception]:
         """Tokens for each (sequence, number of draft tokens) entry; logits hold num_drafts + 1 rows per entry.
 
         Returns each sequence's accepted tokens: the accepted prefix of its draft plus one token sampled from
-        the model (the correction, or the bonus token after a fully accepted draft).
+        the model (the correction, or the bonus token after a fully accepted draft). An entry whose sampling raises
+        gets the exception instead, so one request's values cannot fail the others in its batch.
         """
+        spans, r = [], 0
+        for _, k in rows:
+            spans.append((r, r + k + 1))
+            r += k + 1
+        prepared: list[tuple[list[int], torch.Tensor | None] | Exception]
+        try:
+            argmax, probs = self._prepare(logits, rows)
+            prepared = [(argmax[a:b], None if probs is None else probs[a:b]) for a, b in spans]
+        except Exception:
+            # Some entry breaks the batched filters: redo them one entry at a time to confine the failure to it.
+            prepared = []
+            for row, (a, b) in zip(rows, spans):
+                try:
+                    prepared.append(self._prepare(logits[a:b], [row]))
+                except Exception as e:
+                    prepared.append(e)
+        results: list[list[int] | Exception] = []
+        for (seq, k), prep in zip(rows, prepared):
+            if isinstance(prep, Exception):
+                results.append(prep)
+                continue
+            try:
+                results.append(self._accept(seq, k, *prep))
+            except Exception as e:
+                results.append(e)
+        return results
+
+    def _prepare(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> tuple[list[int], torch.Tensor | None]:
+        """The batched part of sampling: penalties, then each row's argmax and (unless every row is greedy) its
+        filtered probabilities. No random draws, so redoing it changes no generator."""
         if any(seq.params.penalized for seq, _ in rows):
             logits = apply_penalties(logits, rows)
         argmax = logits.argmax(-1).tolist()
-        if all(k == 0 and seq.params.greedy for seq, k in rows):
-            return [[tok] for tok in argmax]           # plain greedy decoding: nothing else to do per row
         row_seqs = [seq for seq, k in rows for _ in range(k + 1)]
-        all_greedy = all(s.params.greedy for s in row_seqs)
-        probs = None if all_greedy else self._probs(logits, row_seqs).cpu()
-        results: list[list[int]] = []
-        r = 0
-        for seq, k in rows:
-            draft = seq.spec_tokens[:k]
-            accepted: list[int] = []
-            for j in range(k + 1):
-                if seq.params.greedy:
-                    tok = argmax[r + j]
-                    accepted.append(tok)
-                    if j == k or tok != draft[j]:
-                        break
+        if all(s.params.greedy for s in row_seqs):
+            return argmax, None
+        return argmax, self._probs(logits, row_seqs).cpu()
+
+    def _accept(self, seq: Sequence, k: int, argmax: list[int], probs: torch.Tensor | None) -> list[int]:
+        """One entry's tokens from its k + 1 rows: verify the draft, then draw (or take the argmax)."""
+        draft = seq.spec_tokens[:k]
+        accepted: list[int] = []
+        for j in range(k + 1):
+            if seq.params.greedy:
+                tok = argmax[j]
+                accepted.append(tok)
+                if j == k or tok != draft[j]:
+                    break
+                continue
+            p = probs[j]
+            if j < k:
+                u = torch.rand((), generator=seq.generator or self.generator)
+                if u < p[draft[j]]:
+                    accepted.append(draft[j])
                     continue
-                p = probs[r + j]
-                if j < k:
-                    u = torch.rand((), generator=seq.generator or self.generator)
-                    if u < p[draft[j]]:
-                        accepted.append(draft[j])
-                        continue
-                    p = p.clone()
-                    p[draft[j]] = 0
-                    if p.sum() <= 0:
-                        accepted.append(draft[j])
-                        continue
-                accepted.append(self._draw(p, seq))
-                break
-            results.append(accepted)
-            r += k + 1
-        return results
+                p = p.clone()
+                p[draft[j]] = 0
+                if p.sum() <= 0:
+                    accepted.append(draft[j])
+                    continue
+            accepted.append(self._draw(p, seq))
+            break
+        return accepted
 
     @staticmethod
-    def logprobs(logits: torch.Tensor, rows: list[tuple[Sequence, int]], tokens: list[list[int]]) -> None:
-        """Append each accepted token's logprob (and top alternatives) to the sequences that asked for them."""
+    def logprobs(logits: torch.Tensor, rows: list[tuple[Sequence, int]],
+                 tokens: list[list[int] | Exception]) -> list[list[int] | Exception]:
+        """Append each accepted token's logprob (and top alternatives) to the sequences that asked for them.
+        Returns `tokens` with any entry whose logprobs raised replaced by the exception, as `sample` does."""
+        out = list(tokens)
         r = 0
-        for (seq, k), accepted in zip(rows, tokens):
-            if seq.params.logprobs is not None:
-                lp = torch.log_softmax(logits[r:r + len(accepted)].float(), dim=-1).cpu()
-                for j, tok in enumerate(accepted):
-                    top = []
-                    if seq.params.logprobs > 0:
-                        vals, ids = lp[j].topk(seq.params.logprobs)
-                        top = list(zip(ids.tolist(), vals.tolist()))
-                    seq.logprobs.append(TokenLogprob(tok, float(lp[j, tok]), top))
+        for i, ((seq, k), accepted) in enumerate(zip(rows, tokens)):
+            if seq.params.logprobs is not None and not isinstance(accepted, Exception):
+                try:
+                    lp = torch.log_softmax(logits[r:r + len(accepted)].float(), dim=-1).cpu()
+                    for j, tok in enumerate(accepted):
+                        top = []
+                        if seq.params.logprobs > 0:
+                            vals, ids = lp[j].topk(seq.params.logprobs)
+                            top = list(zip(ids.tolist(), vals.tolist()))
+                        seq.logprobs.append(TokenLogprob(tok, float(lp[j, tok]), top))
+                except Exception as e:
+                    out[i] = e
             r += k + 1
+        return out

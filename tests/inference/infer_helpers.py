@@ -8,6 +8,7 @@ from typing import Iterator
 import torch
 
 from glassbox.inference.sequence import Sequence
+from glassbox.models.transformer import ModelConfig, Transformer
 
 
 @contextlib.contextmanager
@@ -44,3 +45,11 @@ class ScriptedProposer:
 
     def on_finished(self, seq: Sequence) -> None:
         return None
+
+
+def tiny_transformer(vocab_size: int = 200, max_seq_len: int = 128) -> Transformer:
+    """A random-init two-layer glassbox Transformer, the same one for the same arguments."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=vocab_size, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=128, max_seq_len=max_seq_len, init_std=0.1)
+    return Transformer(cfg).eval()
