@@ -115,6 +115,7 @@ class TokenStore:
                 raise GlassboxError(f"data dir {self.path}: {name} listed in meta.json is missing")
         if canonical_sha256({k: v for k, v in self.meta.items() if k != "fingerprint"}) != self.meta["fingerprint"]:
             raise GlassboxError(f"{meta_path}: its content does not match its fingerprint (meta.json was edited)")
+        self.verify_file("tokenizer.json")      # small, and copied into every checkpoint: checked whole
 
     @property
     def fingerprint(self) -> str:
