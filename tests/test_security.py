@@ -45,3 +45,35 @@ def test_the_rule_checker_sees_a_violation(tmp_path):
     tree = ast.parse("import torch\ntorch.load('x')\nAutoModel.from_pretrained('m', trust_remote_code=True)\n")
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
     assert {_name(c.func) for c in calls} >= {"torch.load", "AutoModel.from_pretrained"}
+
+
+def test_no_token_reaches_a_run_directory_or_a_release(prepared_data, tmp_path, monkeypatch):
+    """Tokens in the environment (the Hub's, wandb's) never land in a file a run or a release writes."""
+    import shutil
+
+    import yaml
+
+    from glassbox.cli import main
+
+    secret = "hf_SENTINELtoken0123456789abcdef"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    shutil.copytree(prepared_data, tmp_path / "store", ignore=shutil.ignore_patterns("cache"))
+    cfg = {
+        "model": {"vocab_size": 512, "hidden_size": 32, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2,
+                  "intermediate_size": 64, "max_seq_len": 32},
+        "data": {"path": str(tmp_path / "store"), "seq_len": 32, "seed": 7},
+        "schedule": {"steps": 2, "warmup_steps": 1},
+        "batch": {"global_batch_size": 4, "micro_batch_size": 4},
+        "logging": {"val_every": 0, "val_samples": 4, "progress": False, "wandb": {"mode": "offline"}},
+        "parallel": {"device": "cpu"},
+        "checkpoint": {"every": 1},
+        "run_dir": str(tmp_path / "run"),
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 0
+    assert main(["release", "build", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "release"),
+                 "--val-samples", "2"]) == 0
+    leaks = [str(p) for root in ("run", "release") for p in (tmp_path / root).rglob("*")
+             if p.is_file() and secret.encode() in p.read_bytes()]
+    assert not leaks, leaks
