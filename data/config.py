@@ -32,5 +32,5 @@ class DataConfig:
         if self.seq_len <= 0:
             raise ConfigError(f"data.seq_len: must be positive, got {self.seq_len}")
         for i, src in enumerate(self.blend):
-            if src.weight <= 0:
+            if not src.weight > 0:     # NaN fails too
                 raise ConfigError(f"data.blend[{i}].weight: must be positive, got {src.weight}")

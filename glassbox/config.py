@@ -1,13 +1,15 @@
 """Typed configs: dataclasses loaded from YAML, checked field by field, written back resolved.
 
 Every config in glassbox is a dataclass; `from_dict` builds one from plain data and names the exact field
-(`train.lr: expected float, got 'abc'`) when a key is unknown or a value has the wrong type, so a typo in a
-YAML file fails at load, not hours into a run. `--set a.b=value` overrides use the same checks.
+(`train.lr: expected float, got 'abc'`) when a key is unknown or a value has the wrong type (a float must also be
+finite: nan and inf are refused), so a typo in a YAML file fails at load, not hours into a run. `--set a.b=value`
+overrides use the same checks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -74,15 +76,20 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return int(value)
         raise ConfigError(f"{where}: expected int, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         # YAML 1.1 (PyYAML) reads exponent notation without a dot, like `lr: 3e-4`, as a string.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected float, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where}: expected float, got {value!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected float, got {value!r}") from None
+        except OverflowError:   # an int beyond the float range
+            number = math.inf
+        # No config float means anything as nan or inf (`--set optimizer.lr=nan` would train on NaN); a field
+        # that should take one would need its own type.
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite float, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

@@ -68,6 +68,13 @@ class ModelConfig:
             raise ConfigError(
                 f"model.experts_per_token ({self.experts_per_token}) must be in 1..num_experts ({self.num_experts})"
             )
+        # Written so that NaN fails too. norm_eps 0 divides a zero vector by zero and rope_theta 0 makes every
+        # rotary frequency infinite: both end in a NaN loss, not an error.
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"model.{name}: must be positive, got {getattr(self, name)}")
+        if not self.router_aux_loss_coef >= 0:
+            raise ConfigError(f"model.router_aux_loss_coef: must be >= 0, got {self.router_aux_loss_coef}")
 
     def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
         """Parameter count from the shape alone. `active`: only the experts a token uses (MoE FLOPs)."""

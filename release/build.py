@@ -25,6 +25,7 @@ from glassbox.release import layout as L
 from glassbox.release.manifest import write_manifest
 from glassbox.release.model_card import BranchRow, CardFacts, dataset_card, model_card
 from glassbox.release.plots import line_plot
+from glassbox.release.push import check_repo_id
 from glassbox.release.run_reader import RunInfo, read_run
 
 RELEASE_FORMAT = 1
@@ -263,16 +264,17 @@ def build_release(run_dir: Path, out: Path, opts: BuildOptions | None = None) ->
 
     opts = opts or BuildOptions()
     run_dir, out = Path(run_dir), Path(out)
+    name = run_dir.resolve().name
+    repo_id = opts.repo_id or f"glassbox/{name}"
+    check_repo_id(repo_id, "--repo-id", "" if opts.repo_id else "the run directory's name")
+    dataset_repo_id = opts.dataset_repo_id or f"{repo_id}-data"
+    check_repo_id(dataset_repo_id, "--dataset-repo-id", "" if opts.dataset_repo_id else "--repo-id")
     if out.exists() and not opts.force:
         raise GlassboxError(f"{out} already exists; pass --force to replace it")
     if opts.val_samples <= 0 or opts.probe_len <= 0:
         raise GlassboxError("--val-samples and --probe-len must be positive")
     info = read_run(run_dir)
     cfg = info.config
-    name = run_dir.resolve().name
-    repo_id = opts.repo_id or f"glassbox/{name}"
-    if repo_id.count("/") != 1:
-        raise GlassboxError(f"--repo-id {repo_id!r}: expected ORG/NAME")
     sampler = build_sampler(cfg.data, "train")
     stores = sampler.stores
     fingerprint = _check_fingerprint(info, sampler)
@@ -289,7 +291,7 @@ def build_release(run_dir: Path, out: Path, opts: BuildOptions | None = None) ->
             "format": RELEASE_FORMAT,
             "name": name,
             "repo_id": repo_id,
-            "dataset_repo_id": opts.dataset_repo_id or f"{repo_id}-data",
+            "dataset_repo_id": dataset_repo_id,
             "data_fingerprint": fingerprint,
             "main_branch": final,
             "branches": branches,

@@ -8,7 +8,8 @@ export, then upload `main` and, under `release/` on main, the release index and 
 Each upload mirrors its folder (`delete_patterns="*"`): a branch created from `main` does not keep main's files.
 
 The token comes from `HF_TOKEN` or the login cache (`huggingface_hub.get_token`) and goes only into the `HfApi`
-object; it is never printed or logged.
+object; it is never printed or logged. A Hub call that fails (no network, offline mode, a refused token, a missing
+repo) stops the push with one line: the operation, the repo, and what to try; re-running resumes.
 """
 
 from __future__ import annotations
@@ -42,8 +43,24 @@ def _folder_files(folder: Path) -> list[tuple[str, int]]:
     return [(rel, (folder / rel).stat().st_size) for rel in list_files(folder)]
 
 
+def check_repo_id(repo_id: str, option: str, default_from: str = "") -> None:
+    """Refuse a repo id the Hub would refuse (huggingface_hub's own rules: characters, `--`/`..`, 96 characters
+    at most) or one without a namespace, naming `option` (and, for a derived default, where it came from)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    where = f"{option} {repo_id!r}" + (f" (the default, from {default_from})" if default_from else "")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise GlassboxError(f"{where}: {e}") from None
+    if repo_id.count("/") != 1:
+        raise GlassboxError(f"{where}: expected ORG/NAME")
+
+
 def push_plan(release_dir: Path, repo_id: str) -> list[PushAction]:
     """Every Hub operation a push performs, in order; refuses a repo id other than the one the cards name."""
+    check_repo_id(repo_id, "--repo-id")
     layout = ReleaseLayout(release_dir)
     index = layout.read_index()
     if repo_id != index["repo_id"]:
@@ -113,24 +130,71 @@ def resolve_token() -> str:
     return token
 
 
+def _perform(a: PushAction, api: Any, private: bool) -> None:
+    if a.kind == "create_repo":
+        api.create_repo(a.repo_id, repo_type=a.repo_type, private=private, exist_ok=True)
+    elif a.kind == "create_branch":
+        api.create_branch(a.repo_id, branch=a.revision, repo_type=a.repo_type, exist_ok=True)
+    elif a.kind == "upload_file":
+        for rel, _ in a.files:
+            api.upload_file(path_or_fileobj=str(a.folder / Path(rel).name), path_in_repo=rel, repo_id=a.repo_id,
+                            repo_type=a.repo_type, revision=a.revision, commit_message=f"glassbox release: {rel}")
+    else:
+        api.upload_folder(repo_id=a.repo_id, folder_path=str(a.folder), repo_type=a.repo_type,
+                          revision=a.revision, delete_patterns="*",
+                          commit_message=f"glassbox release: {a.repo_type} {a.revision}")
+
+
+def _describe(a: PushAction) -> str:
+    where = f"{a.repo_type} {a.repo_id}"
+    if a.kind == "create_repo":
+        return f"create repo {where}"
+    if a.kind == "create_branch":
+        return f"create branch {where}@{a.revision}"
+    return f"upload to {where}@{a.revision}"
+
+
+def _hub_failure(e: Exception, a: PushAction, endpoint: str) -> str:
+    """What went wrong with a Hub call and what to try, in one line."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if isinstance(e, OfflineModeIsEnabled):
+        return "offline mode is on (HF_HUB_OFFLINE): unset HF_HUB_OFFLINE to push (--dry-run shows the plan offline)"
+    if not isinstance(e, HfHubHTTPError):
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return (f"cannot reach {endpoint} ({type(e).__name__}{': ' + first if first else ''}): check the network "
+                f"(and HF_ENDPOINT, proxies), or see the plan offline with --dry-run")
+    status = e.response.status_code
+    namespace = a.repo_id.split("/")[0]
+    hints = {
+        401: "the Hub rejected the token (HTTP 401): check HF_TOKEN or run `hf auth login`",
+        403: f"the token may not write to {a.repo_id} (HTTP 403): use a token with write access to {namespace}",
+        404: f"{a.repo_id} not found (HTTP 404): check the repo id and that the token can see it",
+    }
+    server = (e.server_message or "").strip().splitlines()
+    return f"{endpoint}: " + hints.get(status, f"the Hub answered HTTP {status}" + (f": {server[0]}" if server else ""))
+
+
 def execute(plan: list[PushAction], api: Any, private: bool) -> None:
-    """Run the plan against `api` (a `huggingface_hub.HfApi` holding the token)."""
+    """Run the plan against `api` (a `huggingface_hub.HfApi` holding the token).
+
+    A Hub call that fails is one GlassboxError: the operation, its repo, why, and what to try. HfHubHTTPError
+    derives from the HTTP client's base error (`huggingface_hub.errors.HTTPError`, httpx2's in huggingface_hub 2),
+    as connection errors and timeouts do; offline mode raises OfflineModeIsEnabled."""
+    from huggingface_hub.errors import HTTPError, OfflineModeIsEnabled
     from tqdm import tqdm
 
-    for a in tqdm(plan, desc="push", unit="op"):
-        if a.kind == "create_repo":
-            api.create_repo(a.repo_id, repo_type=a.repo_type, private=private, exist_ok=True)
-        elif a.kind == "create_branch":
-            api.create_branch(a.repo_id, branch=a.revision, repo_type=a.repo_type, exist_ok=True)
-        elif a.kind == "upload_file":
-            for rel, _ in a.files:
-                api.upload_file(path_or_fileobj=str(a.folder / Path(rel).name), path_in_repo=rel, repo_id=a.repo_id,
-                                repo_type=a.repo_type, revision=a.revision,
-                                commit_message=f"glassbox release: {rel}")
-        else:
-            api.upload_folder(repo_id=a.repo_id, folder_path=str(a.folder), repo_type=a.repo_type,
-                              revision=a.revision, delete_patterns="*",
-                              commit_message=f"glassbox release: {a.repo_type} {a.revision}")
+    with tqdm(total=len(plan), desc="push", unit="op") as bar:    # closed (its line ended) before an error
+        for i, a in enumerate(plan, 1):
+            try:
+                _perform(a, api, private)
+            except (HTTPError, OfflineModeIsEnabled) as e:
+                why = _hub_failure(e, a, api.endpoint)
+                if api.token:
+                    why = why.replace(api.token, "***")
+                raise GlassboxError(f"release push: {_describe(a)} (operation {i} of {len(plan)}) failed: {why}; "
+                                    f"re-running the push resumes it") from None
+            bar.update()
 
 
 def push(release_dir: Path, repo_id: str, private: bool = False, dry_run: bool = False, api: Any = None) -> str:

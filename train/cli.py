@@ -2,13 +2,15 @@
 
 The same flags work for `torchrun --nproc-per-node N -m glassbox.train`. Shortcut flags are sugar for `--set`:
 `--data DIR` is `--set data.path=DIR`, `--run-dir DIR` is `--set run_dir=DIR`, `--steps N` is
-`--set schedule.steps=N`, `--resume X` is `--set checkpoint.resume=X`.
+`--set schedule.steps=N`, `--resume X` is `--set checkpoint.resume=X`. Steps set here below the config's
+`warmup_steps` shorten the warmup to the run (with a warning), so a quick `--steps 10` of any config runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,10 +49,34 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in shortcuts if value is not None] + list(args.overrides)
 
 
+def resolved_overrides(args: argparse.Namespace) -> list[str]:
+    """The command line's overrides, plus `schedule.warmup_steps=N` where they shorten the run to N steps, below
+    the config's warmup: a short run of a config (`--steps 10`, warmup 100) warms up over all its steps, with one
+    warning, where the config itself would be refused. A warmup also set on the command line is not clamped."""
+    from glassbox.config import apply_overrides, from_dict, load_yaml, parse_override
+    from glassbox.train.config import ScheduleConfig
+
+    overrides = overrides_from_args(args)
+    keys = {".".join(parse_override(text)[0]) for text in overrides}
+    if "schedule.steps" not in keys or "schedule.warmup_steps" in keys:
+        return overrides
+    section = apply_overrides(load_yaml(resolve_config_path(args.config)), list(overrides)).get("schedule")
+    if not isinstance(section, dict):
+        return overrides    # loading the config names the problem
+    schedule = from_dict(ScheduleConfig, section, "schedule")
+    if schedule.warmup_steps <= schedule.steps:
+        return overrides
+    if os.environ.get("RANK", "0") == "0":   # once under torchrun too, not once per rank
+        print(f"glassbox: warning: schedule.steps ({schedule.steps}) from the command line is below "
+              f"schedule.warmup_steps ({schedule.warmup_steps}): warming up over all {schedule.steps} steps "
+              f"(schedule.warmup_steps={schedule.steps})", file=sys.stderr)
+    return overrides + [f"schedule.warmup_steps={schedule.steps}"]
+
+
 def config_from_args(args: argparse.Namespace):
     from glassbox.train.config import load_run_config
 
-    return load_run_config(resolve_config_path(args.config), overrides_from_args(args))
+    return load_run_config(resolve_config_path(args.config), resolved_overrides(args))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,10 +86,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-def torchrun_command(args: argparse.Namespace) -> list[str]:
+def torchrun_command(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """`overrides` as resolved here (`resolved_overrides`), so the ranks get a clamped warmup as given."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
            "-m", "glassbox.train", "--config", str(resolve_config_path(args.config))]
-    for override in overrides_from_args(args):
+    for override in overrides:
         cmd += ["--set", override]
     return cmd
 
@@ -79,9 +106,12 @@ def summary(state) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise GlassboxError(f"--nproc: must be >= 1, got {args.nproc}")
-    cfg = config_from_args(args)
+    from glassbox.train.config import load_run_config
+
+    overrides = resolved_overrides(args)
+    cfg = load_run_config(resolve_config_path(args.config), overrides)
     if args.nproc > 1:
-        return subprocess.call(torchrun_command(args))
+        return subprocess.call(torchrun_command(args, overrides))
     from glassbox.train.trainer import Trainer
 
     state = Trainer(cfg).fit()

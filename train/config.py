@@ -29,15 +29,18 @@ class OptimizerConfig:
     frozen: list[str] = field(default_factory=list)   # parameter names (fnmatch patterns) that are not trained
 
     def validate(self) -> None:
-        if self.lr <= 0:
+        # Each bound is written so that NaN fails it (every comparison with NaN is False).
+        if not self.lr > 0:
             raise ConfigError(f"optimizer.lr: must be positive, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"optimizer.min_lr: must be in [0, optimizer.lr={self.lr}], got {self.min_lr}")
-        if self.weight_decay < 0:
+        if not self.weight_decay >= 0:
             raise ConfigError(f"optimizer.weight_decay: must be >= 0, got {self.weight_decay}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optimizer.betas: expected two values in [0, 1), got {self.betas}")
-        if self.grad_clip < 0:
+        if not self.eps > 0:    # AdamW divides by sqrt(v) + eps, and v is 0 for a gradient that stays 0
+            raise ConfigError(f"optimizer.eps: must be positive, got {self.eps}")
+        if not self.grad_clip >= 0:
             raise ConfigError(f"optimizer.grad_clip: must be >= 0, got {self.grad_clip}")
         if any(not isinstance(p, str) or not p for p in self.frozen):
             raise ConfigError(f"optimizer.frozen: expected parameter name patterns, got {self.frozen}")
@@ -74,17 +77,27 @@ class BatchConfig:
                                   # one registered by a module (train/step_plan.py register_plan)
 
     def validate(self) -> None:
+        """Micro-batches must split every global batch evenly: the gradient-noise statistics (GradientStats)
+        take each one to hold `micro_batch_size` samples. The split of each rank's share (global / data-parallel
+        ranks) depends on the world size, so the trainer checks that when it starts."""
+        m = self.micro_batch_size
         if self.global_batch_size <= 0:
             raise ConfigError(f"batch.global_batch_size: must be positive, got {self.global_batch_size}")
-        if self.micro_batch_size <= 0:
-            raise ConfigError(f"batch.micro_batch_size: must be positive, got {self.micro_batch_size}")
+        if m <= 0:
+            raise ConfigError(f"batch.micro_batch_size: must be positive, got {m}")
+        if self.global_batch_size % m:
+            raise ConfigError(f"batch.micro_batch_size ({m}) must divide batch.global_batch_size "
+                              f"({self.global_batch_size})")
         last = 0
         for i, stage in enumerate(self.schedule):
             if stage.from_step <= last:
                 raise ConfigError(f"batch.schedule[{i}].from_step: must be >= 1 and increasing, got {stage.from_step}")
             if stage.size <= 0:
                 raise ConfigError(f"batch.schedule[{i}].size: must be positive, got {stage.size}")
-            if stage.lr_factor <= 0:
+            if stage.size % m:
+                raise ConfigError(f"batch.schedule[{i}].size ({stage.size}) must be a multiple of "
+                                  f"batch.micro_batch_size ({m})")
+            if not stage.lr_factor > 0:
                 raise ConfigError(f"batch.schedule[{i}].lr_factor: must be positive, got {stage.lr_factor}")
             last = stage.from_step
 
@@ -130,7 +143,13 @@ class LoggingConfig:
             raise ConfigError(f"logging.val_every: must be >= 0, got {self.val_every}")
         if self.val_samples <= 0:
             raise ConfigError(f"logging.val_samples: must be positive, got {self.val_samples}")
-        if self.peak_flops < 0:
+        # Each rank reads the whole validation set into host memory (int64 [val_samples, seq_len + 1]: 1.1 GB at
+        # 65536 x 2049) and every validation runs a forward over it: 65536 samples of 2048 tokens are 134M tokens,
+        # the forwards of 32 of Amber-7B's 4M-token batches, about 10 steps' time. More stalls a run for minutes.
+        max_val_samples = 65536
+        if self.val_samples > max_val_samples:
+            raise ConfigError(f"logging.val_samples: must be <= {max_val_samples}, got {self.val_samples}")
+        if not self.peak_flops >= 0:
             raise ConfigError(f"logging.peak_flops: must be >= 0, got {self.peak_flops}")
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from glassbox.atomic import sha256_file, write_text
-from glassbox.config import dump_yaml
+from glassbox.config import ConfigError, dump_yaml
 from glassbox.distributed import rank0_decides
 from glassbox.errors import GlassboxError
 from glassbox.train.callbacks import Callback, GradientStats, ordered
@@ -52,7 +52,7 @@ from glassbox.train.parallel import (
 from glassbox.train.prefetch import BatchPrefetcher
 from glassbox.train.progress import ProgressBar
 from glassbox.train.state import TrainState
-from glassbox.train.step_plan import StepPlan, StepSpec, build_step_plan
+from glassbox.train.step_plan import ReplayPlan, StepPlan, StepSpec, build_step_plan
 from glassbox.train.wandb_logger import WandbLogger
 
 
@@ -96,6 +96,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_batch_split(cfg: RunConfig, dp_size: int) -> None:
+    """Every configured global batch splits evenly over the data-parallel ranks and each rank's share into
+    micro-batches (a micro-batch larger than a rank's share is that whole share)."""
+    micro = cfg.batch.micro_batch_size
+    sizes = [("batch.global_batch_size", cfg.batch.global_batch_size)] + [
+        (f"batch.schedule[{i}].size", stage.size) for i, stage in enumerate(cfg.batch.schedule)]
+    for where, size in sizes:
+        if size % dp_size:
+            raise ConfigError(f"{where} ({size}) must divide by the {dp_size} data-parallel ranks")
+        per_rank = size // dp_size
+        if per_rank % min(micro, per_rank):
+            raise ConfigError(f"{where} ({size}) is {per_rank} samples per rank over {dp_size} data-parallel ranks, "
+                              f"which batch.micro_batch_size ({micro}) does not divide")
+
+
 def freeze(model: torch.nn.Module, patterns: list[str]) -> list[str]:
     """Turn training off for the parameters matching `patterns` (optimizer.frozen); returns their names."""
     names = [n for n, p in model.named_parameters() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
@@ -121,6 +136,7 @@ class Trainer:
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        check_batch_split(cfg, self.world.dp_size)
         self.callbacks = ordered(default_callbacks(cfg) if callbacks is None else list(callbacks))
         self.run_dir = Path(cfg.run_dir)
 
@@ -135,6 +151,9 @@ class Trainer:
             sampler = build_sampler(cfg.data, "train")
             valid = build_sampler(cfg.data, "valid")
         per_rank = max(1, cfg.logging.val_samples // self.world.dp_size)
+        if per_rank * self.world.dp_size > valid.epoch_size:
+            raise ConfigError(f"logging.val_samples ({cfg.logging.val_samples}) exceeds the {valid.epoch_size} "
+                              f"samples of the validation split at data.seq_len {cfg.data.seq_len}")
         val = valid.samples(0, per_rank * self.world.dp_size)
         self.val_tokens = val[self.world.dp_rank * per_rank:(self.world.dp_rank + 1) * per_rank]
 
@@ -229,6 +248,10 @@ class Trainer:
         step = s.step + self._queued + 1
         started = time.perf_counter()
         spec = s.step_plan.spec(step)
+        per_rank = spec.global_batch // world.dp_size
+        if not isinstance(s.step_plan, ReplayPlan) and per_rank % min(spec.micro_batch, per_rank):
+            raise GlassboxError(f"step {step}: micro-batch {spec.micro_batch} does not divide the {per_rank} samples "
+                                f"per rank of global batch {spec.global_batch} ({s.step_plan.kind})")
         s.step_plan.advance(spec)
         batch, batch_digest = self.prefetcher.next_batch(s.sampler, spec.global_batch)
         self.dispatch("on_step_start", spec, batch.tokens)
@@ -264,7 +287,8 @@ class Trainer:
 
         params = [p for p in model.parameters() if p.requires_grad]
         sq_norm = grad_sq_norm(params)
-        self.dispatch("on_after_backward", GradientStats(local_norms, sq_norm, spec.micro_batch, spec.global_batch))
+        stats = GradientStats(local_norms, sq_norm, chunks[0].shape[0], spec.global_batch)
+        self.dispatch("on_after_backward", stats)
         grad_norm = sq_norm.sqrt()
         clip_gradients(params, grad_norm, cfg.optimizer.grad_clip)
         lr = s.lr_scheduler.lr(spec.progress) * spec.lr_scale

@@ -36,11 +36,15 @@ def copy_tree(src: Path, dst: Path) -> Path:
     return dst
 
 
-def run_on_forged_data(tiny_run: Path, data_dir: Path, tmp_path: Path, fingerprint: str) -> Path:
-    """A copy of `tiny_run` whose config points at a copy of `data_dir` with its meta.json fingerprint forged."""
+def run_on_other_data(tiny_run: Path, data_dir: Path, tmp_path: Path) -> Path:
+    """A copy of `tiny_run` whose config points at a copy of `data_dir` that is another store: its meta.json
+    differs (a setting) and is consistent (its fingerprint recomputed), as a store prepared otherwise would be."""
+    from glassbox.data.store import canonical_sha256
+
     data = copy_tree(data_dir, tmp_path / "data")
     meta = json.loads((data / "meta.json").read_text())
-    meta["fingerprint"] = fingerprint
+    meta["settings"]["prepared_elsewhere"] = True
+    meta["fingerprint"] = canonical_sha256({k: v for k, v in meta.items() if k != "fingerprint"})
     (data / "meta.json").write_text(json.dumps(meta))
     run = copy_tree(tiny_run, tmp_path / "run")
     config = yaml.safe_load((run / "config.yaml").read_text())

@@ -14,7 +14,7 @@ from glassbox.cli import main
 from glassbox.release.layout import ReleaseLayout, branch_name
 from glassbox.release.manifest import check_manifest, list_files
 
-from release_helpers import CHECKPOINT_STEPS, copy_tree, run_on_forged_data
+from release_helpers import CHECKPOINT_STEPS, copy_tree, run_on_other_data
 
 
 def test_release_layout_branches_and_manifest(built_release):
@@ -130,7 +130,7 @@ def test_incomplete_run_is_refused(tiny_run, tmp_path, capsys):
 
 
 def test_run_on_different_data_is_refused(tiny_run, prepared_data, tmp_path, capsys):
-    run = run_on_forged_data(tiny_run, prepared_data, tmp_path, "0" * 64)
+    run = run_on_other_data(tiny_run, prepared_data, tmp_path)
     out = tmp_path / "rel"
     assert main(["release", "build", "--run", str(run), "--out", str(out)]) == 2
     assert "data fingerprint mismatch" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import yaml
 from glassbox.cli import main
 from glassbox.release.reproduce import from_run, reproduce
 
-from release_helpers import copy_tree, run_on_forged_data
+from release_helpers import copy_tree, run_on_other_data
 
 
 def test_replay_from_previous_checkpoint_is_bit_exact(tiny_run, capsys):
@@ -51,6 +51,6 @@ def test_bad_input_is_a_clear_error(tiny_run, prepared_data, tmp_path, capsys):
     assert main(["reproduce", "--run", str(tmp_path), "--step", "1"]) == 2
     assert "config.yaml is missing" in capsys.readouterr().err
     # the run's data changed: the checkpoint's sampler state refuses it before any step is replayed
-    run = run_on_forged_data(tiny_run, prepared_data, tmp_path, "f" * 64)
+    run = run_on_other_data(tiny_run, prepared_data, tmp_path)
     assert main(["reproduce", "--run", str(run), "--step", "4"]) == 2
     assert "fingerprint" in capsys.readouterr().err

@@ -105,3 +105,26 @@ def test_a_plan_registered_by_name_is_chosen_from_the_config(prepared_data, tmp_
             build_step_plan(tiny_config(prepared_data, tmp_path, "batch.plan=nope").batch)
     finally:
         del PLANS["changing-test"]
+
+
+def test_batches_that_do_not_split_are_refused_where_the_world_is_known(prepared_data, tmp_path):
+    import pytest
+
+    from glassbox.config import ConfigError
+    from glassbox.errors import GlassboxError
+    from glassbox.train.trainer import check_batch_split
+
+    check_batch_split(tiny_config(prepared_data, tmp_path, "batch.global_batch_size=16"), 2)     # 8 per rank
+    with pytest.raises(ConfigError, match=r"batch.global_batch_size \(16\) must divide by the 3 data-parallel"):
+        check_batch_split(tiny_config(prepared_data, tmp_path, "batch.global_batch_size=16"), 3)
+    with pytest.raises(ConfigError, match=r"is 6 samples per rank over 2 .* batch.micro_batch_size \(4\) does not"):
+        check_batch_split(tiny_config(prepared_data, tmp_path, "batch.global_batch_size=12"), 2)
+    with pytest.raises(ConfigError, match=r"logging.val_samples \(4096\) exceeds the \d+ samples of the valid"):
+        Trainer(tiny_config(prepared_data, tmp_path, "logging.val_samples=4096"), callbacks=[])
+
+    class Uneven(StepPlan):
+        def _shape(self, step):
+            return 8, 3, 1.0
+
+    with pytest.raises(GlassboxError, match="step 1: micro-batch 3 does not divide the 8 samples per rank"):
+        Trainer(tiny_config(prepared_data, tmp_path), callbacks=[], plan=Uneven(8, 3)).train_step()

@@ -94,7 +94,7 @@ def test_same_config_twice_gives_identical_losses_and_weights(prepared_data, tmp
 def test_batch_size_and_lr_factor_change_per_step(prepared_data, tmp_path):
     schedule = "batch.schedule=[{from_step: 3, size: 12, lr_factor: 2.0}, {from_step: 5, size: 4}]"
     run = tmp_path / "run"
-    trainer = Trainer(tiny_config(prepared_data, run, schedule, "batch.micro_batch_size=5",
+    trainer = Trainer(tiny_config(prepared_data, run, schedule, "batch.micro_batch_size=4",
                                   "optimizer.min_lr=0.01", "schedule.warmup_steps=0"), callbacks=[])
     trainer.fit()
     rows = read_metrics(run)
