@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
+
+from glassbox.errors import GlassboxError
+
+# Where `glassbox serve` reads its API key when neither --api-key nor --api-key-file is given.
+API_KEY_ENV = "GLASSBOX_API_KEY"
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -37,8 +44,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     _engine_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 requests")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on /v1 requests (other users see it in `ps`: prefer "
+                        f"--api-key-file or ${API_KEY_ENV})")
+    p.add_argument("--api-key-file", default=None, help="read the API key from this file (its first line)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the dir name)")
+    p.add_argument("--limit-concurrency", type=int, default=None,
+                   help="most open connections; one more is answered 503 and closed (default: 512, lowered to fit "
+                        "the file-descriptor limit)")
+    p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body; 413 beyond (default: 4 MiB)")
+    p.add_argument("--max-prompts-per-request", type=int, default=None, dest="max_prompts",
+                   help="most prompts in one completions request; 400 beyond (default: 64)")
+    p.add_argument("--request-timeout", type=float, default=None, dest="request_timeout_s",
+                   help="seconds a client has to send a whole request, from its first byte; 408 after (default: 30)")
     p.set_defaults(handler=run_serve)
 
     g = sub.add_parser("generate", help="complete prompts with a model directory, offline")
@@ -54,11 +72,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.set_defaults(handler=run_generate)
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    from glassbox.inference.server import serve
+def _api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else the first line of --api-key-file, else $GLASSBOX_API_KEY; None: no key is required."""
+    if args.api_key is not None and args.api_key_file is not None:
+        raise GlassboxError("serve: give --api-key or --api-key-file, not both")
+    if args.api_key_file is not None:
+        path = Path(args.api_key_file)
+        if not path.is_file():
+            raise GlassboxError(f"serve: --api-key-file {path}: no such file")
+        lines = path.read_text().splitlines()
+        if not lines or not lines[0].strip():
+            raise GlassboxError(f"serve: --api-key-file {path}: the first line is empty")
+        return lines[0].strip()
+    return args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
 
-    print(f"glassbox: serving {args.model_dir} on http://{args.host}:{args.port}/v1", flush=True)
-    serve(args.model_dir, args.host, args.port, args.api_key, args.served_model_name, _engine_config(args))
+
+def run_serve(args: argparse.Namespace) -> int:
+    from glassbox.inference.server import ServerLimits, serve
+
+    api_key = _api_key(args)
+    given = {name: getattr(args, name) for name in ("limit_concurrency", "max_body_bytes", "max_prompts",
+                                                    "request_timeout_s") if getattr(args, name) is not None}
+    auth = "an API key required" if api_key is not None else "no API key"
+    print(f"glassbox: serving {args.model_dir} on http://{args.host}:{args.port}/v1 ({auth})", flush=True)
+    serve(args.model_dir, args.host, args.port, api_key, args.served_model_name, _engine_config(args),
+          ServerLimits(**given))
     return 0
 
 

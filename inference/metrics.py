@@ -1,12 +1,15 @@
-"""Server metrics in Prometheus text format: request counts, token counts, latency histograms, queue and KV gauges.
+"""Server metrics for Prometheus (through `prometheus_client`, as vLLM does): request and token counters, latency
+histograms, HTTP errors by status, and the engine's queue and KV gauges.
 
-Written by hand (a few counters and histograms) rather than pulling in a client library.
+Each `ServerMetrics` has its own registry, so several servers in one process (tests, the demo) keep apart.
 """
 
 from __future__ import annotations
 
-import bisect
 import threading
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -22,55 +25,61 @@ ENGINE_METRICS = (
     ("glassbox_prefix_cache_query_tokens_total", "counter", "Prompt tokens looked up in the prefix cache.",
      "prefix_cache_query_tokens"),
 )
+FAMILIES = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily}
 
 
-class Histogram:
-    def __init__(self, buckets: tuple[float, ...]):
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.sum = 0.0
-        self.count = 0
+class _EngineCollector:
+    """Exposes the latest engine stats snapshot; the engine's counters are totals it keeps itself."""
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-        self.count += 1
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
 
-    def render(self, name: str, help_text: str) -> list[str]:
-        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-        cumulative = 0
-        for le, c in zip(self.buckets, self.counts):
-            cumulative += c
-            lines.append(f'{name}_bucket{{le="{le}"}} {cumulative}')
-        lines.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
-        lines.append(f"{name}_sum {self.sum}")
-        lines.append(f"{name}_count {self.count}")
-        return lines
+    def collect(self):
+        stats = self.metrics.engine
+        for name, kind, help_text, key in ENGINE_METRICS:
+            yield FAMILIES[kind](name, help_text, value=stats.get(key, 0))
 
 
 class ServerMetrics:
-    """Updated by the engine thread, read by the HTTP handlers; a lock keeps a scrape consistent."""
+    """Updated by the engine thread and the HTTP handlers, read by scrapes; a lock keeps a scrape consistent (a
+    finished request's counters and histograms move together)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.requests: dict[str, int] = {}
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
-        self.ttft = Histogram(TTFT_BUCKETS)
-        self.tpot = Histogram(TPOT_BUCKETS)
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("glassbox_requests", "Finished sequences by finish reason.", ["finish_reason"],
+                                registry=r)
+        self.prompt_tokens = Counter("glassbox_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
+        self.generation_tokens = Counter("glassbox_generation_tokens", "Generated tokens of finished requests.",
+                                         registry=r)
+        self.ttft = Histogram("glassbox_time_to_first_token_seconds", "Arrival to first generated token.",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram("glassbox_time_per_output_token_seconds",
+                              "Mean time between generated tokens after the first, per request.", buckets=TPOT_BUCKETS,
+                              registry=r)
+        self.errors = Counter("glassbox_request_errors",
+                              "HTTP requests answered with an error, by status (499: the client left first; 503: "
+                              "over the connection limit or the engine down; 408: the request did not arrive in "
+                              "time), and streams ended by an error event (500).", ["status"], registry=r)
         self.engine: dict[str, float] = {}
+        r.register(_EngineCollector(self))
 
     def request_finished(self, finish_reasons: list[str], prompt_tokens: int, generation_tokens: int,
                          ttft: float | None, tpot: float | None) -> None:
         with self.lock:
             for reason in finish_reasons:
-                self.requests[reason] = self.requests.get(reason, 0) + 1
-            self.prompt_tokens += prompt_tokens
-            self.generation_tokens += generation_tokens
+                self.requests.labels(reason).inc()
+            self.prompt_tokens.inc(prompt_tokens)
+            self.generation_tokens.inc(generation_tokens)
             if ttft is not None:
                 self.ttft.observe(ttft)
             if tpot is not None:
                 self.tpot.observe(tpot)
+
+    def request_error(self, status: int) -> None:
+        with self.lock:
+            self.errors.labels(str(status)).inc()
 
     def update_engine(self, stats: dict[str, float]) -> None:
         with self.lock:
@@ -78,19 +87,4 @@ class ServerMetrics:
 
     def render(self) -> str:
         with self.lock:
-            lines = ["# HELP glassbox_requests_total Finished sequences by finish reason.",
-                     "# TYPE glassbox_requests_total counter"]
-            for reason, n in sorted(self.requests.items()):
-                lines.append(f'glassbox_requests_total{{finish_reason="{reason}"}} {n}')
-            lines += ["# HELP glassbox_prompt_tokens_total Prompt tokens of finished requests.",
-                      "# TYPE glassbox_prompt_tokens_total counter",
-                      f"glassbox_prompt_tokens_total {self.prompt_tokens}",
-                      "# HELP glassbox_generation_tokens_total Generated tokens of finished requests.",
-                      "# TYPE glassbox_generation_tokens_total counter",
-                      f"glassbox_generation_tokens_total {self.generation_tokens}"]
-            lines += self.ttft.render("glassbox_time_to_first_token_seconds", "Arrival to first generated token.")
-            lines += self.tpot.render("glassbox_time_per_output_token_seconds",
-                                      "Mean time between generated tokens after the first, per request.")
-            for name, kind, help_text, key in ENGINE_METRICS:
-                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {self.engine.get(key, 0)}"]
-            return "\n".join(lines) + "\n"
+            return generate_latest(self.registry).decode()

@@ -52,6 +52,11 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=True).ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` of each text, in one call that releases the GIL (a long prompt tokenized on a worker thread
+        then leaves the server's event loop running; `encode` holds the GIL for the whole call)."""
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=True)]
+
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
