@@ -52,7 +52,7 @@ from glassbox.checkpoints.rank_state import (
     save_file,
 )
 from glassbox.checkpoints.schedule import steps_to_delete
-from glassbox.distributed import barrier, rank_and_world
+from glassbox.distributed import barrier, is_distributed, rank_and_world
 from glassbox.errors import GlassboxError
 from glassbox.models.transformer import unwrap
 
@@ -156,7 +156,8 @@ class Checkpointer:
             return final
         model_sd, optim_sd = get_state_dict(state.model, state.optimizer)
         names = _parameter_names(state.model, model_sd)
-        chosen = self._choose(names, _frozen(state.model), keys)
+        frozen = _frozen(state.model)
+        chosen = self._choose(names, frozen, keys)
         self.last_saved_step = state.step
         tmp = final.with_name(final.name + ".tmp")
         if rank == 0:
@@ -173,8 +174,7 @@ class Checkpointer:
         if not self._all_ranks_ok(failure is None):
             self._abandon(tmp, state.step, failure or OSError("another rank failed to write its files"))
         references = {key: self.copies[key] for key in model_sd if key not in chosen and key in self.copies}
-        info = self._info(state, world, exact=all(names[key] in _frozen(state.model) for key in model_sd
-                                                  if key not in chosen))
+        info = self._info(state, world, exact=all(names[key] in frozen for key in model_sd if key not in chosen))
         content = {
             "model": {k: v for k, v in model_sd.items() if k in chosen},
             "optim": {"state": {k: v for k, v in optim_sd["state"].items() if k in chosen},
@@ -227,7 +227,7 @@ class Checkpointer:
         stops every rank, rather than leaving the others in DCP's save)."""
         import torch.distributed as dist
 
-        if not dcp_io.distributed():
+        if not is_distributed():
             return ok
         flag = torch.tensor([1 if ok else 0])
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._background_group())
@@ -299,7 +299,7 @@ class Checkpointer:
         queue behind NCCL training kernels."""
         import torch.distributed as dist
 
-        if not dcp_io.distributed():
+        if not is_distributed():
             return None
         if self._async_group is None:
             self._async_group = dist.new_group(backend="gloo")

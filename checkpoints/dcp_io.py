@@ -14,15 +14,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from glassbox.distributed import is_distributed
 from glassbox.errors import GlassboxError
 
 warnings.filterwarnings("ignore", message=".*assuming the intent is to (load|save) in a single process")
-
-
-def distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
 
 
 def io_threads() -> int:
@@ -40,7 +35,7 @@ def _writer(path: Path) -> Any:
 def save(content: dict[str, Any], path: Path) -> None:
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(content, storage_writer=_writer(path), no_dist=not distributed())
+    dcp.save(content, storage_writer=_writer(path), no_dist=not is_distributed())
 
 
 def make_stager() -> Any:
@@ -81,7 +76,7 @@ def async_save(content: dict[str, Any], path: Path, process_group: Any = None, s
     import torch.distributed.checkpoint as dcp
 
     return dcp.async_save(content, storage_writer=_writer(path), process_group=process_group,
-                          async_stager=stager, no_dist=not distributed())
+                          async_stager=stager, no_dist=not is_distributed())
 
 
 # What DCP's `.metadata` pickle may name: its own metadata records and the torch values inside them. Anything else
@@ -150,4 +145,4 @@ def load(content: dict[str, Any], path: Path) -> None:
     import torch.distributed.checkpoint as dcp
 
     read_metadata(path)         # refused here with its own error, before DCP wraps it in a per-rank exception
-    dcp.load(content, storage_reader=safe_reader(path), no_dist=not distributed())
+    dcp.load(content, storage_reader=safe_reader(path), no_dist=not is_distributed())

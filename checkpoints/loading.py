@@ -58,13 +58,13 @@ def checkpoint_view(path: Path) -> StateView:
 
 def verified_view(path: Path, verify_hashes: bool = True) -> StateView:
     """`checkpoint_view(path)`, decided on rank 0 and, with `verify_hashes`, checked byte for byte first."""
-    def check() -> str:
+    def check() -> StateView:
         view = checkpoint_view(path)
         if verify_hashes:
             view.verify()
-        return str(view.path)
+        return view
 
-    return checkpoint_view(Path(rank0_decides(check)))
+    return rank0_decides(check)
 
 
 def resolve_checkpoint_path(path: Path) -> Path:
@@ -96,6 +96,27 @@ def find_resume_checkpoint(run_dir: Path, resume: str, log: Callable[[str], None
     return Path(chosen) if chosen is not None else None
 
 
+def _read_sources(view: StateView, model_part: dict[str, Any], optim_state: dict[str, Any] | None,
+                  param_groups: Any = None) -> None:
+    """Fill the tensors of `model_part` (and their moments in `optim_state`) in place, one DCP read per source
+    directory of `view`; `param_groups`, if given, come from the view's own directory."""
+    for path, held in view.sources().items():
+        keys = [k for k in held if k in model_part]
+        content: dict[str, Any] = {"model": {k: model_part[k] for k in keys}}
+        if optim_state is not None:
+            content["optim"] = {"state": {k: optim_state[k] for k in keys if k in optim_state}}
+            if param_groups is not None and path == view.path:
+                content["optim"]["param_groups"] = param_groups
+        if not keys and "param_groups" not in content.get("optim", {}):
+            continue
+        try:
+            dcp_io.load(content, path / DCP_DIR)
+        except GlassboxError:
+            raise
+        except Exception as e:      # DCP wraps per-rank failures; the message names the missing or mismatched key
+            raise GlassboxError(f"{path}: cannot load {len(keys)} tensors into this model ({e})") from None
+
+
 def load_view(view: StateView, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
               ) -> dict[str, Any]:
     """Load every parameter of `view` (and, given the optimizer, its moments and param groups) into the live
@@ -103,19 +124,8 @@ def load_view(view: StateView, model: torch.nn.Module, optimizer: torch.optim.Op
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (model.state_dict(), None)
-    for path, held in view.sources().items():
-        keys = [k for k in held if k in model_sd]
-        content: dict[str, Any] = {"model": {k: model_sd[k] for k in keys}}
-        if optim_sd is not None:
-            content["optim"] = {"state": {k: optim_sd["state"][k] for k in keys if k in optim_sd["state"]}}
-            if path == view.path:
-                content["optim"]["param_groups"] = optim_sd["param_groups"]
-        try:
-            dcp_io.load(content, path / DCP_DIR)
-        except GlassboxError:
-            raise
-        except Exception as e:      # DCP wraps per-rank failures; the message names the missing or mismatched key
-            raise GlassboxError(f"{path}: cannot load model/optimizer state into this model ({e})") from None
+    _read_sources(view, model_sd, optim_sd["state"] if optim_sd is not None else None,
+                  optim_sd["param_groups"] if optim_sd is not None else None)
     return {"model": model_sd, "optim": optim_sd}
 
 
@@ -232,19 +242,7 @@ def load_partial(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
             for fqn in chosen if fqn in optim_state
         }}
     buffers = _map_tensors(live, lambda t: torch.empty_like(t))
-    for source, held in view.sources().items():
-        keys = [k for k in held if k in live["model"]]
-        if not keys:
-            continue
-        part: dict[str, Any] = {"model": {k: buffers["model"][k] for k in keys}}
-        if "optim" in buffers:
-            part["optim"] = {"state": {k: buffers["optim"]["state"][k] for k in keys if k in buffers["optim"]["state"]}}
-        try:
-            dcp_io.load(part, source / DCP_DIR)
-        except GlassboxError:
-            raise
-        except Exception as e:      # DCP wraps per-rank failures
-            raise GlassboxError(f"{source}: cannot load {len(keys)} chosen tensors ({e})") from None
+    _read_sources(view, buffers["model"], buffers["optim"]["state"] if "optim" in buffers else None)
     with torch.no_grad():
         for target, loaded in zip(_leaves(live), _leaves(buffers)):
             _copy_rows(target, loaded, shard)

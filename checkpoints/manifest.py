@@ -38,25 +38,19 @@ class CheckpointCorrupt(GlassboxError):
     """A checkpoint whose manifest is missing or does not match its files; the message names the file."""
 
 
-def _dcp_chunks(dcp_dir: Path) -> dict[str, list[tuple[str, int, int]]]:
-    """Every DCP entry's stored chunks as (file relative to the checkpoint, offset, length), in chunk order.
+def _dcp_layout(dcp_dir: Path) -> tuple[dict[str, list[tuple[str, int, int]]], dict[str, tuple[list[int], str]]]:
+    """From DCP's metadata (read once): every entry's stored chunks as (file relative to the checkpoint, offset,
+    length), in chunk order, and every tensor entry's (shape, dtype)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    Read from DCP's own metadata, which this process has just written (it is never read from a checkpoint that
-    has not been hash-checked)."""
     metadata = read_metadata(dcp_dir)
     chunks: dict[str, list[tuple[tuple, str, int, int]]] = {}
     for index, info in metadata.storage_data.items():
         order = (tuple(index.offset) if index.offset is not None else (), index.index or 0)
         chunks.setdefault(index.fqn, []).append((order, f"{DCP_DIR}/{info.relative_path}", info.offset, info.length))
-    return {key: [c[1:] for c in sorted(parts)] for key, parts in chunks.items()}
-
-
-def _tensor_meta(dcp_dir: Path) -> dict[str, tuple[list[int], str]]:
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    metadata = read_metadata(dcp_dir)
-    return {key: (list(meta.size), str(meta.properties.dtype)) for key, meta in metadata.state_dict_metadata.items()
-            if isinstance(meta, TensorStorageMetadata)}
+    tensors = {key: (list(meta.size), str(meta.properties.dtype))
+               for key, meta in metadata.state_dict_metadata.items() if isinstance(meta, TensorStorageMetadata)}
+    return {key: [c[1:] for c in sorted(parts)] for key, parts in chunks.items()}, tensors
 
 
 def entry_digest(chunks: list[list]) -> str:
@@ -84,7 +78,7 @@ def write_manifest(root: Path, info: dict[str, Any], references: dict[str, dict[
     """
     root = Path(root)
     rels = list_files(root, exclude=[MANIFEST])
-    chunks = _dcp_chunks(root / DCP_DIR) if (root / DCP_DIR / ".metadata").is_file() else {}
+    chunks, meta = _dcp_layout(root / DCP_DIR) if (root / DCP_DIR / ".metadata").is_file() else ({}, {})
     ranges: dict[str, list[tuple[str, int, int]]] = {}
     for key, parts in chunks.items():
         for i, (rel, offset, length) in enumerate(parts):
@@ -95,7 +89,6 @@ def write_manifest(root: Path, info: dict[str, Any], references: dict[str, dict[
         files[rel] = {"sha256": digest, "bytes": (root / rel).stat().st_size}
         for (key, i, offset, length), part in zip(ranges.get(rel, []), part_digests):
             hashed_chunks[key][i] = [rel, offset, length, part]
-    meta = _tensor_meta(root / DCP_DIR) if chunks else {}
     tensors: dict[str, dict[str, Any]] = {name: dict(ref) for name, ref in (references or {}).items()}
     objects: dict[str, dict[str, Any]] = {}
     for key, parts in sorted(hashed_chunks.items()):

@@ -110,10 +110,13 @@ class DataOrderLog:
         if self._plan.shape[0] < step:
             self._plan.resize((self._plan.shape[0] + _CHUNK_ROWS, len(PLAN_COLUMNS)))
         # The row is written before the step count claims it, so a crash in between leaves the log as it was.
-        self._read(self._rows, step - 1, step)      # a damaged chunk is named before it is written over
-        self._rows[step - 1] = row
         plan = [math.nan if v is None else v for v in (micro_batch_size, lr_scale, progress)]
-        self._plan[step - 1] = np.array(plan, dtype=np.float64)
+        try:
+            self._rows[step - 1] = row
+            self._plan[step - 1] = np.array(plan, dtype=np.float64)
+        except Exception as e:      # writing a row rereads its chunk: a damaged one fails here, in the codec
+            raise GlassboxError(f"{self.path}: the chunk holding {self._chunk_steps(step)} cannot be written "
+                                f"({type(e).__name__}: {e}); the data-order log is damaged") from None
         self._set_steps(step)
 
     def _chunk_steps(self, step: int) -> str:

@@ -96,19 +96,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def splits_into_micro_batches(global_batch: int, dp_size: int, micro: int) -> bool:
+    """Whether each rank's share of `global_batch` is a whole number of micro-batches (a micro-batch larger than
+    a rank's share is that whole share)."""
+    per_rank = global_batch // dp_size
+    return per_rank % min(micro, per_rank) == 0
+
+
 def check_batch_split(cfg: RunConfig, dp_size: int) -> None:
     """Every configured global batch splits evenly over the data-parallel ranks and each rank's share into
-    micro-batches (a micro-batch larger than a rank's share is that whole share)."""
+    micro-batches."""
     micro = cfg.batch.micro_batch_size
     sizes = [("batch.global_batch_size", cfg.batch.global_batch_size)] + [
         (f"batch.schedule[{i}].size", stage.size) for i, stage in enumerate(cfg.batch.schedule)]
     for where, size in sizes:
         if size % dp_size:
             raise ConfigError(f"{where} ({size}) must divide by the {dp_size} data-parallel ranks")
-        per_rank = size // dp_size
-        if per_rank % min(micro, per_rank):
-            raise ConfigError(f"{where} ({size}) is {per_rank} samples per rank over {dp_size} data-parallel ranks, "
-                              f"which batch.micro_batch_size ({micro}) does not divide")
+        if not splits_into_micro_batches(size, dp_size, micro):
+            raise ConfigError(f"{where} ({size}) is {size // dp_size} samples per rank over {dp_size} data-parallel "
+                              f"ranks, which batch.micro_batch_size ({micro}) does not divide")
 
 
 def freeze(model: torch.nn.Module, patterns: list[str]) -> list[str]:
@@ -197,6 +203,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
             self.order_log = DataOrderLog(self.run_dir)
+        self._wants_local_norms = any(cb.wants_local_norms for cb in self.callbacks)
         for cb in self.callbacks:
             cb.setup(self)
 
@@ -248,10 +255,11 @@ class Trainer:
         step = s.step + self._queued + 1
         started = time.perf_counter()
         spec = s.step_plan.spec(step)
-        per_rank = spec.global_batch // world.dp_size
-        if not isinstance(s.step_plan, ReplayPlan) and per_rank % min(spec.micro_batch, per_rank):
-            raise GlassboxError(f"step {step}: micro-batch {spec.micro_batch} does not divide the {per_rank} samples "
-                                f"per rank of global batch {spec.global_batch} ({s.step_plan.kind})")
+        if not isinstance(s.step_plan, ReplayPlan) and not splits_into_micro_batches(
+                spec.global_batch, world.dp_size, spec.micro_batch):
+            raise GlassboxError(f"step {step}: micro-batch {spec.micro_batch} does not divide the "
+                                f"{spec.global_batch // world.dp_size} samples per rank of global batch "
+                                f"{spec.global_batch} ({s.step_plan.kind})")
         s.step_plan.advance(spec)
         batch, batch_digest = self.prefetcher.next_batch(s.sampler, spec.global_batch)
         self.dispatch("on_step_start", spec, batch.tokens)
@@ -261,7 +269,6 @@ class Trainer:
         local = batch.tokens
         chunks = local.split(spec.micro_batch)
         local_norms = []
-        wants_local_norms = any(cb.wants_local_norms for cb in self.callbacks)
         loss_sum = torch.zeros((), device=world.device)
         aux_sum = torch.zeros((), device=world.device)
         load_sum = None
@@ -282,7 +289,7 @@ class Trainer:
                     load_sum = load if load_sum is None else load_sum + load
                 total.backward()
             loss_sum += loss.detach() * weight
-            if wants_local_norms and not last:
+            if self._wants_local_norms and not last:
                 local_norms.append(local_grad_sq_norm(model))
 
         params = [p for p in model.parameters() if p.requires_grad]
