@@ -531,21 +531,25 @@ def test_priority_reaches_the_engine_through_the_server(llama_dir):
         assert r.status_code == 200, r.text
         finished.append(name)
 
-    def waiting(base: str) -> float:
-        return _metrics(base).get("glassbox_num_requests_waiting", 0.0)
-
-    with running_server(engine, MODEL, api_key=KEY) as base:
+    def queued_behind_a_running_one(base: str) -> bool:
+        """Send a long request, then "high" and "low" in that order while it holds the only slot; False when it
+        finished before both were queued (a fast machine), so the order says nothing."""
+        finished.clear()
         first = threading.Thread(target=ask, args=(base, "running", 0, 200))
         first.start()
         late = [threading.Thread(target=ask, args=(base, name, prio, 4)) for name, prio in (("high", 5), ("low", -5))]
         for count, t in enumerate(late, 1):
             t.start()
             deadline = time.time() + 5
-            while waiting(base) < count and time.time() < deadline:     # queued, in this order, behind "running"
-                time.sleep(0.002)
-        assert first.is_alive() and waiting(base) == 2
+            while engine.stats()["num_waiting"] < count and first.is_alive() and time.time() < deadline:
+                time.sleep(0.0005)
+        both_waited = first.is_alive() and engine.stats()["num_waiting"] == 2
         for t in [first, *late]:
             t.join()
+        return both_waited
+
+    with running_server(engine, MODEL, api_key=KEY) as base:
+        assert any(queued_behind_a_running_one(base) for _ in range(5)), "could not queue two requests behind one"
         r = httpx.post(f"{base}/v1/completions", headers=AUTH,
                        json={"model": MODEL, "prompt": "x", "priority": 2**40})
         assert r.status_code == 400 and r.json()["error"]["param"] == "priority", r.text
