@@ -11,17 +11,21 @@ from typing import Protocol
 
 from glassbox.errors import GlassboxError
 from glassbox.inference.sequence import Sequence
+from glassbox.inference.speculative.draft import EMPTY, Draft
+
+__all__ = ["Draft", "EMPTY", "Proposer", "NoProposer", "PROPOSERS", "make_proposer"]
 
 
 class Proposer(Protocol):
     name: str
 
-    def propose(self, seqs: list[Sequence], max_tokens: int) -> list[list[int]]:
-        """Up to `max_tokens` draft tokens for each decoding sequence (an empty list for no draft)."""
+    def propose(self, seqs: list[Sequence], max_tokens: int) -> list[Draft]:
+        """A draft of at most `max_tokens` nodes for each decoding sequence (`EMPTY` for none)."""
         ...
 
     def on_finished(self, seq: Sequence) -> None:
-        """Called once per finished sequence (a place to learn from its output)."""
+        """Called once per sequence leaving the engine, finished or aborted (`seq.finish_reason` says which):
+        the place to learn from its output and to free its per-request state."""
         ...
 
 
@@ -30,8 +34,8 @@ class NoProposer:
 
     name = "none"
 
-    def propose(self, seqs: list[Sequence], max_tokens: int) -> list[list[int]]:
-        return [[] for _ in seqs]
+    def propose(self, seqs: list[Sequence], max_tokens: int) -> list[Draft]:
+        return [EMPTY for _ in seqs]
 
     def on_finished(self, seq: Sequence) -> None:
         return None
