@@ -21,6 +21,9 @@ AREAS = [
     "glassbox.train.cli",
     "glassbox.checkpoints.cli",
     "glassbox.inference.cli",
+    "glassbox.inference.speculative.cli",
+    "glassbox.elastic.cli",
+    "glassbox.elastic.sched.cli",
     "glassbox.release.cli",
 ]
 
@@ -33,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name == name:
+            if e.name and name.startswith(e.name):
                 continue
             raise
         module.register(sub)
