@@ -18,7 +18,7 @@ hooks of t+1 run before `on_step_end` of t):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,12 +38,16 @@ class GradientStats:
     the micro-batches whose gradients are not yet reduced (all but the last; computed only when a callback's
     `wants_local_norms` is True). `sq_norm`: the squared norm of the reduced (global-batch) gradient, before
     clipping. Together they are the two batch sizes of the gradient-noise-scale estimators.
+    `local_tensor_sq_norms[i]`: the same, as per-parameter squared norms (parallel.local_grad_sq_norms: the
+    trainable parameters in `model.parameters()` order), so a callback can weight parameters (Pollux's Adam
+    preconditioning) at no extra cost.
     """
 
     local_sq_norms: list[torch.Tensor]
     sq_norm: torch.Tensor
     micro_batch: int        # samples per micro-batch on one rank
     global_batch: int
+    local_tensor_sq_norms: list[torch.Tensor] = field(default_factory=list)
 
 
 class Callback:

@@ -234,8 +234,10 @@ def clip_gradients(params: list[torch.Tensor], norm: torch.Tensor, max_norm: flo
 
 
 @torch.no_grad()
-def local_grad_sq_norm(model: nn.Module) -> torch.Tensor:
-    """Squared L2 norm of this rank's gradient as accumulated so far, before any data-parallel reduction.
+def local_grad_sq_norms(model: nn.Module) -> torch.Tensor:
+    """Per-parameter squared L2 norms of this rank's gradient as accumulated so far, before any data-parallel
+    reduction: a vector over the trainable parameters in `model.parameters()` order (0 for one without a
+    gradient), so a caller can weight each parameter's share (Pollux preconditions by Adam's second moment).
 
     With gradient sync off (every micro-batch but a step's last), plain and DDP parameters hold the local sum
     in `.grad`; FSDP2 keeps it unsharded beside each sharded parameter, which only its parameter groups reach
@@ -244,17 +246,27 @@ def local_grad_sq_norm(model: nn.Module) -> torch.Tensor:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    grads: list[torch.Tensor] = []
+    unsharded: dict[int, torch.Tensor] = {}
     for module in model.modules():
         if isinstance(module, FSDPModule):
             group = module._get_fsdp_state()._fsdp_param_group
             for fp in group.fsdp_params if group is not None else []:
                 g = fp.unsharded_accumulated_grad
-                grads.append(g if g is not None else fp._unsharded_param.grad)
-    grads = [g for g in grads if g is not None]
+                g = g if g is not None else fp._unsharded_param.grad
+                if g is not None:
+                    unsharded[id(fp.sharded_param)] = g
+    params = [p for p in model.parameters() if p.requires_grad]
+    present, grads = [], []
+    for i, p in enumerate(params):
+        g = unsharded.get(id(p)) if unsharded else p.grad
+        if g is not None:
+            present.append(i)
+            grads.append(g.to_local() if isinstance(g, DTensor) else g)
     if not grads:
-        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-                 for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return torch.stack(torch._foreach_norm(grads, 2.0)).float().pow(2).sum()
+        return torch.zeros(len(params))
+    sq = torch.stack(torch._foreach_norm(grads, 2.0)).float().pow(2)
+    if len(grads) == len(params):
+        return sq
+    norms = torch.zeros(len(params), dtype=sq.dtype, device=sq.device)
+    norms[torch.tensor(present, device=sq.device)] = sq
+    return norms

@@ -46,7 +46,7 @@ from glassbox.train.parallel import (
     grad_sq_norm,
     gradient_sync,
     init_world,
-    local_grad_sq_norm,
+    local_grad_sq_norms,
     param_groups,
 )
 from glassbox.train.prefetch import BatchPrefetcher
@@ -268,7 +268,7 @@ class Trainer:
         model.train()
         local = batch.tokens
         chunks = local.split(spec.micro_batch)
-        local_norms = []
+        local_norms, local_tensor_norms = [], []
         loss_sum = torch.zeros((), device=world.device)
         aux_sum = torch.zeros((), device=world.device)
         load_sum = None
@@ -290,11 +290,12 @@ class Trainer:
                 total.backward()
             loss_sum += loss.detach() * weight
             if self._wants_local_norms and not last:
-                local_norms.append(local_grad_sq_norm(model))
+                local_tensor_norms.append(local_grad_sq_norms(model))
+                local_norms.append(local_tensor_norms[-1].sum())
 
         params = [p for p in model.parameters() if p.requires_grad]
         sq_norm = grad_sq_norm(params)
-        stats = GradientStats(local_norms, sq_norm, chunks[0].shape[0], spec.global_batch)
+        stats = GradientStats(local_norms, sq_norm, chunks[0].shape[0], spec.global_batch, local_tensor_norms)
         self.dispatch("on_after_backward", stats)
         grad_norm = sq_norm.sqrt()
         clip_gradients(params, grad_norm, cfg.optimizer.grad_clip)
