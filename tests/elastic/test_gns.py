@@ -1,0 +1,101 @@
+"""Gradient noise scale: the two-batch estimators and the meter on a synthetic problem whose noise scale is known."""
+
+import math
+
+import pytest
+import torch
+
+from glassbox.elastic.gns import GradientNoiseMeter, NoiseScaleEMA, estimate_from_pairs, two_batch_estimates
+from glassbox.errors import GlassboxError
+from glassbox.train.parallel import local_grad_sq_norms
+
+torch.set_num_threads(1)
+
+
+def test_estimators_are_unbiased_on_exact_expectations():
+    # E|g_B|^2 = |G|^2 + tr(Sigma) / B exactly: the estimators return the true values.
+    sqr, trace = 2.0, 64.0
+    e = lambda b: sqr + trace / b
+    assert two_batch_estimates(8, e(8), 128, e(128)) == pytest.approx((sqr, trace))
+    with pytest.raises(GlassboxError, match="B_small < B_big"):
+        two_batch_estimates(8, 1.0, 8, 1.0)
+
+
+def test_ema_recovers_a_known_noise_scale_from_sampled_gradients():
+    gen = torch.Generator().manual_seed(0)
+    dim, sigma = 64, 0.5
+    true_g = torch.full((dim,), 0.1)                 # |G|^2 = 0.64, tr(Sigma) = 64 * 0.25 = 16: phi = 25
+    ema = NoiseScaleEMA(init_batch=32, smoothing=0.99)
+    for _ in range(400):
+        per_sample = true_g + sigma * torch.randn(64, dim, generator=gen)
+        small, big = per_sample[:8].mean(0), per_sample.mean(0)
+        ema.update(*two_batch_estimates(8, small.square().sum().item(), 64, big.square().sum().item()), batch=64)
+    assert ema.noise_scale == pytest.approx(25.0, rel=0.15)
+    assert ema.grad_var == pytest.approx(16.0 / 32, rel=0.15)
+    restored = NoiseScaleEMA(32, 0.99)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.noise_scale == ema.noise_scale
+
+
+def test_bias_correction_makes_the_first_estimate_the_estimate():
+    ema = NoiseScaleEMA(init_batch=16, smoothing=0.9)
+    assert not ema.ready and math.isnan(ema.noise_scale)
+    ema.update(2.0, 30.0, batch=16)
+    assert (ema.grad_sqr, ema.trace, ema.noise_scale) == pytest.approx((2.0, 30.0, 15.0))
+    ema.update(float("nan"), 1.0, batch=16)            # ignored, not averaged in
+    assert ema.count == 1
+
+
+class Linear(torch.nn.Module):
+    """loss_i = a . x_i + b . y_i: the per-sample gradient is (x_i, y_i), its mean and covariance known."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.zeros(16))
+        self.b = torch.nn.Parameter(torch.zeros(4))
+
+    def forward(self, x, y):
+        return (x @ self.a + y @ self.b).mean()
+
+
+def test_meter_measures_the_preconditioned_noise_scale_of_a_real_accumulated_step():
+    gen = torch.Generator().manual_seed(1)
+    ga, gb, sa, sb = 0.2, 1.0, 0.5, 0.1
+    model = Linear()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+    sample = lambda n: (ga + sa * torch.randn(n, 16, generator=gen), gb + sb * torch.randn(n, 4, generator=gen))
+    # Adam's second moment, different per tensor, so the preconditioner matters.
+    model(*sample(64)).backward()
+    opt.step()
+    opt.zero_grad()
+    meter = GradientNoiseMeter(model, opt, None, 1)
+    w = meter.preconditioner(1)
+    wa, wb = w.tolist()
+    assert wa > 10 * wb     # `b` sees larger gradients: a smaller weight in the update's geometry
+    truth = (wa * 16 * sa**2 + wb * 4 * sb**2) / (wa * 16 * ga**2 + wb * 4 * gb**2)
+
+    ema = NoiseScaleEMA(init_batch=16, smoothing=0.995)
+    micro, n = 4, 8
+    for step in range(300):
+        x, y = sample(micro * n)
+        local = []
+        for i in range(n):      # the trainer's accumulation: each micro-batch weighted 1/n
+            (model(x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]) / n).backward()
+            if i < n - 1:
+                local.append(local_grad_sq_norms(model))
+        values = meter.measure(step + 2, local, micro, micro * n).tolist()
+        ema.update(*estimate_from_pairs(meter.pairs(values, micro, micro * n)), batch=micro * n)
+        opt.zero_grad()
+    assert ema.noise_scale == pytest.approx(truth, rel=0.15)
+    plain = (16 * sa**2 + 4 * sb**2) / (16 * ga**2 + 4 * gb**2)
+    assert abs(plain - truth) / truth > 0.3     # the test can tell preconditioned from plain
+
+
+def test_meter_waits_for_adam_and_for_two_batch_sizes():
+    model = Linear()
+    opt = torch.optim.AdamW(model.parameters())
+    meter = GradientNoiseMeter(model, opt, None, 1)
+    model(torch.ones(2, 16), torch.ones(2, 4)).backward()
+    assert meter.measure(1, [local_grad_sq_norms(model)], 1, 2) is None    # no second moment yet
+    opt.step()
+    assert meter.measure(2, [], 2, 2) is None                              # one micro-batch: one batch size
