@@ -36,7 +36,7 @@ def test_adam_takes_the_square_root_sgd_the_gain():
 def test_the_schedule_moves_by_weighted_progress():
     # Warmup 10 base steps of 32: a run at batch 128 with gain 2 warms up in 5 steps, not 10 nor 2.5.
     schedule = LRSchedule(1e-3, WarmupDecay(100, 10, "cosine", 0.1), samples_per_step=32)
-    r = gain(1.0, 1.0 / 3.0, 32, 128)
+    r = gain(1.0, 2.0, 32, 128)
     assert r == pytest.approx(2.0)
     progress, lrs = 0.0, []
     for _ in range(6):
