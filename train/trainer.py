@@ -196,6 +196,7 @@ class Trainer:
         self.order_log = None
         self._logged_through: int | None = None
         self._queued = 0                    # steps queued by queue_step and not yet finished
+        self._stop_requested = False
         self._last_finish = 0.0
         if self.world.is_main:
             from glassbox.data.order_log import DataOrderLog
@@ -400,6 +401,12 @@ class Trainer:
         model.train(was_training)
         return total
 
+    def request_stop(self) -> None:
+        """End `fit` cleanly before `schedule.steps`: the steps already queued finish, nothing more is queued, and
+        `on_train_end` runs (so the final checkpoint is saved). Elastic resizing stops a run this way to restart
+        it at another world size (glassbox.elastic)."""
+        self._stop_requested = True
+
     def fit(self) -> TrainState:
         """Train to `schedule.steps`, calling the callbacks; a resume (in on_train_start) continues from its step."""
         s = self.state
@@ -412,11 +419,12 @@ class Trainer:
         # Step t+1 is queued before step t is finished, so the device never waits for the host to read step t's
         # metrics and run its callbacks, unless a callback needs the live state after step t (a checkpoint).
         pending: QueuedStep | None = None
-        while pending is not None or s.step < self.cfg.schedule.steps:
+        while pending is not None or (s.step < self.cfg.schedule.steps and not self._stop_requested):
             if pending is None:
                 pending = self.queue_step()
             step = pending.spec.step
-            overlaps = step < self.cfg.schedule.steps and not any(cb.needs_state(step) for cb in self.callbacks)
+            overlaps = (step < self.cfg.schedule.steps and not self._stop_requested
+                        and not any(cb.needs_state(step) for cb in self.callbacks))
             following = self.queue_step() if overlaps else None
             self.finish_step(pending)
             self.dispatch("on_step_end")
