@@ -12,6 +12,7 @@ from typing import Protocol
 from glassbox.errors import GlassboxError
 from glassbox.inference.sequence import Sequence
 from glassbox.inference.speculative.draft import EMPTY, Draft
+from glassbox.inference.speculative.suffix import SuffixProposer
 
 __all__ = ["Draft", "EMPTY", "Proposer", "NoProposer", "PROPOSERS", "make_proposer"]
 
@@ -41,7 +42,7 @@ class NoProposer:
         return None
 
 
-PROPOSERS: dict[str, type] = {"none": NoProposer}
+PROPOSERS: dict[str, type] = {"none": NoProposer, "suffix": SuffixProposer}
 
 
 def make_proposer(name: str) -> Proposer:
