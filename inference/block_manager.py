@@ -100,8 +100,7 @@ class BlockManager:
             block.ref_count += 1
             seq.block_table.append(block_id)
         if cached:
-            seq.num_computed_tokens += len(cached) * self.block_size
-            seq.num_cached_tokens = len(cached) * self.block_size
+            seq.cached(len(cached) * self.block_size)
         need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
         for _ in range(need):
             block_id, _ = self.free.popitem(last=False)
@@ -127,7 +126,7 @@ class BlockManager:
                 self.cached[h] = block.block_id
 
     def trim(self, seq: Sequence) -> None:
-        """Free blocks past what the sequence's tokens need (left by rejected speculative tokens)."""
+        """Free blocks past what the sequence's tokens need (left by rejected draft nodes)."""
         keep = self.blocks_needed(seq.num_tokens)
         while len(seq.block_table) > keep:
             self._release(seq.block_table.pop())
@@ -137,7 +136,7 @@ class BlockManager:
         for block_id in reversed(seq.block_table):
             self._release(block_id)
         seq.block_table = []
-        seq.num_computed_tokens = 0
+        seq.forget_kv()
         self.seq_hashes.pop(seq.seq_id, None)
 
     def _release(self, block_id: int) -> None:

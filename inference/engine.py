@@ -1,7 +1,8 @@
 """The engine: requests in, tokens out, one scheduler step at a time.
 
-`LLMEngine.step()` asks the proposer for drafts, lets the scheduler pick the batch, runs the model, samples, and
-applies each sequence's stopping rules (EOS, stop tokens, stop strings, max_tokens, context length). It is
+`LLMEngine.step()` asks the proposer for drafts, lets the scheduler pick the batch, runs the model, samples
+(verifying the drafts), moves the KV of accepted draft paths into place, and applies each sequence's stopping
+rules (EOS, stop tokens, stop strings, max_tokens, context length). It is
 single-threaded; `glassbox.inference.async_engine` drives it from a thread beside the HTTP server, and
 `glassbox.inference.llm.LLM` drives it to completion for offline use.
 """
@@ -19,13 +20,13 @@ import torch
 from glassbox.config import ConfigError
 from glassbox.errors import GlassboxError
 from glassbox.inference.block_manager import BlockManager
-from glassbox.inference.model_runner import ModelRunner, kv_bytes_per_block
+from glassbox.inference.model_runner import ModelRunner, graph_batch_sizes, kv_bytes_per_block
 from glassbox.inference.policy import POLICIES, make_policy
-from glassbox.inference.sampler import Sampler
+from glassbox.inference.sampler import Sampler, Verified
 from glassbox.inference.sampling_params import MAX_SEED, SamplingParams, SamplingParamsError
-from glassbox.inference.scheduler import Scheduler
+from glassbox.inference.scheduler import Scheduler, draft_cap
 from glassbox.inference.sequence import Sequence, TokenLogprob
-from glassbox.inference.speculative import PROPOSERS, Proposer, make_proposer
+from glassbox.inference.speculative import EMPTY, PROPOSERS, Draft, NoProposer, Proposer
 from glassbox.inference.tokenizer import IncrementalDetokenizer, Tokenizer
 from glassbox.models.transformer import Transformer
 
@@ -42,6 +43,12 @@ class EngineConfig:
     else, every batch structure compiled before the first request. It costs start-up time (about 3 minutes on the
     H100 for a 350M model, 35 s on a 2-core CPU for a 7M one), so it is off by default; dense models only.
     `max_n` caps the samples one request may ask for (n), so that one request cannot occupy the engine for long.
+
+    Speculative decoding: `proposer` names a registered proposer (`suffix`, or `none`), `spec_options` its own
+    settings (for `suffix`, SuffixConfig's fields). Each step a decoding sequence verifies a draft tree of at most
+    `num_spec_tokens` nodes, and at most `spec_batch_tokens` nodes share one step (`scheduler.draft_cap`: an
+    equal share each, so drafts shrink as the batch grows and vanish past that many sequences); a draft whose
+    score (the proposer's estimate of accepted tokens) is below `spec_min_score` is not verified at all.
     Every field is checked when the config is built and again when an engine is built from it."""
 
     block_size: int = 16
@@ -56,6 +63,9 @@ class EngineConfig:
     policy: str = "fcfs"
     proposer: str = "none"
     num_spec_tokens: int = 0
+    spec_batch_tokens: int = 64
+    spec_min_score: float = 1.0
+    spec_options: dict = field(default_factory=dict)
     device: str = "cpu"
     dtype: str = "float32"
     cuda_graphs: bool = True
@@ -79,6 +89,12 @@ class EngineConfig:
                 raise bad(name, "a positive integer or None")
         if not _is_int(self.num_spec_tokens, 0):
             raise bad("num_spec_tokens", "an integer >= 0")
+        if not _is_int(self.spec_batch_tokens, 1):
+            raise bad("spec_batch_tokens", "a positive integer")
+        if not _is_real(self.spec_min_score) or self.spec_min_score < 0:
+            raise bad("spec_min_score", "a number >= 0")
+        if not isinstance(self.spec_options, dict):
+            raise bad("spec_options", "a mapping of the proposer's settings")
         if not _is_int(self.seed, 0, MAX_SEED):
             raise bad("seed", f"an integer in [0, {MAX_SEED}]")
         if not _is_real(self.gpu_memory_utilization) or not 0 < self.gpu_memory_utilization <= 1:
@@ -91,6 +107,11 @@ class EngineConfig:
         for name, known in (("policy", POLICIES), ("proposer", PROPOSERS), ("dtype", DTYPES)):
             if not isinstance(getattr(self, name), str) or getattr(self, name) not in known:
                 raise bad(name, f"one of {', '.join(known)}")
+        if self.proposer != "none" and self.num_spec_tokens == 0:
+            raise ConfigError(f"engine.num_spec_tokens: proposer {self.proposer!r} needs num_spec_tokens >= 1 "
+                              "(the most draft nodes a sequence verifies per step), got 0")
+        if self.spec_options and self.proposer == "none":
+            raise ConfigError("engine.spec_options: given without a proposer (set engine.proposer)")
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError):
@@ -109,6 +130,47 @@ def _is_int(value: object, lo: int, hi: int | None = None) -> bool:
 
 def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def build_proposer(cfg: EngineConfig) -> Proposer:
+    """The proposer `cfg.proposer` names, built from `cfg.spec_options`. For `suffix` those are SuffixConfig's
+    fields; its max_spec_tokens is num_spec_tokens unless given, so that one knob sizes the drafts."""
+    if cfg.proposer == "none":
+        return NoProposer()
+    if cfg.proposer == "suffix":
+        from glassbox.inference.speculative.suffix import SuffixConfig, SuffixProposer
+
+        return SuffixProposer(SuffixConfig.from_dict({"max_spec_tokens": cfg.num_spec_tokens, **cfg.spec_options}))
+    return PROPOSERS[cfg.proposer](**cfg.spec_options)
+
+
+def within_depth(draft: Draft, depth: int) -> Draft:
+    """The nodes of `draft` at most `depth` deep (a node's ancestors are shallower, so it stays a tree)."""
+    if draft.max_depth <= depth:
+        return draft
+    keep = [i for i, d in enumerate(draft.depths) if d <= depth]
+    index = {old: new for new, old in enumerate(keep)}
+    return Draft(tuple(draft.tokens[i] for i in keep), tuple(index.get(draft.parents[i], -1) for i in keep),
+                 draft.score)
+
+
+class SpecCounters:
+    """Totals of speculative verification, for stats() and /metrics: drafts verified, their nodes, and the nodes
+    accepted (acceptance rate = accepted / nodes; mean accepted length = accepted / drafts)."""
+
+    def __init__(self) -> None:
+        self.drafts = 0
+        self.draft_tokens = 0
+        self.accepted_tokens = 0
+
+    def record(self, nodes: int, accepted: int) -> None:
+        self.drafts += 1
+        self.draft_tokens += nodes
+        self.accepted_tokens += accepted
+
+    def stats(self) -> dict[str, float]:
+        return {"spec_drafts": self.drafts, "spec_draft_tokens": self.draft_tokens,
+                "spec_accepted_tokens": self.accepted_tokens}
 
 
 @dataclass
@@ -212,13 +274,29 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, make_policy(cfg.policy), cfg.max_num_seqs,
                                    cfg.max_num_batched_tokens, cfg.enable_chunked_prefill)
+        self.proposer = proposer or build_proposer(cfg)
+        self.speculating = cfg.num_spec_tokens > 0 and not isinstance(self.proposer, NoProposer)
         self.runner = ModelRunner(model, num_blocks, cfg.block_size, self.max_model_len, cfg.max_num_seqs,
-                                  cfg.cuda_graphs, cfg.compile)
+                                  cfg.cuda_graphs, cfg.compile, self._verification_rows())
         self.sampler = Sampler(cfg.seed)
-        self.proposer = proposer or make_proposer(cfg.proposer)
         self.requests: dict[str, _Request] = {}
         self.num_steps = 0
         self.num_failed_requests = 0
+        self.spec = SpecCounters()
+
+    def _verification_rows(self) -> dict[int, int]:
+        """Rows per sequence of the verification graph at each decode-graph size: the last token plus the most
+        draft nodes `draft_cap` gives the smallest batch that size takes."""
+        if not self.speculating:
+            return {}
+        cfg = self.config
+        rows, prev = {}, 0
+        for b in graph_batch_sizes(cfg.max_num_seqs):
+            cap = draft_cap(prev + 1, cfg.num_spec_tokens, cfg.spec_batch_tokens)
+            if cap > 0:
+                rows[b] = 1 + cap
+            prev = b
+        return rows
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: EngineConfig | None = None,
@@ -316,6 +394,7 @@ class LLMEngine:
         for seq in req.seqs:
             if not seq.finished:
                 self.scheduler.finish(seq, reason)
+                self.proposer.on_finished(seq)
         return req.output()
 
     def has_unfinished(self) -> bool:
@@ -324,20 +403,40 @@ class LLMEngine:
     # Stepping ------------------------------------------------------------------------------------------------
 
     def _propose(self) -> None:
-        k = self.config.num_spec_tokens
-        if k <= 0:
+        """Give each decoding sequence its draft for this step, or none: none past `draft_cap`, none whose score
+        is below `spec_min_score`, and never one that could run past max_tokens or the context (the model's own
+        token needs room too)."""
+        if not self.speculating:
             return
-        for seq in self.scheduler.running:
-            seq.spec_tokens = []
+        cfg = self.config
         decoding = [s for s in self.scheduler.running if not s.is_prefilling]
+        cap = draft_cap(len(decoding), cfg.num_spec_tokens, cfg.spec_batch_tokens)
         if not decoding:
             return
-        for seq, draft in zip(decoding, self.proposer.propose(decoding, k)):
-            # A draft never runs past max_tokens or the context; the bonus token needs room too.
-            room = self.max_model_len - seq.num_tokens - 1
+        if cap <= 0:
+            for seq in decoding:
+                seq.set_draft(EMPTY)
+            return
+        drafts = self.proposer.propose(decoding, cap)
+        if len(drafts) != len(decoding):
+            raise GlassboxError(f"proposer {self.proposer.name!r} returned {len(drafts)} drafts for "
+                                f"{len(decoding)} sequences")
+        vocab = self.model.config.vocab_size
+        for seq, draft in zip(decoding, drafts):
+            if not isinstance(draft, Draft):
+                raise GlassboxError(f"proposer {self.proposer.name!r} returned {type(draft).__name__}, not a Draft")
+            # Node slots follow the last token's, so the context bounds the node count; max_tokens bounds the
+            # depth (an accepted path of d nodes emits d + 1 tokens).
+            draft = draft.truncated(min(cap, self.max_model_len - seq.num_tokens - 1))
             if seq.params.max_tokens is not None:
-                room = min(room, seq.params.max_tokens - seq.num_output_tokens - 1)
-            seq.spec_tokens = list(draft[:max(0, min(k, room))])
+                draft = within_depth(draft, seq.params.max_tokens - seq.num_output_tokens - 1)
+            if not draft or draft.score < cfg.spec_min_score:
+                seq.set_draft(EMPTY)
+                continue
+            if not all(0 <= t < vocab for t in draft.tokens):
+                raise GlassboxError(f"proposer {self.proposer.name!r} drafted a token outside the vocabulary "
+                                    f"(0..{vocab - 1})")
+            seq.set_draft(draft)
 
     def step(self, unfinished_outputs: bool = True) -> list[RequestOutput]:
         """Run one batch. Returns an output for every request that got tokens (for streaming), or with
@@ -349,17 +448,18 @@ class LLMEngine:
             return []
         logits = self.runner.execute(batch, self.blocks)
         self.num_steps += 1
-        rows: list[tuple[Sequence, int]] = []
+        rows: list[tuple[Sequence, Draft]] = []
         for s in batch.scheduled:
             if s.samples:
-                rows.append((s.seq, s.num_spec))
+                rows.append((s.seq, s.draft))
             else:                                       # a prefill chunk short of the prompt's end
-                s.seq.num_computed_tokens += s.num_tokens
+                s.seq.computed(s.num_tokens)
                 self.blocks.commit(s.seq)
         if not rows:
             return []
-        tokens = self.sampler.logprobs(logits, rows, self.sampler.sample(logits, rows))
-        touched, failed = self._append_tokens(rows, tokens)
+        results = self.sampler.logprobs(logits, rows, self.sampler.sample(logits, rows))
+        self._place_accepted_kv(rows, results)
+        touched, failed = self._append_tokens(rows, results)
         outputs = [self.fail(request_id, error) for request_id, error in failed.items()]
         for req in touched.values():
             if req.finished:
@@ -369,7 +469,25 @@ class LLMEngine:
                 outputs.append(req.output())
         return outputs
 
-    def _append_tokens(self, rows: list[tuple[Sequence, int]], tokens: list[list[int] | Exception]
+    def _place_accepted_kv(self, rows: list[tuple[Sequence, Draft]], results: list[Verified | Exception]) -> None:
+        """Node i of a draft wrote its KV at the slot after the last token's plus i; accepted at depth d, it
+        belongs at the last token's position plus d. Move the nodes that are not there yet (a linear draft's
+        never move), in one copy per layer for the whole batch; the rest of the tree is left behind the computed
+        count, where the next step overwrites it."""
+        src: list[int] = []
+        dst: list[int] = []
+        for (seq, draft), verified in zip(rows, results):
+            if isinstance(verified, Exception) or not draft:
+                continue
+            self.spec.record(len(draft), len(verified.path))
+            last = seq.num_tokens - 1
+            for depth, node in enumerate(verified.path, start=1):
+                if node + 1 != depth:
+                    src.append(self.blocks.slot(seq, last + 1 + node))
+                    dst.append(self.blocks.slot(seq, last + depth))
+        self.runner.move_kv(src, dst)
+
+    def _append_tokens(self, rows: list[tuple[Sequence, Draft]], results: list[Verified | Exception]
                        ) -> tuple[dict[str, _Request], dict[str, Exception]]:
         """Give each sampled sequence its accepted tokens, stopping it where a rule says so. Returns the requests
         that got tokens, and those to fail with their error: an entry the sampler could not sample, or one whose
@@ -377,40 +495,42 @@ class LLMEngine:
         now = time.monotonic()
         touched: dict[str, _Request] = {}
         failed: dict[str, Exception] = {}
-        for (seq, _), accepted in zip(rows, tokens):
+        for (seq, _), verified in zip(rows, results):
             request_id = seq.request_id
             if request_id in failed:
                 continue
-            if not isinstance(accepted, Exception):
+            if not isinstance(verified, Exception):
                 try:
-                    touched[request_id] = self._append(seq, accepted, now)
+                    touched[request_id] = self._append(seq, verified.tokens, now)
                     continue
                 except Exception as e:
-                    accepted = e
-            failed[request_id] = accepted
+                    verified = e
+            failed[request_id] = verified
             touched.pop(request_id, None)
         return touched, failed
 
     def _append(self, seq: Sequence, accepted: list[int], now: float) -> _Request:
-        seq.num_computed_tokens = seq.num_tokens + len(accepted) - 1
-        seq.spec_tokens = []
         req = self.requests[seq.request_id]
         if seq.first_token_time is None:
             seq.first_token_time = now
         seq.last_token_time = now
-        for tok in accepted:
-            seq.token_ids.append(tok)
-            reason = self._check_stop(req, seq, tok)
+        reason = None
+        for i, tok in enumerate(accepted):
+            reason = self._check_stop(req, seq, tok, seq.num_tokens + i + 1)
             if reason is not None:
-                self.scheduler.finish(seq, reason)
-                self.proposer.on_finished(seq)
+                accepted = accepted[:i + 1]
                 break
+        seq.verified(accepted)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self.proposer.on_finished(seq)
         else:
             self.blocks.trim(seq)
             self.blocks.commit(seq)
         return req
 
-    def _check_stop(self, req: _Request, seq: Sequence, tok: int) -> str | None:
+    def _check_stop(self, req: _Request, seq: Sequence, tok: int, num_tokens: int) -> str | None:
+        """Whether `seq` stops at `tok`, its token number `num_tokens` (prompt included)."""
         p = seq.params
         if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             return "stop"
@@ -425,9 +545,9 @@ class LLMEngine:
                 if hits:
                     req.texts[i] = text[:min(hits)]
                     return "stop"
-        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+        if p.max_tokens is not None and num_tokens - seq.prompt_len >= p.max_tokens:
             return "length"
-        if seq.num_tokens >= self.max_model_len:
+        if num_tokens >= self.max_model_len:
             return "length"
         return None
 
@@ -441,4 +561,6 @@ class LLMEngine:
             "prefix_cache_hit_tokens": self.blocks.prefix_hits,
             "prefix_cache_query_tokens": self.blocks.prefix_queries,
             "num_failed_requests": self.num_failed_requests,
+            **self.spec.stats(),
+            **{f"spec_{k}": v for k, v in (self.proposer.stats() if hasattr(self.proposer, "stats") else {}).items()},
         }

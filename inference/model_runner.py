@@ -33,17 +33,31 @@ from tqdm.auto import tqdm
 from glassbox.errors import GlassboxError
 from glassbox.inference.block_manager import BlockManager
 from glassbox.inference.scheduler import SchedulerOutput
+from glassbox.inference.speculative.draft import EMPTY, Draft
 from glassbox.models.transformer import Attention, Block, Transformer, apply_rotary
 
 
 class Span(NamedTuple):
-    """A sequence with several query tokens this step: rows [row, row + n) of the flat batch, at positions
-    [start, start + n), its context's blocks in `table`."""
+    """A sequence with several query tokens this step: rows [row, row + n) of the flat batch, whose KV goes to
+    the slots of positions [start, start + n), its context's blocks in `table`. With a draft, its last
+    `len(draft)` rows are the draft's nodes: each sees the real tokens and its own ancestors only."""
 
     row: int
     n: int
     start: int
     table: list[int]
+    draft: Draft = EMPTY
+
+
+def tree_visibility(draft: Draft) -> list[list[bool]]:
+    """Which nodes each node of `draft` attends to: itself and its ancestors (row i, column j: node j is node i
+    or above it)."""
+    seen: list[list[bool]] = []
+    for i, p in enumerate(draft.parents):
+        row = list(seen[p]) if p >= 0 else [False] * len(draft)
+        row[i] = True
+        seen.append(row)
+    return seen
 
 
 @dataclass
@@ -67,6 +81,12 @@ class SpanBatch:
 
 @dataclass
 class BatchInputs:
+    """A flat batch. Decodes ride in one group: `decode_lens` [B] context lengths through the last token,
+    `decode_tables` [B, blocks]. A captured verification graph makes that group a tree group: every sequence has
+    T rows (its last token, then its draft's nodes, then padding), and `tree` [B, T, T] says which of its rows
+    each row sees (row 0, the last token, is seen by all), so that key positions past the last token are visible
+    only along the row's own branch."""
+
     input_ids: torch.Tensor
     positions: torch.Tensor
     slots: torch.Tensor
@@ -75,6 +95,7 @@ class BatchInputs:
     decode_tables: torch.Tensor | None
     decode_lens: torch.Tensor | None
     spans: list[SpanBatch]
+    tree: torch.Tensor | None = None
 
 
 # A span batch's mask holds at most this many elements (SDPA may expand it to a float bias per head);
@@ -162,10 +183,31 @@ def gather_blocks(cache: torch.Tensor, tables: torch.Tensor, block_size: int) ->
 
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, tables: torch.Tensor, mask: torch.Tensor,
                      block_size: int) -> torch.Tensor:
+    """q [B, heads, head_dim] and mask [B, keys] for decodes; q [B x T, heads, head_dim] and mask [B, T, keys]
+    for a tree group (T rows per sequence)."""
     ks = gather_blocks(kc, tables, block_size)
     vs = gather_blocks(vc, tables, block_size)
-    o = F.scaled_dot_product_attention(q[:, :, None, :], ks, vs, attn_mask=mask[:, None, None], enable_gqa=True)
-    return o[:, :, 0, :]
+    if mask.dim() == 2:
+        o = F.scaled_dot_product_attention(q[:, :, None, :], ks, vs, attn_mask=mask[:, None, None], enable_gqa=True)
+        return o[:, :, 0, :]
+    B, T = mask.shape[:2]
+    qs = q.view(B, T, *q.shape[1:]).transpose(1, 2).contiguous()          # [B, heads, T, head_dim]
+    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask[:, None], enable_gqa=True)
+    return o.transpose(1, 2).reshape(q.shape)
+
+
+def group_mask(inputs: BatchInputs, block_size: int) -> torch.Tensor:
+    """[B, keys] for the decode group: every key through the last token; [B, T, keys] for a tree group: a key
+    before the last token is seen by every row, the last token's and the draft's slots (from the last token's
+    position on) where `tree` says."""
+    lens = inputs.decode_lens
+    keys = torch.arange(inputs.decode_tables.shape[1] * block_size, device=lens.device)
+    if inputs.tree is None:
+        return keys[None, :] < lens[:, None]
+    B, T = inputs.tree.shape[:2]
+    rel = keys[None, :] - (lens - 1)[:, None]                              # [B, keys]: key - last token's slot
+    seen = inputs.tree.bool().gather(2, rel.clamp(0, T - 1)[:, None, :].expand(B, T, -1))
+    return (rel < 0)[:, None, :] | (seen & (rel < T)[:, None, :])
 
 
 def _dynamic_shapes():
@@ -177,7 +219,10 @@ def _dynamic_shapes():
 
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, max_model_len: int,
-                 max_num_seqs: int, cuda_graphs: bool = True, compile: bool = False):
+                 max_num_seqs: int, cuda_graphs: bool = True, compile: bool = False,
+                 tree_rows: dict[int, int] | None = None):
+        """`tree_rows` maps graph batch sizes to the rows per sequence of their verification graphs (the last
+        token plus the most draft nodes a sequence gets at that size); None or empty: no verification graphs."""
         self.model = model.eval()
         cfg = model.config
         p = next(model.parameters())
@@ -195,7 +240,8 @@ class ModelRunner:
         self._eager_block: Callable = decoder_layer
         if compile:
             global _compiles_allowed
-            _compiles_allowed += EAGER_STRUCTURES + (len(graph_batch_sizes(max_num_seqs)) if self.use_graphs else 0)
+            graphs = len(graph_batch_sizes(max_num_seqs)) + len(tree_rows or {}) if self.use_graphs else 0
+            _compiles_allowed += EAGER_STRUCTURES + graphs
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _compiles_allowed)
             # Not fullgraph: a structure nobody foresaw must run (split, or eagerly past the limit), never fail.
             self._eager_block = torch.compile(decoder_layer, dynamic=True)
@@ -205,8 +251,10 @@ class ModelRunner:
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.tree_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._tree_inputs: GraphInputs | None = None
         if self.use_graphs:
-            self._capture(graph_batch_sizes(max_num_seqs), -(-max_model_len // block_size))
+            self._capture(graph_batch_sizes(max_num_seqs), -(-max_model_len // block_size), dict(tree_rows or {}))
         if compile:
             self._compile_eager_structures()
 
@@ -224,10 +272,9 @@ class ModelRunner:
         for s in batch.scheduled:
             row = len(ids)
             ids.extend(s.input_ids())
-            pos = range(s.start, s.start + s.num_tokens)
-            positions.extend(pos)
+            positions.extend(s.positions())
             table = s.seq.block_table
-            slots.extend(blocks.slot(s.seq, p) for p in pos)
+            slots.extend(blocks.slot(s.seq, p) for p in range(s.start, s.start + s.num_tokens))
             if s.samples:
                 logit_rows.extend(range(row + s.num_tokens - s.num_spec - 1, row + s.num_tokens))
             if s.num_tokens == 1:
@@ -235,7 +282,8 @@ class ModelRunner:
                 decode_tables.append(table[:blocks.blocks_needed(s.start + 1)])
                 decode_lens.append(s.start + 1)
             else:
-                spans.append(Span(row, s.num_tokens, s.start, table[:blocks.blocks_needed(s.start + s.num_tokens)]))
+                spans.append(Span(row, s.num_tokens, s.start, table[:blocks.blocks_needed(s.start + s.num_tokens)],
+                                  s.draft))
         return self._inputs(ids, positions, slots, logit_rows, decode_rows, decode_tables, decode_lens, spans)
 
     def _inputs(self, ids: list[int], positions: list[int], slots: list[int], logit_rows: list[int],
@@ -289,7 +337,7 @@ class ModelRunner:
         dev = self.device
         if not spans:
             return []
-        if all(sp.start == 0 and sp.n == spans[0].n for sp in spans):
+        if all(sp.start == 0 and sp.n == spans[0].n and not sp.draft for sp in spans):
             rows = [[sp.row + i for i in range(sp.n)] for sp in spans]
             return [SpanBatch(torch.tensor(rows, device=dev), causal=True)]
         # Longest context first (the first of a group has the widest table); a group grows while its padded mask,
@@ -315,6 +363,11 @@ class ModelRunner:
             rows_t = torch.tensor(rows, device=dev)
             keys = torch.arange(width * self.block_size, device=dev)
             mask = keys[None, None, :] <= torch.tensor(qpos, device=dev)[:, :, None]
+            for g_i, sp in enumerate(g):
+                if sp.draft:                  # draft nodes see their ancestors only, not every earlier node
+                    m = len(sp.draft)
+                    first = sp.start + sp.n - m
+                    mask[g_i, sp.n - m:sp.n, first:first + m] = torch.tensor(tree_visibility(sp.draft), device=dev)
             batches.append(SpanBatch(
                 rows_t, causal=False, mask=mask, valid=torch.tensor(valid, device=dev),
                 out_rows=torch.tensor([r for sp in g for r in range(sp.row, sp.row + sp.n)], device=dev),
@@ -329,6 +382,8 @@ class ModelRunner:
         n = len(batch.scheduled)
         if self.graphs and n <= max(self.graphs) and all(s.num_tokens == 1 for s in batch.scheduled):
             return self._replay(batch, blocks)
+        if self.verification_shape(batch) is not None:
+            return self.run_tree_group(batch, blocks)
         return self._run_eager(self.prepare(batch, blocks))
 
     def _run_eager(self, inputs: BatchInputs) -> torch.Tensor:
@@ -344,64 +399,34 @@ class ModelRunner:
         x = m.embed_tokens(inputs.input_ids)
         # Broadcast dims of size 1 are added inside the layer, where the compiler sees them as constants.
         cos, sin = m.rotary(inputs.positions, x.dtype)
-        decode_mask = None
-        if inputs.decode_lens is not None:
-            keys = inputs.decode_tables.shape[1] * self.block_size
-            decode_mask = torch.arange(keys, device=x.device)[None, :] < inputs.decode_lens[:, None]
+        mask = group_mask(inputs, self.block_size) if inputs.decode_lens is not None else None
         for layer, kc, vc in zip(m.layers, self.k_cache, self.v_cache):
-            x = block(layer, x, cos, sin, kc, vc, inputs, decode_mask, self.block_size)
+            x = block(layer, x, cos, sin, kc, vc, inputs, mask, self.block_size)
         if inputs.logit_rows is not None:
             x = x[inputs.logit_rows]
         return m.lm_head(m.norm(x)).float()
 
     # CUDA graphs -----------------------------------------------------------------------------------------------
 
-    def _static_inputs(self, b: int) -> BatchInputs:
-        return BatchInputs(self._ids[:b], self._pos[:b], self._slots[:b], None, None, self._tables[:b],
-                           self._lens[:b], [])
-
-    def _split(self, buf: torch.Tensor | np.ndarray) -> tuple:
-        """The graph inputs as views of one flat buffer (a device tensor or its host staging array): ids, positions,
-        slots, lengths ([max batch] each), then block tables ([max batch, table width])."""
-        B = self._max_graph
-        return buf[:B], buf[B:2 * B], buf[2 * B:3 * B], buf[3 * B:4 * B], buf[4 * B:].reshape(B, -1)
-
-    def _pad_rows(self, lo: int, hi: int) -> None:
-        """Make host rows [lo, hi) padding: token 0 at position 0, writing to the scratch block, attending to it."""
-        ids, pos, slots, lens, tables = self._host_fields
-        ids[lo:hi] = 0
-        pos[lo:hi] = 0
-        slots[lo:hi] = self.scratch * self.block_size
-        lens[lo:hi] = 1
-        tables[lo:hi] = self.scratch
-
-    def _capture(self, sizes: list[int], width: int) -> None:
-        # Every graph input lives in one device buffer, filled from one pinned host buffer, so that a replay costs
-        # one host-to-device copy. The host side is written through numpy, which takes Python lists far faster
-        # than torch.tensor does.
-        self._max_graph = biggest = max(sizes)
-        # The smallest captured batch size that fits n sequences, for every n up to the largest.
-        self._graph_size = [min(s for s in sizes if s >= n) for n in range(biggest + 1)]
-        self._pad_table = [self.scratch] * width
-        host = torch.empty(biggest * (4 + width), dtype=torch.long, pin_memory=True)
-        self._host_fields = self._split(host.numpy())
-        self._pad_rows(0, biggest)
-        self._host, self._dev = host, host.to(self.device)
-        self._ids, self._pos, self._slots, self._lens, self._tables = self._split(self._dev)
-        # Recorded after each upload: the host buffer may be rewritten only once the copy has read it.
-        self._uploaded = torch.cuda.Event()
+    def _capture(self, sizes: list[int], width: int, tree_rows: dict[int, int]) -> None:
+        """Capture decode graphs at every size, and verification graphs at every size in `tree_rows` (with that
+        many rows per sequence), all in one memory pool."""
         block = None
         if self.compile:
             # Regional compilation: every layer shares one compiled block (its weights and cache are inputs, not
-            # constants), so compiling costs one layer per captured size, not the whole stack. Static shapes: each
-            # size is its own specialisation, compiled in the warm-up below.
+            # constants), so compiling costs one layer per captured shape, not the whole stack. Static shapes:
+            # each shape is its own specialisation, compiled in the warm-up below.
             block = torch.compile(decoder_layer, dynamic=False, fullgraph=True)
+        self._decode_inputs = GraphInputs({b: 1 for b in sizes}, width, self.scratch, self.block_size, self.device)
+        shapes = [(self._decode_inputs, b) for b in sorted(sizes, reverse=True)]
+        if tree_rows:
+            self._tree_inputs = GraphInputs(tree_rows, width, self.scratch, self.block_size, self.device)
+            shapes += [(self._tree_inputs, b) for b in sorted(tree_rows, reverse=True)]
         pool = None
         with torch.inference_mode():
-            # Only compiling is slow enough (tens of seconds per size) to need a progress bar.
-            for b in tqdm(sorted(sizes, reverse=True), desc="compiling decode graphs", unit="size",
-                          disable=not self.compile):
-                inputs = self._static_inputs(b)
+            # Only compiling is slow enough (tens of seconds per shape) to need a progress bar.
+            for buffers, b in tqdm(shapes, desc="compiling decode graphs", unit="shape", disable=not self.compile):
+                inputs = buffers.inputs(b)
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
@@ -411,37 +436,164 @@ class ModelRunner:
                 with torch.cuda.graph(graph, pool=pool):
                     out = self._forward(inputs, block)
                 pool = graph.pool()
-                self.graphs[b] = (graph, out)
+                (self.tree_graphs if buffers is self._tree_inputs else self.graphs)[b] = (graph, out)
         torch.cuda.synchronize()
 
     def _replay(self, batch: SchedulerOutput, blocks: BlockManager) -> torch.Tensor:
-        """Run an all-decode batch through the smallest captured graph that fits it. This runs every decode step,
-        so the inputs are gathered into flat Python lists in one pass and uploaded with a single copy."""
+        """Run an all-decode batch through the smallest captured graph that fits it."""
+        b = self._decode_inputs.fill(batch, blocks)
+        graph, out = self.graphs[b]
+        graph.replay()
+        return out[:len(batch.scheduled)]
+
+    def verification_shape(self, batch: SchedulerOutput) -> int | None:
+        """The size of the verification graph that takes this batch, or None: every sequence decodes (its last
+        token, plus a draft that fits the graph's rows) and some sequence has a draft."""
+        buffers = self._tree_inputs
+        if buffers is None or not any(s.draft for s in batch.scheduled):
+            return None
+        b = buffers.size_for(len(batch.scheduled))
+        if b is None:
+            return None
+        rows = buffers.rows[b]
+        if all(s.num_tokens == 1 + len(s.draft) <= rows for s in batch.scheduled):
+            return b
+        return None
+
+    def run_tree_group(self, batch: SchedulerOutput, blocks: BlockManager) -> torch.Tensor:
+        """A verification batch in the padded layout of the verification graphs: replayed on CUDA, run eagerly
+        where nothing was captured (tests compare it with the eager path). Logits at the sampling rows, in order."""
+        buffers = self._tree_inputs
+        b = buffers.fill(batch, blocks)
+        if b in self.tree_graphs:
+            graph, out = self.tree_graphs[b]
+            graph.replay()
+        else:
+            out = self._forward(buffers.inputs(b))
+        rows = buffers.rows[b]
+        keep = [j * rows + r for j, s in enumerate(batch.scheduled) for r in range(s.num_tokens)]
+        return out[torch.tensor(keep, device=out.device)]
+
+    def enable_tree_group(self, rows: dict[int, int], max_model_len: int) -> None:
+        """Set up the padded verification layout without capturing graphs (CPU tests of that layout)."""
+        self._tree_inputs = GraphInputs(rows, -(-max_model_len // self.block_size), self.scratch, self.block_size,
+                                        self.device)
+
+    @torch.inference_mode()
+    def move_kv(self, src: list[int], dst: list[int]) -> None:
+        """Copy the KV at cache slots `src` to slots `dst` in every layer: an accepted draft path's nodes were
+        written at the slots after the last token in node order, and belong at the positions of their depths.
+        Every source is read before any destination is written."""
+        if not src:
+            return
+        s = torch.tensor(src, device=self.device)
+        d = torch.tensor(dst, device=self.device)
+        for kc, vc in zip(self.k_cache, self.v_cache):
+            kc[d] = kc[s]
+            vc[d] = vc[s]
+
+
+class GraphInputs:
+    """The static inputs of graphs captured at padded batch sizes, `rows[b]` rows per sequence at size b (1 for
+    decodes; the last token plus the draft cap for verification). Every field is a view of one device buffer,
+    filled from one pinned host buffer, so that a replay costs one host-to-device copy; the host side is written
+    through numpy, which takes Python lists far faster than torch.tensor does. Padding rows write to the scratch
+    block past the pool and attend to it."""
+
+    def __init__(self, rows: dict[int, int], width: int, scratch: int, block_size: int, device: torch.device):
+        self.rows = dict(rows)
+        self.sizes = sorted(rows)
+        self.width, self.scratch, self.block_size = width, scratch, block_size
+        self.tree = max(rows.values()) > 1
+        B = max(self.sizes)
+        R = max(b * t for b, t in rows.items())
+        tree = max(b * t * t for b, t in rows.items()) if self.tree else 0
+        self._lengths = (R, R, R, B, B * width, tree)     # ids, positions, slots, lens, tables, tree
+        cuda = torch.device(device).type == "cuda"
+        host = torch.empty(sum(self._lengths), dtype=torch.long, pin_memory=cuda)
+        self._host_fields = self._split(host.numpy())
+        ids, pos, slots, lens, tables, tr = self._host_fields
+        ids[:], pos[:], slots[:], lens[:], tables[:], tr[:] = 0, 0, scratch * block_size, 1, scratch, 0
+        self._host, self._dev = host, host.to(device)
+        self._dev_fields = self._split(self._dev)
+        # Recorded after each upload: the host buffer may be rewritten only once the copy has read it.
+        self._uploaded = torch.cuda.Event() if cuda else None
+        self._pad_table = [scratch] * width
+
+    def _split(self, buf):
+        out, at = [], 0
+        for n in self._lengths:
+            out.append(buf[at:at + n])
+            at += n
+        return out
+
+    def size_for(self, n: int) -> int | None:
+        """The smallest captured size that holds n sequences."""
+        return next((b for b in self.sizes if b >= n), None)
+
+    def inputs(self, b: int) -> BatchInputs:
+        t = self.rows[b]
+        ids, pos, slots, lens, tables, tree = self._dev_fields
+        return BatchInputs(ids[:b * t], pos[:b * t], slots[:b * t], None, None,
+                           tables[:b * self.width].view(b, self.width), lens[:b], [],
+                           tree[:b * t * t].view(b, t, t) if self.tree else None)
+
+    def fill(self, batch: SchedulerOutput, blocks: BlockManager) -> int:
+        """Write the batch into the host buffer in the layout of the smallest size that fits, upload it, and
+        return that size. This runs every decode step, so the inputs are gathered into flat Python lists in one
+        pass. A sequence's rows: its last token at its position, then its draft's nodes at position + depth, their
+        KV at the slots after the last token; the rest padding."""
         scheduled = batch.scheduled
         n = len(scheduled)
-        b = self._graph_size[n]
+        b = self.size_for(n)
+        t = self.rows[b]
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
+        lens: list[int] = []
         tables: list[int] = []
+        tree: list[int] = []
+        pad_slot = self.scratch * self.block_size
         for s in scheduled:
             p = s.start
-            used = blocks.blocks_needed(p + 1)
-            ids += s.input_ids()
-            pos.append(p)
-            slots.append(blocks.slot(s.seq, p))
+            used = blocks.blocks_needed(p + s.num_tokens)
+            lens.append(p + 1)
             tables += s.seq.block_table[:used]
             tables += self._pad_table[used:]
-        self._uploaded.synchronize()
-        h_ids, h_pos, h_slots, h_lens, h_tables = self._host_fields
-        h_ids[:n] = ids
-        h_pos[:n] = pos
-        h_slots[:n] = slots
-        h_lens[:n] = h_pos[:n] + 1
-        h_tables.reshape(-1)[:len(tables)] = tables
-        self._pad_rows(n, b)
+            if t == 1:
+                ids += s.input_ids()
+                pos.append(p)
+                slots.append(blocks.slot(s.seq, p))
+                continue
+            m = len(s.draft)
+            ids += s.input_ids() + [0] * (t - 1 - m)
+            pos += s.positions() + [p] * (t - 1 - m)
+            slots += [blocks.slot(s.seq, p + r) for r in range(m + 1)] + [pad_slot] * (t - 1 - m)
+            root_only = [1] + [0] * (t - 1)
+            tree += root_only
+            for seen in tree_visibility(s.draft):
+                tree += [1] + [int(v) for v in seen] + [0] * (t - 1 - m)
+            tree += root_only * (t - 1 - m)
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
+        h_ids, h_pos, h_slots, h_lens, h_tables, h_tree = self._host_fields
+        h_ids[:len(ids)] = ids
+        h_pos[:len(pos)] = pos
+        h_slots[:len(slots)] = slots
+        h_lens[:n] = lens
+        h_tables[:len(tables)] = tables
+        # Padding sequences: token 0 at position 0, writing to the scratch block and attending to it alone.
+        h_ids[n * t:b * t] = 0
+        h_pos[n * t:b * t] = 0
+        h_slots[n * t:b * t] = pad_slot
+        h_lens[n:b] = 1
+        h_tables[n * self.width:b * self.width] = self.scratch
+        if self.tree:
+            h_tree[:len(tree)] = tree
+            pad = h_tree[n * t * t:b * t * t].reshape(-1, t)
+            pad[:] = 0
+            pad[:, 0] = 1
         self._dev.copy_(self._host, non_blocking=True)
-        self._uploaded.record()
-        graph, out = self.graphs[b]
-        graph.replay()
-        return out[:n]
+        if self._uploaded is not None:
+            self._uploaded.record()
+        return b

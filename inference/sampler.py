@@ -2,13 +2,18 @@
 speculative drafts.
 
 Filters run batched over all rows; the random draw runs per row with the sequence's own generator (when it has a
-seed), so a seeded request yields the same tokens whatever else shares its batch. Drafts come from model-free
-proposers, i.e. a deterministic draft distribution, so verification is the standard speculative rule with a
-one-hot draft: accept draft token t with probability p(t), else draw from p with t removed; greedy accepts a draft
-token exactly when it is the argmax. Either way the output distribution is the model's own.
+seed), so a seeded request yields the same tokens whatever else shares its batch.
+
+Drafts are token trees (`Draft`): row 0 of an entry is its last real token, row i + 1 its draft node i. Verification
+walks down from the root. Greedy: the child whose token is the row's argmax is accepted, else the argmax is the
+model's token and the walk ends. Sampling: drafts come from model-free proposers, a deterministic (one-hot) draft
+distribution, so multi-candidate rejection sampling over the children in order (best first) is: accept child
+token t with probability p(t) / (mass left), else remove t from p and try the next child; when none is accepted,
+draw from what is left. Each token so emitted has exactly the model's probability p, and an accepted child
+continues the walk at its own row, so the output distribution is the model's own.
 
 Penalties (presence, frequency, repetition) rewrite a sequence's logit rows first. Each row counts the tokens that
-precede it: the sequence's output so far plus the draft tokens before that row's position.
+precede it: the sequence's output so far plus the draft tokens on the path from the root to that row's node.
 
 A row that still cannot be sampled (values the checks in SamplingParams missed) fails alone: its entry gets the
 exception in place of tokens, and the engine fails that request only.
@@ -18,33 +23,55 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import dataclass
+
 from glassbox.inference.sequence import Sequence, TokenLogprob
+from glassbox.inference.speculative.draft import Draft
+
+# One sampled entry: a sequence and the draft it verifies this step (EMPTY for a plain decode); its logits rows
+# are 1 + len(draft) consecutive rows.
+Entry = tuple[Sequence, Draft]
 
 
-def apply_penalties(logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> torch.Tensor:
+@dataclass
+class Verified:
+    """What verification kept of one entry: `tokens` are the accepted draft tokens then the model's own token,
+    `path` the accepted nodes, root first (one fewer than the tokens)."""
+
+    tokens: list[int]
+    path: list[int]
+
+    def rows(self) -> list[int]:
+        """The entry's logits rows that produced each token."""
+        return [0] + [node + 1 for node in self.path]
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[Entry]) -> torch.Tensor:
     """The logits with each penalized sequence's rows rewritten (a copy; rows of other sequences unchanged)."""
     logits = logits.clone()
     V, dev = logits.shape[-1], logits.device
     r = 0
-    for seq, k in rows:
+    for seq, draft in rows:
         p = seq.params
         if p.penalized:
-            # Counts of the output so far; each later row adds the draft token before it.
+            # Counts of the output so far at the root's row; a node's row adds the path's draft tokens.
             counts = torch.bincount(torch.tensor(seq.output_ids, dtype=torch.long, device=dev), minlength=V)
-            counts = counts.to(logits.dtype)
+            per_row = [counts.to(logits.dtype)]
+            for tok, parent in zip(draft.tokens, draft.parents):
+                c = per_row[parent + 1].clone()
+                c[tok] += 1
+                per_row.append(c)
             in_prompt = None
             if p.repetition_penalty != 1:
                 in_prompt = torch.zeros(V, dtype=torch.bool, device=dev)
                 in_prompt[torch.tensor(seq.prompt_ids, dtype=torch.long, device=dev)] = True
-            for j in range(k + 1):
-                if j:
-                    counts[seq.spec_tokens[j - 1]] += 1
+            for j, c in enumerate(per_row):
                 row = logits[r + j]
-                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+                row -= p.frequency_penalty * c + p.presence_penalty * (c > 0).to(row.dtype)
                 if in_prompt is not None:
                     scaled = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
-                    row.copy_(torch.where(in_prompt | (counts > 0), scaled, row))
-        r += k + 1
+                    row.copy_(torch.where(in_prompt | (c > 0), scaled, row))
+        r += len(draft) + 1
     return logits
 
 
@@ -76,17 +103,17 @@ class Sampler:
     def _draw(self, probs: torch.Tensor, seq: Sequence) -> int:
         return int(torch.multinomial(probs, 1, generator=seq.generator or self.generator))
 
-    def sample(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> list[list[int] | Exception]:
-        """Tokens for each (sequence, number of draft tokens) entry; logits hold num_drafts + 1 rows per entry.
+    def sample(self, logits: torch.Tensor, rows: list[Entry]) -> list[Verified | Exception]:
+        """What each (sequence, draft) entry keeps; logits hold 1 + len(draft) rows per entry.
 
-        Returns each sequence's accepted tokens: the accepted prefix of its draft plus one token sampled from
-        the model (the correction, or the bonus token after a fully accepted draft). An entry whose sampling raises
-        gets the exception instead, so one request's values cannot fail the others in its batch.
+        Returns each sequence's accepted root path of its draft plus one token sampled from the model (the
+        correction, or the bonus token after a leaf). An entry whose sampling raises gets the exception instead, so
+        one request's values cannot fail the others in its batch.
         """
         spans, r = [], 0
-        for _, k in rows:
-            spans.append((r, r + k + 1))
-            r += k + 1
+        for _, draft in rows:
+            spans.append((r, r + len(draft) + 1))
+            r += len(draft) + 1
         prepared: list[tuple[list[int], torch.Tensor | None] | Exception]
         try:
             argmax, probs = self._prepare(logits, rows)
@@ -99,66 +126,80 @@ class Sampler:
                     prepared.append(self._prepare(logits[a:b], [row]))
                 except Exception as e:
                     prepared.append(e)
-        results: list[list[int] | Exception] = []
-        for (seq, k), prep in zip(rows, prepared):
+        results: list[Verified | Exception] = []
+        for (seq, draft), prep in zip(rows, prepared):
             if isinstance(prep, Exception):
                 results.append(prep)
                 continue
             try:
-                results.append(self._accept(seq, k, *prep))
+                results.append(self._accept(seq, draft, *prep))
             except Exception as e:
                 results.append(e)
         return results
 
-    def _prepare(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> tuple[list[int], torch.Tensor | None]:
+    def _prepare(self, logits: torch.Tensor, rows: list[Entry]) -> tuple[list[int], torch.Tensor | None]:
         """The batched part of sampling: penalties, then each row's argmax and (unless every row is greedy) its
         filtered probabilities. No random draws, so redoing it changes no generator."""
         if any(seq.params.penalized for seq, _ in rows):
             logits = apply_penalties(logits, rows)
         argmax = logits.argmax(-1).tolist()
-        row_seqs = [seq for seq, k in rows for _ in range(k + 1)]
+        row_seqs = [seq for seq, draft in rows for _ in range(len(draft) + 1)]
         if all(s.params.greedy for s in row_seqs):
             return argmax, None
         return argmax, self._probs(logits, row_seqs).cpu()
 
-    def _accept(self, seq: Sequence, k: int, argmax: list[int], probs: torch.Tensor | None) -> list[int]:
-        """One entry's tokens from its k + 1 rows: verify the draft, then draw (or take the argmax)."""
-        draft = seq.spec_tokens[:k]
-        accepted: list[int] = []
-        for j in range(k + 1):
+    def _accept(self, seq: Sequence, draft: Draft, argmax: list[int], probs: torch.Tensor | None) -> Verified:
+        """One entry's tokens from its rows: walk the draft tree from the root, then draw (or take the argmax)."""
+        children: list[list[int]] = [[] for _ in range(len(draft) + 1)]
+        for i, parent in enumerate(draft.parents):
+            children[parent + 1].append(i)
+        tokens: list[int] = []
+        path: list[int] = []
+        node = -1
+        while True:
+            row, kids = node + 1, children[node + 1]
             if seq.params.greedy:
-                tok = argmax[j]
-                accepted.append(tok)
-                if j == k or tok != draft[j]:
-                    break
-                continue
-            p = probs[j]
-            if j < k:
-                u = torch.rand((), generator=seq.generator or self.generator)
-                if u < p[draft[j]]:
-                    accepted.append(draft[j])
-                    continue
-                p = p.clone()
-                p[draft[j]] = 0
-                if p.sum() <= 0:
-                    accepted.append(draft[j])
-                    continue
-            accepted.append(self._draw(p, seq))
-            break
-        return accepted
+                tok = argmax[row]
+                nxt = next((c for c in kids if draft.tokens[c] == tok), None)
+            else:
+                tok, nxt = self._verify_children(seq, draft, kids, probs[row])
+            tokens.append(tok)
+            if nxt is None:
+                return Verified(tokens, path)
+            path.append(nxt)
+            node = nxt
+
+    def _verify_children(self, seq: Sequence, draft: Draft, kids: list[int], p: torch.Tensor
+                         ) -> tuple[int, int | None]:
+        """Multi-candidate rejection sampling with one-hot drafts: the token emitted at this node, and the child
+        accepted (None when the token is drawn from the residual)."""
+        generator = seq.generator or self.generator
+        for c in kids:
+            t = draft.tokens[c]
+            mass = p.sum()
+            u = torch.rand((), generator=generator)
+            if u * mass < p[t]:
+                return t, c
+            p = p.clone()
+            p[t] = 0
+            if p.sum() <= 0:          # t held all the mass left (rounding kept it from being drawn above)
+                return t, c
+        return self._draw(p, seq), None
 
     @staticmethod
-    def logprobs(logits: torch.Tensor, rows: list[tuple[Sequence, int]],
-                 tokens: list[list[int] | Exception]) -> list[list[int] | Exception]:
-        """Append each accepted token's logprob (and top alternatives) to the sequences that asked for them.
-        Returns `tokens` with any entry whose logprobs raised replaced by the exception, as `sample` does."""
-        out = list(tokens)
+    def logprobs(logits: torch.Tensor, rows: list[Entry],
+                 results: list[Verified | Exception]) -> list[Verified | Exception]:
+        """Append each accepted token's logprob (and top alternatives) to the sequences that asked for them, from
+        the row that produced it. Returns `results` with any entry whose logprobs raised replaced by the
+        exception, as `sample` does."""
+        out = list(results)
         r = 0
-        for i, ((seq, k), accepted) in enumerate(zip(rows, tokens)):
-            if seq.params.logprobs is not None and not isinstance(accepted, Exception):
+        for i, ((seq, draft), verified) in enumerate(zip(rows, results)):
+            if seq.params.logprobs is not None and not isinstance(verified, Exception):
                 try:
-                    lp = torch.log_softmax(logits[r:r + len(accepted)].float(), dim=-1).cpu()
-                    for j, tok in enumerate(accepted):
+                    picked = torch.tensor([r + j for j in verified.rows()], device=logits.device)
+                    lp = torch.log_softmax(logits[picked].float(), dim=-1).cpu()
+                    for j, tok in enumerate(verified.tokens):
                         top = []
                         if seq.params.logprobs > 0:
                             vals, ids = lp[j].topk(seq.params.logprobs)
@@ -166,5 +207,5 @@ class Sampler:
                         seq.logprobs.append(TokenLogprob(tok, float(lp[j, tok]), top))
                 except Exception as e:
                     out[i] = e
-            r += k + 1
+            r += len(draft) + 1
         return out

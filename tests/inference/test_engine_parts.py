@@ -15,7 +15,7 @@ from glassbox.inference.sampler import Sampler
 from glassbox.inference.sampling_params import SamplingParams
 from glassbox.inference.scheduler import Scheduler
 from glassbox.inference.sequence import Sequence
-from glassbox.inference.speculative import PROPOSERS, NoProposer
+from glassbox.inference.speculative import EMPTY, PROPOSERS, NoProposer
 from glassbox.inference.tokenizer import IncrementalDetokenizer, Tokenizer
 from glassbox.models.transformer import ModelConfig, Transformer
 
@@ -56,7 +56,7 @@ def test_block_manager_shares_prefixes_by_chained_hash():
     bm = BlockManager(num_blocks=8, block_size=4)
     a = Sequence("a", list(range(10)), GREEDY)
     assert bm.allocate(a, 10)
-    a.num_computed_tokens = 10
+    a.verified([5])                                # all 10 computed, one token sampled
     bm.commit(a)                                   # two full blocks published
     b = Sequence("b", list(range(8)) + [99, 98, 97], GREEDY)
     hit = bm.match_prefix(b)
@@ -91,13 +91,12 @@ def test_scheduler_budget_chunks_and_preempts_latest():
     out = sched.schedule()
     # FCFS: the earlier arrival first; the 10-token budget splits the 12-token prompt.
     assert [(s.seq.request_id, s.num_tokens, s.samples) for s in out.scheduled] == [("first", 10, False)]
-    first.num_computed_tokens += 10
+    first.computed(10)
     out = sched.schedule()
     assert [(s.seq.request_id, s.num_tokens) for s in out.scheduled] == [("first", 2), ("second", 7)]
     assert out.scheduled[0].samples and out.scheduled[1].samples
-    first.num_computed_tokens, second.num_computed_tokens = 12, 7
-    first.token_ids += [1, 2, 3, 4, 5]             # first now needs a 5th block, second holds 2
-    first.num_computed_tokens = 16
+    first.verified([1, 2, 3, 4, 5])                # first now needs a 5th block, second holds 2
+    second.verified([9])
     out = sched.schedule()
     assert out.preempted == [second] and second.num_computed_tokens == 0 and second.block_table == []
     assert [s.seq.request_id for s in out.scheduled] == ["first"]
@@ -117,16 +116,16 @@ def test_sampler_filters_and_seeds():
     top1 = Sequence("a", [1], SamplingParams(temperature=1.0, top_k=1))
     tiny_p = Sequence("b", [1], SamplingParams(temperature=1.0, top_p=0.01))
     for seq in (top1, tiny_p):
-        assert all(sampler.sample(logits, [(seq, 0)]) == [[0]] for _ in range(20))
+        assert all(sampler.sample(logits, [(seq, EMPTY)])[0].tokens == [0] for _ in range(20))
     # top-k 2 only ever draws the two best tokens.
     k2 = Sequence("c", [1], SamplingParams(temperature=1.0, top_k=2, seed=3))
-    draws = {sampler.sample(logits, [(k2, 0)])[0][0] for _ in range(50)}
+    draws = {sampler.sample(logits, [(k2, EMPTY)])[0].tokens[0] for _ in range(50)}
     assert draws == {0, 1}
     # Frequencies follow softmax(logits / T).
     seq = Sequence("d", [1], SamplingParams(temperature=0.7, seed=11))
     counts = torch.zeros(5)
     for _ in range(3000):
-        counts[sampler.sample(logits, [(seq, 0)])[0][0]] += 1
+        counts[sampler.sample(logits, [(seq, EMPTY)])[0].tokens[0]] += 1
     expected = torch.softmax(logits[0] / 0.7, -1)
     assert torch.allclose(counts / 3000, expected, atol=0.03)
 

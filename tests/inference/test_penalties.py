@@ -14,6 +14,7 @@ from glassbox.inference.llm import LLM
 from glassbox.inference.sampler import apply_penalties
 from glassbox.inference.sampling_params import SamplingParams
 from glassbox.inference.sequence import Sequence
+from glassbox.inference.speculative import Draft
 
 MAX_NEW = 24
 
@@ -94,14 +95,13 @@ def test_penalties_hold_under_speculative_verification(llama_dir, setup):
 def test_each_draft_row_counts_the_draft_tokens_before_it():
     seq = Sequence("a", [1, 2], SamplingParams(presence_penalty=0.5, frequency_penalty=1.0))
     seq.token_ids += [3, 3]                              # generated so far
-    seq.spec_tokens = [4, 3]                             # two draft tokens: three rows to verify
     rep = Sequence("b", [1], SamplingParams(repetition_penalty=2.0))
     rep.token_ids += [2]
-    rep.spec_tokens = [5]
     plain = Sequence("c", [3, 4], SamplingParams())
     signs = torch.tensor([1.0, -1.0] * 4)                # logit +1 at even token ids, -1 at odd ones
     logits = signs.repeat(6, 1)
-    out = apply_penalties(logits, [(seq, 2), (rep, 1), (plain, 0)])
+    # Two draft tokens for seq: three rows to verify.
+    out = apply_penalties(logits, [(seq, Draft.linear([4, 3])), (rep, Draft.linear([5])), (plain, Draft())])
     expected = logits.clone()
     expected[0, 3] -= 2 * 1.0 + 0.5                      # 3 twice
     expected[1, 3] -= 2 * 1.0 + 0.5
