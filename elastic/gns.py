@@ -14,9 +14,11 @@ gradient and a three-number all-reduce per measured step (bench/pollux_gns.py me
 Adam preconditioning (what the noise scale means for an Adam step, as in Pollux): gradients are measured in the
 geometry of the update, g / (sqrt(v_hat) + eps). Per-element preconditioning would need a pass over every
 gradient for every micro-batch, and under FSDP2 the full second moment beside each unsharded local gradient; we
-precondition per parameter tensor instead, weighting each tensor's squared norm by the mean over its elements of
-1 / (sqrt(v_hat) + eps)^2 (exact when the second moment is uniform within a tensor, and it is what separates the
-embeddings from the norms, by orders of magnitude). The weights are refreshed every `refresh_every` steps.
+precondition per parameter tensor instead, weighting each tensor's squared norm by 1 / (sqrt(mean v_hat) + eps)^2,
+the tensor's RMS second moment (exact when v_hat is uniform within a tensor; what it does capture is the orders
+of magnitude between tensors, embeddings against norms against projections). The per-element mean of
+1 / (sqrt(v_hat) + eps)^2 would be the other choice, and it is useless: embedding rows of tokens not yet seen
+have v_hat ~ 0 and weigh 1 / eps^2. The weights are refreshed every `refresh_every` steps.
 
 Both estimates are smoothed by an exponential moving average with bias correction (Adam's), its decay per
 measurement `smoothing ** (B_big / M0)` so that the window counts samples, not steps. In AdaptDL's convention
@@ -137,11 +139,11 @@ class GradientNoiseMeter:
 
     @torch.no_grad()
     def preconditioner(self, step: int) -> torch.Tensor | None:
-        """Per-parameter mean of 1 / (sqrt(v_hat) + eps)^2; None before Adam's first step (no second moment)."""
+        """Per-parameter 1 / (sqrt(mean v_hat) + eps)^2; None before Adam's first step (no second moment)."""
         if self._weights is not None and step - self._weights_step < self.refresh_every:
             return self._weights
         group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
-        sums, counts = [], []
+        sums, counts, eps = [], [], []
         for p in self.params:
             state = self.optimizer.state.get(p)
             if not state or "exp_avg_sq" not in state:
@@ -150,9 +152,9 @@ class GradientNoiseMeter:
             t = float(state["step"])
             correction = 1.0 - group["betas"][1] ** t
             v = _local(state["exp_avg_sq"])
-            w = (v.div(correction).sqrt_().add_(group["eps"])).reciprocal_().square_()
-            sums.append(w.sum(dtype=torch.float32))
+            sums.append(v.sum(dtype=torch.float32) / correction)
             counts.append(float(v.numel()))
+            eps.append(group["eps"])
         sums_t = torch.stack(sums)
         counts_t = torch.tensor(counts, device=sums_t.device)
         sharded = torch.tensor(self.sharded, device=sums_t.device)
@@ -162,7 +164,8 @@ class GradientNoiseMeter:
             self._all_reduce(both)
             sums_t = torch.where(sharded, both[0], sums_t)
             counts_t = torch.where(sharded, both[1], counts_t)
-        self._weights = sums_t / counts_t
+        rms = (sums_t / counts_t).sqrt()
+        self._weights = (rms + torch.tensor(eps, device=rms.device)).reciprocal().square()
         self._weights_step = step
         return self._weights
 

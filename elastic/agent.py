@@ -1,0 +1,351 @@
+"""The Pollux agent: a step plan that the trainer asks for every step's shape, and a callback that measures.
+
+`PolluxPlan` (a glassbox.train.step_plan.StepPlan) answers each step's global batch, micro-batch and LR scale from
+the agent's current decision, and counts progress in efficiency-weighted samples (M0 x gain per step), which is
+what the LR schedule follows. A step's answer is frozen the first time it is asked (the trainer asks for step t+1
+while queueing step t, to prefetch its batch), so a decision made after that applies from the next unasked step.
+
+`PolluxAgent` (a glassbox.train.callbacks.Callback) measures every step: the gradient noise scale from the
+step's own norms (glassbox.elastic.gns) and the step time for its shape; every `decide_every` steps it refits
+the throughput model, finds the best batch shape for the current allocation (glassbox.elastic.goodput), switches
+to it when goodput gains more than `switch_threshold`, and sets the LR scale for the current shape. Rank 0
+decides from its own timings and hands the decision to every rank, so all ranks take the same steps. Each
+decision is a row of metrics.jsonl ({"event": "pollux", ...}: batch, micro-batch, LR scale, phi, gradient
+statistics, fitted throughput parameters, predicted goodput). Under `glassbox elastic run` with `resize` on,
+it also asks for the world size whose goodput pays for a restart: it writes RUN_DIR/elastic/request.json and
+stops the run cleanly after a final checkpoint (Trainer.request_stop); the launcher restarts it.
+
+The data order never depends on any of this (a step of B samples takes the next B of the global order), and a
+run replays from its data-order log without the agent: the log holds each step's batch, micro-batch, LR scale
+and progress (release/reproduce.py's ReplayPlan). The agent's state (statistics, observations, decision, frozen
+steps) is in every checkpoint, so a resumed run continues with what it had learned.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from glassbox.atomic import write_json
+from glassbox.distributed import rank0_decides
+from glassbox.elastic.config import ElasticConfig
+from glassbox.elastic.gns import GradientNoiseMeter, NoiseScaleEMA, estimate_from_pairs
+from glassbox.elastic.goodput import GoodputModel, should_switch
+from glassbox.elastic.lr_scaling import gain, lr_scale, progress_of_step
+from glassbox.elastic.throughput import StepObservation, ThroughputParams, fit_throughput, probe_max_micro_batch
+from glassbox.errors import GlassboxError
+from glassbox.train.callbacks import Callback
+from glassbox.train.step_plan import StepPlan, StepSpec
+
+if TYPE_CHECKING:
+    from glassbox.train.trainer import Trainer
+
+OBSERVATIONS_KEPT = 32      # step times kept per batch shape (their median is the shape's observation)
+NPROC_RANGE_ENV = "GLASSBOX_ELASTIC_NPROC"   # "MIN:MAX", set by `glassbox elastic run` when resizing is allowed
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    micro_batch: int
+    lr_scale: float
+    gain: float
+
+
+class PolluxPlan(StepPlan):
+    """Steps shaped by the agent's current decision; starts at the configured batch and micro-batch."""
+
+    def __init__(self, base_batch: int, micro_batch: int, measure_every: int = 0):
+        super().__init__(base_batch, micro_batch)
+        self.shape = Shape(base_batch, micro_batch, 1.0, 1.0)
+        self.frozen: dict[int, Shape] = {}
+        self.measure_every = measure_every
+        self.dp_size = 1
+
+    def _measured_micro(self, step: int, shape: Shape) -> int:
+        """With one micro-batch per rank the step has one batch size to compare; every `measure_every` steps it
+        is split into micro-batches half its size (or the smallest divisor), same samples, same gradient."""
+        per_rank = shape.batch // self.dp_size
+        if not self.measure_every or step % self.measure_every or min(shape.micro_batch, per_rank) < per_rank:
+            return shape.micro_batch
+        divisor = next((d for d in range(2, per_rank + 1) if per_rank % d == 0), 1)
+        return per_rank // divisor
+
+    def spec(self, step: int) -> StepSpec:
+        if step not in self.frozen:
+            self.frozen[step] = self.shape
+            for old in [s for s in self.frozen if s < step - 2]:
+                del self.frozen[old]
+        shape = self.frozen[step]
+        return StepSpec(step, shape.batch, self._measured_micro(step, shape), shape.lr_scale, self.progress)
+
+    def advance(self, spec: StepSpec) -> None:
+        self.progress = spec.progress + progress_of_step(self.base_batch, self.frozen[spec.step].gain)
+
+    def reshape(self, shape: Shape, after: int) -> None:
+        """`shape` from step `after` + 1 on, also for steps already asked (a restart at another world size)."""
+        self.shape = shape
+        self.frozen = {s: v for s, v in self.frozen.items() if s <= after}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "shape": asdict(self.shape),
+                "frozen": [[s, *asdict(v).values()] for s, v in sorted(self.frozen.items())]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.shape = Shape(**state["shape"])
+        self.frozen = {int(row[0]): Shape(int(row[1]), int(row[2]), float(row[3]), float(row[4]))
+                       for row in state["frozen"]}
+
+
+def nodes_of_world(world_size: int) -> int:
+    """Nodes in this job: torchrun's LOCAL_WORLD_SIZE ranks per node (all on one node without torchrun)."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size) or world_size)
+    return max(1, -(-world_size // max(1, per_node)))
+
+
+def nproc_range() -> tuple[int, int] | None:
+    text = os.environ.get(NPROC_RANGE_ENV)
+    if not text:
+        return None
+    lo, hi = (int(x) for x in text.split(":"))
+    return lo, hi
+
+
+class PolluxAgent(Callback):
+    order = 10
+    wants_local_norms = True
+
+    def __init__(self, cfg: ElasticConfig, plan: PolluxPlan):
+        self.cfg = cfg
+        self.plan = plan
+        self.init_batch = plan.base_batch
+        self.max_batch = cfg.max_batch or 64 * plan.base_batch
+        self.ema = NoiseScaleEMA(plan.base_batch, cfg.gns_smoothing)
+        self.times: dict[tuple[int, int, int, int], list[float]] = {}
+        self.max_micro = cfg.max_micro_batch
+        self.params: ThroughputParams | None = None
+        self.decisions = 0
+        self.trainer: "Trainer | None" = None
+        self._pending: dict[int, tuple[torch.Tensor, int, int]] = {}
+        self._shapes: dict[int, tuple[int, int]] = {}
+        self._current = 0
+        self._started_at = 0
+
+    @property
+    def name(self) -> str:
+        return "pollux"
+
+    # --- set-up ----------------------------------------------------------------------------------------------
+
+    def setup(self, trainer: "Trainer") -> None:
+        if trainer.state.step_plan is not self.plan:
+            raise GlassboxError("elastic: the Pollux agent must be given the trainer's step plan (Trainer(plan=...))")
+        world = trainer.world
+        if world.tp_size > 1:
+            raise GlassboxError("elastic: Pollux adapts data-parallel batches; parallel.tensor_parallel must be 1")
+        self.trainer = trainer
+        self.replicas = world.dp_size
+        self.nodes = nodes_of_world(world.world_size)
+        self.plan.dp_size = world.dp_size
+        self.meter = GradientNoiseMeter(trainer.state.model, trainer.state.optimizer, world.dp_group, world.dp_size,
+                                        self.cfg.precondition_every)
+
+    def on_train_start(self, state) -> None:
+        self._started_at = state.step
+        if not self.max_micro:
+            self.max_micro = self._probe() if self.trainer.world.device.type == "cuda" and self.replicas == 1 \
+                else self.plan.micro_batch
+        if self.plan.shape.batch % self.replicas or not self._fits(self.plan.shape):
+            # A restart at another world size: the last shape may not split over these ranks.
+            self._reshape_for_world(state)
+
+    def _fits(self, shape: Shape) -> bool:
+        per_rank = shape.batch // self.replicas
+        return shape.micro_batch <= self.max_micro and per_rank % min(shape.micro_batch, per_rank) == 0
+
+    def _probe(self) -> int:
+        """The largest micro-batch whose forward/backward fits in GPU memory with room for AdamW's moments."""
+        trainer = self.trainer
+        model, device = trainer.state.model, trainer.world.device
+        seq = trainer.cfg.data.seq_len
+        vocab = trainer.cfg.model.vocab_size
+        moments = sum(8 * p.numel() for p in model.parameters() if p.requires_grad) \
+            if not trainer.state.optimizer.state else 0
+        budget = 0.9 * torch.cuda.get_device_properties(device).total_memory - moments
+        gen = torch.Generator(device=device).manual_seed(0)
+
+        def fits(m: int) -> bool:
+            torch.cuda.reset_peak_memory_stats(device)
+            try:
+                tokens = torch.randint(0, vocab, (m, seq + 1), device=device, generator=gen)
+                with trainer._autocast():
+                    logits = model(tokens[:, :-1])
+                trainer._loss(logits, tokens[:, 1:]).backward()
+                torch.cuda.synchronize(device)
+                ok = torch.cuda.max_memory_allocated(device) <= budget
+            except torch.OutOfMemoryError:
+                ok = False
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            return ok
+
+        limit = min(self.max_batch, 4096)
+        found = probe_max_micro_batch(fits, self.plan.micro_batch, limit)
+        if trainer.world.is_main:
+            print(f"[pollux] the largest micro-batch that fits: {found} samples of {seq} tokens")
+        return found
+
+    # --- measuring --------------------------------------------------------------------------------------------
+
+    def on_step_start(self, state, spec: StepSpec, tokens: torch.Tensor) -> None:
+        self._current = spec.step
+        per_rank = spec.global_batch // self.replicas
+        micro = min(spec.micro_batch, per_rank)
+        self._shapes[spec.step] = (micro, per_rank // micro)
+
+    def on_after_backward(self, state, grads) -> None:
+        values = self.meter.measure(self._current, grads.local_tensor_sq_norms, grads.micro_batch,
+                                    grads.global_batch)
+        if values is not None:
+            self._pending[self._current] = (values, grads.micro_batch, grads.global_batch)
+
+    def on_step_end(self, state) -> None:
+        step = state.step
+        measured = self._pending.pop(step, None)
+        if measured is not None:
+            values, micro, batch = measured
+            self.ema.update(*estimate_from_pairs(self.meter.pairs(values.tolist(), micro, batch)), batch=batch)
+        micro, accum = self._shapes.pop(step)
+        # The first steps after a (re)start compile and warm allocators: not the shape's speed.
+        if step > self._started_at + 2 and "val_loss" not in state.metrics:
+            times = self.times.setdefault((self.nodes, self.replicas, micro, accum), [])
+            times.append(float(state.metrics["step_time"]))
+            del times[:-OBSERVATIONS_KEPT]
+        if step >= self._started_at + self.cfg.warmup_steps and step % self.cfg.decide_every == 0:
+            self._decide(state)
+
+    # --- deciding ---------------------------------------------------------------------------------------------
+
+    def observations(self) -> list[StepObservation]:
+        return [StepObservation(n, k, m, a, statistics.median(t)) for (n, k, m, a), t in sorted(self.times.items())
+                if t]
+
+    def goodput_model(self) -> GoodputModel | None:
+        obs = self.observations()
+        if not obs or not self.ema.ready:
+            return None
+        self.params = fit_throughput(obs)
+        return GoodputModel(self.params, self.ema.grad_sqr, self.ema.grad_var, self.init_batch)
+
+    def _shape_for(self, batch: int, micro: int) -> Shape:
+        r = gain(self.ema.grad_sqr, self.ema.grad_var, self.init_batch, batch) if self.ema.ready else 1.0
+        return Shape(batch, micro, lr_scale("adam", r) if self.cfg.scale_lr else 1.0,
+                     r if self.cfg.scale_lr else batch / self.init_batch)
+
+    def _decide(self, state) -> None:
+        decision = rank0_decides(lambda: self._choose(state.step))
+        self.plan.shape = Shape(**decision["shape"])
+        self.decisions += 1
+        if self.trainer.world.is_main:
+            self.trainer.metrics_log.append(decision["row"])
+            request = decision.get("resize")
+            if request:
+                write_json(self.trainer.run_dir / "elastic" / "request.json", request)
+        if decision.get("resize"):
+            self.trainer.request_stop()
+
+    def _choose(self, step: int) -> dict[str, Any]:
+        """Rank 0: the shape for the coming steps, its metrics row, and a resize request where one pays."""
+        current = self.plan.shape
+        micro_range = (1, self.max_micro)
+        model = self.goodput_model()
+        phi = self.ema.noise_scale
+        row: dict[str, Any] = {"event": "pollux", "step": step, "noise_scale": None if math.isnan(phi) else phi,
+                               "grad_sqr": self.ema.grad_sqr, "grad_var": self.ema.grad_var,
+                               "max_micro_batch": self.max_micro, "replicas": self.replicas, "nodes": self.nodes}
+        shape, switched, resize = current, False, None
+        if model is not None:
+            row["throughput_params"] = self.params.to_dict()
+            per_rank = current.batch // self.replicas
+            accum = per_rank // min(current.micro_batch, per_rank)
+            now = model.goodput(self.nodes, self.replicas, min(current.micro_batch, per_rank), accum)
+            best = model.best(self.nodes, self.replicas, self.max_batch, micro_range)
+            row.update(predicted_goodput=now, best=best.to_dict())
+            if self.cfg.adapt_batch and should_switch(now, best.goodput, self.cfg.switch_threshold):
+                shape, switched = self._shape_for(best.batch, best.micro_batch), True
+                now = best.goodput
+            else:
+                shape = self._shape_for(current.batch, current.micro_batch)
+            resize = self._resize_request(model, now, step, micro_range)
+        row.update(batch=shape.batch, micro_batch=shape.micro_batch,
+                   accum_steps=shape.batch // self.replicas // min(shape.micro_batch, shape.batch // self.replicas),
+                   lr_scale=shape.lr_scale, gain=shape.gain,
+                   efficiency=shape.gain * self.init_batch / shape.batch, switched=switched)
+        if resize:
+            row["resize"] = resize
+        return {"shape": asdict(shape), "row": row, "resize": resize}
+
+    def _resize_request(self, model: GoodputModel, now: float, step: int, micro_range: tuple[int, int]
+                        ) -> dict[str, Any] | None:
+        """Another world size, when its goodput beats this one's by the threshold and the time it saves on the
+        rest of the run (in efficiency-weighted samples) exceeds the restart penalty."""
+        allowed = nproc_range() if self.cfg.resize else None
+        if allowed is None:
+            return None
+        remaining = max(0.0, self.trainer.cfg.schedule.steps * self.init_batch - self.plan.progress)
+        best_k, best_g = self.replicas, now
+        for k in range(allowed[0], allowed[1] + 1):
+            if k == self.replicas:
+                continue
+            try:
+                g = model.best(1, k, self.max_batch, micro_range).goodput
+            except GlassboxError:
+                continue
+            if g > best_g:
+                best_k, best_g = k, g
+        if best_k == self.replicas or not should_switch(now, best_g, self.cfg.switch_threshold):
+            return None
+        saved = remaining / now - remaining / best_g
+        if saved <= self.cfg.restart_penalty_s:
+            return None
+        return {"nproc": best_k, "step": step, "predicted_goodput": best_g, "current_goodput": now,
+                "time_saved_s": saved, "reason": "goodput"}
+
+    def _reshape_for_world(self, state) -> None:
+        """After a restart at another world size: the best shape for the new allocation, or the configured batch
+        split over the new ranks when there is no model yet."""
+        model = self.goodput_model()
+        if model is not None:
+            best = model.best(self.nodes, self.replicas, self.max_batch, (1, self.max_micro))
+            shape = self._shape_for(best.batch, best.micro_batch)
+        else:
+            batch = max(self.init_batch, self.plan.shape.batch)
+            batch += (-batch) % self.replicas
+            per_rank = batch // self.replicas
+            micro = max(m for m in range(1, min(per_rank, self.max_micro) + 1) if per_rank % m == 0)
+            shape = self._shape_for(batch, micro)
+        self.plan.reshape(shape, after=state.step)
+        if self.trainer.world.is_main:
+            self.trainer.metrics_log.append({"event": "pollux", "step": state.step, "batch": shape.batch,
+                                             "micro_batch": shape.micro_batch, "lr_scale": shape.lr_scale,
+                                             "gain": shape.gain, "replicas": self.replicas, "reshaped": True})
+
+    # --- checkpointed state -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema.state_dict(), "times": [[*k, v] for k, v in sorted(self.times.items())],
+                "max_micro": self.max_micro, "decisions": self.decisions,
+                "params": self.params.to_dict() if self.params else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ema.load_state_dict(state["ema"])
+        self.times = {tuple(int(x) for x in row[:4]): [float(t) for t in row[4]] for row in state["times"]}
+        self.max_micro = self.cfg.max_micro_batch or int(state["max_micro"])
+        self.decisions = int(state["decisions"])
+        self.params = ThroughputParams.from_dict(state["params"]) if state["params"] else None

@@ -1,0 +1,59 @@
+"""The Pollux agent's settings: a typed section of its own, read from `--elastic FILE` and `--elastic-set KEY=VALUE`.
+
+Kept out of the run config (glassbox.train.config.RunConfig) on purpose: a run config describes the training a
+replay must reproduce, and an adaptive run replays from its data-order log without the agent (its decisions are
+in the log), so the agent's knobs are not part of it. `glassbox elastic run` writes the resolved section to
+RUN_DIR/elastic.yaml beside config.yaml.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from glassbox.config import ConfigError, apply_overrides, from_dict, load_yaml
+
+
+@dataclass
+class ElasticConfig:
+    adapt_batch: bool = True        # choose batch and micro-batch by goodput; False: keep the configured ones and
+                                    # only measure (the fixed-batch baseline, and the GNS overhead bench)
+    scale_lr: bool = True           # sqrt-AdaScale the learning rate (AdamW) and weight progress by efficiency
+    max_batch: int = 0              # largest global batch; 0: 64 x batch.global_batch_size
+    max_micro_batch: int = 0        # largest micro-batch per rank; 0: probed on CUDA (the largest that fits),
+                                    # batch.micro_batch_size on CPU (no memory wall to find there)
+    decide_every: int = 10          # steps between goodput decisions
+    warmup_steps: int = 5           # steps before the first decision (Adam's second moment, first timings)
+    gns_smoothing: float = 0.9      # EMA decay per M0 samples of gradient statistics
+    precondition_every: int = 10    # steps between refreshes of the Adam preconditioner
+    measure_every: int = 4          # a step with one micro-batch per rank is split in two every N steps, so the
+                                    # noise scale has its two batch sizes (0: never)
+    switch_threshold: float = 0.05  # change the batch shape only when predicted goodput gains more than this
+    resize: bool = False            # under `glassbox elastic run`: ask for another world size when it pays
+    restart_penalty_s: float = 30.0  # what a restart costs, weighed against the time it saves
+
+    def validate(self) -> None:
+        for name in ("max_batch", "max_micro_batch", "measure_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"elastic.{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("decide_every", "precondition_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"elastic.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"elastic.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.gns_smoothing < 1.0:
+            raise ConfigError(f"elastic.gns_smoothing: must be in [0, 1), got {self.gns_smoothing}")
+        if not (math.isfinite(self.switch_threshold) and self.switch_threshold >= 0):
+            raise ConfigError(f"elastic.switch_threshold: must be a finite number >= 0, got {self.switch_threshold}")
+        if not (math.isfinite(self.restart_penalty_s) and self.restart_penalty_s >= 0):
+            raise ConfigError(f"elastic.restart_penalty_s: must be a finite number >= 0, got "
+                              f"{self.restart_penalty_s}")
+
+
+def load_elastic_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ElasticConfig:
+    """The section from a YAML file (its keys at the top level, or under `elastic:`), then `key=value` overrides."""
+    data = load_yaml(path) if path else {}
+    if set(data) == {"elastic"}:
+        data = data["elastic"] or {}
+    return from_dict(ElasticConfig, apply_overrides(data, list(overrides or [])), "elastic")
