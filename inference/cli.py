@@ -27,16 +27,58 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="dense models: torch.compile the decoder layer (decode graphs and eager batches; about 1.7x "
                         "faster decoding on the H100, at minutes of start-up)")
+    spec = p.add_argument_group("speculative decoding", "drafts verified as token trees in one forward; greedy "
+                                "output is unchanged and sampled output keeps its distribution")
+    spec.add_argument("--speculative", default="none", choices=["none", "suffix"],
+                      help="suffix: SuffixDecoding drafts from suffix trees over the request and earlier outputs "
+                           "(default: none)")
+    spec.add_argument("--num-spec-tokens", type=int, default=None,
+                      help=f"most draft nodes a sequence verifies per step (default: {DEFAULT_SPEC_TOKENS} with "
+                           "--speculative)")
+    spec.add_argument("--spec-batch-tokens", type=int, default=None,
+                      help="most draft nodes per step over the whole batch, shared equally: drafts shrink as the "
+                           "batch grows (default: 64)")
+    spec.add_argument("--spec-min-score", type=float, default=None,
+                      help="skip a draft whose expected accepted tokens (its score) is below this (default: 1.0)")
+    from glassbox.inference.speculative.suffix import SuffixConfig
+
+    defaults = SuffixConfig()
+    for flag, field, text in SUFFIX_FLAGS:
+        default = getattr(defaults, field)
+        spec.add_argument(f"--suffix-{flag}", dest=f"suffix_{field}", type=type(default), default=None,
+                          help=f"{text} (default: {default})")
+
+
+# The suffix proposer's settings (SuffixConfig's fields, whose defaults they show) as flags: (flag, field, help).
+SUFFIX_FLAGS = (
+    ("max-depth", "max_depth", "longest match and draft the suffix trees keep"),
+    ("max-spec-factor", "max_spec_factor", "a match of p tokens drafts up to factor x p + offset nodes"),
+    ("spec-offset", "spec_offset", "the offset of that rule"),
+    ("min-token-prob", "min_token_prob", "a draft node's path probability must reach this, in [0, 1]"),
+    ("mode", "mode", "path (one branch) or tree (best-first token tree)"),
+    ("max-cached-requests", "max_cached_requests", "finished outputs the global tree keeps, oldest evicted first"),
+)
+DEFAULT_SPEC_TOKENS = 16
 
 
 def _engine_config(args: argparse.Namespace):
     from glassbox.inference.engine import EngineConfig
 
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    options = {field: getattr(args, f"suffix_{field}") for _, field, _ in SUFFIX_FLAGS
+               if getattr(args, f"suffix_{field}") is not None}
+    if options and args.speculative != "suffix":
+        raise GlassboxError(f"--suffix-* options need --speculative suffix (got {', '.join(options)})")
+    num_spec = args.num_spec_tokens
+    if num_spec is None:
+        num_spec = DEFAULT_SPEC_TOKENS if args.speculative != "none" else 0
     return EngineConfig(device=args.device, dtype=dtype, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, policy=args.policy,
-                        enable_prefix_caching=not args.no_prefix_caching, compile=args.compile)
+                        enable_prefix_caching=not args.no_prefix_caching, compile=args.compile,
+                        proposer=args.speculative, num_spec_tokens=num_spec, spec_options=options,
+                        **{name: getattr(args, name) for name in ("spec_batch_tokens", "spec_min_score")
+                           if getattr(args, name) is not None})
 
 
 def register(sub: argparse._SubParsersAction) -> None:

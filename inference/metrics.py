@@ -24,6 +24,16 @@ ENGINE_METRICS = (
      "prefix_cache_hit_tokens"),
     ("glassbox_prefix_cache_query_tokens_total", "counter", "Prompt tokens looked up in the prefix cache.",
      "prefix_cache_query_tokens"),
+    # Speculative decoding: acceptance rate = accepted / draft tokens; mean accepted length = accepted / drafts.
+    ("glassbox_spec_drafts_total", "counter", "Speculative drafts verified.", "spec_drafts"),
+    ("glassbox_spec_draft_tokens_total", "counter", "Draft tree nodes verified.", "spec_draft_tokens"),
+    ("glassbox_spec_accepted_tokens_total", "counter", "Draft tokens accepted by verification.",
+     "spec_accepted_tokens"),
+    ("glassbox_spec_cached_requests", "gauge", "Finished outputs held by the suffix proposer's global tree.",
+     "spec_cached_requests"),
+    ("glassbox_spec_tree_nodes", "gauge", "Nodes of the suffix proposer's global tree.", "spec_tree_nodes"),
+    ("glassbox_spec_tree_bytes", "gauge", "Memory of the suffix proposer's global tree, in bytes.",
+     "spec_tree_bytes"),
 )
 FAMILIES = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily}
 
