@@ -7,12 +7,14 @@ the agreeing prefix plus one model token (`Sampler.sample`), and rolls the rest 
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from glassbox.errors import GlassboxError
-from glassbox.inference.sequence import Sequence
 from glassbox.inference.speculative.draft import EMPTY, Draft
 from glassbox.inference.speculative.suffix import SuffixProposer
+
+if TYPE_CHECKING:       # a Sequence holds its Draft, so sequence.py imports this package at import time
+    from glassbox.inference.sequence import Sequence
 
 __all__ = ["Draft", "EMPTY", "Proposer", "NoProposer", "PROPOSERS", "make_proposer"]
 
