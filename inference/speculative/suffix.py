@@ -13,6 +13,7 @@ nodes scores at most n), so a call usually costs one or two draft walks, not one
 from __future__ import annotations
 
 import math
+from array import array
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -100,7 +101,7 @@ class SuffixCache:
     def __init__(self, config: SuffixConfig | None = None) -> None:
         self.config = config or SuffixConfig()
         self.global_trie = SuffixTrie(self.config.max_depth)
-        self._cached: OrderedDict[Any, list[int]] = OrderedDict()
+        self._cached: OrderedDict[Any, array] = OrderedDict()
         self._cached_tokens = 0
         self._active: dict[Any, _Request] = {}
 
@@ -126,7 +127,7 @@ class SuffixCache:
         req = self._active.pop(req_id, None)
         if req is None or not learn or self.config.max_cached_requests == 0:
             return
-        output = req.tokens[req.prompt_len:]
+        output = array("i", req.tokens[req.prompt_len:])
         if not output:
             return
         if req_id in self._cached:
@@ -149,11 +150,7 @@ class SuffixCache:
         return req
 
     def _extend(self, req: _Request, tokens: list[int]) -> None:
-        trie = req.trie
-        cursor = req.cursor
-        for t in tokens:
-            cursor = trie.append(cursor, t)
-        req.cursor = cursor
+        req.cursor = req.trie.extend(req.cursor, tokens)
         req.tokens.extend(tokens)
         if req.global_version == self.global_trie.version and req.global_match >= 0:
             g = self.global_trie
@@ -229,12 +226,12 @@ class SuffixCache:
         }
 
 
-# Footprint estimates for /metrics (bench/suffix_memory.py checks them against tracemalloc): a node is one slot
-# in each of the trie's 7 lists; a node with 2+ children also owns a small dict; kept outputs (eviction replays
-# them) cost a list slot per token, token ids above 256 each an int object.
-NODE_BYTES = 7 * 8
-DICT_BYTES = 224
-TOKEN_BYTES = 8 + 32
+# Footprint estimates for /metrics (bench/suffix_memory.py checks them against tracemalloc): a node is one int32
+# in each of the trie's 6 arrays; a node with 2+ children also owns a small dict and an entry in the trie's
+# node -> dict map; kept outputs (eviction replays them) are int32 arrays.
+NODE_BYTES = 6 * 4
+DICT_BYTES = 224 + 48
+TOKEN_BYTES = 4
 
 
 class SuffixProposer:

@@ -21,6 +21,14 @@ nodes have one child, held in `best` alone; a children dict exists only from the
 from __future__ import annotations
 
 import heapq
+from array import array
+
+from glassbox.errors import GlassboxError
+
+try:
+    from glassbox.inference.speculative import _suffix_trie as _native
+except ImportError:  # built by `pip install` when a C compiler is there; the Python path is the same trie
+    _native = None
 from dataclasses import dataclass
 
 
@@ -38,20 +46,28 @@ class TreeDraft:
 
 
 class SuffixTrie:
-    """Nodes are ints indexing parallel lists (root = 0), not objects: the lists hold only ints and the children
-    dicts only ints, which Python's cyclic garbage collector does not track. As objects, millions of nodes with
-    links (suffix links form cycles) made every collection a pause and kept freed tries alive until one ran."""
+    """Nodes are ints indexing parallel int32 arrays (root = 0), not objects: arrays and int-only dicts are
+    invisible to Python's cyclic garbage collector. As objects (or in lists), millions of nodes made every full
+    collection a pause of milliseconds inside drafting calls, and suffix links (which form cycles) kept freed
+    tries alive until one ran. A node costs 24 bytes, plus a small dict if it has 2+ children."""
 
-    def __init__(self, max_depth: int) -> None:
+    def __init__(self, max_depth: int, native: bool | None = None) -> None:
+        """`native`: append through the C extension (None: when it is built; False: the pure-Python path)."""
+        if native and _native is None:
+            raise GlassboxError("the suffix trie's C extension is not built (reinstall glassbox with a compiler)")
+        self.native = _native is not None if native is None else native
         self.max_depth = max_depth
-        self.token = [-1]
-        self.depth = [0]
-        self.count = [0]
-        self.out = [0]
-        self.best = [-1]                      # the most frequent child; the only child when `kids` is None
-        self.link = [0]
-        self.kids: list[dict[int, int] | None] = [None]   # token -> child, only for nodes with 2+ children
-        self.free: list[int] = []
+        # Arrays are allocated ahead (`size` slots used) so the C extension can write into them in place.
+        self.token = array("i", [-1])
+        self.depth = array("i", [0])
+        self.count = array("i", [0])
+        self.out = array("i", [0])
+        self.best = array("i", [-1])          # the most frequent child; the only child when it has no `kids` entry
+        self.link = array("i", [0])
+        self.kids: dict[int, dict[int, int]] = {}  # node -> {token: child}, only for nodes with 2+ children
+        self.free = array("i")                # freed slots, the first `nfree` of it
+        self.size = 1
+        self.nfree = 0
         self.num_nodes = 0
         self.num_dicts = 0
         # Bumped by insert and remove, so readers holding a match (possibly freed, possibly no longer the
@@ -59,34 +75,56 @@ class SuffixTrie:
         self.version = 0
 
     # ---- writing ------------------------------------------------------------------------------------------
+    def _reserve(self, nodes: int) -> None:
+        """Room for `nodes` more nodes without growing an array mid-append."""
+        need = self.size + max(0, nodes - self.nfree)
+        have = len(self.token)
+        if need > have:
+            grow = bytes(4 * max(need - have, have))
+            for a in (self.token, self.depth, self.count, self.out, self.best, self.link):
+                a.frombytes(grow)
+
     def _new_node(self, token: int, depth: int) -> int:
         self.num_nodes += 1
-        if self.free:
-            c = self.free.pop()
-            self.token[c] = token
-            self.depth[c] = depth
-            self.count[c] = self.out[c] = 0
-            self.best[c] = self.link[c] = -1
-            return c
-        self.token.append(token)
-        self.depth.append(depth)
-        self.count.append(0)
-        self.out.append(0)
-        self.best.append(-1)
-        self.link.append(-1)
-        self.kids.append(None)
-        return len(self.token) - 1
+        if self.nfree:
+            self.nfree -= 1
+            c = self.free[self.nfree]
+        else:
+            c = self.size
+            self.size += 1
+        self.token[c] = token
+        self.depth[c] = depth
+        self.count[c] = self.out[c] = 0
+        self.best[c] = self.link[c] = -1
+        return c
 
     def child(self, node: int, token: int) -> int:
         b = self.best[node]
         if b >= 0 and self.token[b] == token:
             return b
-        k = self.kids[node]
+        k = self.kids.get(node)
         return k.get(token, -1) if k is not None else -1
+
+    def extend(self, cursor: int, tokens: list[int]) -> int:
+        """`append` each token in turn (in C when built); returns the new cursor."""
+        if not tokens:
+            return cursor
+        self._reserve(len(tokens) * self.max_depth)
+        if not self.native:
+            for t in tokens:
+                cursor = self.append(cursor, t)
+            return cursor
+        fields = (self.token, self.depth, self.count, self.out, self.best, self.link, self.free)
+        cursor, self.size, self.nfree, nodes, dicts = _native.extend(
+            fields, self.kids, self.nfree, self.size, cursor, tokens, self.max_depth)
+        self.num_nodes += nodes
+        self.num_dicts += dicts
+        return cursor
 
     def append(self, cursor: int, token: int) -> int:
         """Extend the stream whose suffixes end at `cursor` (its deepest suffix node, depth < max_depth) by
-        `token`; returns the new cursor. Costs one step per stored suffix (min(length, max_depth))."""
+        `token`; returns the new cursor. Costs one step per stored suffix (min(length, max_depth)). The
+        pure-Python reference of the C extension's `extend`; capacity must be reserved (`extend` does)."""
         limit = self.max_depth
         tok, depth, count, out, best, link, kids = (self.token, self.depth, self.count, self.out, self.best,
                                                     self.link, self.kids)
@@ -97,7 +135,7 @@ class SuffixTrie:
             if b >= 0 and tok[b] == token:
                 c = b
             else:
-                k = kids[a]
+                k = kids.get(a)
                 c = k.get(token, -1) if k is not None else -1
                 if c < 0:
                     c = self._new_node(token, depth[a] + 1)
@@ -125,9 +163,7 @@ class SuffixTrie:
 
     def insert(self, tokens: list[int]) -> None:
         """Add a whole stream (a finished output). Readers re-match: a longer match may exist now."""
-        cursor = 0
-        for t in tokens:
-            cursor = self.append(cursor, t)
+        self.extend(0, tokens)
         self.version += 1
 
     def remove(self, tokens: list[int]) -> None:
@@ -152,20 +188,20 @@ class SuffixTrie:
         self.version += 1
 
     def _unlink_child(self, a: int, c: int) -> None:
-        k = self.kids[a]
+        k = self.kids.get(a)
         if k is None:
             self.best[a] = -1
             return
         del k[self.token[c]]
         if len(k) == 1:
-            self.kids[a] = None
+            del self.kids[a]
             self.num_dicts -= 1
             self.best[a] = next(iter(k.values()))
         elif self.best[a] == c:
             self._rerank(a)
 
     def _rerank(self, a: int) -> None:
-        k = self.kids[a]
+        k = self.kids.get(a)
         if k is not None:
             self.best[a] = min(k.values(), key=lambda c: (-self.count[c], self.token[c]))
 
@@ -174,30 +210,21 @@ class SuffixTrie:
         while stack:
             x = stack.pop()
             stack.extend(self.children(x))
-            if self.kids[x] is not None:
-                self.kids[x] = None
+            if self.kids.pop(x, None) is not None:
                 self.num_dicts -= 1
             self.best[x] = -1
             self.num_nodes -= 1
-            self.free.append(x)
+            if self.nfree == len(self.free):
+                self.free.frombytes(bytes(4 * max(16, len(self.free))))
+            self.free[self.nfree] = x
+            self.nfree += 1
 
     # ---- reading ------------------------------------------------------------------------------------------
     def children(self, node: int) -> list[int]:
-        k = self.kids[node]
+        k = self.kids.get(node)
         if k is not None:
             return list(k.values())
         return [self.best[node]] if self.best[node] >= 0 else []
-
-    def ranked_children(self, node: int, keep: int | None = None) -> list[int]:
-        """Children best first: by count, ties to the smaller token id (deterministic, history independent);
-        only the first `keep` when given."""
-        k = self.kids[node]
-        if k is None:
-            return [self.best[node]] if self.best[node] >= 0 else []
-        count, tok = self.count, self.token
-        if keep is not None and keep < len(k):
-            return heapq.nsmallest(keep, k.values(), key=lambda c: (-count[c], tok[c]))
-        return sorted(k.values(), key=lambda c: (-count[c], tok[c]))
 
     def advance(self, match: int, token: int) -> int:
         """The deepest node matching (context + token)'s suffix, given `match` for the context's."""
@@ -240,43 +267,57 @@ class SuffixTrie:
 
     def draft_tree(self, node: int, budget: int, min_prob: float) -> TreeDraft:
         """Best-first expansion by path probability: the `budget` most likely nodes with probability >= min_prob.
-        A node's first child enters the heap when the node is taken, its next sibling when it is taken, so the
-        heap never holds more than two entries per taken node. The r-th most frequent child has probability at
-        most 1/r, so only the first 1/min_prob children of a node can ever be drafted."""
-        keep = int(1.0 / min_prob + 1e-9) if min_prob > 0 else None
+        A node's first child (its `best`) enters the heap when the node is taken, its next sibling when it is
+        taken, so the heap never holds more than two entries per taken node. Siblings are ranked only when the
+        first is taken and some second could still reach min_prob, and only those that can: shallow nodes have
+        thousands of children, and sorting them all made the slowest calls milliseconds long."""
         tokens: list[int] = []
         parents: list[int] = []
         probs: list[float] = []
         limit = self.max_depth
         depth, link, best, count, out, tok = self.depth, self.link, self.best, self.count, self.out, self.token
-        start = link[node] if depth[node] >= limit else node
-        heap: list[tuple[float, int, int, list[int], int, float, int]] = []
+        # heap entry: (-prob, order, draft parent, trie node whose children these are, rank, ranked or None,
+        # the parent's path probability)
+        heap: list[tuple[float, int, int, int, int, list[int] | None, float]] = []
         order = 0
-        b = best[start]
-        if b >= 0:
-            p = count[b] / out[start]
-            if p >= min_prob:
-                heap.append((-p, order, -1, self.ranked_children(start, keep), 0, 1.0, out[start]))
+        n = link[node] if depth[node] >= limit else node
+        b = best[n]
+        if b >= 0 and count[b] / out[n] >= min_prob:
+            heap.append((-(count[b] / out[n]), order, -1, n, 0, None, 1.0))
         while heap and len(tokens) < budget:
-            neg, _, parent, ranked, i, parent_prob, total = heapq.heappop(heap)
-            c = ranked[i]
+            neg, _, parent, owner, i, ranked, parent_prob = heapq.heappop(heap)
+            c = ranked[i] if ranked is not None else best[owner]
             idx = len(tokens)
             tokens.append(tok[c])
             parents.append(parent)
             probs.append(-neg)
-            if i + 1 < len(ranked):
-                p = parent_prob * count[ranked[i + 1]] / total
-                if p >= min_prob:
-                    order += 1
-                    heapq.heappush(heap, (-p, order, parent, ranked, i + 1, parent_prob, total))
+            if ranked is None:
+                total = out[owner]
+                if parent_prob * (total - count[c]) / total >= min_prob:
+                    ranked = self._qualifying_children(owner, parent_prob, min_prob)
+            if ranked is not None and i + 1 < len(ranked):
+                order += 1
+                p = parent_prob * count[ranked[i + 1]] / out[owner]
+                heapq.heappush(heap, (-p, order, parent, owner, i + 1, ranked, parent_prob))
             n = link[c] if depth[c] >= limit else c
             b = best[n]
             if b >= 0:
                 p = -neg * count[b] / out[n]
                 if p >= min_prob:
                     order += 1
-                    heapq.heappush(heap, (-p, order, idx, self.ranked_children(n, keep), 0, -neg, out[n]))
+                    heapq.heappush(heap, (-p, order, idx, n, 0, None, -neg))
         return TreeDraft(tokens, parents, probs)
+
+    def _qualifying_children(self, node: int, parent_prob: float, min_prob: float) -> list[int]:
+        """`node`'s children whose path probability reaches min_prob, best first."""
+        count, total = self.count, self.out[node]
+        k = self.kids.get(node)
+        if k is None:
+            return [self.best[node]]
+        ok = [c for c in k.values() if parent_prob * count[c] / total >= min_prob]
+        tok = self.token
+        ok.sort(key=lambda c: (-count[c], tok[c]))
+        return ok
 
     # ---- checking -----------------------------------------------------------------------------------------
     def check(self) -> None:
@@ -287,7 +328,7 @@ class SuffixTrie:
         while stack:
             x = stack.pop()
             kids = self.children(x)
-            k = self.kids[x]
+            k = self.kids.get(x)
             assert (k is None) == (len(kids) <= 1), "a children dict exists exactly for 2+ children"
             dicts += k is not None
             assert all(self.token[c] == t for t, c in (k or {}).items())

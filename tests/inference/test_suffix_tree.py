@@ -11,7 +11,12 @@ import pytest
 from glassbox.errors import GlassboxError
 from glassbox.inference.speculative import PROPOSERS, Draft, make_proposer
 from glassbox.inference.speculative.suffix import SuffixCache, SuffixConfig, SuffixProposer
+from glassbox.inference.speculative import suffix_tree
 from glassbox.inference.speculative.suffix_tree import SuffixTrie
+
+IMPLS = [pytest.param(False, id="python"),
+         pytest.param(True, id="native", marks=pytest.mark.skipif(suffix_tree._native is None,
+                                                                  reason="C extension not built"))]
 
 
 # ---- brute force: counts straight from the streams ----------------------------------------------------------
@@ -111,9 +116,10 @@ def random_stream(rng: random.Random, n: int, vocab: int) -> list[int]:
 
 
 # ---- the trie -------------------------------------------------------------------------------------------------
-def test_counts_equal_brute_force_and_invariants_hold_after_appends_and_removals():
+@pytest.mark.parametrize("native", IMPLS)
+def test_counts_equal_brute_force_and_invariants_hold_after_appends_and_removals(native):
     rng = random.Random(0)
-    trie = SuffixTrie(max_depth=5)
+    trie = SuffixTrie(max_depth=5, native=native)
     live: list[list[int]] = []
     for step in range(60):
         if live and rng.random() < 0.35:
@@ -138,16 +144,33 @@ def test_counts_equal_brute_force_and_invariants_hold_after_appends_and_removals
     assert trie.num_nodes == 0 and trie.num_dicts == 0 and trie.out[0] == 0
 
 
-def test_incremental_appends_equal_one_insert():
+def state(trie: SuffixTrie) -> tuple:
+    n = trie.size
+    return (trie.token[:n], trie.depth[:n], trie.count[:n], trie.out[:n], trie.best[:n], trie.link[:n], trie.kids,
+            trie.free[:trie.nfree], trie.num_nodes, trie.num_dicts)
+
+
+@pytest.mark.skipif(suffix_tree._native is None, reason="C extension not built")
+def test_native_extend_equals_python_appends_through_insertions_and_evictions():
+    """The C append loop writes exactly what the Python one does, freed slots reused alike."""
     rng = random.Random(1)
-    s = random_stream(rng, 200, vocab=6)
-    a, b = SuffixTrie(7), SuffixTrie(7)
-    a.insert(s)
-    cursor = 0
-    for t in s:
-        cursor = b.append(cursor, t)
-    assert a.count == b.count and a.out == b.out and a.best == b.best and a.link == b.link
-    assert b.depth[cursor] == 6
+    py, c = SuffixTrie(7, native=False), SuffixTrie(7, native=True)
+    live: list[list[int]] = []
+    for _ in range(30):
+        if live and rng.random() < 0.4:
+            s = live.pop(0)
+            py.remove(s)
+            c.remove(s)
+        else:
+            s = random_stream(rng, rng.randrange(1, 120), vocab=6)
+            live.append(s)
+            cursor = 0
+            for t in s:                 # one token per call on one side, the whole stream in one call on the other
+                cursor = py.extend(cursor, [t])
+            assert c.extend(0, s) == cursor
+        assert state(py) == state(c)
+    c.check()
+    assert c.depth[cursor] == 6
 
 
 def test_advance_tracks_the_longest_stored_suffix():
@@ -156,6 +179,7 @@ def test_advance_tracks_the_longest_stored_suffix():
     trie = SuffixTrie(6)
     for s in corpus:
         trie.insert(s)
+    trie.check()
     ctx = random_stream(rng, 80, vocab=3)
     m = 0
     for i, t in enumerate(ctx):
