@@ -1,6 +1,7 @@
 """`glassbox schedule ...`: the cluster scheduler's commands.
 
   glassbox schedule simulate --workload W.csv --traces DIR --policy pollux    replay a workload in the simulator
+  glassbox schedule measure --config tiny --data DIR --out traces/llm        an LLM job type from real runs
   glassbox schedule run --jobs JOBS.yaml --gpus N                            real glassbox jobs on a Ray cluster
 """
 
@@ -51,6 +52,17 @@ def simulate_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def measure_cmd(args: argparse.Namespace) -> int:
+    from glassbox.elastic.sched.llm_jobs import measure_llm_trace
+
+    out = measure_llm_trace(args.config, args.data, args.out, init_batch=args.init_batch, max_batch=args.max_batch,
+                            local_batches=tuple(args.local_batches), world_sizes=tuple(args.world_sizes),
+                            steps=args.steps, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+                            overrides=tuple(args.overrides))
+    print(f"wrote the trace of {args.config} to {out}")
+    return 0
+
+
 def run_cmd(args: argparse.Namespace) -> int:
     from glassbox.elastic.sched.executor import run_jobs_file
 
@@ -79,6 +91,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--out", type=Path, help="write the per-job completion times as JSON")
     sim.set_defaults(handler=simulate_cmd)
+
+    mea = s.add_parser("measure", help="measure a glassbox model's throughput and noise scale into a trace")
+    mea.add_argument("--config", required=True, help="run config (path or bundled name)")
+    mea.add_argument("--data", type=Path, required=True, help="prepared DATA_DIR")
+    mea.add_argument("--out", type=Path, required=True, help="trace directory to write (the model's name)")
+    mea.add_argument("--init-batch", type=int, default=8)
+    mea.add_argument("--max-batch", type=int, default=64)
+    mea.add_argument("--local-batches", type=int, nargs="+", default=[2, 4, 8, 16])
+    mea.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
+    mea.add_argument("--steps", type=int, default=8, help="steps per throughput run")
+    mea.add_argument("--epochs", type=int, default=4)
+    mea.add_argument("--steps-per-epoch", type=int, default=5)
+    mea.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="config override for every run (e.g. parallel.device=cuda)")
+    mea.set_defaults(handler=measure_cmd)
 
     run = s.add_parser("run", help="run real glassbox training jobs on a local Ray cluster, resized by a policy")
     run.add_argument("--jobs", type=Path, required=True, help="YAML list of jobs (see docs/elastic_scheduling.md)")
