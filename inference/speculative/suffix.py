@@ -220,15 +220,15 @@ class SuffixCache:
             "cached_tokens": float(self._cached_tokens),
             "active_requests": float(len(self._active)),
             "tree_nodes": float(g.num_nodes),
-            "tree_bytes": float(g.num_nodes * NODE_BYTES + g.num_dicts * DICT_BYTES
+            "tree_bytes": float(g.allocated_nodes() * NODE_BYTES + g.num_dicts * DICT_BYTES
                                 + self._cached_tokens * TOKEN_BYTES),
             "active_tree_nodes": float(sum(r.trie.num_nodes for r in self._active.values())),
         }
 
 
-# Footprint estimates for /metrics (bench/suffix_memory.py checks them against tracemalloc): a node is one int32
-# in each of the trie's 6 arrays; a node with 2+ children also owns a small dict and an entry in the trie's
-# node -> dict map; kept outputs (eviction replays them) are int32 arrays.
+# Footprint estimates for /metrics (bench/suffix_memory.py checks them against tracemalloc): an allocated node
+# slot is one int32 in each of the trie's 6 arrays; a node with 2+ children also owns a small dict and an entry
+# in the trie's node -> dict map; kept outputs (eviction replays them) are int32 arrays.
 NODE_BYTES = 6 * 4
 DICT_BYTES = 224 + 48
 TOKEN_BYTES = 4

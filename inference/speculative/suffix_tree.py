@@ -84,6 +84,10 @@ class SuffixTrie:
             for a in (self.token, self.depth, self.count, self.out, self.best, self.link):
                 a.frombytes(grow)
 
+    def allocated_nodes(self) -> int:
+        """Node slots the arrays hold (used, free and reserved): what the trie costs in memory."""
+        return len(self.token)
+
     def _new_node(self, token: int, depth: int) -> int:
         self.num_nodes += 1
         if self.nfree:
