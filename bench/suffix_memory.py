@@ -9,15 +9,19 @@
    allocated node slots (arrays grow by doubling and never shrink; freed slots are reused) must stay within
    twice the peak of live nodes plus one reservation, so memory follows what the cap admits, not the traffic.
 
+With --arctic-build (see bench/suffix_acceptance.py), arctic-inference's global tree takes the same responses
+and reports its own estimate (`SuffixTree.estimate_memory`), side by side.
+
 Writes bench/results/suffix_memory.{json,md}.
 
-    python bench/suffix_memory.py
+    python bench/suffix_memory.py [--arctic-build DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import os
 import platform
 import random
@@ -69,6 +73,18 @@ def footprint(requests, depth: int) -> dict[str, float]:
             "reported_bytes_per_token": stats["tree_bytes"] / tokens}
 
 
+def arctic_footprint(build: str, requests, depth: int) -> dict[str, float]:
+    sys.path.insert(0, build)
+    native = importlib.import_module("_C")
+    tree = native.SuffixTree(depth)
+    tokens = 0
+    for i, r in enumerate(requests):
+        tree.extend(i, r.response)
+        tokens += len(r.response)
+    return {"cached_tokens": float(tokens), "estimated_bytes": float(tree.estimate_memory()),
+            "estimated_bytes_per_token": tree.estimate_memory() / tokens}
+
+
 def soak(requests, depth: int, cap: int, n: int, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     prop = SuffixProposer(SuffixConfig(max_depth=depth, max_cached_requests=cap))
@@ -107,20 +123,24 @@ def main() -> int:
     ap.add_argument("--max-depth", type=int, default=24)
     ap.add_argument("--cap", type=int, default=64)
     ap.add_argument("--soak-requests", type=int, default=2000)
+    ap.add_argument("--arctic-build", default=None, help="folder holding arctic-inference's built _C extension")
     ap.add_argument("--out-name", default="suffix_memory")
     args = ap.parse_args()
     requests = [r for name in SETS for r in load_traces(Path(args.traces_dir) / f"suffix_{name}.jsonl.gz")]
     fp = footprint(requests, args.max_depth)
+    arctic = arctic_footprint(args.arctic_build, requests, args.max_depth) if args.arctic_build else None
     sk = soak(requests, args.max_depth, args.cap, args.soak_requests, seed=0)
     summary = {"global_tree_bytes_per_cached_token": fp["measured_bytes_per_token"],
                "reported_bytes_per_cached_token": fp["reported_bytes_per_token"],
                "soak_never_over_cap": sk["never_over_cap"], "soak_no_leak": sk["no_leak"],
                "soak_allocated_within_twice_peak": sk["allocated_within_twice_peak"],
                "soak_max_allocated_bytes": sk["max_allocated_bytes"]}
+    if arctic:
+        summary["arctic_estimated_bytes_per_cached_token"] = arctic["estimated_bytes_per_token"]
     result = {"summary": summary, "machine": {"host": platform.node(), "cpus": os.cpu_count(),
                                               "python": sys.version.split()[0]},
               "params": {"max_depth": args.max_depth, "cap": args.cap, "soak_requests": args.soak_requests},
-              "footprint": fp, "soak": sk}
+              "footprint": fp, "arctic_footprint": arctic, "soak": sk}
     out = ROOT / "bench" / "results"
     atomic.write_json(out / f"{args.out_name}.json", result)
     atomic.write_text(out / f"{args.out_name}.md", markdown(result))
@@ -139,6 +159,12 @@ def markdown(result: dict[str, Any]) -> str:
         f"| {fp['cached_requests']:.0f} | {fp['cached_tokens']:.0f} | {fp['tree_nodes']:.0f} | "
         f"{fp['nodes_per_token']:.2f} | {fp['measured_bytes_per_token']:.0f} | {fp['reported_bytes_per_token']:.0f} |",
         "",
+    ]
+    if result["arctic_footprint"]:
+        lines += [f"arctic-inference's global tree on the same responses, by its own estimate: "
+                  f"{result['arctic_footprint']['estimated_bytes_per_token']:.0f} bytes per cached token "
+                  "(it compresses single-occurrence paths; this trie stores every suffix up to the depth).", ""]
+    lines += [
         f"## Soak: {sk['requests']} finished requests, cap {sk['cap']} cached requests", "",
         "| finished | cached | nodes | nodes of a fresh trie | peak nodes | allocated slots | reported bytes "
         "| allocated bytes |",
