@@ -1,4 +1,5 @@
-/* The suffix trie's hot path in C: appending tokens to a stream (suffix_tree.SuffixTrie.append, same layout).
+/* The suffix trie's hot paths in C: appending tokens to a stream and drafting (suffix_tree.SuffixTrie's append,
+ * draft_path and draft_tree, same layout, same arithmetic in the same order, so the drafts are identical).
  *
  * Appending one token visits every stored suffix of the stream (up to max_depth of them), which in Python costs
  * tens of microseconds per token: too much for a prompt of thousands of tokens or for every decode step of a
@@ -137,10 +138,265 @@ done:
     return result;
 }
 
+
+/* ---- drafting: the same walks as SuffixTrie.draft_path / draft_tree, on the same arrays ---------------------- */
+
+typedef struct {
+    int32_t *tok, *dep, *cnt, *out, *best, *link;
+    Py_buffer buf[F_FREE];
+    int got;
+} View;
+
+static int view_open(View *v, PyObject *fields) {
+    v->got = 0;
+    if (!PyTuple_Check(fields) || PyTuple_GET_SIZE(fields) < F_FREE) {
+        PyErr_SetString(PyExc_ValueError, "draft: expected the trie's int32 arrays");
+        return -1;
+    }
+    int32_t **f[F_FREE] = {&v->tok, &v->dep, &v->cnt, &v->out, &v->best, &v->link};
+    for (; v->got < F_FREE; v->got++) {
+        Py_buffer *b = &v->buf[v->got];
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(fields, v->got), b, PyBUF_FORMAT) < 0) return -1;
+        if (b->itemsize != 4 || strcmp(b->format, "i") != 0) {
+            v->got++;
+            PyErr_SetString(PyExc_TypeError, "draft: arrays must be array('i')");
+            return -1;
+        }
+        *f[v->got] = (int32_t *)b->buf;
+    }
+    return 0;
+}
+
+static void view_close(View *v) {
+    for (int i = 0; i < v->got; i++) PyBuffer_Release(&v->buf[i]);
+}
+
+static PyObject *build_draft(int32_t *tokens, int32_t *parents, double *probs, int n) {
+    PyObject *t = PyList_New(n), *p = PyList_New(n), *q = PyList_New(n);
+    if (!t || !p || !q) goto fail;
+    for (int i = 0; i < n; i++) {
+        PyObject *a = PyLong_FromLong(tokens[i]), *b = PyLong_FromLong(parents[i]), *c = PyFloat_FromDouble(probs[i]);
+        if (!a || !b || !c) {
+            Py_XDECREF(a);
+            Py_XDECREF(b);
+            Py_XDECREF(c);
+            goto fail;
+        }
+        PyList_SET_ITEM(t, i, a);
+        PyList_SET_ITEM(p, i, b);
+        PyList_SET_ITEM(q, i, c);
+    }
+    return Py_BuildValue("NNN", t, p, q);
+fail:
+    Py_XDECREF(t);
+    Py_XDECREF(p);
+    Py_XDECREF(q);
+    return NULL;
+}
+
+static PyObject *draft_path(PyObject *self, PyObject *args) {
+    PyObject *fields;
+    int node, budget, max_depth;
+    double min_prob;
+    if (!PyArg_ParseTuple(args, "Oiidi", &fields, &node, &budget, &min_prob, &max_depth)) return NULL;
+    View v;
+    PyObject *result = NULL;
+    int32_t *tokens = NULL, *parents = NULL;
+    double *probs = NULL;
+    if (view_open(&v, fields) < 0) goto done;
+    if (budget < 0) budget = 0;
+    tokens = PyMem_Malloc(sizeof(int32_t) * (budget + 1));
+    parents = PyMem_Malloc(sizeof(int32_t) * (budget + 1));
+    probs = PyMem_Malloc(sizeof(double) * (budget + 1));
+    if (!tokens || !parents || !probs) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int n_out = 0;
+    double prob = 1.0;
+    int32_t n = v.dep[node] >= max_depth ? v.link[node] : node;
+    while (n_out < budget) {
+        int32_t c = v.best[n];
+        if (c < 0) break;
+        prob *= (double)v.cnt[c] / (double)v.out[n];
+        if (prob < min_prob) break;
+        tokens[n_out] = v.tok[c];
+        parents[n_out] = n_out - 1;
+        probs[n_out] = prob;
+        n_out++;
+        n = v.dep[c] >= max_depth ? v.link[c] : c;
+    }
+    result = build_draft(tokens, parents, probs, n_out);
+done:
+    PyMem_Free(tokens);
+    PyMem_Free(parents);
+    PyMem_Free(probs);
+    view_close(&v);
+    return result;
+}
+
+typedef struct {
+    double neg;        /* -(path probability) */
+    long order;        /* push order: ties pop first-pushed first */
+    int32_t parent;    /* draft index of the parent (-1: the context) */
+    int32_t owner;     /* trie node whose children these siblings are */
+    int32_t rank;      /* which sibling */
+    int32_t ranked;    /* index into the ranked lists, -1 while only `best` is known */
+    double parent_prob;
+} Entry;
+
+static int entry_less(const Entry *a, const Entry *b) {
+    return a->neg < b->neg || (a->neg == b->neg && a->order < b->order);
+}
+
+static void heap_push(Entry *h, int *n, Entry e) {
+    int i = (*n)++;
+    h[i] = e;
+    while (i > 0) {
+        int p = (i - 1) / 2;
+        if (!entry_less(&h[i], &h[p])) break;
+        Entry t = h[i];
+        h[i] = h[p];
+        h[p] = t;
+        i = p;
+    }
+}
+
+static Entry heap_pop(Entry *h, int *n) {
+    Entry top = h[0];
+    h[0] = h[--(*n)];
+    int i = 0;
+    for (;;) {
+        int l = 2 * i + 1, r = l + 1, m = i;
+        if (l < *n && entry_less(&h[l], &h[m])) m = l;
+        if (r < *n && entry_less(&h[r], &h[m])) m = r;
+        if (m == i) break;
+        Entry t = h[i];
+        h[i] = h[m];
+        h[m] = t;
+        i = m;
+    }
+    return top;
+}
+
+static const int32_t *sort_cnt, *sort_tok;
+
+static int rank_cmp(const void *x, const void *y) {
+    int32_t a = *(const int32_t *)x, b = *(const int32_t *)y;
+    if (sort_cnt[a] != sort_cnt[b]) return sort_cnt[a] > sort_cnt[b] ? -1 : 1;
+    return (sort_tok[a] > sort_tok[b]) - (sort_tok[a] < sort_tok[b]);
+}
+
+typedef struct {
+    int32_t *items;
+    int len;
+} Ranked;
+
+static PyObject *draft_tree(PyObject *self, PyObject *args) {
+    PyObject *fields, *kids;
+    int node, budget, max_depth;
+    double min_prob;
+    if (!PyArg_ParseTuple(args, "OO!iidi", &fields, &PyDict_Type, &kids, &node, &budget, &min_prob, &max_depth))
+        return NULL;
+    View v;
+    PyObject *result = NULL;
+    if (budget < 0) budget = 0;
+    int32_t *tokens = PyMem_Malloc(sizeof(int32_t) * (budget + 1));
+    int32_t *parents = PyMem_Malloc(sizeof(int32_t) * (budget + 1));
+    double *probs = PyMem_Malloc(sizeof(double) * (budget + 1));
+    Entry *heap = PyMem_Malloc(sizeof(Entry) * (2 * budget + 2));
+    Ranked *ranked = PyMem_Malloc(sizeof(Ranked) * (budget + 1));
+    int n_ranked = 0;
+    if (view_open(&v, fields) < 0) goto done;
+    if (!tokens || !parents || !probs || !heap || !ranked) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int n_out = 0, n_heap = 0;
+    long order = 0;
+    int32_t n = v.dep[node] >= max_depth ? v.link[node] : node;
+    int32_t b = v.best[n];
+    if (b >= 0 && (double)v.cnt[b] / (double)v.out[n] >= min_prob) {
+        Entry e = {-((double)v.cnt[b] / (double)v.out[n]), order, -1, n, 0, -1, 1.0};
+        heap_push(heap, &n_heap, e);
+    }
+    while (n_heap > 0 && n_out < budget) {
+        Entry e = heap_pop(heap, &n_heap);
+        int32_t c = e.ranked >= 0 ? ranked[e.ranked].items[e.rank] : v.best[e.owner];
+        int32_t idx = n_out;
+        tokens[n_out] = v.tok[c];
+        parents[n_out] = e.parent;
+        probs[n_out] = -e.neg;
+        n_out++;
+        int32_t total = v.out[e.owner];
+        if (e.ranked < 0 && e.parent_prob * (double)(total - v.cnt[c]) / (double)total >= min_prob) {
+            /* rank the siblings that can reach min_prob, best first */
+            PyObject *key = PyLong_FromLong(e.owner);
+            if (!key) goto done;
+            PyObject *inner = PyDict_GetItemWithError(kids, key);
+            Py_DECREF(key);
+            if (!inner && PyErr_Occurred()) goto done;
+            Ranked r = {NULL, 0};
+            Py_ssize_t size = inner ? PyDict_GET_SIZE(inner) : 1;
+            r.items = PyMem_Malloc(sizeof(int32_t) * (size_t)size);
+            if (!r.items) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            if (!inner) {
+                r.items[r.len++] = v.best[e.owner];
+            } else {
+                Py_ssize_t pos = 0;
+                PyObject *k, *val;
+                while (PyDict_Next(inner, &pos, &k, &val)) {
+                    int32_t ch = (int32_t)PyLong_AsLong(val);
+                    if (e.parent_prob * (double)v.cnt[ch] / (double)total >= min_prob) r.items[r.len++] = ch;
+                }
+                sort_cnt = v.cnt;
+                sort_tok = v.tok;
+                qsort(r.items, (size_t)r.len, sizeof(int32_t), rank_cmp);
+            }
+            ranked[n_ranked] = r;
+            e.ranked = n_ranked++;
+        }
+        if (e.ranked >= 0 && e.rank + 1 < ranked[e.ranked].len) {
+            order++;
+            int32_t sib = ranked[e.ranked].items[e.rank + 1];
+            Entry s = {-(e.parent_prob * (double)v.cnt[sib] / (double)total), order, e.parent, e.owner, e.rank + 1,
+                       e.ranked, e.parent_prob};
+            heap_push(heap, &n_heap, s);
+        }
+        int32_t m = v.dep[c] >= max_depth ? v.link[c] : c;
+        int32_t mb = v.best[m];
+        if (mb >= 0) {
+            double p = -e.neg * (double)v.cnt[mb] / (double)v.out[m];
+            if (p >= min_prob) {
+                order++;
+                Entry ch = {-p, order, idx, m, 0, -1, -e.neg};
+                heap_push(heap, &n_heap, ch);
+            }
+        }
+    }
+    result = build_draft(tokens, parents, probs, n_out);
+done:
+    for (int i = 0; i < n_ranked; i++) PyMem_Free(ranked[i].items);
+    PyMem_Free(ranked);
+    PyMem_Free(heap);
+    PyMem_Free(tokens);
+    PyMem_Free(parents);
+    PyMem_Free(probs);
+    view_close(&v);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"extend", extend, METH_VARARGS,
      "extend((token, depth, count, out, best, link, free), kids, nfree, size, cursor, tokens, max_depth)"
      " -> (cursor, size, nfree, new_nodes, new_dicts)"},
+    {"draft_path", draft_path, METH_VARARGS,
+     "draft_path(fields, node, budget, min_prob, max_depth) -> (tokens, parents, probs)"},
+    {"draft_tree", draft_tree, METH_VARARGS,
+     "draft_tree(fields, kids, node, budget, min_prob, max_depth) -> (tokens, parents, probs)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -52,7 +52,7 @@ class SuffixTrie:
     tries alive until one ran. A node costs 24 bytes, plus a small dict if it has 2+ children."""
 
     def __init__(self, max_depth: int, native: bool | None = None) -> None:
-        """`native`: append through the C extension (None: when it is built; False: the pure-Python path)."""
+        """`native`: append and draft through the C extension (None: when it is built; False: pure Python)."""
         if native and _native is None:
             raise GlassboxError("the suffix trie's C extension is not built (reinstall glassbox with a compiler)")
         self.native = _native is not None if native is None else native
@@ -118,7 +118,7 @@ class SuffixTrie:
             for t in tokens:
                 cursor = self.append(cursor, t)
             return cursor
-        fields = (self.token, self.depth, self.count, self.out, self.best, self.link, self.free)
+        fields = (*self._fields(), self.free)
         cursor, self.size, self.nfree, nodes, dicts = _native.extend(
             fields, self.kids, self.nfree, self.size, cursor, tokens, self.max_depth)
         self.num_nodes += nodes
@@ -249,8 +249,13 @@ class SuffixTrie:
             m = self.advance(m, t)
         return m
 
+    def _fields(self) -> tuple[array, ...]:
+        return (self.token, self.depth, self.count, self.out, self.best, self.link)
+
     def draft_path(self, node: int, budget: int, min_prob: float) -> TreeDraft:
         """Follow the most frequent continuation while the path probability stays >= min_prob."""
+        if self.native:
+            return TreeDraft(*_native.draft_path(self._fields(), node, budget, min_prob, self.max_depth))
         tokens: list[int] = []
         probs: list[float] = []
         prob = 1.0
@@ -275,6 +280,8 @@ class SuffixTrie:
         taken, so the heap never holds more than two entries per taken node. Siblings are ranked only when the
         first is taken and some second could still reach min_prob, and only those that can: shallow nodes have
         thousands of children, and sorting them all made the slowest calls milliseconds long."""
+        if self.native:
+            return TreeDraft(*_native.draft_tree(self._fields(), self.kids, node, budget, min_prob, self.max_depth))
         tokens: list[int] = []
         parents: list[int] = []
         probs: list[float] = []

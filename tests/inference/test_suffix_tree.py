@@ -173,6 +173,22 @@ def test_native_extend_equals_python_appends_through_insertions_and_evictions():
     assert c.depth[cursor] == 6
 
 
+@pytest.mark.skipif(suffix_tree._native is None, reason="C extension not built")
+@pytest.mark.parametrize("min_prob", [0.0, 0.05, 0.3])
+def test_native_drafts_equal_python_drafts(min_prob):
+    rng = random.Random(5)
+    tries = {flag: SuffixTrie(6, native=flag) for flag in (False, True)}
+    for _ in range(12):
+        s = random_stream(rng, 80, vocab=5)
+        for t in tries.values():
+            t.insert(s)
+    py, c = tries[False], tries[True]
+    for node in range(1, py.size, 7):
+        for budget in (1, 4, 12):
+            assert py.draft_path(node, budget, min_prob) == c.draft_path(node, budget, min_prob)
+            assert py.draft_tree(node, budget, min_prob) == c.draft_tree(node, budget, min_prob)
+
+
 def test_advance_tracks_the_longest_stored_suffix():
     rng = random.Random(2)
     corpus = [random_stream(rng, 40, vocab=3) for _ in range(3)]
