@@ -6,7 +6,10 @@ batch size, micro-batch, LR scale and progress: a `ReplayPlan`), so a run whose 
 the data-order log says and that the batch it will take hashes to the logged value, so a replay on other data
 stops at the first wrong batch instead of reporting a meaningless difference. After step N every tensor (weights
 and optimizer state) is compared with checkpoint N: "bit-exact" when all are identical, else the largest
-absolute difference; the replayed loss of step N is compared with the logged one.
+absolute difference; the replayed loss of step N is compared with the logged one. A SCAR partial recovery
+recorded in the run's manifest is re-applied right after its step (the same blocks from the same sources and
+steps), so a run that lost ranks replays bit-exactly too (at the run's world size: `torchrun --nproc-per-node W
+-m glassbox.cli reproduce ...`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ class ReplaySource:
     order_dir: Path                    # the directory holding data_order.zarr
     metrics: list[dict[str, Any]]
     data_paths: list[str] | None       # None: the paths in the config
+    run_dir: Path | None = None        # a run's directory: its SCAR store and recorded recoveries
+    recoveries: dict[int, dict[str, Any]] = field(default_factory=dict)   # partial recoveries by failure step
 
 
 def from_run(run_dir: Path) -> ReplaySource:
@@ -39,9 +44,11 @@ def from_run(run_dir: Path) -> ReplaySource:
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise GlassboxError(f"{config} is missing: not a glassbox run directory")
+    from glassbox.fault_tolerance.events import partial_events
+
     return ReplaySource(config.read_text(), list_checkpoints(run_dir), run_dir,
                         read_metrics(run_dir / "metrics.jsonl", required=True),
-                        None)
+                        None, run_dir, partial_events(run_dir))
 
 
 def from_release(release_dir: Path) -> ReplaySource:
@@ -142,6 +149,11 @@ def _replay(trainer, source: ReplaySource, order_log, start: int, step: int) -> 
     for s in tqdm(range(start + 1, step + 1), desc=f"replay {start}->{step}", unit="step"):
         _check_batch(trainer.state.sampler, order_log, s)
         metrics = trainer.train_step()
+        if s in source.recoveries:      # the run lost ranks after step s: the same blocks, restored the same way
+            from glassbox.fault_tolerance.events import reapply
+
+            reapply(trainer.state.model, trainer.state.optimizer, source.recoveries[s], source.run_dir,
+                    trainer.world.rank, trainer.world.world_size)
     return _flat_tensors(trainer), metrics
 
 

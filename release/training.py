@@ -21,7 +21,7 @@ def scratch_config(config_text: str, work_dir: Path, data_paths: list[str] | Non
 
     data = yaml.safe_load(config_text)
     overrides = [f"run_dir={work_dir}", "checkpoint.resume=null", "logging.wandb.mode=disabled",
-                 "logging.progress=false"]
+                 "logging.progress=false", "fault_tolerance.recovery=none", "fault_tolerance.inject=null"]
     data = apply_overrides(data, overrides)
     if data_paths is not None:
         section = data.setdefault("data", {})

@@ -2,7 +2,8 @@
 
 The same flags work for `torchrun --nproc-per-node N -m glassbox.train`. Shortcut flags are sugar for `--set`:
 `--data DIR` is `--set data.path=DIR`, `--run-dir DIR` is `--set run_dir=DIR`, `--steps N` is
-`--set schedule.steps=N`, `--resume X` is `--set checkpoint.resume=X`. Steps set here below the config's
+`--set schedule.steps=N`, `--resume X` is `--set checkpoint.resume=X`, `--recovery R` is
+`--set fault_tolerance.recovery=R` (with `--resume auto`), `--inject-failure SPEC` is `--set fault_tolerance.inject=SPEC`. Steps set here below the config's
 `warmup_steps` shorten the warmup to the run (with a warning), so a quick `--steps 10` of any config runs.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from glassbox.errors import GlassboxError
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+FAULT_TOLERANT_RESTARTS = 3     # torchrun --max-restarts of `--nproc N` runs with fault_tolerance.recovery set
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -27,6 +29,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", help="run directory (sets run_dir)")
     p.add_argument("--steps", type=int, help="optimizer steps (sets schedule.steps)")
     p.add_argument("--resume", help="'auto' or a checkpoint path (sets checkpoint.resume)")
+    p.add_argument("--recovery", choices=["full", "partial"],
+                   help="after a restart (torchrun --max-restarts): roll every rank back to the last checkpoint "
+                        "(full), or keep the survivors' state and restore only the lost ranks' (partial, SCAR); "
+                        "sets fault_tolerance.recovery, and --resume auto unless --resume is given")
+    p.add_argument("--inject-failure", metavar="rank=K,step=S[,mid_save]",
+                   help="kill -9 rank K at step S (or mid-way through its partial checkpoint of step S), once per "
+                        "run directory, to test recovery (sets fault_tolerance.inject)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set optimizer.lr=1e-3 (repeatable)")
 
@@ -44,8 +53,10 @@ def resolve_config_path(name: str) -> Path:
 
 def overrides_from_args(args: argparse.Namespace) -> list[str]:
     # JSON-quoted values are valid YAML scalars, so a path like "2024" stays a string.
+    resume = args.resume if args.resume is not None or args.recovery is None else "auto"
     shortcuts = [("data.path", args.data), ("run_dir", args.run_dir), ("schedule.steps", args.steps),
-                 ("checkpoint.resume", args.resume)]
+                 ("checkpoint.resume", resume), ("fault_tolerance.recovery", args.recovery),
+                 ("fault_tolerance.inject", args.inject_failure)]
     return [f"{key}={json.dumps(value)}" for key, value in shortcuts if value is not None] + list(args.overrides)
 
 
@@ -86,13 +97,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-def torchrun_command(args: argparse.Namespace, overrides: list[str]) -> list[str]:
-    """`overrides` as resolved here (`resolved_overrides`), so the ranks get a clamped warmup as given."""
+def torchrun_command(args: argparse.Namespace, overrides: list[str], max_restarts: int = 0) -> list[str]:
+    """`overrides` as resolved here (`resolved_overrides`), so the ranks get a clamped warmup as given;
+    `max_restarts`: how often torchrun restarts the workers after a failure (fault-tolerant runs)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-           "-m", "glassbox.train", "--config", str(resolve_config_path(args.config))]
+           f"--max-restarts={max_restarts}", "-m", "glassbox.train", "--config", str(resolve_config_path(args.config))]
     for override in overrides:
         cmd += ["--set", override]
     return cmd
+
+
+def torchrun_env(max_restarts: int) -> dict[str, str]:
+    """The environment for torchrun. With restarts, each rendezvous round gets a fresh TCP store: on a shared
+    one (torchrun's default) the restarted workers can read their dead predecessors' gloo addresses and fail to
+    connect ("Connection refused"), which we saw on every slow restart."""
+    env = dict(os.environ)
+    if max_restarts:
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    return env
 
 
 def summary(state) -> str:
@@ -111,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = resolved_overrides(args)
     cfg = load_run_config(resolve_config_path(args.config), overrides)
     if args.nproc > 1:
-        return subprocess.call(torchrun_command(args, overrides))
+        restarts = FAULT_TOLERANT_RESTARTS if cfg.fault_tolerance.enabled else 0
+        return subprocess.call(torchrun_command(args, overrides, restarts), env=torchrun_env(restarts))
     from glassbox.train.trainer import Trainer
 
     state = Trainer(cfg).fit()

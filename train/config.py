@@ -13,6 +13,7 @@ from typing import Literal
 from glassbox.checkpoints.config import CheckpointConfig
 from glassbox.config import ConfigError, apply_overrides, from_dict, load_yaml
 from glassbox.data.config import DataConfig
+from glassbox.fault_tolerance.config import FaultToleranceConfig
 from glassbox.models.transformer import ModelConfig
 
 
@@ -163,6 +164,7 @@ class RunConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
     run_dir: str = "runs/default"
     seed: int = 0                 # seeds Python, numpy and torch (model init); the data order has data.seed
 
@@ -177,6 +179,9 @@ class RunConfig:
             )
         if not self.run_dir:
             raise ConfigError("run_dir: must not be empty")
+        if self.fault_tolerance.enabled and self.checkpoint.resume is None:
+            raise ConfigError("fault_tolerance.recovery: a restarted run resumes from its checkpoints first, so it "
+                              "needs checkpoint.resume: auto (or a path)")
 
 
 def run_config_from_dict(data: dict) -> RunConfig:

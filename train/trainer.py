@@ -31,6 +31,7 @@ from glassbox.atomic import sha256_file, write_text
 from glassbox.config import ConfigError, dump_yaml
 from glassbox.distributed import rank0_decides
 from glassbox.errors import GlassboxError
+from glassbox.fault_tolerance.callback import ScarCallback
 from glassbox.train.callbacks import Callback, GradientStats, ordered
 from glassbox.train.checkpointing import CheckpointCallback
 from glassbox.train.config import RunConfig
@@ -77,7 +78,10 @@ def default_callbacks(cfg: RunConfig) -> list[Callback]:
     state, which the callbacks after it then see), wandb and the progress bar (last)."""
     dirs = cfg.data.dirs()
     checkpoints = CheckpointCallback(cfg.checkpoint, Path(cfg.run_dir), tokenizer_dir=dirs[0] if dirs else None)
-    return [checkpoints, WandbLogger(), ProgressBar(cfg.logging.progress)]
+    callbacks = [checkpoints, WandbLogger(), ProgressBar(cfg.logging.progress)]
+    if cfg.fault_tolerance.enabled:     # SCAR: partial checkpoints, survivor copies, recovery after a restart
+        callbacks.append(ScarCallback(cfg.fault_tolerance, Path(cfg.run_dir)))
+    return callbacks
 
 
 # SDPA kernels in order of preference on CUDA: cuDNN attention is faster than flash attention on Hopper.
