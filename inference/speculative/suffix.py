@@ -125,18 +125,21 @@ class SuffixCache:
     def finish(self, req_id: Any, learn: bool = True) -> None:
         """Free the request's trie; with `learn`, its output joins the global trie (evicting the oldest)."""
         req = self._active.pop(req_id, None)
-        if req is None or not learn or self.config.max_cached_requests == 0:
+        if req is not None and learn:
+            self.learn(req_id, req.tokens[req.prompt_len:])
+
+    def learn(self, req_id: Any, output: list[int]) -> None:
+        """Add a finished output to the global trie (evicting the oldest beyond the cap)."""
+        if not output or self.config.max_cached_requests == 0:
             return
-        output = array("i", req.tokens[req.prompt_len:])
-        if not output:
-            return
+        kept = array("i", output)
         if req_id in self._cached:
             self._evict(req_id)
         while len(self._cached) >= self.config.max_cached_requests:
             self._evict(next(iter(self._cached)))
-        self._cached[req_id] = output
-        self._cached_tokens += len(output)
-        self.global_trie.insert(output)
+        self._cached[req_id] = kept
+        self._cached_tokens += len(kept)
+        self.global_trie.insert(kept)
 
     def _evict(self, req_id: Any) -> None:
         output = self._cached.pop(req_id)
@@ -263,12 +266,15 @@ class SuffixProposer:
 
     def on_finished(self, seq: "Sequence") -> None:
         """Free the sequence's trie; a completed (not aborted or failed) output joins the global trie."""
-        if not self.cache.is_active(seq.seq_id):
+        learn = seq.finish_reason not in ("abort", "error")
+        if not self.cache.is_active(seq.seq_id):  # never drafted for (e.g. speculation was off for it)
+            if learn:
+                self.cache.learn(seq.seq_id, seq.token_ids[seq.prompt_len:])
             return
         seen = self.cache.num_tokens(seq.seq_id)
         if len(seq.token_ids) > seen:
             self.cache.extend(seq.seq_id, seq.token_ids[seen:])
-        self.cache.finish(seq.seq_id, learn=seq.finish_reason not in ("abort", "error"))
+        self.cache.finish(seq.seq_id, learn=learn)
 
     def stats(self) -> dict[str, float]:
         return self.cache.stats()

@@ -304,6 +304,11 @@ def test_proposer_is_registered_and_frees_trees_of_finished_and_aborted_sequence
     assert stats["cached_tokens"] == 4 and stats["tree_nodes"] > 0 and stats["tree_bytes"] > 0
     c = fake_seq(3, [0, 1, 2, 3], prompt_len=1)  # a new request drafts from the finished one's output
     assert prop.propose([c], max_tokens=2)[0].tokens == (4,)
+    d = fake_seq(4, [8, 5, 6, 7], prompt_len=1, reason="stop")  # never drafted for, still learnt from
+    prop.on_finished(d)
+    assert prop.stats()["cached_requests"] == 2
+    e = fake_seq(5, [9, 5, 6], prompt_len=1)
+    assert prop.propose([e], max_tokens=2)[0].tokens == (7,)
 
 
 def test_global_trie_stays_under_its_cap():
