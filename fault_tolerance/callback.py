@@ -158,7 +158,13 @@ class ScarCallback:
     def on_step_start(self, state: Any, spec: Any, tokens: torch.Tensor) -> None:
         if self.injector is not None and not self.injector.spec.mid_save and self.injector.due(spec.step):
             self._finish_write()
-            self.injector.kill(self.access, f"start of step {spec.step}")
+            if self.injector.spec.in_process:
+                from glassbox.fault_tolerance.restart import lose_in_process
+
+                lose_in_process(self)
+                self.injector.armed = False
+            else:
+                self.injector.kill(self.access, f"start of step {spec.step}")
 
     def on_after_backward(self, state: Any, grads: Any) -> None:
         if self._guard is not None:

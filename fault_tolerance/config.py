@@ -18,36 +18,44 @@ from glassbox.config import ConfigError
 @dataclass(frozen=True)
 class FailureInjection:
     """Kill rank `rank` with SIGKILL when it starts step `step` (or, with `mid_save`, while it writes its blocks
-    of the partial checkpoint of that step), after wiping its node-local copies: the loss of a node."""
+    of the partial checkpoint of that step), after wiping its node-local copies: the loss of a node.
+
+    `in_process` loses the rank's state without killing it: at the start of step `step` its blocks are
+    restored in place, through the same recovery code and sources a restart uses (the benchmark's control for
+    a real kill -9, which must give the same run)."""
 
     rank: int
     step: int
     mid_save: bool = False
+    in_process: bool = False
 
     @classmethod
     def parse(cls, text: str, where: str = "fault_tolerance.inject") -> "FailureInjection":
         """`rank=1,step=40` or `rank=1,step=40,mid_save`."""
         fields: dict[str, int] = {}
-        mid_save = False
+        flags = {"mid_save": False, "in_process": False}
         for part in (p.strip() for p in text.split(",")):
-            if part == "mid_save":
-                mid_save = True
+            if part in flags:
+                flags[part] = True
                 continue
             key, sep, value = part.partition("=")
             if not sep or key not in ("rank", "step") or key in fields:
-                raise ConfigError(f"{where}: expected 'rank=K,step=S[,mid_save]', got {text!r} (at {part!r})")
+                raise ConfigError(f"{where}: expected 'rank=K,step=S[,mid_save|in_process]', got {text!r} (at {part!r})")
             try:
                 fields[key] = int(value)
             except ValueError:
                 raise ConfigError(f"{where}: {key} must be an integer, got {value!r}") from None
         if set(fields) != {"rank", "step"}:
-            raise ConfigError(f"{where}: expected 'rank=K,step=S[,mid_save]', got {text!r}")
+            raise ConfigError(f"{where}: expected 'rank=K,step=S[,mid_save|in_process]', got {text!r}")
         if fields["rank"] < 0 or fields["step"] < 1:
             raise ConfigError(f"{where}: rank must be >= 0 and step >= 1, got {text!r}")
-        return cls(fields["rank"], fields["step"], mid_save)
+        if flags["mid_save"] and flags["in_process"]:
+            raise ConfigError(f"{where}: mid_save and in_process exclude each other, got {text!r}")
+        return cls(fields["rank"], fields["step"], **flags)
 
     def __str__(self) -> str:
-        return f"rank={self.rank},step={self.step}" + (",mid_save" if self.mid_save else "")
+        return f"rank={self.rank},step={self.step}" + "".join(f",{f}" for f in ("mid_save", "in_process")
+                                                               if getattr(self, f))
 
 
 @dataclass
@@ -62,7 +70,7 @@ class FaultToleranceConfig:
     rows_per_block: int = 0         # rows of a parameter per block; 0: about `block_elements` elements per block
     block_elements: int = 65536
     local_dir: str = "/dev/shm/glassbox-scar"   # node-local fast storage for the survivors' copies
-    inject: str | None = None       # "rank=K,step=S[,mid_save]": kill -9 rank K at step S (tests, benchmarks)
+    inject: str | None = None       # "rank=K,step=S[,mid_save|in_process]": kill -9 rank K at step S (tests, benches)
     seed: int = 0                   # the random strategy's generator
 
     def validate(self) -> None:

@@ -151,8 +151,29 @@ def _apply_loop(state: Any, loop: dict[str, Any], rng: dict[str, Any]) -> None:
     restore_rng(rng)
 
 
-def _restore_lost_rank(cb: "ScarCallback", k: int, lost: list[int], checkpoint: Path | None):
-    """This rank's blocks from the newest source, and its Adam step count set to the survivors' `k`."""
+def lose_in_process(cb: "ScarCallback") -> None:
+    """The injected failure without the kill: this rank's blocks restored in place from the same sources a
+    restart would use (block store, newest committed checkpoint), the event recorded like a restart's. Only
+    this rank changes; the others go on as survivors do."""
+    from glassbox.checkpoints.layout import checkpoints_root, list_checkpoints
+
+    k = cb.access.step
+    committed = list_checkpoints(checkpoints_root(cb.run_dir))
+    checkpoint = committed[-1][1] if committed else None
+    before = {b: cb.access.read(b) for b in cb.access.blocks}
+    event = _restore_lost_rank(cb, k, [cb.rank], checkpoint, before)
+    record = events.partial_record(event, [r for r in range(cb.world_size) if r != cb.rank],
+                                   checkpoint.name if checkpoint else None, committed[-1][0] if committed else None,
+                                   _now())
+    events.append_event(cb.run_dir, {**record, "in_process": True})
+    cb.log(f"[scar] in-process failure of rank {cb.rank} after step {k}: {record['lost_blocks']} blocks restored "
+           f"({record['sources']}), ||delta|| = {event.delta_norm:.4g}")
+
+
+def _restore_lost_rank(cb: "ScarCallback", k: int, lost: list[int], checkpoint: Path | None,
+                       truth: dict[BlockId, dict[str, torch.Tensor]] | None = None):
+    """This rank's blocks from the newest source, and its Adam step count set to the survivors' `k`; `truth`
+    (the values lost) defaults to what an injected victim recorded."""
     state = cb.state
     sources: list[BlockSource] = []
     if cb.store is not None:
@@ -161,7 +182,7 @@ def _restore_lost_rank(cb: "ScarCallback", k: int, lost: list[int], checkpoint: 
         sources.append(CheckpointSource(checkpoint))
     else:
         sources.append(SnapshotSource.of_access("initialization", cb.access))
-    truth = read_truth(cb.dir, cb.rank, k)
+    truth = truth if truth is not None else read_truth(cb.dir, cb.rank, k)
     progress = _progress_norm(truth, sources[-1]) if truth is not None else None
     event = recover_blocks(cb.access, cb.access.blocks, sources, step=k, lost_ranks=lost, before=truth,
                            progress_norm=progress, log=cb.log)
