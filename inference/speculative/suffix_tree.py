@@ -14,14 +14,20 @@ Why suffix links (node for s -> node for s[1:]):
   string minus its oldest token), so long drafts stay possible after long matches.
 
 Each node keeps its most frequent child (`best`, ties to the smaller token id), updated in O(1) when counts grow,
-so path drafting never scans siblings; the full order is computed only for nodes a tree draft expands. Most
-nodes have one child, held in `best` alone; a children dict exists only from the second child on.
+so path drafting never scans siblings; a tree draft ranks a node's other children only when one of them could
+still reach min_token_prob. Most nodes have one child, held in `best` alone; a children dict exists only from the
+second child on.
+
+The append loop and both drafting walks also exist in C (_suffix_trie.c, built by `pip install` when a compiler
+is there) working on the same arrays; the Python code here is the fallback and the reference the tests hold the
+C code to.
 """
 
 from __future__ import annotations
 
 import heapq
 from array import array
+from dataclasses import dataclass
 
 from glassbox.errors import GlassboxError
 
@@ -29,7 +35,6 @@ try:
     from glassbox.inference.speculative import _suffix_trie as _native
 except ImportError:  # built by `pip install` when a C compiler is there; the Python path is the same trie
     _native = None
-from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
