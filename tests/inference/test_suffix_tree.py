@@ -311,6 +311,17 @@ def test_proposer_is_registered_and_frees_trees_of_finished_and_aborted_sequence
     assert prop.propose([e], max_tokens=2)[0].tokens == (7,)
 
 
+def test_proposer_rebuilds_a_sequence_that_lost_tokens():
+    prop = SuffixProposer(SuffixConfig(max_depth=6, mode="path"))
+    seq = fake_seq(1, [1, 2, 3, 1, 2], prompt_len=2)
+    assert prop.propose([seq], max_tokens=1)[0].tokens == (3,)
+    seq.token_ids = [1, 2, 4, 1]                # shorter than what the proposer saw: its trie is rebuilt
+    assert prop.propose([seq], max_tokens=1)[0].tokens == (2,)
+    seq.token_ids += [2]
+    assert prop.propose([seq], max_tokens=1)[0].tokens == (4,)
+    assert prop.cache.num_tokens(1) == 5 and prop.stats()["cached_requests"] == 0
+
+
 def test_global_trie_stays_under_its_cap():
     prop = SuffixProposer(SuffixConfig(max_depth=6, max_cached_requests=4))
     rng = random.Random(4)
