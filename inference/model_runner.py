@@ -253,8 +253,12 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.tree_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._tree_inputs: GraphInputs | None = None
+        self._move: tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor] | None = None
+        self._move_max = 0
         if self.use_graphs:
             self._capture(graph_batch_sizes(max_num_seqs), -(-max_model_len // block_size), dict(tree_rows or {}))
+            if tree_rows:
+                self._capture_move(max(b * (t - 1) for b, t in tree_rows.items()))
         if compile:
             self._compile_eager_structures()
 
@@ -483,14 +487,44 @@ class ModelRunner:
     def move_kv(self, src: list[int], dst: list[int]) -> None:
         """Copy the KV at cache slots `src` to slots `dst` in every layer: an accepted draft path's nodes were
         written at the slots after the last token in node order, and belong at the positions of their depths.
-        Every source is read before any destination is written."""
+        Every source is read before any destination is written. On CUDA one captured graph does every layer's
+        copy (two small kernels a layer, eagerly, would cost a good part of a small model's decode step)."""
         if not src:
+            return
+        if self._move is not None and len(src) <= self._move_max:
+            graph, host, dev = self._move
+            m, pad = self._move_max, self.scratch * self.block_size
+            host.numpy()[:] = src + [pad] * (m - len(src)) + dst + [pad] * (m - len(dst))
+            dev.copy_(host, non_blocking=True)
+            graph.replay()
+            torch.cuda.current_stream().synchronize()         # the host buffer is reused by the next move
             return
         s = torch.tensor(src, device=self.device)
         d = torch.tensor(dst, device=self.device)
+        self._copy_slots(s, d)
+
+    def _copy_slots(self, s: torch.Tensor, d: torch.Tensor) -> None:
         for kc, vc in zip(self.k_cache, self.v_cache):
             kc[d] = kc[s]
             vc[d] = vc[s]
+
+    def _capture_move(self, max_moves: int) -> None:
+        """The KV move as one graph over `max_moves` (source, destination) slot pairs; unused pairs copy the
+        scratch block's first slot onto itself."""
+        host = torch.full((2 * max_moves,), self.scratch * self.block_size, dtype=torch.long, pin_memory=True)
+        dev = host.to(self.device)
+        s, d = dev[:max_moves], dev[max_moves:]
+        with torch.inference_mode():
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._copy_slots(s, d)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._copy_slots(s, d)
+        torch.cuda.synchronize()
+        self._move, self._move_max = (graph, host, dev), max_moves
 
 
 class GraphInputs:

