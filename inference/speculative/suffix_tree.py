@@ -36,6 +36,8 @@ try:
 except ImportError:  # built by `pip install` when a C compiler is there; the Python path is the same trie
     _native = None
 
+_CHUNK = 1024  # tokens per native extend call
+
 
 @dataclass(frozen=True)
 class TreeDraft:
@@ -116,18 +118,19 @@ class SuffixTrie:
 
     def extend(self, cursor: int, tokens: list[int]) -> int:
         """`append` each token in turn (in C when built); returns the new cursor."""
-        if not tokens:
-            return cursor
-        self._reserve(len(tokens) * self.max_depth)
-        if not self.native:
-            for t in tokens:
-                cursor = self.append(cursor, t)
-            return cursor
-        fields = (*self._fields(), self.free)
-        cursor, self.size, self.nfree, nodes, dicts = _native.extend(
-            fields, self.kids, self.nfree, self.size, cursor, tokens, self.max_depth)
-        self.num_nodes += nodes
-        self.num_dicts += dicts
+        # In chunks, so the worst-case reservation (every token a new node at every depth) stays small.
+        for lo in range(0, len(tokens), _CHUNK):
+            chunk = tokens[lo:lo + _CHUNK]
+            self._reserve(len(chunk) * self.max_depth)
+            if not self.native:
+                for t in chunk:
+                    cursor = self.append(cursor, t)
+                continue
+            fields = (*self._fields(), self.free)
+            cursor, self.size, self.nfree, nodes, dicts = _native.extend(
+                fields, self.kids, self.nfree, self.size, cursor, chunk, self.max_depth)
+            self.num_nodes += nodes
+            self.num_dicts += dicts
         return cursor
 
     def append(self, cursor: int, token: int) -> int:
