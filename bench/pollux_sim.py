@@ -24,7 +24,7 @@ import os
 import platform
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -65,6 +65,42 @@ def run_cell(cell: tuple[str, float, int, str, int, int, int]) -> dict:
             "jobs": len(result.jct), "restarts": sum(result.restarts.values()),
             "simulated_hours": result.timeline[-1]["time"] / 3600 if result.timeline else 0.0,
             "wall_s": time.perf_counter() - t0}
+
+
+def run_llm(args: argparse.Namespace, out_dir: Path) -> dict:
+    """Measure a glassbox LLM's trace on this machine and replay LLM jobs arriving as workload 6's first jobs."""
+    import math
+
+    from glassbox.elastic.sched.cli import make_policy
+    from glassbox.elastic.sched.llm_jobs import measure_llm_trace
+    from glassbox.elastic.sched.simulator import simulate
+    from glassbox.elastic.sched.traces import load_model_trace
+    from glassbox.elastic.sched.workload import Cluster, JobSpec, read_workload
+
+    t0 = time.perf_counter()
+    trace_dir = measure_llm_trace(args.llm_config, args.llm_data, out_dir / "glassbox-llm", init_batch=16,
+                                  max_batch=128, local_batches=(4, 8, 16, 32), world_sizes=(1, 2), steps=6,
+                                  epochs=4, steps_per_epoch=5, samples_per_epoch=args.llm_samples_per_epoch)
+    measure_s = time.perf_counter() - t0
+    trace = load_model_trace(trace_dir)
+    base = read_workload(workload_path(args.artifact, 1.0, 6))[: args.llm_jobs]
+    jobs = []
+    for i, spec in enumerate(base):
+        replicas = min(max(spec.num_replicas, 1), 8)
+        jobs.append(JobSpec(f"llm-{i}", spec.arrival, "glassbox-llm", replicas,
+                            min(max(16, 2 ** math.ceil(math.log2(4 * replicas))), 128)))
+    mean_jct = {}
+    for name in POLICIES:
+        policy = make_policy(name, population=args.population, generations=args.generations, seed=args.seed)
+        mean_jct[name] = simulate(jobs, {"glassbox-llm": trace}, policy, Cluster(16, 4)).mean_jct
+    provenance = json.loads((trace_dir / "provenance.json").read_text())
+    return {"config": args.llm_config, "jobs": len(jobs), "samples_per_epoch": args.llm_samples_per_epoch,
+            "measure_s": measure_s, "measurements": provenance["measurements"],
+            "throughput_params": provenance["throughput_params"],
+            "noise_scale_by_epoch": [float(trace.curves[16].grad_var[e] * 16 / trace.curves[16].grad_sqr[e])
+                                     for e in range(trace.max_epochs)],
+            "mean_jct": mean_jct, "reduction_vs_tiresias": reduction(mean_jct["pollux"], mean_jct["tiresias"]),
+            "reduction_vs_optimus": reduction(mean_jct["pollux"], mean_jct["optimus"])}
 
 
 def reduction(a: float | None, b: float | None) -> float | None:
@@ -109,18 +145,57 @@ def main() -> int:
     ap.add_argument("--generations", type=int, default=40, help="Pollux GA generations per 60 s round")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS / "pollux_sim")
+    ap.add_argument("--resume", action="store_true", help="keep the cells already in --out's JSON (same settings)")
+    ap.add_argument("--redo", nargs="*", default=[], choices=POLICIES, help="with --resume: recompute these")
+    ap.add_argument("--llm-data", type=Path, help="prepared DATA_DIR: also measure a glassbox LLM and replay LLM jobs")
+    ap.add_argument("--llm-config", default="tiny", help="run config of the LLM job type")
+    ap.add_argument("--llm-jobs", type=int, default=40)
+    ap.add_argument("--llm-samples-per-epoch", type=int, default=50_000,
+                    help="samples a simulated LLM job trains per measured epoch (4 epochs)")
     args = ap.parse_args()
 
+    settings = {"cluster": "16 nodes x 4 GPUs", "interval_s": 60, "restart_delay_s": 30,
+                "ga_population": args.population, "ga_generations": args.generations, "seed": args.seed}
+    machine = {"host": platform.node(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
+               "platform": platform.platform(), "workers": args.workers}
+    rows: list[dict] = []
+    extra: dict = {}
+    json_path = args.out.with_suffix(".json")
+    if args.resume and json_path.is_file():
+        previous = json.loads(json_path.read_text())
+        if previous.get("settings") == settings and previous.get("machine", {}).get("host") == machine["host"]:
+            rows = [r for r in previous["cells"] if r["policy"] not in args.redo]
+            extra = {"llm": previous["llm"]} if "llm" in previous else {}
+    if args.llm_data:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="pollux-llm-") as tmp:
+            extra["llm"] = run_llm(args, Path(tmp))
+        print("LLM jobs:", json.dumps(extra["llm"]["mean_jct"]), flush=True)
+    done = {(r["policy"], r["load"], r["workload"]) for r in rows}
     cells = [(p, ld, w, str(args.artifact), args.population, args.generations, args.seed)
-             for ld in args.loads for w in args.workloads for p in args.policies]
-    # Pollux cells are the slow ones: start them first so the pool's tail is short.
-    cells.sort(key=lambda c: c[0] != "pollux")
+             for ld in args.loads for w in args.workloads for p in args.policies if (p, ld, w) not in done]
+    # The summary's cells (1.0x load) first, and within a load the slow Pollux cells first; every finished cell
+    # is written out at once, so an interrupted sweep keeps what it has (--resume continues it).
+    cells.sort(key=lambda c: (c[1] != 1.0, c[1], c[0] != "pollux"))
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        rows = list(pool.map(run_cell, cells))
-    for r in rows:
-        print(f"{r['policy']:>8} load {r['load']:.1f} workload {r['workload']}: mean JCT {r['mean_jct']:8.1f} s "
-              f"(artifact {r['artifact_mean_jct'] or float('nan'):8.1f}), {r['wall_s']:.0f} s wall", flush=True)
+        futures = [pool.submit(run_cell, c) for c in cells]
+        for future in as_completed(futures):
+            r = future.result()
+            rows.append(r)
+            print(f"{r['policy']:>8} load {r['load']:.1f} workload {r['workload']}: mean JCT {r['mean_jct']:8.1f} s "
+                  f"(artifact {r['artifact_mean_jct'] or float('nan'):8.1f}), {r['wall_s']:.0f} s wall", flush=True)
+            summary = write_results(args.out, rows, machine, settings, time.perf_counter() - t0, extra)
+    if not cells:
+        summary = write_results(args.out, rows, machine, settings, 0.0, extra)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def write_results(path: Path, rows: list[dict], machine: dict, settings: dict, wall_s: float,
+                  extra: dict) -> dict:
+    """The JSON, markdown and plot of the cells so far; returns the summary."""
     rows.sort(key=lambda r: (r["load"], r["workload"], POLICIES.index(r["policy"])))
 
     def cell(policy: str, load: float = 1.0, number: int = 6, key: str = "mean_jct") -> float | None:
@@ -138,6 +213,7 @@ def main() -> int:
         "artifact_reduction_vs_optimus": reduction(artifact_jct.get("pollux"), artifact_jct.get("optimus")),
         "target_reduction_vs_tiresias": 0.32, "target_reduction_vs_optimus": 0.48,
     }
+
     def over_workloads(policy: str, load: float, key: str) -> float | None:
         values = [r[key] for r in rows if r["policy"] == policy and r["load"] == load and r[key] is not None]
         return sum(values) / len(values) if values else None
@@ -154,20 +230,14 @@ def main() -> int:
                               "artifact_reduction_vs_tiresias": reduction(theirs["pollux"], theirs["tiresias"]),
                               "artifact_reduction_vs_optimus": reduction(theirs["pollux"], theirs["optimus"])})
     summary["job_load"] = load_rows
-    machine = {"host": platform.node(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
-               "platform": platform.platform(), "workers": args.workers}
-    out = {"summary": summary, "machine": machine, "cells": rows,
-           "settings": {"cluster": "16 nodes x 4 GPUs", "interval_s": 60, "restart_delay_s": 30,
-                        "ga_population": args.population, "ga_generations": args.generations, "seed": args.seed},
-           "wall_s": time.perf_counter() - t0}
+    out = {"summary": summary, "machine": machine, "cells": rows, "settings": settings, "wall_s": wall_s, **extra}
     from glassbox.atomic import write_json, write_text
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out.with_suffix(".json"), out)
-    write_text(args.out.with_suffix(".md"), markdown(out))
-    write_plot(rows, args.out.with_suffix(".png"))
-    print(json.dumps(summary, indent=1))
-    return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path.with_suffix(".json"), out)
+    write_text(path.with_suffix(".md"), markdown(out))
+    write_plot(rows, path.with_suffix(".png"))
+    return summary
 
 
 def pct(x: float | None) -> str:
@@ -206,6 +276,17 @@ def markdown(out: dict) -> str:
                          f"{pct(r['artifact_reduction_vs_tiresias'])} | {pct(r['reduction_vs_optimus'])} | "
                          f"{pct(r['artifact_reduction_vs_optimus'])} |")
         lines.append("")
+    if "llm" in out:
+        llm = out["llm"]
+        lines += [f"## LLM jobs: glassbox `{llm['config']}` measured on this machine", "",
+                  f"{llm['jobs']} jobs arriving as workload 6's first {llm['jobs']}, each 4 epochs of "
+                  f"{llm['samples_per_epoch']:,} samples; step times from real runs at 1 and 2 ranks (local batches "
+                  f"{sorted({m['local_batch'] for m in llm['measurements']})}), noise scale per epoch "
+                  f"{', '.join(f'{x:.0f}' for x in llm['noise_scale_by_epoch'])} samples (measured in "
+                  f"{llm['measure_s']:.0f} s).", "", "| policy | mean JCT (s) |", "|---|---:|"]
+        lines += [f"| {p} | {sec(v)} |" for p, v in llm["mean_jct"].items()]
+        lines += ["", f"Pollux vs Tiresias {pct(llm['reduction_vs_tiresias'])}, vs Optimus "
+                      f"{pct(llm['reduction_vs_optimus'])}.", ""]
     lines += ["## Every cell", "", "| load | workload | policy | ours (s) | artifact (s) | restarts | wall (s) |",
               "|---:|---:|---|---:|---:|---:|---:|"]
     for r in out["cells"]:

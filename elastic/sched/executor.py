@@ -255,10 +255,7 @@ def schedule(executor: RayExecutor, jobs: list[JobRequest], policy, interval: fl
     arrival: dict[str, float] = {}
     deadline = time.monotonic() + timeout
     rounds = []
-    while pending or any(executor.poll()[n] != "finished" for n in arrival):
-        if time.monotonic() > deadline:
-            raise ExecutorError(f"jobs still running after {timeout:.0f} s: "
-                                f"{[n for n, s in executor.poll().items() if s != 'finished']}")
+    while True:
         now = executor.now()
         while pending and pending[0].arrival <= now:
             job = pending.pop(0)
@@ -266,6 +263,10 @@ def schedule(executor: RayExecutor, jobs: list[JobRequest], policy, interval: fl
             arrival[job.name] = now
         states = executor.poll()
         active = [n for n in arrival if states[n] != "finished"]
+        if not pending and not active:
+            break
+        if time.monotonic() > deadline:
+            raise ExecutorError(f"jobs still running after {timeout:.0f} s: {active}")
         if active:
             fair = max(1, -(-executor.slots // len(active)))
             views = []

@@ -177,13 +177,18 @@ def write_llm_trace(out: Path, measured: list[Measurement], noise: list[tuple[fl
 def measure_llm_trace(config: str, data: Path, out: Path, init_batch: int = 8, max_batch: int = 64,
                       local_batches: tuple[int, ...] = (2, 4, 8, 16), world_sizes: tuple[int, ...] = (1, 2),
                       steps: int = 8, epochs: int = 4, steps_per_epoch: int = 5,
-                      overrides: tuple[str, ...] = ()) -> Path:
-    """Measure `config` on this machine and write its trace to `out` (see the module docstring)."""
+                      samples_per_epoch: int | None = None, overrides: tuple[str, ...] = ()) -> Path:
+    """Measure `config` on this machine and write its trace to `out` (see the module docstring).
+
+    The noise is measured over `epochs` x `steps_per_epoch` steps; `samples_per_epoch` (default: what those steps
+    took) sets how long the simulated job trains per measured epoch, so a few measured steps can stand for a job
+    of realistic length with the same noise trajectory."""
     import platform
 
     with tempfile.TemporaryDirectory(prefix="glassbox-llm-trace-") as tmp:
         work = Path(tmp)
         measured = measure_step_times(config, data, world_sizes, local_batches, steps, work, overrides)
         noise = measure_noise(config, data, init_batch, 4, epochs, steps_per_epoch, work, overrides)
-    return write_llm_trace(out, measured, noise, init_batch, max_batch, init_batch * steps_per_epoch,
+    samples = samples_per_epoch or init_batch * steps_per_epoch
+    return write_llm_trace(out, measured, noise, init_batch, max_batch, samples,
                            source={"config": config, "host": platform.node(), "overrides": list(overrides)})

@@ -67,7 +67,11 @@ class SimJob:
 
     @property
     def placement(self) -> tuple[int, ...]:
-        return tuple(g for g in self.allocation if g)
+        """GPUs per node in ring order. A packing policy lays ranks out in the order it took the GPUs, largest
+        node first (as the artifact's launcher did); Pollux in node order. The order matters beyond two nodes:
+        the traces measure placements such as 1-2-3 and 1-3-2 separately."""
+        counts = tuple(g for g in self.allocation if g)
+        return counts if self.adaptive else tuple(sorted(counts, reverse=True))
 
     @property
     def shape(self) -> JobShape:
@@ -208,7 +212,12 @@ def job_view(job: SimJob, now: float, cluster: Cluster, fair_replicas: int, elas
             while left > 0:
                 placement.append(min(left, cluster.gpus_per_node))
                 left -= placement[-1]
+            # Optimus's own estimate splits the batch like the job does, except that it always assumes two
+            # micro-batches on one GPU (the artifact's rule), which makes a second GPU look a little better.
             micro, extra = fixed_shape(job.trace, job.target_batch, replicas)
+            if replicas == 1 and extra == 0:
+                extra = 1
+                micro = min(math.ceil(job.target_batch / 2 - EPS), int(job.trace.max_batch_size / 2))
             step, sync = job.trace.step_time(tuple(placement), micro)
             return step + (step - sync) * extra
 
