@@ -231,7 +231,8 @@ class SuffixCache:
 
 # Footprint estimates for /metrics (bench/suffix_memory.py checks them against tracemalloc): an allocated node
 # slot is one int32 in each of the trie's 6 arrays; a node with 2+ children also owns a small dict and an entry
-# in the trie's node -> dict map; kept outputs (eviction replays them) are int32 arrays.
+# in the trie's node -> dict map; kept outputs (eviction replays them) are int32 arrays. A lower bound: the int
+# objects inside children dicts are not counted (on the benchmark's traces: 501 reported, 595 measured per token).
 NODE_BYTES = 6 * 4
 DICT_BYTES = 224 + 48
 TOKEN_BYTES = 4
