@@ -546,8 +546,10 @@ class GraphInputs:
         cuda = torch.device(device).type == "cuda"
         host = torch.empty(sum(self._lengths), dtype=torch.long, pin_memory=cuda)
         self._host_fields = self._split(host.numpy())
+        # Until filled (capture, warm-up) every row is padding that sees the scratch block's finite keys: a row
+        # that saw no key would write NaN into the scratch block, which masked keys of real rows multiply by 0.
         ids, pos, slots, lens, tables, tr = self._host_fields
-        ids[:], pos[:], slots[:], lens[:], tables[:], tr[:] = 0, 0, scratch * block_size, 1, scratch, 0
+        ids[:], pos[:], slots[:], lens[:], tables[:], tr[:] = 0, 0, scratch * block_size, 1, scratch, 1
         self._host, self._dev = host, host.to(device)
         self._dev_fields = self._split(self._dev)
         # Recorded after each upload: the host buffer may be rewritten only once the copy has read it.
