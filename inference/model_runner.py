@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.fx.experimental._config
 import torch.nn.functional as F
@@ -556,7 +555,8 @@ class GraphInputs:
         self._uploaded = torch.cuda.Event() if cuda else None
         self._pad_table = [scratch] * width
 
-    def _split(self, buf):
+    def _split(self, buf) -> list:
+        """The fields as consecutive views of `buf` (the device tensor or the host buffer's numpy array)."""
         out, at = [], 0
         for n in self._lengths:
             out.append(buf[at:at + n])
