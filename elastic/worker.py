@@ -37,6 +37,10 @@ class PlannedResize(Callback):
     def setup(self, trainer) -> None:
         self.trainer = trainer
 
+    def needs_state(self, step: int) -> bool:
+        """True at the resize step, so the loop queues no step after it and the run stops exactly there."""
+        return step == self.step
+
     def on_step_end(self, state) -> None:
         if state.step == self.step:
             if self.trainer.world.is_main:

@@ -173,7 +173,12 @@ def _placement_key(p: torch.Tensor) -> tuple:
     from torch.distributed.tensor import DTensor
 
     if isinstance(p, DTensor):
-        return ("dtensor", id(p.device_mesh), tuple(str(pl) for pl in p.placements))
+        # The mesh by its ranks and dimension names, not by object: each `mesh["dp"]` slice is a new object,
+        # and keying by id gave every FSDP2 block its own groups, so a checkpoint from one rank (two groups)
+        # could not load into two (one pair per block).
+        mesh = p.device_mesh
+        return ("dtensor", mesh.mesh_dim_names, tuple(mesh.mesh.flatten().tolist()),
+                tuple(str(pl) for pl in p.placements))
     return ("tensor",)
 
 
