@@ -107,3 +107,20 @@ def test_command_line_speculation_options_and_metrics(llama_dir, reference):
     values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("glassbox_spec")}
     assert values["glassbox_spec_accepted_tokens_total"] == eng.spec.accepted_tokens > 0
     assert values["glassbox_spec_cached_requests"] == 4 and values["glassbox_spec_tree_bytes"] > 0
+
+
+def test_abort_mid_speculation_frees_the_requests_tree_and_blocks(llama_dir, reference):
+    from glassbox.inference.sampling_params import SamplingParams
+
+    token_prompts, _ = reference
+    eng = _suffix_engine(llama_dir)
+    eng.add_request("a", token_prompts[11], SamplingParams(temperature=0, max_tokens=MAX_NEW))
+    while eng.spec.drafts == 0:
+        eng.step()
+    seq = eng.requests["a"].seqs[0]
+    assert eng.proposer.cache.is_active(seq.seq_id) and eng.stats()["spec_active_requests"] == 1
+    eng.abort("a")
+    stats = eng.stats()
+    assert not eng.proposer.cache.is_active(seq.seq_id) and stats["spec_active_requests"] == 0
+    assert stats["spec_cached_requests"] == 0          # an aborted output does not join the global tree
+    assert eng.blocks.num_used_blocks == 0
