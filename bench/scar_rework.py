@@ -16,7 +16,9 @@ redone steps are counted as its rework). Strategies:
 Each recovery goes through the code path a real one uses: BlockLayout of the W-rank layout, BlockSelector per
 rank, the BlockStore on disk (the lost ranks' saved blocks, at their saved steps), recover_blocks with its sources
 into FullStateAccess. The unperturbed reference run is shared by all cells of a (seed, C) unit and its snapshots
-are reused; units run in parallel processes (--workers).
+are reused; units run in parallel processes (--workers). In a unit the failure step F and the lost ranks are drawn
+once (the ranks nested: those lost at 1/8 are among those lost at 1/4, ...), so every r and strategy faces the
+same failure; selection is simulated only on the ranks that can be lost (the others' choices change nothing).
 
 Per cell (lost fraction, C, r) it reports each strategy's mean rework over seeds, the % reduction against full
 rollback, ||delta||, the I/O per C steps, and a least-squares fit of rework against SCAR's log(1 + ||delta|| /
@@ -25,7 +27,9 @@ rollback, ||delta||, the I/O per C steps, and a least-squares fit of rework agai
     python bench/scar_rework.py --quick                          # a small grid, ~2 minutes on 2 CPU cores
     python bench/scar_rework.py --workers 2                      # the full grid on CPU (tiny model)
     python bench/scar_rework.py --workers 16 --out-name scar_rework_cpu16
-    python bench/scar_rework.py --device cuda --model 125m --workers 4 --out-name scar_rework_h200
+    python bench/scar_rework.py --device cuda --model 125m --lost 0.125,0.25 --intervals 50,100 --r 0.25 \
+        --seeds 3 --workers 3 --out-name scar_rework_h200         # the reduced GPU grid, ~3-4 minutes on one H200
+    python bench/scar_rework.py --resummarize                    # re-aggregate (e.g. once scar_kill9.json exists)
 """
 
 from __future__ import annotations
@@ -523,6 +527,11 @@ def markdown(result: dict) -> str:
                      f"{cell('prioritized')} | {cell('round_robin')} | {cell('random')} | {deltas} | "
                      f"{_fmt((c['prioritized']['io_bytes_per_C'] or 0) / 1e6, '.2f')} vs "
                      f"{_fmt(c['full']['io_bytes_per_C'] / 1e6, '.2f')} |")
+    lines += ["", "Notes: full rollback's rework is its redone steps F - c (its replay from the exact checkpoint is "
+              "the reference run, checked bit for bit per unit); the partial strategies restore only the lost ranks' "
+              "blocks and rewind nothing. Until every block has been saved once (the first C steps) prioritized and "
+              "round-robin choose the same blocks (never-saved ones first, in layout order), so cells whose failures "
+              "fall early show equal numbers for the two; blocks never saved come from the initial state."]
     fits = result["fit"]
     lines += ["", "Fit of measured rework (steps) against log(1 + ||delta|| / ||theta_F - theta_{F-C}||):", ""]
     for label, f in fits.items():
