@@ -127,7 +127,8 @@ def write_plot(rows: list[dict], path: Path) -> None:
             ax.plot(xs, [sum(v) / len(v) / 3600 for v in theirs if v], ls="--", marker="x", color=f"C{i}",
                     label=f"{policy} (artifact)")
     ax.set_xlabel("relative job load")
-    ax.set_ylabel("mean JCT (hours)")
+    ax.set_ylabel("mean JCT (hours, log scale)")
+    ax.set_yscale("log")
     ax.set_title("Pollux simulator: ours (solid) vs the OSDI'21 artifact (dashed)")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -28,6 +28,9 @@ from pathlib import Path
 from glassbox.errors import GlassboxError
 
 
+START_ATTEMPTS = 3
+
+
 class ExecutorError(GlassboxError):
     """A job that cannot be run or failed while running: the message names the job and its log."""
 
@@ -112,10 +115,16 @@ class RayExecutor:
         import ray
 
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")      # a local, single-user cluster
-        if self.resource == "CPU":
-            ray.init(num_cpus=self.slots, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        else:
-            ray.init(num_gpus=self.slots, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        slots = {"num_cpus": self.slots} if self.resource == "CPU" else {"num_gpus": self.slots}
+        # Ray gives its local node 30 s to come up, which a heavily loaded machine can miss: try again, then say so.
+        for attempt in range(START_ATTEMPTS):
+            try:
+                ray.init(**slots, include_dashboard=False, log_to_driver=False, configure_logging=False)
+                break
+            except Exception as e:  # Ray raises a bare Exception for a node that timed out starting
+                ray.shutdown()
+                if attempt == START_ATTEMPTS - 1:
+                    raise ExecutorError(f"the local Ray cluster did not start ({START_ATTEMPTS} attempts): {e}") from e
         self._cls = _train_process_class()
         self.t0 = time.monotonic()
         return self

@@ -8,7 +8,7 @@ import time
 import pytest
 import yaml
 
-from glassbox.elastic.sched.executor import ExecutorError, JobRequest, RayExecutor
+from glassbox.elastic.sched.executor import ExecutorError, JobRequest, RayExecutor, observed_speedup
 from glassbox.train.metrics_log import read_metrics
 
 STEPS = 8
@@ -27,7 +27,7 @@ def tiny_config(path, data_dir):
     return str(path)
 
 
-def wait_for_checkpoint(run_dir, timeout=120.0):
+def wait_for_checkpoint(run_dir, timeout=400.0):
     deadline = time.monotonic() + timeout
     while not (run_dir / "checkpoints" / "latest").exists():
         if time.monotonic() > deadline:
@@ -48,7 +48,7 @@ def test_two_real_jobs_and_a_resize(prepared_data, tmp_path):
         assert ex.poll() == {"a": "running", "b": "pending"}
         wait_for_checkpoint(a.run_dir)
         ex.apply({"a": 1, "b": 1})            # a shrinks to one rank, b takes the freed slot
-        ex.wait(["a", "b"], timeout=240)
+        ex.wait(["a", "b"], timeout=600)
         history = ex.history()
     assert [r["world_size"] for r in history["a"]] == [2, 1]
     assert [r["world_size"] for r in history["b"]] == [1]
@@ -58,6 +58,9 @@ def test_two_real_jobs_and_a_resize(prepared_data, tmp_path):
     assert worlds[0] == 2 and worlds[-1] == 1 and worlds == sorted(worlds, reverse=True)
     assert [r["step"] for r in read_metrics(b.run_dir, required=True)] == list(range(1, STEPS + 1))
     assert (a.run_dir / "checkpoints" / f"step_{STEPS:06d}").is_dir()
+    # What the scheduler learns from a's own steps at both sizes: the agent's throughput model, relative to 1 rank.
+    table = observed_speedup(a, slots=2, fair=1)
+    assert table[1, 1] == 1.0 and table[1, 2] > 0 and table[0].sum() == 0
 
 
 def test_a_request_larger_than_the_cluster_is_refused(tmp_path):
