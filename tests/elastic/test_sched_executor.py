@@ -35,6 +35,7 @@ def wait_for_checkpoint(run_dir, timeout=400.0):
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_two_real_jobs_and_a_resize(prepared_data, tmp_path):
     config = tiny_config(tmp_path / "tiny.yaml", prepared_data)
     a = JobRequest("a", config, tmp_path / "a", steps=STEPS, replicas=2, checkpoint_every=2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from glassbox.elastic.sched.llm_jobs import measure_llm_trace
@@ -14,6 +15,7 @@ from glassbox.elastic.sched.traces import load_model_trace
 from glassbox.elastic.sched.workload import Cluster, read_workload
 
 
+@pytest.mark.slow
 def test_measured_llm_trace_runs_in_the_simulator(prepared_data, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({
