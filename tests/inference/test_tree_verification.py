@@ -299,7 +299,7 @@ def test_verification_graphs_match_eager_on_cuda(llama_dir, prompts, compiled):
     token_prompts += [p * 3 for p in token_prompts[:4]]
     expected = [o.outputs[0].token_ids for o in base.generate(token_prompts, params)]
     for proposer in ("suffix", "scripted"):
-        cfg = EngineConfig(device="cuda", num_spec_tokens=8, max_num_seqs=20, num_kv_blocks=512, compile=compiled,
+        cfg = EngineConfig(device="cuda", num_spec_tokens=8, max_num_seqs=4, num_kv_blocks=512, compile=compiled,
                            proposer="suffix" if proposer == "suffix" else "none")
         scripted = ScriptedTreeProposer({tuple(p): e for p, e in zip(token_prompts, expected)}, vocab=512)
         eng = LLMEngine.from_model_dir(llama_dir, cfg, proposer=scripted if proposer == "scripted" else None)
