@@ -1,0 +1,255 @@
+"""Pollux's adaptive batch against fixed batches: time and samples to a target validation loss.
+
+Runs, in this process, through the real trainer on the same data and sample budget: one fixed-batch run per size
+of the sweep (the peak LR as configured, the schedule in steps of that batch: what a user sweeping batch sizes
+gets), and one Pollux run starting at the smallest size M0 (glassbox.elastic.agent: goodput-chosen batch and
+micro-batch, sqrt-AdaScale LR, the schedule following efficiency-weighted progress), not told which size is best.
+The target is the worst of the runs' best validation losses, so every run reaches it; the time (the sum of the
+run's own step times, validation included, as every run validates every ~1/32 of the budget) and the samples to
+reach it are interpolated between validations. Also the GNS overhead: the median step time of a fixed run with
+the agent measuring (adapt_batch off, accumulation 2 so no step is split) over the same run without it, rounds
+interleaved.
+
+    python bench/pollux_adaptive.py                                     # tiny model on the CPU (~5 min, 2 cores)
+    python bench/pollux_adaptive.py --device cuda --model small         # 117M-parameter model, one GPU
+
+Writes bench/results/pollux_adaptive.{json,md,png} (CPU) or pollux_adaptive_gpu.{json,md,png} (CUDA); the
+summary holds time_ratio_vs_best_fixed, time_ratio_vs_median_fixed and gns_overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glassbox.train.callbacks import Callback
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+MODELS = {
+    # (model overrides, seq_len, sample budget, batch sweep, peak lr)
+    "tiny": ({"vocab_size": 4096, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+              "intermediate_size": 192, "max_seq_len": 64, "tie_embeddings": True}, 64, 6144, [8, 16, 32, 64], 3e-3),
+    "small": ({"vocab_size": 4096, "hidden_size": 768, "num_layers": 12, "num_heads": 12, "num_kv_heads": 12,
+               "intermediate_size": 2304, "max_seq_len": 256, "tie_embeddings": True}, 256, 40960,
+              [32, 64, 128, 256], 6e-4),
+}
+
+
+def machine() -> dict[str, Any]:
+    info = {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cpu_count": os.cpu_count(), "processor": platform.processor()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def prepare_data(path: Path) -> Path:
+    from glassbox.data.prepare import prepare
+
+    if not (path / "meta.json").exists():
+        prepare(["stdlib"], path, vocab_size=4096, max_bytes=4_000_000, progress=False)
+    return path
+
+
+def run_config(args, run_dir: Path, batch: int, micro: int, steps: int, val_every: int):
+    from glassbox.config import from_dict
+    from glassbox.train.config import RunConfig
+
+    model, seq, _, _, lr = MODELS[args.model]
+    return from_dict(RunConfig, {
+        "model": model, "data": {"path": str(args.data), "seq_len": seq, "seed": 1234},
+        "optimizer": {"lr": lr, "min_lr": lr / 10},
+        "schedule": {"steps": steps, "warmup_steps": max(1, steps // 20)},
+        "batch": {"global_batch_size": batch, "micro_batch_size": micro},
+        "parallel": {"device": args.device, "data_parallel": "fsdp"},
+        "checkpoint": {"save_final": False},
+        "logging": {"val_every": val_every, "val_samples": args.val_samples, "progress": False,
+                    "wandb": {"mode": "disabled"}},
+        "run_dir": str(run_dir),
+    })
+
+
+class StopAtBudget(Callback):
+    """Ends a run once it has seen the sample budget (a Pollux run's steps grow, its step count does not)."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.trainer = None
+
+    def setup(self, trainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, state) -> None:
+        if state.samples >= self.budget:
+            self.trainer.request_stop()
+
+
+def train(args, name: str, batch: int, micro: int, agent: dict | None = None, steps: int | None = None
+          ) -> dict[str, Any]:
+    """One run; its per-step rows and its decisions."""
+    from glassbox.elastic.agent import PolluxAgent, PolluxPlan
+    from glassbox.elastic.config import ElasticConfig
+    from glassbox.train.metrics_log import read_metrics
+    from glassbox.train.trainer import Trainer
+
+    budget = args.samples
+    steps = steps or budget // batch
+    val_every = max(1, budget // 32 // batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = run_config(args, Path(tmp) / name, batch, micro, steps, val_every)
+        callbacks, plan = [StopAtBudget(budget)], None
+        if agent is not None:
+            elastic = ElasticConfig(**agent)
+            plan = PolluxPlan(batch, micro, elastic.measure_every)
+            callbacks.append(PolluxAgent(elastic, plan))
+        started = time.perf_counter()
+        Trainer(cfg, callbacks=callbacks, plan=plan).fit()
+        wall = time.perf_counter() - started
+        rows = read_metrics(Path(tmp) / name)
+    steps_rows = [r for r in rows if "loss" in r]
+    print(f"{name}: {len(steps_rows)} steps, {steps_rows[-1]['samples']} samples, {wall:.1f} s, final val "
+          f"{steps_rows[-1].get('val_loss', float('nan')):.4f}", flush=True)
+    return {"name": name, "batch": batch, "wall_s": wall, "rows": steps_rows,
+            "decisions": [r for r in rows if r.get("event") == "pollux"]}
+
+
+def curve(run: dict) -> list[tuple[float, int, float]]:
+    """(seconds, samples, validation loss) at each validation."""
+    t, out = 0.0, []
+    for r in run["rows"]:
+        t += r["step_time"]
+        if "val_loss" in r:
+            out.append((t, r["samples"], r["val_loss"]))
+    return out
+
+
+def to_target(points: list[tuple[float, int, float]], target: float) -> tuple[float, float]:
+    """Seconds and samples when the validation loss first reaches `target` (linear between validations)."""
+    prev = (0.0, 0, float("inf"))
+    for t, n, loss in points:
+        if loss <= target:
+            if prev[2] == float("inf"):
+                return t, float(n)
+            f = (prev[2] - target) / (prev[2] - loss)
+            return prev[0] + f * (t - prev[0]), prev[1] + f * (n - prev[1])
+        prev = (t, n, loss)
+    raise RuntimeError("target not reached")
+
+
+def gns_overhead(args, m0: int) -> dict[str, Any]:
+    """Median step time with the agent measuring (no adaptation) over without it, rounds interleaved."""
+    with_agent, without = [], []
+    steps = args.overhead_steps
+    for _ in range(args.overhead_rounds):
+        for agent, out in ((None, without), ({"adapt_batch": False, "scale_lr": False, "measure_every": 0}, with_agent)):
+            run = train(args, "overhead" + ("_gns" if agent else ""), 2 * m0, m0, agent, steps=steps)
+            times = [r["step_time"] for r in run["rows"][5:] if "val_loss" not in r]
+            out.append(statistics.median(times))
+    base, measured = statistics.median(without), statistics.median(with_agent)
+    return {"step_s_without": base, "step_s_with_gns": measured, "overhead": measured / base - 1.0,
+            "rounds": args.overhead_rounds, "steps": steps, "batch": 2 * m0, "micro_batch": m0}
+
+
+def plot(runs: list[dict], target: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in runs:
+        pts = curve(run)
+        ax.plot([p[0] for p in pts], [p[2] for p in pts], label=run["name"], lw=2 if run["name"] == "pollux" else 1)
+    ax.axhline(target, color="gray", ls="--", lw=0.8, label="target")
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel("validation loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def markdown(result: dict) -> str:
+    s, m = result["summary"], result["machine"]
+    lines = [f"# Pollux adaptive batch vs fixed batches ({result['model']} model, {result['device']})", "",
+             f"Machine: {m.get('gpu') or m['processor'] or m['platform']} ({m['cpu_count']} CPUs, {m['host']}); "
+             f"torch {m['torch']}. Target validation loss {result['target']:.4f} (the worst run's best); "
+             f"budget {result['budget_samples']} samples.", "",
+             "| run | batch | time to target (s) | samples to target | final val loss | wall (s) |",
+             "|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        lines.append(f"| {r['name']} | {r['batches']} | {r['time_to_target_s']:.2f} | {r['samples_to_target']:.0f} | "
+                     f"{r['final_val_loss']:.4f} | {r['wall_s']:.1f} |")
+    o = result["gns_overhead"]
+    lines += ["", f"Adaptive / best fixed (time to target): **{s['time_ratio_vs_best_fixed']:.3f}** (best fixed: "
+              f"{s['best_fixed']}); adaptive / median fixed: **{s['time_ratio_vs_median_fixed']:.3f}**.",
+              f"GNS overhead: median step {o['step_s_with_gns'] * 1e3:.2f} ms with the agent measuring vs "
+              f"{o['step_s_without'] * 1e3:.2f} ms without (batch {o['batch']}, micro-batch {o['micro_batch']}, "
+              f"{o['rounds']} interleaved rounds): **{100 * s['gns_overhead']:.2f}%**.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--model", default="tiny", choices=sorted(MODELS))
+    p.add_argument("--data", type=Path, help="prepared DATA_DIR (vocab 4096); default: prepared into the temp dir")
+    p.add_argument("--samples", type=int, default=0, help="sample budget of every run (0: the model's default)")
+    p.add_argument("--val-samples", type=int, default=64)
+    p.add_argument("--overhead-steps", type=int, default=40)
+    p.add_argument("--overhead-rounds", type=int, default=2)
+    args = p.parse_args(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    args.data = prepare_data(args.data or Path(tempfile.gettempdir()) / "glassbox-bench-pollux-data")
+    _, _, default_budget, sweep, _ = MODELS[args.model]
+    args.samples = budget = args.samples or default_budget
+    m0 = sweep[0]
+    micro_cap = sweep[-1]
+    runs = [train(args, f"fixed_{b}", b, min(b, micro_cap)) for b in sweep]
+    runs.append(train(args, "pollux", m0, m0, {"max_micro_batch": micro_cap, "max_batch": 8 * sweep[-1],
+                                               "decide_every": 10, "warmup_steps": 10}, steps=budget // m0))
+    target = max(min(p[2] for p in curve(r)) for r in runs)
+    table = []
+    for r in runs:
+        t, n = to_target(curve(r), target)
+        table.append({"name": r["name"], "batches": sorted({row["batch_size"] for row in r["rows"]}),
+                      "time_to_target_s": t, "samples_to_target": n, "final_val_loss": curve(r)[-1][2],
+                      "wall_s": r["wall_s"], "steps": len(r["rows"])})
+    fixed = [row for row in table if row["name"].startswith("fixed")]
+    adaptive = table[-1]
+    best = min(fixed, key=lambda row: row["time_to_target_s"])
+    median_time = statistics.median(row["time_to_target_s"] for row in fixed)
+    overhead = gns_overhead(args, m0)
+    suffix = "" if args.device == "cpu" else "_gpu"
+    result = {
+        "summary": {"time_ratio_vs_best_fixed": adaptive["time_to_target_s"] / best["time_to_target_s"],
+                    "time_ratio_vs_median_fixed": adaptive["time_to_target_s"] / median_time,
+                    "gns_overhead": overhead["overhead"], "best_fixed": best["name"],
+                    "samples_ratio_vs_best_fixed": adaptive["samples_to_target"] / best["samples_to_target"]},
+        "machine": machine(), "device": args.device, "model": args.model, "budget_samples": budget,
+        "target": target, "runs": table, "gns_overhead": overhead,
+        "decisions": [{k: v for k, v in d.items() if k in ("step", "batch", "micro_batch", "lr_scale", "noise_scale",
+                                                           "switched", "efficiency")} for d in runs[-1]["decisions"]],
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"pollux_adaptive{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"pollux_adaptive{suffix}.md").write_text(markdown(result))
+    plot(runs, target, RESULTS / f"pollux_adaptive{suffix}.png")
+    print(json.dumps(result["summary"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The gradient noise scale: what measuring it costs per step, and how it compares with a direct estimate.
+
+Overhead: the same fixed-batch training (accumulation over `--accum` micro-batches, so every step has its two
+batch sizes and none is split) with the Pollux agent measuring (adapt_batch off: the local per-parameter norms
+per micro-batch, the preconditioned reduced norm, the EMA) and without it; median step times, rounds interleaved.
+
+Accuracy: after `--steps` steps with the agent, the weights are frozen and the noise scale is measured directly
+from `--direct-batches` independent micro-batches at those weights: their squared gradient norms and that of
+their mean (a batch `--direct-batches` times larger), preconditioned by the same Adam weights, give the two-batch
+estimators many samples each; their ratio is phi. The agent's running estimate (an EMA over the last steps'
+gradients, taken while the weights moved) is compared with it.
+
+    python bench/pollux_gns.py                                   # tiny model, CPU
+    python bench/pollux_gns.py --device cuda --model small       # one GPU
+
+Writes bench/results/pollux_gns.{json,md} (CPU) or pollux_gns_gpu.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pollux_adaptive import MODELS, machine, prepare_data, run_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def build(args, run_dir: Path, batch: int, micro: int, steps: int, with_agent: bool):
+    from glassbox.elastic.agent import PolluxAgent, PolluxPlan
+    from glassbox.elastic.config import ElasticConfig
+    from glassbox.train.trainer import Trainer
+
+    cfg = run_config(args, run_dir, batch, micro, steps, 0)
+    if not with_agent:
+        return Trainer(cfg, callbacks=[]), None
+    elastic = ElasticConfig(adapt_batch=False, scale_lr=False, measure_every=0, gns_smoothing=args.smoothing)
+    plan = PolluxPlan(batch, micro, 0)
+    agent = PolluxAgent(elastic, plan)
+    return Trainer(cfg, callbacks=[agent], plan=plan), agent
+
+
+def overhead(args, micro: int) -> dict[str, Any]:
+    batch = micro * args.accum
+    with_gns, without = [], []
+    for _ in range(args.rounds):
+        for measured, out in ((False, without), (True, with_gns)):
+            with tempfile.TemporaryDirectory() as tmp:
+                trainer, _ = build(args, Path(tmp) / "run", batch, micro, args.overhead_steps, measured)
+                trainer.fit()
+                from glassbox.train.metrics_log import read_metrics
+
+                rows = [r for r in read_metrics(Path(tmp) / "run") if "loss" in r]
+            out.append(statistics.median(r["step_time"] for r in rows[5:] if "val_loss" not in r))
+    base, gns = statistics.median(without), statistics.median(with_gns)
+    return {"batch": batch, "micro_batch": micro, "step_s_without": base, "step_s_with_gns": gns,
+            "overhead": gns / base - 1.0, "rounds": args.rounds, "steps": args.overhead_steps,
+            "per_round_without": without, "per_round_with": with_gns}
+
+
+def direct_noise_scale(trainer, agent, micro: int, count: int) -> dict[str, Any]:
+    """phi at the current weights from `count` independent micro-batches of `micro` samples (no update)."""
+    from glassbox.elastic.gns import two_batch_estimates
+
+    state = trainer.state
+    model = state.model
+    weights = agent.meter.preconditioner(state.step + 10**9)     # the current Adam second moment
+    params = agent.meter.params
+    sampler = state.sampler
+    start = sampler.cursor
+    tokens = sampler.samples(start, micro * count)
+    small, total = [], [torch.zeros_like(p) for p in params]
+    for i in range(count):
+        chunk = tokens[i * micro:(i + 1) * micro].to(trainer.world.device)
+        model.zero_grad(set_to_none=True)
+        with trainer._autocast():
+            logits = model(chunk[:, :-1])
+        trainer._loss(logits, chunk[:, 1:]).backward()
+        grads = [p.grad for p in params]
+        norms = torch.stack(torch._foreach_norm(grads, 2.0)).float().pow(2)
+        small.append(float((weights * norms).sum()))
+        torch._foreach_add_(total, grads)
+    model.zero_grad(set_to_none=True)
+    mean = [t / count for t in total]
+    big = float((weights * torch.stack(torch._foreach_norm(mean, 2.0)).float().pow(2)).sum())
+    sqr, trace = two_batch_estimates(micro, statistics.fmean(small), micro * count, big)
+    return {"grad_sqr": sqr, "trace": trace, "noise_scale": trace / sqr, "micro_batches": count,
+            "micro_batch": micro}
+
+
+def accuracy(args, micro: int) -> dict[str, Any]:
+    batch = micro * args.accum
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, agent = build(args, Path(tmp) / "run", batch, micro, args.steps, True)
+        started = time.perf_counter()
+        trainer.fit()
+        train_s = time.perf_counter() - started
+        running = agent.ema.noise_scale
+        direct = direct_noise_scale(trainer, agent, micro, args.direct_batches)
+    return {"steps": args.steps, "batch": batch, "micro_batch": micro, "running_noise_scale": running,
+            "running_grad_sqr": agent.ema.grad_sqr, "running_trace": agent.ema.trace, "direct": direct,
+            "ratio_running_to_direct": running / direct["noise_scale"], "train_s": train_s}
+
+
+def markdown(result: dict) -> str:
+    m, o, a = result["machine"], result["overhead"], result["accuracy"]
+    return "\n".join([
+        f"# Gradient noise scale: overhead and accuracy ({result['model']} model, {result['device']})", "",
+        f"Machine: {m.get('gpu') or m['processor'] or m['platform']} ({m['cpu_count']} CPUs, {m['host']}); "
+        f"torch {m['torch']}.", "",
+        "| measure | value |", "|---|---|",
+        f"| median step, no GNS (batch {o['batch']}, micro {o['micro_batch']}) | {o['step_s_without'] * 1e3:.2f} ms |",
+        f"| median step, GNS measured | {o['step_s_with_gns'] * 1e3:.2f} ms |",
+        f"| GNS overhead ({o['rounds']} interleaved rounds of {o['steps']} steps) | "
+        f"**{100 * o['overhead']:.2f}%** |",
+        f"| running phi after {a['steps']} steps (EMA) | {a['running_noise_scale']:.1f} samples |",
+        f"| direct phi from {a['direct']['micro_batches']} micro-batches of {a['direct']['micro_batch']} | "
+        f"{a['direct']['noise_scale']:.1f} samples |",
+        f"| running / direct | **{a['ratio_running_to_direct']:.3f}** |", ""])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--model", default="tiny", choices=sorted(MODELS))
+    p.add_argument("--data", type=Path)
+    p.add_argument("--val-samples", type=int, default=16)
+    p.add_argument("--accum", type=int, default=4)
+    p.add_argument("--steps", type=int, default=200, help="training steps before the direct estimate")
+    p.add_argument("--overhead-steps", type=int, default=40)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--direct-batches", type=int, default=256)
+    p.add_argument("--smoothing", type=float, default=0.9)
+    args = p.parse_args(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    args.data = prepare_data(args.data or Path(tempfile.gettempdir()) / "glassbox-bench-pollux-data")
+    micro = MODELS[args.model][3][0]
+    result = {"machine": machine(), "device": args.device, "model": args.model,
+              "overhead": overhead(args, micro), "accuracy": accuracy(args, micro)}
+    result["summary"] = {"gns_overhead": result["overhead"]["overhead"],
+                         "ratio_running_to_direct": result["accuracy"]["ratio_running_to_direct"]}
+    suffix = "" if args.device == "cpu" else "_gpu"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"pollux_gns{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"pollux_gns{suffix}.md").write_text(markdown(result))
+    print(json.dumps(result["summary"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
