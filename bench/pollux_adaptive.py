@@ -13,7 +13,7 @@ interleaved.
     python bench/pollux_adaptive.py                                     # tiny model on the CPU (~5 min, 2 cores)
     python bench/pollux_adaptive.py --device cuda --model small         # 117M-parameter model, one GPU
 
-Writes bench/results/pollux_adaptive.{json,md,png} (CPU) or pollux_adaptive_gpu.{json,md,png} (CUDA); the
+Writes bench/results/pollux_adaptive.{json,md,png} (CUDA) or pollux_adaptive_cpu.{json,md,png} (CPU); the
 summary holds time_ratio_vs_best_fixed, time_ratio_vs_median_fixed and gns_overhead.
 """
 
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     best = min(fixed, key=lambda row: row["time_to_target_s"])
     median_time = statistics.median(row["time_to_target_s"] for row in fixed)
     overhead = gns_overhead(args, m0)
-    suffix = "" if args.device == "cpu" else "_gpu"
+    suffix = "" if args.device == "cuda" else "_cpu"
     result = {
         "summary": {"time_ratio_vs_best_fixed": adaptive["time_to_target_s"] / best["time_to_target_s"],
                     "time_ratio_vs_median_fixed": adaptive["time_to_target_s"] / median_time,

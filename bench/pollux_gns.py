@@ -13,7 +13,7 @@ gradients, taken while the weights moved) is compared with it.
     python bench/pollux_gns.py                                   # tiny model, CPU
     python bench/pollux_gns.py --device cuda --model small       # one GPU
 
-Writes bench/results/pollux_gns.{json,md} (CPU) or pollux_gns_gpu.{json,md}.
+Writes bench/results/pollux_gns.{json,md} (CUDA) or pollux_gns_cpu.{json,md} (CPU).
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
               "overhead": overhead(args, micro), "accuracy": accuracy(args, micro)}
     result["summary"] = {"gns_overhead": result["overhead"]["overhead"],
                          "ratio_running_to_direct": result["accuracy"]["ratio_running_to_direct"]}
-    suffix = "" if args.device == "cpu" else "_gpu"
+    suffix = "" if args.device == "cuda" else "_cpu"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"pollux_gns{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"pollux_gns{suffix}.md").write_text(markdown(result))
