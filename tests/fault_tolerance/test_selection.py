@@ -1,4 +1,5 @@
-"""Block selection: prioritized picks the blocks that moved most; all strategies spend the same I/O; resume is exact."""
+"""Block selection: prioritized picks the largest ||Delta||^2 per element, Delta measured from what recovery would
+restore (never-saved blocks from the baseline); all strategies spend the same I/O; resume is exact."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from glassbox.errors import GlassboxError
 from glassbox.fault_tolerance.blocks import BlockLayout, FullStateAccess
-from glassbox.fault_tolerance.selection import STRATEGIES, BlockSelector, change_norm
+from glassbox.fault_tolerance.selection import STRATEGIES, BlockSelector, change_norm, priority
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scar_core_helpers import train, trained  # noqa: E402
@@ -23,7 +24,11 @@ def _access(rows_per_block=None, block_elements=None, steps=2):
     return model, opt, FullStateAccess(model, opt, layout)
 
 
-def test_prioritized_picks_the_largest_change_blocks():
+def _sizes(access):
+    return {b: access.layout.num_elements(b) for b in access.blocks}
+
+
+def test_prioritized_picks_the_largest_change_per_element():
     model, opt, access = _access(rows_per_block=4)
     saved = {b: access.read(b) for b in access.blocks}
     train(model, opt, 3)
@@ -32,20 +37,57 @@ def test_prioritized_picks_the_largest_change_blocks():
     for i, b in enumerate(movers):
         now = access.read(b)
         access.write(b, {**now, "param": now["param"] + 10.0 * (i + 1)})
-    change = {b: change_norm(access.read(b), saved[b]) for b in access.blocks}
+    sizes = _sizes(access)
+    score = {b: change_norm(access.read(b), saved[b]) ** 2 / sizes[b] for b in access.blocks}
     selector = BlockSelector("prioritized", fraction=0.2)
     chosen = selector.select(access, saved)
-    assert chosen[:3] == movers[::-1]                     # the largest change first
-    ranked = sorted(access.blocks, key=lambda b: -change[b])
+    assert chosen[:3] == movers[::-1]                     # the largest change per element first
+    ranked = sorted(access.blocks, key=lambda b: -score[b])
     assert chosen == ranked[:len(chosen)]                  # and then exactly the next-largest ones
-    assert min(change[b] for b in chosen) >= max(change[b] for b in access.blocks if b not in chosen)
+    assert min(score[b] for b in chosen) >= max(score[b] for b in access.blocks if b not in chosen)
 
 
-def test_never_saved_blocks_come_first():
+def test_a_small_block_that_moved_more_per_element_beats_a_large_one():
+    """The knapsack ratio, not the absolute change: a wide block whose ||Delta|| is larger only because it has
+    more elements loses to a narrow block that moved more per element."""
     _, _, access = _access(rows_per_block=4)
-    saved = {b: access.read(b) for b in access.blocks[2:]}
-    chosen = BlockSelector("prioritized", fraction=0.5).select(access, saved)
-    assert chosen[:2] == access.blocks[:2]
+    sizes = _sizes(access)
+    small = min(access.blocks, key=lambda b: sizes[b])
+    large = max(access.blocks, key=lambda b: sizes[b])
+    assert sizes[large] >= 4 * sizes[small]
+    sources = {b: access.read(b) for b in access.blocks}
+    for block, step in ((small, 1.0), (large, 0.7)):
+        now = access.read(block)
+        access.write(block, {**now, "param": now["param"] + step})
+    assert change_norm(access.read(large), sources[large]) > change_norm(access.read(small), sources[small])
+    assert priority(access.read(small), sources[small], sizes[small]) > \
+        priority(access.read(large), sources[large], sizes[large])
+    chosen = BlockSelector("prioritized", fraction=sizes[small] / sum(sizes.values())).select(access, sources)
+    assert chosen == [small]
+
+
+def test_never_saved_blocks_rank_by_their_distance_from_the_baseline():
+    """A block no checkpoint holds would be restored from the baseline (the initial state here): its priority is
+    its distance from that, so an unchanged never-saved block ranks below a saved one that moved."""
+    model, opt, access = _access(rows_per_block=4)
+    baseline = {b: access.read(b) for b in access.blocks}
+    train(model, opt, 3)
+    never_saved = access.blocks[:4]
+    saved = {b: access.read(b) for b in access.blocks[4:]}
+    still, moved = never_saved[0], never_saved[1]
+    access.write(still, baseline[still])                   # back at the baseline: nothing to lose
+    now = access.read(moved)
+    access.write(moved, {**now, "param": now["param"] + 5.0})
+    mover = access.blocks[10]                              # a saved block that moved since its save
+    now = access.read(mover)
+    access.write(mover, {**now, "param": now["param"] + 3.0})
+    sources = {**baseline, **saved}
+    order = BlockSelector("prioritized", fraction=1.0).select(access, sources)
+    assert order[:2] == [moved, mover]
+    assert change_norm(access.read(still), sources[still]) == 0
+    assert order.index(still) > order.index(mover)
+    with pytest.raises(GlassboxError, match="no restore source"):
+        BlockSelector("prioritized", fraction=0.5).select(access, saved)
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])
@@ -57,7 +99,7 @@ def test_equal_io_across_strategies_with_unequal_blocks(fraction):
     assert len(set(sizes.values())) > 3
     total, biggest = sum(sizes.values()), max(sizes.values())
     selectors = {s: BlockSelector(s, fraction, seed=1) for s in STRATEGIES}
-    saved = {s: {} for s in STRATEGIES}
+    saved = {s: {b: access.read(b) for b in access.blocks} for s in STRATEGIES}     # the baseline, then saves
     written = {s: 0 for s in STRATEGIES}
     for call in range(1, 13):
         train(model, opt, 1)
@@ -99,7 +141,7 @@ def test_round_robin_cycles_and_random_differs_by_seed():
 def test_state_dict_resumes_exactly(strategy):
     model, opt, access = _access(rows_per_block=3)
     straight = BlockSelector(strategy, 0.3, seed=5)
-    saved: dict = {}
+    saved = {b: access.read(b) for b in access.blocks}
     for _ in range(3):
         saved.update({b: access.read(b) for b in straight.select(access, saved)})
     state = straight.state_dict()
