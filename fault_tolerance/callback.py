@@ -116,6 +116,7 @@ class ScarCallback:
     def on_train_start(self, state: Any) -> None:
         from glassbox.fault_tolerance.restart import recover_after_restart
 
+        self.saved = {b: self.access.read(b) for b in self.access.blocks}  # recovery's fallback: the resumed state
         recovered = recover_after_restart(self)
         wipe(self.local_dir)            # a copy is used once; one left from an earlier launch is stale
         self.snapshot = recovered or snapshot_of(state, state.step, state.samples, state.tokens)
