@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 from infer_helpers import ScriptedTreeProposer, tiny_transformer
-from scipy.stats import chisquare
 
 from glassbox.config import ConfigError
 from glassbox.errors import GlassboxError
@@ -165,6 +164,8 @@ def test_penalties_and_logprobs_hold_under_tree_verification(model):
 def test_multi_candidate_rejection_emits_exactly_the_model_distribution():
     """At one node with three drafted children, the emitted token follows p exactly, and each child is accepted
     with its own probability."""
+    from scipy.stats import chisquare
+
     sampler = Sampler(seed=0)
     p = torch.tensor([0.05, 0.3, 0.1, 0.25, 0.2, 0.1])
     draft = Draft((1, 4, 5), (-1, -1, -1))
@@ -196,6 +197,8 @@ class FixedTreeProposer:
 def test_sampled_output_distribution_is_unchanged_by_speculation():
     """Chi-square over all 3-token outputs of a 4-token vocabulary: speculation on (tokens 2 and 3 come from
     verifying a two-level tree with siblings), against the model's exact joint distribution from plain forwards."""
+    from scipy.stats import chisquare
+
     model = tiny_transformer(vocab_size=4, max_seq_len=16)
     prompt = [0, 3, 1]                                    # next-token probabilities about 0.2, 0.2, 0.08, 0.52
 
