@@ -32,7 +32,10 @@ from glassbox.fault_tolerance.blocks import BlockId, BlockLayout, FullStateAcces
 from glassbox.fault_tolerance.config import FaultToleranceConfig
 from glassbox.fault_tolerance.injection import FailureInjector
 from glassbox.fault_tolerance.selection import BlockSelector
-from glassbox.fault_tolerance.survivors import LoopSnapshot, SurvivorGuard, payload, rank_dir, snapshot_of, wipe
+from glassbox.fault_tolerance.survivors import (
+    LoopSnapshot, SurvivorGuard, drop_unsharded_copies, payload, rank_dir, snapshot_of, trainable_parameters,
+    wipe,
+)
 
 BLOCKS_DIR = "blocks"
 
@@ -81,6 +84,7 @@ class ScarCallback:
         state = self.state = trainer.state
         self.rank, self.world_size = rank_and_world()
         self.seq_len = trainer.cfg.data.seq_len
+        self.params = trainable_parameters(state.model)
         self.layout = build_layout(state.model, self.cfg, self.world_size)
         self.access = (LocalShardAccess(state.model, state.optimizer, self.layout, self.rank) if self.world_size > 1
                        else FullStateAccess(state.model, state.optimizer, self.layout))
@@ -142,8 +146,7 @@ class ScarCallback:
             self._finish_write()
         except Exception as e:      # a partial checkpoint cut short by the exit; the store keeps older versions
             self.log(f"[scar] rank {self.rank}: the partial checkpoint being written did not finish ({e})")
-        return payload(self.snapshot, self.state.model, self.state.optimizer, self.rank, self.world_size,
-                       self.run_dir)
+        return payload(self.snapshot, self.params, self.state.optimizer, self.rank, self.world_size, self.run_dir)
 
     # -- per step -----------------------------------------------------------------------------------------------
 
@@ -157,6 +160,10 @@ class ScarCallback:
         return step % self.every == 0 or (spec is not None and spec.mid_save and spec.step == step)
 
     def on_step_start(self, state: Any, spec: Any, tokens: torch.Tensor) -> None:
+        injection = self.cfg.injection
+        if injection is not None and injection.in_process and injection.step == spec.step:
+            # Every rank: gathered copies of the victim's shards, kept from a validation pass, must not be reused.
+            drop_unsharded_copies(state.model)
         if self.injector is not None and not self.injector.spec.mid_save and self.injector.due(spec.step):
             self._finish_write()
             if self.injector.spec.in_process:

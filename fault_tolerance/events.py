@@ -109,6 +109,7 @@ def reapply(model: Any, optimizer: Any, record: dict[str, Any], run_dir: Path, r
     from glassbox.fault_tolerance.block_store import BlockStore
     from glassbox.fault_tolerance.blocks import BlockId, BlockLayout, FullStateAccess, LocalShardAccess
     from glassbox.fault_tolerance.recovery import BlockSource, CheckpointSource, apply_event
+    from glassbox.fault_tolerance.survivors import drop_unsharded_copies
 
     event = event_of(record)
     layout = BlockLayout.from_json(event.layout)
@@ -120,4 +121,5 @@ def reapply(model: Any, optimizer: Any, record: dict[str, Any], run_dir: Path, r
     if record.get("checkpoint"):
         sources.append(CheckpointSource(Path(run_dir) / "checkpoints" / record["checkpoint"]))
     apply_event(access, mine, sources)
+    drop_unsharded_copies(model)
     return len(mine.restored)

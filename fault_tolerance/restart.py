@@ -27,8 +27,10 @@ from glassbox.errors import GlassboxError
 from glassbox.fault_tolerance import events
 from glassbox.fault_tolerance.blocks import BlockId
 from glassbox.fault_tolerance.injection import read_truth
-from glassbox.fault_tolerance.recovery import BlockSource, CheckpointSource, SnapshotSource, recover_blocks
-from glassbox.fault_tolerance.survivors import LoopSnapshot, read_copy, restore_tensors
+from glassbox.fault_tolerance.recovery import (
+    BlockSource, CheckpointSource, RecoveryEvent, SnapshotSource, recover_blocks,
+)
+from glassbox.fault_tolerance.survivors import LoopSnapshot, drop_unsharded_copies, read_copy, restore_tensors
 
 if TYPE_CHECKING:
     from glassbox.fault_tolerance.callback import ScarCallback
@@ -116,13 +118,15 @@ def recover_after_restart(cb: "ScarCallback") -> LoopSnapshot | None:
     loop = _broadcast(cb, copy["loop"] if copy is not None and cb.rank == survivors[0] else None, survivors[0])
     _apply_loop(state, loop, copy["loop"]["rng"] if copy is not None else loop["rng"])
     if copy is not None:
-        restore_tensors(state.model, state.optimizer, copy["tensors"], str(cb.local_dir / "survivor.pt"))
+        restore_tensors(cb.params, state.optimizer, copy["tensors"], str(cb.local_dir / "survivor.pt"))
+        drop_unsharded_copies(state.model)
         event = None
     else:
         event = _restore_lost_rank(cb, k, lost, checkpoint)
-    gathered = _gather(cb, event)
+    gathered = [e for e in _gather(cb, event) if e is not None]
     if cb.rank == 0:
-        merged = events.merge([e for e in gathered if e is not None])
+        # Every rank may have kept its state (they all stopped, none died): nothing to restore then.
+        merged = events.merge(gathered) if gathered else RecoveryEvent(k, [], cb.layout.to_json(), [], 0.0)
         record = events.partial_record(merged, survivors, checkpoint.name if checkpoint else None,
                                        c if checkpoint else None, _now())
         events.append_event(cb.run_dir, record)
@@ -130,10 +134,11 @@ def recover_after_restart(cb: "ScarCallback") -> LoopSnapshot | None:
         delta = (f"||delta|| = {merged.delta_norm:.4g} ({merged.delta_rel:.3g} of ||theta||)"
                  if merged.delta_norm is not None else "||delta|| unknown (the lost values are gone)")
         sources = ", ".join(f"{n} from {s}" for s, n in record["sources"].items())
+        saved = (f"; saved at steps {record['source_steps'][0]}..{record['source_steps'][1]}"
+                 if record["source_steps"] else "")
         cb.log(f"[scar] restart {restart_count()}: partial recovery at step {k}: rank(s) {lost} lost, "
-               f"{record['lost_blocks']} blocks restored ({sources}; saved at steps {record['source_steps'][0]}.."
-               f"{record['source_steps'][1]}); rank(s) {survivors} kept their state; {delta}{rework}; training "
-               f"continues at step {k + 1}")
+               f"{record['lost_blocks']} blocks restored ({sources or 'none'}{saved}); rank(s) {survivors} kept "
+               f"their state; {delta}{rework}; training continues at step {k + 1}")
     return LoopSnapshot(**loop)
 
 
@@ -186,6 +191,7 @@ def _restore_lost_rank(cb: "ScarCallback", k: int, lost: list[int], checkpoint: 
     progress = _progress_norm(truth, sources[-1]) if truth is not None else None
     event = recover_blocks(cb.access, cb.access.blocks, sources, step=k, lost_ranks=lost, before=truth,
                            progress_norm=progress, log=cb.log)
+    drop_unsharded_copies(state.model)
     with torch.no_grad():
         for group in state.optimizer.param_groups:
             for p in group["params"]:

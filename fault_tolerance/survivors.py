@@ -66,13 +66,30 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def capture_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name, as the optimizer holds them (FSDP2's sharded DTensors). Take this
+    while no forward runs: during one, FSDP2 puts unsharded tensors in the modules' place, and a survivor is
+    often stopped right there (its peer died inside a collective)."""
+    return {n: p for n, p in unwrap(model).named_parameters() if p.requires_grad}
+
+
+def drop_unsharded_copies(model: torch.nn.Module) -> None:
+    """Make the next forward gather the sharded parameters again. FSDP2 keeps a module's gathered (unsharded)
+    parameters after a forward that no backward follows (a validation pass: the root's embedding and final
+    norm, say), and the next forward reuses them; blocks written into the shards in between would be skipped."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def capture_tensors(params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer
+                    ) -> dict[str, dict[str, torch.Tensor]]:
     """This rank's local shard of every trainable parameter and every tensor of its optimizer state, as CPU
     copies keyed by parameter name."""
     out = {}
-    for name, p in unwrap(model).named_parameters():
-        if not p.requires_grad:
-            continue
+    for name, p in params.items():
         entry = {"param": _local(p.detach()).to("cpu", copy=True)}
         for key, value in optimizer.state.get(p, {}).items():
             if isinstance(value, torch.Tensor):
@@ -81,10 +98,9 @@ def capture_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     return out
 
 
-def restore_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def restore_tensors(params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                     tensors: dict[str, dict[str, torch.Tensor]], where: str) -> None:
     """Copy a survivor's tensors back into the live local shards and optimizer state, bit for bit."""
-    params = {n: p for n, p in unwrap(model).named_parameters() if p.requires_grad}
     if set(params) != set(tensors):
         extra = sorted(set(params) ^ set(tensors))
         raise GlassboxError(f"{where}: holds other parameters than this model ({extra[0]})")
@@ -183,11 +199,11 @@ class SurvivorGuard:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def payload(snapshot: LoopSnapshot, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int,
+def payload(snapshot: LoopSnapshot, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, rank: int,
             world_size: int, run_dir: Path) -> dict[str, Any]:
     """What a survivor copy holds (plain containers and tensors: it is read back with weights_only)."""
     return {"rank": rank, "world_size": world_size, "run_dir": str(Path(run_dir).resolve()),
-            "loop": dataclasses.asdict(snapshot), "tensors": capture_tensors(model, optimizer)}
+            "loop": dataclasses.asdict(snapshot), "tensors": capture_tensors(params, optimizer)}
 
 
 def snapshot_of(state: Any, step: int, samples: int, tokens: int) -> LoopSnapshot:
