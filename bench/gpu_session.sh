@@ -8,13 +8,32 @@
 #     bash bench/gpu_session.sh tests        # tests/gpu, and the inference bench on the second GPU meanwhile
 #     bash bench/gpu_session.sh inference    # tests/inference GPU tests, then the inference bench (one GPU)
 #     bash bench/gpu_session.sh train        # bench/train_mfu.py: 4 systems x 3 sizes, then 1B on 2 GPUs
+#     bash bench/gpu_session.sh spec         # tree-verification GPU tests, then bench/suffix_e2e.py (GGUF_PARTS)
+#     bash bench/gpu_session.sh scar         # bench/scar_rework.py, the 125M reduced grid on the GPU
+#     bash bench/gpu_session.sh pollux       # bench/pollux_adaptive.py and bench/pollux_gns.py on the GPU
+#     bash bench/gpu_session.sh cpu16        # the CPU grids on the host's cores: SCAR rework, the Pollux simulator
+#
+# glassbox's own wheel (GLASSBOX_WHEEL, default build/whl/) carries a compiled part built for this machine's
+# Python, so it is unpacked rather than installed, and the suffix trie's C file is compiled for the host's Python
+# when gcc is there (without it the trie runs its Python path).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${WHEELS:-.whl}
 SITE=${SITE:-/tmp/glassbox-site}
 OUT=${OUT:-}
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
+GLASSBOX_WHEEL=${GLASSBOX_WHEEL:-build/whl}
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
+fi
+if ls "$GLASSBOX_WHEEL"/glassbox-*.whl >/dev/null 2>&1; then
+    python3 -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" \
+        "$(ls "$GLASSBOX_WHEEL"/glassbox-*.whl | head -1)" "$SITE"
+    ext=$(python3 -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+    inc=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+    command -v gcc >/dev/null && gcc -O2 -shared -fPIC -I"$inc" inference/speculative/_suffix_trie.c \
+        -o "$SITE/glassbox/inference/speculative/_suffix_trie$ext" || echo "suffix trie: no C build, Python path"
+fi
 export PYTHONPATH=$SITE
 export NCCL_NVLS_ENABLE=0          # no NVLink multicast on the lent machines
 # Run from outside the checkout, so its top-level glassbox/ folder does not shadow the installed package.
@@ -68,8 +87,38 @@ train)
         save train_mfu
     fi
     ;;
+spec)
+    [ "${TESTS:-1}" = 1 ] && (cd /tmp && python3 -m pytest "$ROOT/tests/inference/test_tree_verification.py" -m gpu \
+        -p no:cacheprovider -q --rootdir "$ROOT" 2>&1 | tail -15)
+    # GGUF_PARTS: the SmolLM2 GGUF's parts, in order (bench/suffix_e2e.py pack; two device calls carry them).
+    [ -z "${GGUF_PARTS:-}" ] && { echo "GGUF_PARTS unset: no end-to-end bench"; exit 0; }
+    (cd /tmp && python3 "$ROOT/bench/suffix_e2e.py" --device cuda --gguf-parts $GGUF_PARTS 2>&1 \
+        | tee "${OUT:-/tmp}/suffix_e2e.log" | tail -30)
+    save suffix_e2e
+    ;;
+scar)
+    (cd /tmp && python3 "$ROOT/bench/scar_rework.py" --device cuda --model 125m --lost 0.125,0.25 \
+        --intervals 50,100 --r 0.25 --seeds "${SEEDS:-3}" --workers 3 --out-name scar_rework_h200 2>&1 | tail -30)
+    save scar_rework_h200
+    ;;
+pollux)
+    (cd /tmp && python3 "$ROOT/bench/pollux_gns.py" --device cuda 2>&1 | tail -20)
+    save pollux_gns
+    (cd /tmp && python3 "$ROOT/bench/pollux_adaptive.py" --device cuda --model small 2>&1 | tail -30)
+    save pollux_adaptive
+    ;;
+cpu16)
+    workers=$(nproc)
+    (cd /tmp && python3 "$ROOT/bench/scar_rework.py" --workers "$workers" --out-name scar_rework_cpu16 2>&1 | tail -30)
+    save scar_rework_cpu16
+    # ARTIFACT: the Pollux OSDI'21 artifact's data, carried as a copy (it lives outside the checkout).
+    (cd /tmp && python3 "$ROOT/bench/pollux_sim.py" --artifact "$ROOT/${ARTIFACT:-.pollux-artifact}" \
+        --workloads 1 2 3 4 5 6 7 8 --loads 0.5 1.0 1.5 2.0 --workers "$workers" --out "$ROOT/bench/results/pollux_sim" \
+        2>&1 | tail -30)
+    save pollux_sim
+    ;;
 *)
-    echo "usage: bash bench/gpu_session.sh tests|inference|train" >&2
+    echo "usage: bash bench/gpu_session.sh tests|inference|train|spec|scar|pollux|cpu16" >&2
     exit 2
     ;;
 esac
