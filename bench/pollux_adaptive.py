@@ -49,7 +49,8 @@ MODELS = {
 
 def machine() -> dict[str, Any]:
     info = {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "cpu_count": os.cpu_count(), "processor": platform.processor()}
+            "torch": torch.__version__, "cpu_count": os.cpu_count(), "processor": platform.processor(),
+            "load_average": os.getloadavg()[0]}      # a shared machine's CPU timings are only as good as this
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -184,7 +185,7 @@ def markdown(result: dict) -> str:
     s, m = result["summary"], result["machine"]
     lines = [f"# Pollux adaptive batch vs fixed batches ({result['model']} model, {result['device']})", "",
              f"Machine: {m.get('gpu') or m['processor'] or m['platform']} ({m['cpu_count']} CPUs, {m['host']}); "
-             f"torch {m['torch']}. Target validation loss {result['target']:.4f} (the worst run's best); "
+             f"torch {m['torch']}; load average {m.get('load_average', 0):.1f}. Target validation loss {result['target']:.4f} (the worst run's best); "
              f"budget {result['budget_samples']} samples.", "",
              "| run | batch | time to target (s) | samples to target | final val loss | wall (s) |",
              "|---|---|---|---|---|---|"]

@@ -118,7 +118,7 @@ def markdown(result: dict) -> str:
     return "\n".join([
         f"# Gradient noise scale: overhead and accuracy ({result['model']} model, {result['device']})", "",
         f"Machine: {m.get('gpu') or m['processor'] or m['platform']} ({m['cpu_count']} CPUs, {m['host']}); "
-        f"torch {m['torch']}.", "",
+        f"torch {m['torch']}; load average {m.get('load_average', 0):.1f}.", "",
         "| measure | value |", "|---|---|",
         f"| median step, no GNS (batch {o['batch']}, micro {o['micro_batch']}) | {o['step_s_without'] * 1e3:.2f} ms |",
         f"| median step, GNS measured | {o['step_s_with_gns'] * 1e3:.2f} ms |",
