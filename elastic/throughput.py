@@ -122,8 +122,6 @@ def default_priors(observations: list[StepObservation]) -> ThroughputParams:
 def fit_throughput(observations: Iterable[StepObservation], priors: ThroughputParams | None = None
                    ) -> ThroughputParams:
     """Bounded least squares on log step times, regularized towards `priors` (default_priors when None)."""
-    from scipy.optimize import least_squares
-
     obs = list(observations)
     if not obs:
         raise GlassboxError("fit_throughput: no step observations to fit")
@@ -164,9 +162,45 @@ def fit_throughput(observations: Iterable[StepObservation], priors: ThroughputPa
         reg = weights * np.concatenate([x[:6] - x_prior[:6], (x[6:] - x_prior[6:]) / 3.0])
         return np.concatenate([fit, reg / math.sqrt(len(obs))])
 
-    result = least_squares(residuals, x0, bounds=(lower, upper), method="trf", x_scale="jac",
-                           ftol=1e-12, xtol=1e-12, gtol=1e-12, max_nfev=2000)
-    return ThroughputParams(**dict(zip(names, params_of(result.x).tolist())))
+    x = bounded_least_squares(residuals, x0, lower, upper)
+    return ThroughputParams(**dict(zip(names, params_of(x).tolist())))
+
+
+def bounded_least_squares(residuals: Callable[[np.ndarray], np.ndarray], x0: np.ndarray, lower: np.ndarray,
+                          upper: np.ndarray, iterations: int = 300) -> np.ndarray:
+    """Levenberg-Marquardt with every step projected into the box [lower, upper].
+
+    Seven parameters and a few dozen residuals: a forward-difference Jacobian is cheap, and numpy alone keeps
+    the fit runnable wherever training runs (a GPU image without scipy).
+    """
+    x = np.clip(x0, lower, upper)
+    r = residuals(x)
+    cost = float(r @ r)
+    damping = 1e-3
+    for _ in range(iterations):
+        h = 1e-7 * np.maximum(1.0, np.abs(x))
+        jac = np.empty((r.size, x.size))
+        for i in range(x.size):
+            step = np.zeros_like(x)
+            # Difference towards the inside of the box, so the probe never leaves it.
+            step[i] = h[i] if x[i] + h[i] <= upper[i] else -h[i]
+            jac[:, i] = (residuals(x + step) - r) / step[i]
+        jtj, jtr = jac.T @ jac, jac.T @ r
+        improved = False
+        while damping < 1e12:
+            delta = np.linalg.solve(jtj + damping * (np.diag(np.diag(jtj)) + 1e-12 * np.eye(x.size)), -jtr)
+            candidate = np.clip(x + delta, lower, upper)
+            r_new = residuals(candidate)
+            new_cost = float(r_new @ r_new)
+            if new_cost < cost:
+                converged = cost - new_cost <= 1e-14 * max(cost, 1e-300)
+                x, r, cost, improved = candidate, r_new, new_cost, True
+                damping = max(damping / 3.0, 1e-12)
+                break
+            damping *= 4.0
+        if not improved or converged:
+            break
+    return x
 
 
 def probe_max_micro_batch(fits: Callable[[int], bool], start: int, limit: int) -> int:
