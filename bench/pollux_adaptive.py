@@ -164,7 +164,11 @@ def gns_overhead(args, m0: int) -> dict[str, Any]:
 
 
 def plot(runs: list[dict], target: float, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:     # an image without it still gets the JSON and the table
+        print(f"matplotlib is not installed: no {path.name}")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
