@@ -10,8 +10,15 @@ redone steps are counted as its rework). Strategies:
 - partial: only the lost blocks from the last full checkpoint; survivors keep their values; no rewind.
 - prioritized / round_robin / random: no full checkpoints; instead each rank writes the fraction r of its blocks
   every r*C steps (rounded to whole steps, r adjusted so the I/O is exactly a full checkpoint's every C steps),
-  chosen by fastest change or the baselines; a lost block comes from its newest saved copy (the zarr block store),
-  else the initial state.
+  chosen by the baselines or by priority: ||Delta_b||^2 / size_b, Delta_b the block's distance from what recovery
+  would put back (its newest saved copy, else the initial state: the selector is given that fallback, so a
+  never-saved block ranks by how far it moved from it). A lost block comes from its newest saved copy (the zarr
+  block store), else the initial state.
+
+The run of a unit is max(steps, 8 C) steps (the failure uniform in [0.1, 0.9] of it), so every interval has had
+about four checkpoint cycles by a typical failure: a run too short for C (400 steps at C = 200 had one or two)
+mostly measures failures before the partial strategies have saved every block once, i.e. the initial state.
+The C <= 50 units keep the base length, so their runs are the ones an earlier grid measured.
 
 Each recovery goes through the code path a real one uses: BlockLayout of the W-rank layout, BlockSelector per
 rank, the BlockStore on disk (the lost ranks' saved blocks, at their saved steps), recover_blocks with its sources
@@ -24,11 +31,11 @@ Per cell (lost fraction, C, r) it reports each strategy's mean rework over seeds
 rollback, ||delta||, the I/O per C steps, and a least-squares fit of rework against SCAR's log(1 + ||delta|| /
 ||theta_F - theta_{F-C}||). Writes bench/results/<out-name>.json/.md/.png.
 
-    python bench/scar_rework.py --quick                          # a small grid, ~2 minutes on 2 CPU cores
+    python bench/scar_rework.py --quick                          # a small grid, ~5 minutes on 2 loaded CPU cores
     python bench/scar_rework.py --workers 2                      # the full grid on CPU (tiny model)
     python bench/scar_rework.py --workers 16 --out-name scar_rework_cpu16
-    python bench/scar_rework.py --device cuda --model 125m --lost 0.125,0.25 --intervals 50,100 --r 0.25 \
-        --seeds 3 --workers 3 --out-name scar_rework_h200         # the reduced GPU grid, ~3-4 minutes on one H200
+    python bench/scar_rework.py --device cuda --model 125m --lost 0.125,0.25 --intervals 25,50 --r 0.25 \
+        --seeds 3 --workers 3 --out-name scar_rework_h200         # the reduced GPU grid (runs of 300 / 400 steps)
     python bench/scar_rework.py --resummarize                    # re-aggregate (e.g. once scar_kill9.json exists)
 """
 
@@ -45,6 +52,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import ChainMap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +64,7 @@ WORLD = 8
 THRESHOLD = 0.005
 STRATEGIES = ("full", "partial", "prioritized", "round_robin", "random")
 SELECTED = ("prioritized", "round_robin", "random")
+CHECKPOINTS_PER_RUN = 8
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,7 @@ class Setup:
     intervals: tuple[int, ...]
     fractions: tuple[float, ...]
     seeds: int
+    checkpoints_per_run: int = CHECKPOINTS_PER_RUN   # a unit's run is max(steps, this * C) steps
 
 
 MODELS = {
@@ -102,6 +112,11 @@ MODELS = {
 FULL_GRID = dict(lost_fractions=(1 / 8, 1 / 4, 1 / 2), intervals=(25, 50, 100, 200), fractions=(0.1, 0.25, 0.5),
                  seeds=5)
 QUICK_GRID = dict(lost_fractions=(1 / 8, 1 / 4), intervals=(25, 50), fractions=(0.25,), seeds=2)
+
+
+def run_steps(setup: Setup, interval: int) -> int:
+    """A unit's run length: long enough for `checkpoints_per_run` intervals, never shorter than the base run."""
+    return max(setup.steps, setup.checkpoints_per_run * interval)
 
 
 def make_setup(args: argparse.Namespace) -> Setup:
@@ -132,9 +147,10 @@ def prepare_data(setup: Setup) -> Path:
 
 
 class Run:
-    """One seed's model, optimizer and data; `step(s)` takes training step s (1-based) of the reference order."""
+    """One seed's model, optimizer and data; `step(s)` takes training step s (1-based) of the reference order; the
+    LR schedule spans `steps` (the unit's run) plus the rework cap."""
 
-    def __init__(self, setup: Setup, data_dir: Path, seed: int):
+    def __init__(self, setup: Setup, data_dir: Path, seed: int, steps: int):
         from glassbox.data.config import DataConfig
         from glassbox.data.sampler import build_sampler
         from glassbox.fault_tolerance.blocks import BlockLayout, FullStateAccess
@@ -150,7 +166,7 @@ class Run:
         self.model = Transformer(cfg).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=setup.lr, betas=(0.9, 0.95),
                                            weight_decay=0.1)
-        self.schedule = WarmupDecay(setup.steps + setup.cap, setup.warmup, "cosine", 0.1)
+        self.schedule = WarmupDecay(steps + setup.cap, setup.warmup, "cosine", 0.1)
         self.layout = BlockLayout.of_model(self.model, WORLD, block_elements=setup.block_elements)
         self.access = FullStateAccess(self.model, self.optimizer, self.layout)
         data = DataConfig(path=str(data_dir), seq_len=setup.seq_len, seed=1000 + seed)
@@ -249,7 +265,8 @@ def run_unit(job: tuple[Setup, str, int, int, int]) -> dict[str, Any]:
     started = time.perf_counter()
     rng = random.Random(f"scar-{seed}-{interval}")
     ve = setup.val_every
-    failure = ve * rng.randint(math.ceil(0.1 * setup.steps / ve), math.floor(0.9 * setup.steps / ve))
+    steps = run_steps(setup, interval)
+    failure = ve * rng.randint(math.ceil(0.1 * steps / ve), math.floor(0.9 * steps / ve))
     # Nested: the ranks lost at 1/8 are among those lost at 1/4, and so on (cleaner comparisons across fractions).
     order = rng.sample(range(WORLD), WORLD)
     lost_ranks = {f: sorted(order[:max(1, round(f * WORLD))]) for f in setup.lost_fractions}
@@ -257,10 +274,13 @@ def run_unit(job: tuple[Setup, str, int, int, int]) -> dict[str, Any]:
     # every rank's I/O is the same fraction of its own state by construction.
     simulated = sorted({k for ranks in lost_ranks.values() for k in ranks})
     last_full = (failure // interval) * interval
-    run = Run(setup, Path(data_dir), seed)
+    run = Run(setup, Path(data_dir), seed, steps)
     layout = run.layout
     rank_access = {k: FullStateAccess(run.model, run.optimizer, layout, ranks=[k]) for k in simulated}
     simulated_elements = sum(layout.num_elements(b) for k in simulated for b in layout.blocks_of_rank(k))
+    # What recovery falls back to for a block no partial checkpoint holds (the initial state), per rank: with the
+    # saved copies on top it is each block's restore source, which prioritized selection measures change against.
+    initial = {k: {b: rank_access[k].read(b) for b in rank_access[k].blocks} for k in simulated}
 
     # Selection along the reference trajectory, per rank, as each rank's checkpoint callback would do it.
     plans = {}
@@ -290,7 +310,7 @@ def run_unit(job: tuple[Setup, str, int, int, int]) -> dict[str, Any]:
             if s % plan["every"]:
                 continue
             for k, selector in plan["selectors"].items():
-                chosen = selector.select(rank_access[k], plan["saved"][k])
+                chosen = selector.select(rank_access[k], ChainMap(plan["saved"][k], initial[k]))
                 for b in chosen:
                     plan["saved"][k][b] = rank_access[k].read(b)
                     plan["steps"][b] = s
@@ -312,7 +332,7 @@ def run_unit(job: tuple[Setup, str, int, int, int]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="scar-bench-") as tmp:
         for f, ranks in lost_ranks.items():
             lost = [b for k in ranks for b in layout.blocks_of_rank(k)]
-            base = dict(seed=seed, C=interval, lost_fraction=f, lost_ranks=ranks, failure_step=failure,
+            base = dict(seed=seed, C=interval, run_steps=steps, lost_fraction=f, lost_ranks=ranks, failure_step=failure,
                         last_full=last_full, progress_norm=progress)
             records.append({**base, "strategy": "full", "r": None, "r_effective": None,
                             "rework": failure - last_full, "censored": False, "delta_norm": full_delta,
@@ -490,7 +510,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"# SCAR rework ({setup['model']} model on {setup['device']}, {where}, {result['workers']} workers)",
         "",
-        f"W = {WORLD} virtual FSDP2 ranks, run of {setup['steps']} steps (failure uniform in [0.1, 0.9] of it, "
+        f"W = {WORLD} virtual FSDP2 ranks, run of max({setup['steps']}, {setup.get('checkpoints_per_run', 1)} C) steps "
+        f"(failure uniform in [0.1, 0.9] of it, "
         f"on a {setup['val_every']}-step grid), {setup['seeds']} seeds per cell, batch {setup['batch']} x "
         f"{setup['seq_len']} tokens, rework = steps until the smoothed ({setup['smooth']} evaluations) validation "
         f"loss is within {THRESHOLD:.1%} of the unperturbed run (censored at {setup['cap']}); {result['params']:,} "
@@ -529,9 +550,9 @@ def markdown(result: dict) -> str:
                      f"{_fmt(c['full']['io_bytes_per_C'] / 1e6, '.2f')} |")
     lines += ["", "Notes: full rollback's rework is its redone steps F - c (its replay from the exact checkpoint is "
               "the reference run, checked bit for bit per unit); the partial strategies restore only the lost ranks' "
-              "blocks and rewind nothing. Until every block has been saved once (the first C steps) prioritized and "
-              "round-robin choose the same blocks (never-saved ones first, in layout order), so cells whose failures "
-              "fall early show equal numbers for the two; blocks never saved come from the initial state."]
+              "blocks and rewind nothing; a block no partial checkpoint holds comes from the initial state. "
+              "Prioritized writes the blocks with the largest ||Delta||^2 / size, Delta measured from what recovery "
+              "would put back (the saved copy, else the initial state)."]
     fits = result["fit"]
     lines += ["", "Fit of measured rework (steps) against log(1 + ||delta|| / ||theta_F - theta_{F-C}||):", ""]
     for label, f in fits.items():
@@ -627,7 +648,7 @@ def main() -> int:
                   f"{unit['step_ms']:.1f} ms/step, replay exact {unit['replay_exact']}", flush=True)
     records = [x for u in sorted(units, key=lambda u: (u["seed"], u["C"])) for x in u["records"]]
     torch.set_num_threads(1)
-    probe = Run(setup, data_dir, 0)
+    probe = Run(setup, data_dir, 0, setup.steps)
     result = {
         "setup": asdict(setup), "machine": machine(), "workers": args.workers,
         "params": sum(p.numel() for p in probe.model.parameters()), "blocks": len(probe.layout.blocks),
