@@ -113,6 +113,7 @@ def reapply(model: Any, optimizer: Any, record: dict[str, Any], run_dir: Path, r
 
     event = event_of(record)
     layout = BlockLayout.from_json(event.layout)
+    drop_unsharded_copies(model)       # first: the access must see the shards, not a validation's gathered copy
     access = (LocalShardAccess(model, optimizer, layout, rank) if world_size > 1
               else FullStateAccess(model, optimizer, layout))
     held = set(access.blocks)
@@ -121,5 +122,4 @@ def reapply(model: Any, optimizer: Any, record: dict[str, Any], run_dir: Path, r
     if record.get("checkpoint"):
         sources.append(CheckpointSource(Path(run_dir) / "checkpoints" / record["checkpoint"]))
     apply_event(access, mine, sources)
-    drop_unsharded_copies(model)
     return len(mine.restored)
