@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overhead-steps", type=int, default=40)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--direct-batches", type=int, default=256)
-    p.add_argument("--smoothing", type=float, default=0.9)
+    p.add_argument("--smoothing", type=float, default=0.99)
     args = p.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

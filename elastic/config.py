@@ -25,7 +25,8 @@ class ElasticConfig:
                                     # batch.micro_batch_size on CPU (no memory wall to find there)
     decide_every: int = 10          # steps between goodput decisions
     warmup_steps: int = 5           # steps before the first decision (Adam's second moment, first timings)
-    gns_smoothing: float = 0.9      # EMA decay per M0 samples of gradient statistics
+    gns_smoothing: float = 0.99     # EMA decay per M0 samples of gradient statistics (one-step estimates are
+                                    # noise-dominated when phi >> the batch: average ~100 of them)
     precondition_every: int = 10    # steps between refreshes of the Adam preconditioner
     measure_every: int = 4          # a step with one micro-batch per rank is split in two every N steps, so the
                                     # noise scale has its two batch sizes (0: never)
