@@ -102,7 +102,7 @@ scar)
     save scar_rework_h200
     ;;
 pollux)
-    (cd /tmp && python3 "$ROOT/bench/pollux_gns.py" --device cuda 2>&1 | tail -20)
+    (cd /tmp && python3 "$ROOT/bench/pollux_gns.py" --device cuda --model small 2>&1 | tail -20)
     save pollux_gns
     (cd /tmp && python3 "$ROOT/bench/pollux_adaptive.py" --device cuda --model small 2>&1 | tail -30)
     save pollux_adaptive

@@ -56,11 +56,16 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def prepare_data(path: Path) -> Path:
+# Corpus bytes per model: the small model's 256-token samples need ~8x the tiny one's text for a validation
+# split that holds `--val-samples` (4 MB gave 18 validation samples at seq_len 256).
+DATA_BYTES = {"tiny": 4_000_000, "small": 32_000_000}
+
+
+def prepare_data(path: Path, max_bytes: int) -> Path:
     from glassbox.data.prepare import prepare
 
     if not (path / "meta.json").exists():
-        prepare(["stdlib"], path, vocab_size=4096, max_bytes=4_000_000, progress=False)
+        prepare(["stdlib"], path, vocab_size=4096, max_bytes=max_bytes, progress=False)
     return path
 
 
@@ -217,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    args.data = prepare_data(args.data or Path(tempfile.gettempdir()) / "glassbox-bench-pollux-data")
+    args.data = prepare_data(args.data or Path(tempfile.gettempdir()) / f"glassbox-bench-pollux-data-{args.model}",
+                             DATA_BYTES[args.model])
     _, _, default_budget, sweep, _ = MODELS[args.model]
     args.samples = budget = args.samples or default_budget
     m0 = sweep[0]
