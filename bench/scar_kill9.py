@@ -160,7 +160,7 @@ def cell(strategy: str, kill9: Path, inproc: Path | None, reference: dict[int, f
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# SCAR with a real kill -9 (torchrun, 2 gloo ranks, CPU, tiny model)", "",
+    lines = ["# SCAR with a real kill -9 (torchrun, 2 gloo ranks, CPU, tiny model)", "",
              f"Machine: {result['machine']['platform']}, {result['machine']['cpu_count']} CPUs "
              f"({result['machine']['host']}). C = {C}, r = {R}, failure after step {FAILURE} (rank 1 of 2: lost "
              f"fraction 1/2), validation every {VAL_EVERY} steps, threshold {THRESHOLD:.1%}.", "",

@@ -87,7 +87,8 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if bytes(buf[:4]) != b"GGUF":
         raise SystemExit(f"{path}: not a GGUF file")
     at = 4
-    _version, n_tensors, n_kv = take("<I"), take("<Q"), take("<Q")
+    take("<I")                                  # the format version: every one we read has this layout
+    n_tensors, n_kv = take("<Q"), take("<Q")
     meta = {}
     for _ in range(n_kv):
         key = string()

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 from glassbox.atomic import write_json
-from glassbox.errors import GlassboxError
 from glassbox.train.callbacks import Callback
 
 REQUEST = Path("elastic") / "request.json"
@@ -71,7 +70,8 @@ def build_trainer(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from glassbox.train.cli import add_train_args, summary
+    from glassbox.train.__main__ import run_trainer
+    from glassbox.train.cli import add_train_args
 
     parser = argparse.ArgumentParser(prog="python -m glassbox.elastic.worker", description=__doc__.splitlines()[0])
     add_train_args(parser)
@@ -79,19 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-at", type=int, help="stop after this step, asking for --then-nproc workers")
     parser.add_argument("--then-nproc", type=int, default=1)
     args = parser.parse_args(argv)
-    import torch.distributed as dist
-
-    try:
-        trainer = build_trainer(args)
-        state = trainer.fit()
-    except GlassboxError as e:
-        print(f"glassbox: error: {e}", file=sys.stderr)
-        return 2
-    if trainer.world.is_main:
-        print(summary(state))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
+    return run_trainer(lambda: build_trainer(args))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ from glassbox.inference.metrics import ServerMetrics
 from glassbox.inference.protocol import ChatCompletionRequest, CompletionRequest, error_param
 from glassbox.inference.sampling_params import SamplingParams
 from glassbox.inference.sequence import TokenLogprob
-from glassbox.inference.tokenizer import Tokenizer
 
 logger = logging.getLogger("glassbox.server")
 

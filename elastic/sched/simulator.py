@@ -237,7 +237,6 @@ def simulate(jobs: list[JobSpec], traces: dict[str, ModelTrace], policy: Policy,
         trace = traces[spec.application]
         target = FIXED_ADAPTIVE.get(spec.application) if adaptive else spec.batch_size
         sim.append(SimJob(spec, trace, adaptive=adaptive, target_batch=target))
-    allocations: dict[str, Allocation] = {}
     timeline: list[dict] = []
     now = 0.0
     while any(j.completion is None for j in sim):
@@ -249,7 +248,6 @@ def simulate(jobs: list[JobSpec], traces: dict[str, ModelTrace], policy: Policy,
                                 f"{policy.name} (a request that never fits?)")
         active = [j for j in sim if j.spec.arrival <= now and j.completion is None]
         if not active:
-            allocations = {}
             continue
         fair = math.ceil(cluster.num_gpus / len(active))
         views = [job_view(j, now, cluster, fair, elastic) for j in active]

@@ -137,7 +137,7 @@ def test_a_corrupt_checkpoint_tensor_is_refused_and_no_source_left_is_an_error(t
     assert block.name == "embed_tokens.weight"
     with pytest.raises(BlockUnavailable, match=r"embed_tokens\.weight.*sha256 mismatch"):
         CheckpointSource(partial).read(block)
-    with pytest.raises(GlassboxError, match=rf"block embed_tokens\.weight\[0:4\]: no source can restore it"):
+    with pytest.raises(GlassboxError, match=r"block embed_tokens\.weight\[0:4\]: no source can restore it"):
         recover_blocks(access, [block], [CheckpointSource(partial), BlockStore(tmp_path / "b", access.layout)],
                        step=3, lost_ranks=[0], **QUIET)
 
