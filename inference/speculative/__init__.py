@@ -1,8 +1,9 @@
-"""The speculative-decoding extension point: a proposer drafts tokens per decoding sequence each step.
+"""The speculative-decoding extension point: a proposer drafts a token tree per decoding sequence each step.
 
-The engine verifies every draft in the same forward as the sequence's last token ([last token] + draft), keeps
-the agreeing prefix plus one model token (`Sampler.sample`), and rolls the rest back by leaving
-`num_computed_tokens` behind them. A proposer only predicts; it never changes what the model would output.
+The engine verifies every draft (a `Draft`: tokens plus parent indices) in the same forward as the sequence's last
+token, keeps the longest root path verification accepts plus one model token (`Sampler.sample`), moves that path's
+KV into place and rolls the rest back through the sequence's computed-token count. A proposer only predicts; it
+never changes what the model would output. `suffix` is SuffixDecoding (suffix.py over suffix_tree.py).
 """
 
 from __future__ import annotations
