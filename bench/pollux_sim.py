@@ -133,6 +133,7 @@ def write_plot(rows: list[dict], path: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)              # the plot is redrawn after every finished cell
 
 
 def main() -> int:
