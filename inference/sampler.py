@@ -150,14 +150,11 @@ class Sampler:
 
     def _accept(self, seq: Sequence, draft: Draft, argmax: list[int], probs: torch.Tensor | None) -> Verified:
         """One entry's tokens from its rows: walk the draft tree from the root, then draw (or take the argmax)."""
-        children: list[list[int]] = [[] for _ in range(len(draft) + 1)]
-        for i, parent in enumerate(draft.parents):
-            children[parent + 1].append(i)
         tokens: list[int] = []
         path: list[int] = []
         node = -1
         while True:
-            row, kids = node + 1, children[node + 1]
+            row, kids = node + 1, draft.children(node)
             if seq.params.greedy:
                 tok = argmax[row]
                 nxt = next((c for c in kids if draft.tokens[c] == tok), None)
@@ -169,7 +166,7 @@ class Sampler:
             path.append(nxt)
             node = nxt
 
-    def _verify_children(self, seq: Sequence, draft: Draft, kids: list[int], p: torch.Tensor
+    def _verify_children(self, seq: Sequence, draft: Draft, kids: tuple[int, ...], p: torch.Tensor
                          ) -> tuple[int, int | None]:
         """Multi-candidate rejection sampling with one-hot drafts: the token emitted at this node, and the child
         accepted (None when the token is drawn from the residual)."""

@@ -19,18 +19,23 @@ class Draft:
     parents: tuple[int, ...] = ()
     score: float = 0.0          # the proposer's own estimate of accepted tokens (sum of node probabilities)
     depths: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    # kids[node + 1]: the children of `node` (-1: the root), best first; verification walks them every step.
+    kids: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.parents):
             raise GlassboxError(f"draft has {len(self.tokens)} tokens but {len(self.parents)} parents")
         depths: list[int] = []
+        kids: list[list[int]] = [[] for _ in range(len(self.parents) + 1)]
         for i, p in enumerate(self.parents):
             if not -1 <= p < i:
                 raise GlassboxError(f"draft node {i} has parent {p}: parents must be -1 or an earlier node")
             depths.append(1 if p < 0 else depths[p] + 1)
+            kids[p + 1].append(i)
         object.__setattr__(self, "tokens", tuple(int(t) for t in self.tokens))
         object.__setattr__(self, "parents", tuple(int(p) for p in self.parents))
         object.__setattr__(self, "depths", tuple(depths))
+        object.__setattr__(self, "kids", tuple(tuple(k) for k in kids))
 
     @classmethod
     def linear(cls, tokens: list[int] | tuple[int, ...], score: float = 0.0) -> "Draft":
@@ -40,16 +45,12 @@ class Draft:
         return len(self.tokens)
 
     @property
-    def is_linear(self) -> bool:
-        return all(p == i - 1 for i, p in enumerate(self.parents))
-
-    @property
     def max_depth(self) -> int:
         return max(self.depths, default=0)
 
-    def children(self, node: int) -> list[int]:
+    def children(self, node: int) -> tuple[int, ...]:
         """Children of `node` (-1 for the root), best first."""
-        return [i for i, p in enumerate(self.parents) if p == node]
+        return self.kids[node + 1]
 
     def path(self, node: int) -> list[int]:
         """Node indices from the root's first child down to `node`."""
