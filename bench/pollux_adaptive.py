@@ -61,11 +61,13 @@ def machine() -> dict[str, Any]:
 DATA_BYTES = {"tiny": 4_000_000, "small": 32_000_000}
 
 
-def prepare_data(path: Path, max_bytes: int) -> Path:
+def prepare_data(path: Path | None, model: str) -> Path:
+    """The prepared corpus at `path`, or by default one per model in the temp dir (prepared once, then reused)."""
     from glassbox.data.prepare import prepare
 
+    path = path or Path(tempfile.gettempdir()) / f"glassbox-bench-pollux-data-{model}"
     if not (path / "meta.json").exists():
-        prepare(["stdlib"], path, vocab_size=4096, max_bytes=max_bytes, progress=False)
+        prepare(["stdlib"], path, vocab_size=4096, max_bytes=DATA_BYTES[model], progress=False)
     return path
 
 
@@ -222,8 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    args.data = prepare_data(args.data or Path(tempfile.gettempdir()) / f"glassbox-bench-pollux-data-{args.model}",
-                             DATA_BYTES[args.model])
+    args.data = prepare_data(args.data, args.model)
     _, _, default_budget, sweep, _ = MODELS[args.model]
     args.samples = budget = args.samples or default_budget
     m0 = sweep[0]

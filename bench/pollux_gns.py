@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pollux_adaptive import DATA_BYTES, MODELS, machine, prepare_data, run_config  # noqa: E402
+from pollux_adaptive import MODELS, machine, prepare_data, run_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -145,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    args.data = prepare_data(args.data or Path(tempfile.gettempdir()) / f"glassbox-bench-pollux-data-{args.model}",
-                             DATA_BYTES[args.model])
+    args.data = prepare_data(args.data, args.model)
     micro = MODELS[args.model][3][0]
     result = {"machine": machine(), "device": args.device, "model": args.model,
               "overhead": overhead(args, micro), "accuracy": accuracy(args, micro)}
