@@ -52,6 +52,19 @@ def _finish(proc: subprocess.Popen) -> str:
     return out
 
 
+def _live_trainers(pid: int) -> list[psutil.Process]:
+    """The launcher's training ranks still running. A child that exits while we list them (a zombie not yet reaped,
+    or gone) is not one to kill, so it is skipped instead of failing the listing."""
+    found = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "glassbox.train" in " ".join(child.cmdline()):
+                found.append(child)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
+    return found
+
+
 def test_random_kills_of_a_rank_resume_to_the_uninterrupted_weights(prepared_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(prepared_data, data, ignore=shutil.ignore_patterns("cache"))
@@ -69,8 +82,7 @@ def test_random_kills_of_a_rank_resume_to_the_uninterrupted_weights(prepared_dat
     while kills < KILLS:
         proc = _launch(config, run, resume=True)
         time.sleep(rng.uniform(0.3, 1.0) * duration)
-        workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
-                   if "glassbox.train" in " ".join(c.cmdline())]
+        workers = _live_trainers(proc.pid)
         if proc.poll() is not None or not workers:
             _finish(proc)
             continue                           # it finished (or had not started a rank) before the kill
