@@ -5,6 +5,8 @@ API (stable; the cluster scheduler in glassbox.elastic.sched imports it):
   StepObservation(num_nodes, num_replicas, micro_batch, accum_steps, step_time)  one measured step
   fit_throughput(observations, priors=None) -> ThroughputParams
   predict_step_time(params, num_nodes, num_replicas, micro_batch, accum_steps) -> float   seconds
+  predict_step_times(params, num_nodes, num_replicas, micro_batch, accum_steps) -> np.ndarray   the same over
+      arrays of allocations and shapes at once (the scheduler scores thousands per round)
   default_priors(observations) -> ThroughputParams
   probe_max_micro_batch(fits, start, limit) -> int
 
@@ -95,12 +97,20 @@ def _times(p: np.ndarray, nodes: np.ndarray, replicas: np.ndarray, micro: np.nda
     return (accum - 1) * t_grad + t_opt
 
 
+def _vector(params: ThroughputParams) -> np.ndarray:
+    return np.array([getattr(params, f.name) for f in fields(ThroughputParams)], dtype=float)
+
+
+def predict_step_times(params: ThroughputParams, num_nodes, num_replicas, micro_batch, accum_steps) -> np.ndarray:
+    """Seconds per optimizer step for each element of the (broadcast) arrays of allocations and batch shapes."""
+    args = [np.asarray(a, dtype=float) for a in (num_nodes, num_replicas, micro_batch, accum_steps)]
+    return _times(_vector(params), *np.broadcast_arrays(*args))
+
+
 def predict_step_time(params: ThroughputParams, num_nodes: int, num_replicas: int, micro_batch: int,
                       accum_steps: int) -> float:
     """Seconds per optimizer step of global batch num_replicas * micro_batch * accum_steps."""
-    p = np.array([getattr(params, f.name) for f in fields(ThroughputParams)], dtype=float)
-    return float(_times(p, np.array([num_nodes]), np.array([num_replicas]), np.array([micro_batch]),
-                        np.array([accum_steps]))[0])
+    return float(predict_step_times(params, [num_nodes], [num_replicas], [micro_batch], [accum_steps])[0])
 
 
 def default_priors(observations: list[StepObservation]) -> ThroughputParams:

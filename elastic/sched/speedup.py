@@ -4,19 +4,19 @@ The scheduler's genetic algorithm scores thousands of candidate allocations per 
 speedup for every (nodes, replicas) pair, every round. `GoodputModel.best` answers one pair at a time (~1 ms);
 this module is the batch form of exactly that computation: the same candidate shapes (`GoodputModel.candidates`,
 cached per replica count since they depend only on the job type), the same step-time model (the agent's
-vectorized `_times`) and the same efficiency function, evaluated together in one array pass. It is an adapter,
+`predict_step_times`) and the same efficiency function, evaluated together in one array pass. It is an adapter,
 not a second model: tests/elastic/test_sched_speedup.py checks it against `GoodputModel.best` pair by pair.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
 from glassbox.elastic.goodput import GoodputModel, efficiency
-from glassbox.elastic.throughput import ThroughputParams, _times
+from glassbox.elastic.throughput import ThroughputParams, predict_step_times
 
 
 @dataclass(frozen=True)
@@ -76,9 +76,7 @@ def goodput_table(params: ThroughputParams, grad_sqr: float, grad_var: float, sh
     grid = _grid(shape, max_replicas, max_nodes)
     if grid.nodes.size == 0:
         return table
-    p = np.array([getattr(params, f.name) for f in fields(ThroughputParams)], dtype=float)
-    step = _times(p, grid.nodes.astype(float), grid.replicas.astype(float), grid.micro.astype(float),
-                  grid.accum.astype(float))
+    step = predict_step_times(params, grid.nodes, grid.replicas, grid.micro, grid.accum)
     eff = np.array([efficiency(grad_sqr, grad_var, shape.init_batch, int(b)) for b in grid.batches])
     goodput = grid.batches[grid.batch_index] / step * eff[grid.batch_index]
     best = np.zeros(grid.pair_nodes.size)

@@ -10,6 +10,7 @@ from glassbox.elastic.throughput import (
     ThroughputParams,
     fit_throughput,
     predict_step_time,
+    predict_step_times,
     probe_max_micro_batch,
 )
 from glassbox.errors import GlassboxError
@@ -30,6 +31,16 @@ def test_model_matches_the_formula():
     t_opt = (t_grad ** 3 + t_sync ** 3) ** (1 / 3)
     assert predict_step_time(TRUE, 2, 4, 16, 3) == pytest.approx(2 * t_grad + t_opt)
     assert predict_step_time(TRUE, 1, 1, 16, 1) == pytest.approx(t_grad)     # one replica: no sync
+
+
+def test_vectorized_prediction_is_the_scalar_one_per_element():
+    nodes, replicas, micro, accum = [1, 1, 2, 4], [1, 3, 4, 16], [8, 16, 32, 64], [1, 2, 1, 3]
+    times = predict_step_times(TRUE, nodes, replicas, micro, accum)
+    assert times.shape == (4,)
+    for t, args in zip(times, zip(nodes, replicas, micro, accum)):
+        assert t == predict_step_time(TRUE, *args)
+    assert predict_step_times(TRUE, 1, 1, np.array([4, 8]), 1).tolist() == [
+        predict_step_time(TRUE, 1, 1, 4, 1), predict_step_time(TRUE, 1, 1, 8, 1)]
 
 
 def test_fit_recovers_known_parameters():
