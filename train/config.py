@@ -167,6 +167,9 @@ class RunConfig:
     fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
     run_dir: str = "runs/default"
     seed: int = 0                 # seeds Python, numpy and torch (model init); the data order has data.seed
+    # A Hugging Face model directory whose weights start the run instead of a random init; its config.json
+    # defines the model section (train/init_from.py) and its tokenizer.json must be the data's.
+    init_from: str = ""
 
     def validate(self) -> None:
         if self.data.seq_len > self.model.max_seq_len:
@@ -185,9 +188,12 @@ class RunConfig:
 
 
 def run_config_from_dict(data: dict) -> RunConfig:
-    return from_dict(RunConfig, data)
+    """Build and check a run config; with `init_from`, its model section comes from that directory."""
+    from glassbox.train.init_from import resolve_init_from
+
+    return from_dict(RunConfig, resolve_init_from(data))
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run config, apply `key=value` overrides (dotted keys), and check every field."""
-    return from_dict(RunConfig, apply_overrides(load_yaml(path), list(overrides or [])))
+    return run_config_from_dict(apply_overrides(load_yaml(path), list(overrides or [])))

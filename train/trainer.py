@@ -36,6 +36,7 @@ from glassbox.train.callbacks import Callback, GradientStats, ordered
 from glassbox.train.checkpointing import CheckpointCallback
 from glassbox.train.config import RunConfig
 from glassbox.train.flops import peak_flops
+from glassbox.train.init_from import check_tokenizer, load_pretrained
 from glassbox.train.lr_schedule import build_lr_schedule
 from glassbox.train.manifest import write_run_manifest
 from glassbox.train.metrics_log import MetricsLog
@@ -167,8 +168,12 @@ class Trainer:
         val = valid.samples(0, per_rank * self.world.dp_size)
         self.val_tokens = val[self.world.dp_rank * per_rank:(self.world.dp_rank + 1) * per_rank]
 
+        if cfg.init_from:
+            check_tokenizer(Path(cfg.init_from), [store.tokenizer_path for store in stores])
         seed_everything(cfg.seed)
         model = build_model(cfg.model, cfg.parallel, self.world, self.bf16)
+        if cfg.init_from:
+            load_pretrained(model, Path(cfg.init_from))
         freeze(model, cfg.optimizer.frozen)
         # Compiled with the blocks: the fp32 upcast fuses into the cross-entropy, so fp32 logits never hit memory.
         self._loss = torch.compile(next_token_loss) if cfg.parallel.compile else next_token_loss
@@ -329,7 +334,7 @@ class Trainer:
         scalars = [self._dp_mean(loss_sum), grad_norm.float()]
         if load_sum is not None:
             scalars.append(self._dp_mean(aux_sum))
-            load_sum = self._dp_mean(load_sum) * cfg.model.num_experts
+            load_sum = self._dp_mean(load_sum)
         self._queued += 1
         return QueuedStep(spec=spec, lr=lr, started=started, queue_s=time.perf_counter() - started,
                           scalars=torch.stack(scalars),
