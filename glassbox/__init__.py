@@ -5,3 +5,7 @@ inference, release) as subpackages; this root holds the command line, config loa
 """
 
 __version__ = "0.1.0"
+
+from glassbox import hf_models as _hf_models  # noqa: E402
+
+_hf_models.install()     # SwiftKV's model type in transformers' Auto classes, once transformers is imported

@@ -20,6 +20,7 @@ AREAS = [
     "glassbox.data.cli",
     "glassbox.train.cli",
     "glassbox.checkpoints.cli",
+    "glassbox.train.distill_cli",
     "glassbox.inference.cli",
     "glassbox.inference.speculative.cli",
     "glassbox.elastic.cli",

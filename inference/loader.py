@@ -38,6 +38,9 @@ def load_model_dir(model_dir: Path, dtype: torch.dtype = torch.float32,
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise GlassboxError(f"model directory not found: {model_dir}")
-    model, _ = load_hf_model_dir(model_dir, dtype=dtype, device=device)
+    from glassbox.checkpoints.hf_swiftkv import is_swiftkv_dir, load_swiftkv_model_dir
+
+    load = load_swiftkv_model_dir if is_swiftkv_dir(model_dir) else load_hf_model_dir
+    model, _ = load(model_dir, dtype=dtype, device=device)
     tokenizer = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
     return model, tokenizer, eos_token_ids(model_dir, tokenizer)
