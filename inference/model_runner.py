@@ -14,6 +14,11 @@ block past the pool and are dropped. MoE models run eagerly: their routing reads
 With `compile`, the decoder layer (one plain function for all layers) is compiled by `torch.compile`: at each
 captured size, so each graph replays Inductor's fused kernels instead of the ~45 eager kernels per layer, and with
 dynamic shapes for eager batches, whose every structure is compiled at start-up on synthetic batches.
+
+A SwiftKV model (glassbox.models.swiftkv) runs layers < l for every token, then writes the KV of every layer >= l
+from norm(h_l) in one matmul, and runs layers >= l only for the rows that need logits (a second, smaller batch
+whose queries attend to the cache). Its AcrossKV groups share one cache (`cache_of_layer`), so a pool of the same
+bytes holds more tokens.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from glassbox.errors import GlassboxError
 from glassbox.inference.block_manager import BlockManager
 from glassbox.inference.scheduler import SchedulerOutput
 from glassbox.inference.speculative.draft import EMPTY, Draft
+from glassbox.models.swiftkv import SwiftKVTransformer
 from glassbox.models.transformer import Attention, Block, Transformer, apply_rotary
 
 
@@ -95,6 +101,10 @@ class BatchInputs:
     decode_lens: torch.Tensor | None
     spans: list[SpanBatch]
     tree: torch.Tensor | None = None
+    # SwiftKV: the rows that run the layers >= l (those that need logits), as their own batch whose queries
+    # attend to the cache; `upper_rows` [U] picks them from this batch. None: every row (pure decodes, graphs).
+    upper: BatchInputs | None = None
+    upper_rows: torch.Tensor | None = None
 
 
 # A span batch's mask holds at most this many elements (SDPA may expand it to a float bias per head);
@@ -114,9 +124,18 @@ _compiles_allowed = 8
 EAGER_STRUCTURES = 24
 
 
+def cache_of_layer(model: Transformer) -> list[int]:
+    """Layer -> the KV cache it reads and writes: its own, except SwiftKV's AcrossKV groups, which share one."""
+    L = model.config.num_layers
+    if isinstance(model, SwiftKVTransformer):
+        return model.swiftkv.cache_of_layer(L)
+    return list(range(L))
+
+
 def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
     cfg = model.config
-    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+    caches = max(cache_of_layer(model)) + 1
+    per_token = 2 * caches * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
     return per_token * block_size
 
 
@@ -139,6 +158,20 @@ def decoder_layer(layer: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
     return layer(x, cos, sin, attention=attention)
 
 
+def upper_decoder_layer(layer: Block, q_proj: torch.nn.Linear, x: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, inputs: BatchInputs,
+                        decode_mask: torch.Tensor | None, block_size: int) -> torch.Tensor:
+    """A SwiftKV layer >= l over the rows that need logits: its KV is in the cache already (written in bulk from
+    norm(h_l)), so it only computes queries, with its SwiftKV query projection, and attends."""
+
+    def attention(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        N, hd = h.shape[0], layer.self_attn.head_dim
+        q = apply_rotary(q_proj(h).view(N, -1, hd), cos[:, None, :], sin[:, None, :])
+        return layer.self_attn.o_proj(attend(q, None, None, kc, vc, inputs, decode_mask, block_size).reshape(N, -1))
+
+    return layer(x, cos, sin, attention=attention)
+
+
 def paged_attention(attn: Attention, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor,
                     vc: torch.Tensor, inputs: BatchInputs, decode_mask: torch.Tensor | None,
                     block_size: int) -> torch.Tensor:
@@ -149,9 +182,15 @@ def paged_attention(attn: Attention, h: torch.Tensor, cos: torch.Tensor, sin: to
     v = attn.v_proj(h).view(N, -1, hd)
     kc.index_copy_(0, inputs.slots, k)
     vc.index_copy_(0, inputs.slots, v)
+    return attn.o_proj(attend(q, k, v, kc, vc, inputs, decode_mask, block_size).reshape(N, -1))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, kc: torch.Tensor, vc: torch.Tensor,
+           inputs: BatchInputs, decode_mask: torch.Tensor | None, block_size: int) -> torch.Tensor:
+    """Attention of the batch's queries q [N, heads, head_dim] over the cache, whose KV for this batch's tokens
+    is written already; causal span batches (fresh prompts) use this batch's own keys `k`, `v` instead."""
     if not inputs.spans:
-        out = decode_attention(q, kc, vc, inputs.decode_tables, decode_mask, block_size)
-        return attn.o_proj(out.reshape(N, -1))
+        return decode_attention(q, kc, vc, inputs.decode_tables, decode_mask, block_size)
     out = torch.empty_like(q)
     if inputs.decode_rows is not None:
         out[inputs.decode_rows] = decode_attention(q[inputs.decode_rows], kc, vc, inputs.decode_tables, decode_mask,
@@ -170,7 +209,7 @@ def paged_attention(attn: Attention, h: torch.Tensor, cos: torch.Tensor, sin: to
             vs = gather_blocks(vc, b.tables, block_size).repeat_interleave(groups, dim=1)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=b.mask[:, None]).transpose(1, 2)
             out[b.out_rows] = o.reshape(-1, *o.shape[2:])[b.valid]
-    return attn.o_proj(out.reshape(N, -1))
+    return out
 
 
 def gather_blocks(cache: torch.Tensor, tables: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -237,6 +276,7 @@ class ModelRunner:
         # not per size. Dynamo counts compiles per code object over the whole process, so its limit grows with
         # every runner's graphs and structures; it is only ever raised.
         self._eager_block: Callable = decoder_layer
+        self._eager_upper: Callable = upper_decoder_layer
         if compile:
             global _compiles_allowed
             graphs = len(graph_batch_sizes(max_num_seqs)) + len(tree_rows or {}) if self.use_graphs else 0
@@ -244,11 +284,16 @@ class ModelRunner:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _compiles_allowed)
             # Not fullgraph: a structure nobody foresaw must run (split, or eagerly past the limit), never fail.
             self._eager_block = torch.compile(decoder_layer, dynamic=True)
+            self._eager_upper = torch.compile(upper_decoder_layer, dynamic=True)
         # One scratch block past the pool takes the writes of graph padding rows and of compile warm-ups.
         self.scratch = num_blocks
         shape = ((num_blocks + 1) * block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
+        # One cache per layer, except that the layers of a SwiftKV AcrossKV group share theirs.
+        self.cache_of_layer = cache_of_layer(model)
+        caches = max(self.cache_of_layer) + 1
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(caches)]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(caches)]
+        self.swiftkv = SwiftKVPath(model) if isinstance(model, SwiftKVTransformer) else None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.tree_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._tree_inputs: GraphInputs | None = None
@@ -287,7 +332,38 @@ class ModelRunner:
             else:
                 spans.append(Span(row, s.num_tokens, s.start, table[:blocks.blocks_needed(s.start + s.num_tokens)],
                                   s.draft))
-        return self._inputs(ids, positions, slots, logit_rows, decode_rows, decode_tables, decode_lens, spans)
+        inputs = self._inputs(ids, positions, slots, logit_rows, decode_rows, decode_tables, decode_lens, spans)
+        if self.swiftkv is not None and inputs.logit_rows is not None:
+            self._add_upper(inputs, batch, blocks, ids, positions, slots, logit_rows)
+        return inputs
+
+    def _add_upper(self, inputs: BatchInputs, batch: SchedulerOutput, blocks: BlockManager, ids: list[int],
+                   positions: list[int], slots: list[int], logit_rows: list[int]) -> None:
+        """SwiftKV: the batch of the rows that run layers >= l, the sampling rows in order. A sequence's last real
+        token attends like a decode (to its context through its own position); with a draft, the last token and
+        the draft's nodes form a span that starts at the last token, its nodes seeing their ancestors only."""
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        spans: list[Span] = []
+        row = 0
+        for s in batch.scheduled:
+            if not s.samples:
+                continue
+            last = s.start + s.num_tokens - s.num_spec - 1           # the last real token's position
+            table = s.seq.block_table[:blocks.blocks_needed(s.start + s.num_tokens)]
+            if s.num_spec == 0:
+                decode_rows.append(row)
+                decode_tables.append(table)
+                decode_lens.append(last + 1)
+            else:
+                spans.append(Span(row, 1 + s.num_spec, last, table, s.draft))
+            row += 1 + s.num_spec
+        upper = self._inputs([ids[r] for r in logit_rows], [positions[r] for r in logit_rows],
+                             [slots[r] for r in logit_rows], list(range(len(logit_rows))), decode_rows,
+                             decode_tables, decode_lens, spans)
+        inputs.upper = upper
+        inputs.upper_rows = torch.tensor(logit_rows, device=self.device, dtype=torch.long)
 
     def _inputs(self, ids: list[int], positions: list[int], slots: list[int], logit_rows: list[int],
                 decode_rows: list[int], decode_tables: list[list[int]], decode_lens: list[int],
@@ -393,20 +469,46 @@ class ModelRunner:
         """A batch the graphs do not take, through the eager (or dynamically compiled) layer; callers run in
         inference mode."""
         with sdpa_kernel(EAGER_ATTENTION), _dynamic_shapes():
-            return self._forward(inputs, self._eager_block)
+            return self._forward(inputs, self._eager_block, self._eager_upper)
 
-    def _forward(self, inputs: BatchInputs, block: Callable | None = None) -> torch.Tensor:
-        """The model over a flat batch; `block` replaces `decoder_layer` for every layer (its compiled form)."""
+    def _forward(self, inputs: BatchInputs, block: Callable | None = None,
+                 upper_block: Callable | None = None) -> torch.Tensor:
+        """The model over a flat batch; `block` replaces `decoder_layer` for every layer (its compiled form), and
+        `upper_block` SwiftKV's `upper_decoder_layer`."""
         m = self.model
         block = block or decoder_layer
         x = m.embed_tokens(inputs.input_ids)
         # Broadcast dims of size 1 are added inside the layer, where the compiler sees them as constants.
         cos, sin = m.rotary(inputs.positions, x.dtype)
         mask = group_mask(inputs, self.block_size) if inputs.decode_lens is not None else None
-        for layer, kc, vc in zip(m.layers, self.k_cache, self.v_cache):
-            x = block(layer, x, cos, sin, kc, vc, inputs, mask, self.block_size)
+        if self.swiftkv is not None:
+            return self._forward_swiftkv(inputs, x, cos, sin, mask, block, upper_block or upper_decoder_layer)
+        for layer, c in zip(m.layers, self.cache_of_layer):
+            x = block(layer, x, cos, sin, self.k_cache[c], self.v_cache[c], inputs, mask, self.block_size)
         if inputs.logit_rows is not None:
             x = x[inputs.logit_rows]
+        return m.lm_head(m.norm(x)).float()
+
+    def _forward_swiftkv(self, inputs: BatchInputs, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         mask: torch.Tensor | None, block: Callable, upper_block: Callable) -> torch.Tensor:
+        """SwiftKV: layers < l for every row; the KV of every layer >= l from norm(h_l) in one bulk step; layers
+        >= l only for the rows that need logits (`inputs.upper`)."""
+        m, path, bs = self.model, self.swiftkv, self.block_size
+        for j in range(path.layer):
+            x = block(m.layers[j], x, cos, sin, self.k_cache[j], self.v_cache[j], inputs, mask, bs)
+        path.write_kv(x, cos, sin, inputs.slots, self.k_cache[path.layer:], self.v_cache[path.layer:])
+        up = inputs.upper
+        if up is None:
+            up, up_mask = inputs, mask
+        else:
+            if up.input_ids.numel() == 0:         # no sequence samples this step (prefill chunks only)
+                return torch.empty(0, m.config.vocab_size, device=x.device)
+            x, cos, sin = x[inputs.upper_rows], cos[inputs.upper_rows], sin[inputs.upper_rows]
+            up_mask = group_mask(up, bs) if up.decode_lens is not None else None
+        for j in range(path.layer, m.config.num_layers):
+            c = self.cache_of_layer[j]
+            x = upper_block(m.layers[j], path.q_proj[j], x, cos, sin, self.k_cache[c], self.v_cache[c], up, up_mask,
+                            bs)
         return m.lm_head(m.norm(x)).float()
 
     # CUDA graphs -----------------------------------------------------------------------------------------------
@@ -414,12 +516,13 @@ class ModelRunner:
     def _capture(self, sizes: list[int], width: int, tree_rows: dict[int, int]) -> None:
         """Capture decode graphs at every size, and verification graphs at every size in `tree_rows` (with that
         many rows per sequence), all in one memory pool."""
-        block = None
+        block = upper = None
         if self.compile:
             # Regional compilation: every layer shares one compiled block (its weights and cache are inputs, not
             # constants), so compiling costs one layer per captured shape, not the whole stack. Static shapes:
             # each shape is its own specialisation, compiled in the warm-up below.
             block = torch.compile(decoder_layer, dynamic=False, fullgraph=True)
+            upper = torch.compile(upper_decoder_layer, dynamic=False, fullgraph=True)
         self._decode_inputs = GraphInputs({b: 1 for b in sizes}, width, self.scratch, self.block_size, self.device)
         shapes = [(self._decode_inputs, b) for b in sorted(sizes, reverse=True)]
         if tree_rows:
@@ -433,11 +536,11 @@ class ModelRunner:
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
-                    self._forward(inputs, block)     # warm-up outside the graph (compile, lazy inits, autotuning)
+                    self._forward(inputs, block, upper)   # warm-up outside the graph (compile, lazy inits, tuning)
                 torch.cuda.current_stream().wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    out = self._forward(inputs, block)
+                    out = self._forward(inputs, block, upper)
                 pool = graph.pool()
                 (self.tree_graphs if buffers is self._tree_inputs else self.graphs)[b] = (graph, out)
         torch.cuda.synchronize()
@@ -524,6 +627,36 @@ class ModelRunner:
                 self._copy_slots(s, d)
         torch.cuda.synchronize()
         self._move, self._move_max = (graph, host, dev), max_moves
+
+
+class SwiftKVPath:
+    """What the runner needs of a SwiftKV model: l, each upper layer's query projection, and the K/V projections
+    of every upper cache stacked into one weight, so that one matmul over norm(h_l) yields every upper cache's
+    keys and values (the bulk step)."""
+
+    def __init__(self, model: SwiftKVTransformer):
+        skv, L = model.swiftkv, model.config.num_layers
+        self.layer = skv.layer
+        self.norm = model.swiftkv_norm
+        self.q_proj = {j: model.swiftkv_q_proj[str(j)] for j in range(skv.layer, L)}
+        starts = skv.group_starts(L)
+        self.num_caches = len(starts)
+        self.head_dim = model.config.head_dim
+        with torch.no_grad():
+            self.kv_weight = torch.cat([model.swiftkv_k_proj[str(c)].weight for c in starts]
+                                       + [model.swiftkv_v_proj[str(c)].weight for c in starts]) if starts else None
+
+    def write_kv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                 k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
+        """Write the keys and values of every upper cache for every row, from h_l = `h` [N, d]."""
+        if self.kv_weight is None:
+            return
+        N, G = h.shape[0], self.num_caches
+        kv = F.linear(self.norm(h), self.kv_weight).view(N, 2 * G, -1, self.head_dim)
+        k = apply_rotary(kv[:, :G], cos[:, None, None, :], sin[:, None, None, :])
+        for g in range(G):
+            k_caches[g].index_copy_(0, slots, k[:, g])
+            v_caches[g].index_copy_(0, slots, kv[:, G + g])
 
 
 class GraphInputs:
