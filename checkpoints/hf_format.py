@@ -1,5 +1,9 @@
 """glassbox weights <-> Hugging Face transformers format (LlamaForCausalLM for dense, MixtralForCausalLM for MoE).
 
+An MoE whose layers differ in expert count or top-k (an expert-pruned model) is written as glassbox's own
+`glassbox_moe` type (glassbox.models.hf_moe): Mixtral's math, names and weight layout plus per-layer counts in
+config.json; transformers loads it after `import glassbox`. Uniform counts stay plain Mixtral.
+
 glassbox's Transformer keeps transformers' module names and math, so conversion is a renaming plus, for MoE, a
 change of expert layout: glassbox stacks each expert weight into one 3-D tensor ([experts, out, in]); the
 Mixtral checkpoint format on disk has one 2-D tensor per expert (`block_sparse_moe.experts.E.w1/w2/w3`, gate,
@@ -81,16 +85,23 @@ def hf_config_from(cfg: ModelConfig, bos_token_id: int | None = None, eos_token_
         pad_token_id=None,
     )
     if cfg.is_moe:
-        hf = MixtralConfig(
-            **common,
-            num_local_experts=cfg.num_experts,
-            num_experts_per_tok=cfg.experts_per_token,
+        moe = dict(
             router_aux_loss_coef=cfg.router_aux_loss_coef,
             router_jitter_noise=0.0,
             output_router_logits=False,
             sliding_window=None,
         )
-        hf.architectures = ["MixtralForCausalLM"]
+        experts = [cfg.experts_in_layer(i) for i in range(cfg.num_layers)]
+        top_k = [cfg.top_k_in_layer(i) for i in range(cfg.num_layers)]
+        if cfg.uniform_experts:
+            hf = MixtralConfig(**common, **moe, num_local_experts=experts[0], num_experts_per_tok=top_k[0])
+            hf.architectures = ["MixtralForCausalLM"]
+        else:
+            from glassbox.models.hf_moe_config import GlassboxMoeConfig
+
+            hf = GlassboxMoeConfig(**common, **moe, num_local_experts=max(experts), num_experts_per_tok=max(top_k),
+                                   num_local_experts_per_layer=experts, num_experts_per_tok_per_layer=top_k)
+            hf.architectures = ["GlassboxMoeForCausalLM"]
     else:
         hf = LlamaConfig(**common, attention_bias=False, mlp_bias=False, pretraining_tp=1)
         hf.architectures = ["LlamaForCausalLM"]
@@ -99,10 +110,12 @@ def hf_config_from(cfg: ModelConfig, bos_token_id: int | None = None, eos_token_
 
 
 def model_config_from_hf(hf_config: Any) -> ModelConfig:
-    """glassbox's ModelConfig for a Llama or Mixtral config; anything whose math differs from ours is refused."""
+    """glassbox's ModelConfig for a Llama, Mixtral or glassbox_moe config; anything whose math differs from ours
+    is refused."""
     model_type = getattr(hf_config, "model_type", None)
-    if model_type not in ("llama", "mixtral"):
-        raise GlassboxError(f"model_type {model_type!r} is not supported (glassbox reads llama and mixtral)")
+    if model_type not in ("llama", "mixtral", "glassbox_moe"):
+        raise GlassboxError(
+            f"model_type {model_type!r} is not supported (glassbox reads llama, mixtral and glassbox_moe)")
     if getattr(hf_config, "hidden_act", "silu") != "silu":
         raise GlassboxError(f"hidden_act {hf_config.hidden_act!r} is not supported (glassbox uses silu)")
     for flag in ("attention_bias", "mlp_bias"):
@@ -131,12 +144,15 @@ def model_config_from_hf(hf_config: Any) -> ModelConfig:
         tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         init_std=getattr(hf_config, "initializer_range", 0.02),
     )
-    if model_type == "mixtral":
+    if model_type in ("mixtral", "glassbox_moe"):
         kwargs.update(
             num_experts=hf_config.num_local_experts,
             experts_per_token=hf_config.num_experts_per_tok,
             router_aux_loss_coef=hf_config.router_aux_loss_coef,
         )
+    if model_type == "glassbox_moe":
+        kwargs.update(layer_num_experts=list(hf_config.num_local_experts_per_layer),
+                      layer_experts_per_token=list(hf_config.num_experts_per_tok_per_layer))
     cfg = ModelConfig(**kwargs)
     cfg.validate()
     return cfg
@@ -185,7 +201,8 @@ def to_hf_state_dict(glassbox_state_dict: dict[str, torch.Tensor],
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
-def _expert_tensors(hf: dict[str, torch.Tensor], prefix: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def _expert_tensors(hf: dict[str, torch.Tensor], prefix: str, num_experts: int,
+                    cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """One layer's experts as glassbox's stacked tensors, from the per-expert or the fused layout."""
     moe = prefix + "block_sparse_moe."
     fused = prefix + "mlp.experts."
@@ -195,7 +212,7 @@ def _expert_tensors(hf: dict[str, torch.Tensor], prefix: str, cfg: ModelConfig) 
         return {"gate_proj": gate, "up_proj": up, "down_proj": hf.pop(fused + "down_proj")}
     stacked = {}
     for ours, theirs in _EXPERT_NAMES.items():
-        keys = [f"{moe}experts.{e}.{theirs}.weight" for e in range(cfg.num_experts)]
+        keys = [f"{moe}experts.{e}.{theirs}.weight" for e in range(num_experts)]
         missing = [k for k in keys if k not in hf]
         if missing:
             raise GlassboxError(f"missing tensor {missing[0]!r} in the Hugging Face weights")
@@ -224,7 +241,7 @@ def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor], cfg: ModelConfig)
         if cfg.is_moe:
             router = prefix + "block_sparse_moe.gate.weight"
             sd[f"layers.{i}.mlp.router.weight"] = take(router if router in hf else prefix + "mlp.gate.weight")
-            for ours, tensor in _expert_tensors(hf, prefix, cfg).items():
+            for ours, tensor in _expert_tensors(hf, prefix, cfg.experts_in_layer(i), cfg).items():
                 sd[f"layers.{i}.mlp.{ours}"] = tensor.contiguous()
         else:
             for rest in _DENSE_MLP_KEYS:

@@ -39,6 +39,10 @@ class ModelConfig:
     num_experts: int = 0
     experts_per_token: int = 2
     router_aux_loss_coef: float = 0.01
+    # Per-layer expert counts and top-k (an expert-pruned MoE); None: every layer has num_experts and
+    # experts_per_token. When given, num_experts is the largest per-layer count (it still marks the model as MoE).
+    layer_num_experts: list[int] | None = None
+    layer_experts_per_token: list[int] | None = None
 
     @property
     def head_dim(self) -> int:
@@ -47,6 +51,25 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    def experts_in_layer(self, layer: int) -> int:
+        """How many experts layer `layer` has (0 for a dense model)."""
+        if self.layer_num_experts is not None:
+            return self.layer_num_experts[layer]
+        return self.num_experts
+
+    def top_k_in_layer(self, layer: int) -> int:
+        """How many experts each token uses in layer `layer`."""
+        if self.layer_experts_per_token is not None:
+            return self.layer_experts_per_token[layer]
+        return self.experts_per_token
+
+    @property
+    def uniform_experts(self) -> bool:
+        """Every layer has the same expert count and top-k (the shape Mixtral's config can describe)."""
+        layers = range(self.num_layers)
+        return (len({self.experts_in_layer(i) for i in layers}) <= 1
+                and len({self.top_k_in_layer(i) for i in layers}) <= 1)
 
     def validate(self) -> None:
         positive = ["vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
@@ -68,6 +91,7 @@ class ModelConfig:
             raise ConfigError(
                 f"model.experts_per_token ({self.experts_per_token}) must be in 1..num_experts ({self.num_experts})"
             )
+        self._validate_per_layer()
         # Written so that NaN fails too. norm_eps 0 divides a zero vector by zero and rope_theta 0 makes every
         # rotary frequency infinite: both end in a NaN loss, not an error.
         for name in ("rope_theta", "norm_eps", "init_std"):
@@ -76,17 +100,38 @@ class ModelConfig:
         if not self.router_aux_loss_coef >= 0:
             raise ConfigError(f"model.router_aux_loss_coef: must be >= 0, got {self.router_aux_loss_coef}")
 
+    def _validate_per_layer(self) -> None:
+        for name in ("layer_num_experts", "layer_experts_per_token"):
+            counts = getattr(self, name)
+            if counts is None:
+                continue
+            if not self.is_moe:
+                raise ConfigError(f"model.{name}: per-layer expert settings need an MoE model (num_experts > 0)")
+            if len(counts) != self.num_layers:
+                raise ConfigError(f"model.{name}: has {len(counts)} entries for {self.num_layers} layers")
+        if self.layer_num_experts is not None and max(self.layer_num_experts) != self.num_experts:
+            raise ConfigError(f"model.num_experts ({self.num_experts}) must equal the largest of "
+                              f"model.layer_num_experts ({max(self.layer_num_experts)})")
+        if self.is_moe:
+            for i in range(self.num_layers):
+                experts, top_k = self.experts_in_layer(i), self.top_k_in_layer(i)
+                if not 1 <= top_k <= experts:
+                    raise ConfigError(f"model: layer {i} routes each token to {top_k} experts, which must be in "
+                                      f"1..its expert count ({experts})")
+
     def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
         """Parameter count from the shape alone. `active`: only the experts a token uses (MoE FLOPs)."""
         d, f, L = self.hidden_size, self.intermediate_size, self.num_layers
         kv = self.num_kv_heads * self.head_dim
         attn = d * d * 2 + d * kv * 2
-        if self.is_moe:
-            experts = self.experts_per_token if active else self.num_experts
-            mlp = experts * 3 * d * f + d * self.num_experts
-        else:
-            mlp = 3 * d * f
-        total = L * (attn + mlp + 2 * d) + d
+        mlp = 0
+        for i in range(L):
+            if self.is_moe:
+                experts = self.top_k_in_layer(i) if active else self.experts_in_layer(i)
+                mlp += experts * 3 * d * f + d * self.experts_in_layer(i)
+            else:
+                mlp += 3 * d * f
+        total = L * (attn + 2 * d) + mlp + d
         if not non_embedding:
             total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return total
@@ -184,11 +229,11 @@ class MoE(nn.Module):
     Routing is Mixtral's: softmax over all experts in fp32, top-k, weights renormalised to sum to one.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
-        d, f, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
+        d, f, E = cfg.hidden_size, cfg.intermediate_size, cfg.experts_in_layer(layer)
         self.num_experts = E
-        self.top_k = cfg.experts_per_token
+        self.top_k = cfg.top_k_in_layer(layer)
         self.router = nn.Linear(d, E, bias=False)
         self.gate_proj = nn.Parameter(torch.empty(E, f, d))
         self.up_proj = nn.Parameter(torch.empty(E, f, d))
@@ -231,12 +276,13 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
+        """`layer`: this block's index, which picks its expert count and top-k in a per-layer (pruned) MoE."""
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = MoE(cfg) if cfg.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = MoE(cfg, layer) if cfg.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
@@ -255,7 +301,7 @@ class Transformer(nn.Module):
         cfg.validate()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -317,10 +363,11 @@ class Transformer(nn.Module):
         return self.config.router_aux_loss_coef * sum(layer.mlp.last_aux_loss for layer in self.layers)
 
     def expert_load(self) -> torch.Tensor | None:
-        """[layers, experts]: the fraction of routed assignments each expert took in the last forward."""
+        """Each expert's share of its layer's routed assignments in the last forward, over the balanced share
+        (1.0 = balanced), all layers' experts in one flat tensor: layers of a pruned model differ in expert count."""
         if not self.config.is_moe:
             return None
-        return torch.stack([layer.mlp.last_expert_load for layer in self.layers])
+        return torch.cat([layer.mlp.last_expert_load * layer.mlp.num_experts for layer in self.layers])
 
 
 def unwrap(model: nn.Module) -> Transformer:
