@@ -10,8 +10,12 @@ their mean (a batch `--direct-batches` times larger), preconditioned by the same
 estimators many samples each; their ratio is phi. The agent's running estimate (an EMA over the last steps'
 gradients, taken while the weights moved) is compared with it.
 
-    python bench/pollux_gns.py                                   # tiny model, CPU
-    python bench/pollux_gns.py --device cuda --model small       # one GPU
+    python bench/pollux_gns.py                                   # tiny model, CPU (~2 min on 2 idle cores)
+    python bench/pollux_gns.py --device cuda --model small       # one GPU (~1 min on an H200, + data prep)
+
+Its cost is its steps: 2 x rounds x overhead-steps, then steps, then direct-batches forward/backward passes (the
+measuring agent is given its micro-batch, so nothing probes the memory wall); each phase's seconds are printed as
+it ends and kept in the JSON.
 
 Writes bench/results/pollux_gns.{json,md} (CUDA) or pollux_gns_cpu.{json,md} (CPU).
 """
@@ -45,7 +49,9 @@ def build(args, run_dir: Path, batch: int, micro: int, steps: int, with_agent: b
     cfg = run_config(args, run_dir, batch, micro, steps, 0)
     if not with_agent:
         return Trainer(cfg, callbacks=[]), None
-    elastic = ElasticConfig(adapt_batch=False, scale_lr=False, measure_every=0, gns_smoothing=args.smoothing)
+    # A measuring agent with its shape given: nothing to probe, so every run's cost is its steps.
+    elastic = ElasticConfig(adapt_batch=False, scale_lr=False, measure_every=0, gns_smoothing=args.smoothing,
+                            max_micro_batch=micro)
     plan = PolluxPlan(batch, micro, 0)
     agent = PolluxAgent(elastic, plan)
     return Trainer(cfg, callbacks=[agent], plan=plan), agent
@@ -54,7 +60,8 @@ def build(args, run_dir: Path, batch: int, micro: int, steps: int, with_agent: b
 def overhead(args, micro: int) -> dict[str, Any]:
     batch = micro * args.accum
     with_gns, without = [], []
-    for _ in range(args.rounds):
+    started = time.perf_counter()
+    for i in range(args.rounds):
         for measured, out in ((False, without), (True, with_gns)):
             with tempfile.TemporaryDirectory() as tmp:
                 trainer, _ = build(args, Path(tmp) / "run", batch, micro, args.overhead_steps, measured)
@@ -63,10 +70,12 @@ def overhead(args, micro: int) -> dict[str, Any]:
 
                 rows = [r for r in read_metrics(Path(tmp) / "run") if "loss" in r]
             out.append(statistics.median(r["step_time"] for r in rows[5:] if "val_loss" not in r))
+            print(f"overhead round {i + 1}/{args.rounds} {'with' if measured else 'without'} GNS: median step "
+                  f"{out[-1] * 1e3:.2f} ms ({time.perf_counter() - started:.0f} s so far)", flush=True)
     base, gns = statistics.median(without), statistics.median(with_gns)
     return {"batch": batch, "micro_batch": micro, "step_s_without": base, "step_s_with_gns": gns,
             "overhead": gns / base - 1.0, "rounds": args.rounds, "steps": args.overhead_steps,
-            "per_round_without": without, "per_round_with": with_gns}
+            "per_round_without": without, "per_round_with": with_gns, "wall_s": time.perf_counter() - started}
 
 
 def direct_noise_scale(trainer, agent, micro: int, count: int) -> dict[str, Any]:
@@ -107,10 +116,15 @@ def accuracy(args, micro: int) -> dict[str, Any]:
         trainer.fit()
         train_s = time.perf_counter() - started
         running = agent.ema.noise_scale
+        print(f"accuracy: {args.steps} steps in {train_s:.0f} s, running phi {running:.1f}", flush=True)
+        started = time.perf_counter()
         direct = direct_noise_scale(trainer, agent, micro, args.direct_batches)
+        direct_s = time.perf_counter() - started
+        print(f"direct phi {direct['noise_scale']:.1f} from {args.direct_batches} micro-batches in {direct_s:.0f} s",
+              flush=True)
     return {"steps": args.steps, "batch": batch, "micro_batch": micro, "running_noise_scale": running,
             "running_grad_sqr": agent.ema.grad_sqr, "running_trace": agent.ema.trace, "direct": direct,
-            "ratio_running_to_direct": running / direct["noise_scale"], "train_s": train_s}
+            "ratio_running_to_direct": running / direct["noise_scale"], "train_s": train_s, "direct_s": direct_s}
 
 
 def markdown(result: dict) -> str:
@@ -118,7 +132,8 @@ def markdown(result: dict) -> str:
     return "\n".join([
         f"# Gradient noise scale: overhead and accuracy ({result['model']} model, {result['device']})", "",
         f"Machine: {m.get('gpu') or m['processor'] or m['platform']} ({m['cpu_count']} CPUs, {m['host']}); "
-        f"torch {m['torch']}; load average {m.get('load_average', 0):.1f}.", "",
+        f"torch {m['torch']}; load average {m.get('load_average', 0):.1f} at the start, "
+        f"{result.get('load_average_end', 0):.1f} at the end.", "",
         "| measure | value |", "|---|---|",
         f"| median step, no GNS (batch {o['batch']}, micro {o['micro_batch']}) | {o['step_s_without'] * 1e3:.2f} ms |",
         f"| median step, GNS measured | {o['step_s_with_gns'] * 1e3:.2f} ms |",
@@ -127,7 +142,9 @@ def markdown(result: dict) -> str:
         f"| running phi after {a['steps']} steps (EMA) | {a['running_noise_scale']:.1f} samples |",
         f"| direct phi from {a['direct']['micro_batches']} micro-batches of {a['direct']['micro_batch']} | "
         f"{a['direct']['noise_scale']:.1f} samples |",
-        f"| running / direct | **{a['ratio_running_to_direct']:.3f}** |", ""])
+        f"| running / direct | **{a['ratio_running_to_direct']:.3f}** |", "",
+        f"Bench cost: overhead rounds {o['wall_s']:.0f} s, {a['steps']} training steps {a['train_s']:.0f} s, direct "
+        f"estimate {a['direct_s']:.0f} s; {result['wall_s']:.0f} s in all.", ""])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,20 +154,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path)
     p.add_argument("--val-samples", type=int, default=16)
     p.add_argument("--accum", type=int, default=4)
-    p.add_argument("--steps", type=int, default=200, help="training steps before the direct estimate")
-    p.add_argument("--overhead-steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=150, help="training steps before the direct estimate")
+    p.add_argument("--overhead-steps", type=int, default=30)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--direct-batches", type=int, default=256)
+    p.add_argument("--direct-batches", type=int, default=128)
     p.add_argument("--smoothing", type=float, default=0.99)
     args = p.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     args.data = prepare_data(args.data, args.model)
     micro = MODELS[args.model][3][0]
+    started = time.perf_counter()
     result = {"machine": machine(), "device": args.device, "model": args.model,
               "overhead": overhead(args, micro), "accuracy": accuracy(args, micro)}
+    result["wall_s"] = time.perf_counter() - started
+    result["load_average_end"] = os.getloadavg()[0]
     result["summary"] = {"gns_overhead": result["overhead"]["overhead"],
-                         "ratio_running_to_direct": result["accuracy"]["ratio_running_to_direct"]}
+                         "ratio_running_to_direct": result["accuracy"]["ratio_running_to_direct"],
+                         "bench_wall_s": result["wall_s"]}
     suffix = "" if args.device == "cuda" else "_cpu"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"pollux_gns{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")

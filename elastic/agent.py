@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,7 @@ from glassbox.train.step_plan import StepPlan, StepSpec
 if TYPE_CHECKING:
     from glassbox.train.trainer import Trainer
 
+PROBE_RESOLUTION = 0.125   # the memory probe stops within 12.5% below the wall: ~3 passes near it, not ~log2(m)
 OBSERVATIONS_KEPT = 32      # step times kept per batch shape (their median is the shape's observation)
 NPROC_RANGE_ENV = "GLASSBOX_ELASTIC_NPROC"   # "MIN:MAX", set by `glassbox elastic run` when resizing is allowed
 
@@ -159,8 +161,9 @@ class PolluxAgent(Callback):
     def on_train_start(self, state) -> None:
         self._started_at = state.step
         if not self.max_micro:
-            self.max_micro = self._probe() if self.trainer.world.device.type == "cuda" and self.replicas == 1 \
-                else self.plan.micro_batch
+            # Only a batch-choosing agent needs the memory wall; a measuring one (adapt_batch off) keeps its shape.
+            probe = self.cfg.adapt_batch and self.trainer.world.device.type == "cuda" and self.replicas == 1
+            self.max_micro = self._probe() if probe else self.plan.micro_batch
         if self.plan.shape.batch % self.replicas or not self._fits(self.plan.shape):
             # A restart at another world size: the last shape may not split over these ranks.
             self._reshape_for_world(state)
@@ -196,9 +199,16 @@ class PolluxAgent(Callback):
             return ok
 
         limit = min(self.max_batch, 4096)
-        found = probe_max_micro_batch(fits, self.plan.micro_batch, limit)
+        tries: list[int] = []
+        started = time.perf_counter()
+        found = probe_max_micro_batch(lambda m: tries.append(m) or fits(m), self.plan.micro_batch, limit,
+                                      PROBE_RESOLUTION)
+        seconds = time.perf_counter() - started
         if trainer.world.is_main:
-            print(f"[pollux] the largest micro-batch that fits: {found} samples of {seq} tokens")
+            print(f"[pollux] the largest micro-batch that fits: {found} samples of {seq} tokens "
+                  f"({len(tries)} passes, {seconds:.1f} s)")
+            trainer.metrics_log.append({"event": "pollux_probe", "step": trainer.state.step, "max_micro_batch": found,
+                                        "tried": tries, "probe_s": seconds})
         return found
 
     # --- measuring --------------------------------------------------------------------------------------------

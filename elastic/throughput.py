@@ -8,7 +8,7 @@ API (stable; the cluster scheduler in glassbox.elastic.sched imports it):
   predict_step_times(params, num_nodes, num_replicas, micro_batch, accum_steps) -> np.ndarray   the same over
       arrays of allocations and shapes at once (the scheduler scores thousands per round)
   default_priors(observations) -> ThroughputParams
-  probe_max_micro_batch(fits, start, limit) -> int
+  probe_max_micro_batch(fits, start, limit, resolution=0) -> int
 
 The model (Qiao et al., OSDI 2021, section 3.2): one forward/backward of `m` samples on one replica takes
 T_grad(m) = alpha_c + beta_c * m; the gradient all-reduce over K replicas takes T_sync = alpha_r + beta_r *
@@ -213,14 +213,19 @@ def bounded_least_squares(residuals: Callable[[np.ndarray], np.ndarray], x0: np.
     return x
 
 
-def probe_max_micro_batch(fits: Callable[[int], bool], start: int, limit: int) -> int:
+def probe_max_micro_batch(fits: Callable[[int], bool], start: int, limit: int, resolution: float = 0.0) -> int:
     """The largest micro-batch in [1, limit] for which `fits(m)` holds: doubling from `start`, then bisection.
 
     `fits` runs a real forward/backward of m samples and says whether it completed (False on out-of-memory);
-    it is assumed monotone (if m fits, every smaller m fits). Raises when not even one sample fits.
+    it is assumed monotone (if m fits, every smaller m fits). Bisection stops once the bracket is within
+    `resolution` of the lower end (0: exact), which bounds the probe to ~log2(limit / start) + log2(1 /
+    resolution) passes: each pass near the memory wall is the largest forward/backward the job will ever run.
+    Raises when not even one sample fits.
     """
     if limit < 1:
         raise GlassboxError(f"probe_max_micro_batch: limit must be >= 1, got {limit}")
+    if not 0.0 <= resolution < 1.0:
+        raise GlassboxError(f"probe_max_micro_batch: resolution must be in [0, 1), got {resolution}")
     m = max(1, min(start, limit))
     if not fits(m):
         hi = m
@@ -235,7 +240,7 @@ def probe_max_micro_batch(fits: Callable[[int], bool], start: int, limit: int) -
             lo = nxt
         else:
             return lo
-    while hi - lo > 1:
+    while hi - lo > max(1, int(resolution * lo)):
         mid = (lo + hi) // 2
         if fits(mid):
             lo = mid

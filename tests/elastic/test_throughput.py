@@ -88,3 +88,17 @@ def test_probe_finds_the_largest_micro_batch_that_fits():
     assert probe_max_micro_batch(lambda m: True, 4, 100) == 100
     with pytest.raises(GlassboxError, match="not even"):
         probe_max_micro_batch(lambda m: False, 4, 100)
+
+
+def test_probe_at_a_resolution_stops_early_below_the_wall():
+    tried = []
+
+    def fits(m):
+        tried.append(m)
+        return m <= 1500
+
+    found = probe_max_micro_batch(fits, 32, 4096, resolution=0.125)
+    assert len(tried) <= 10                 # 32 -> 2048 doubling (7), then three halvings of 1024..2048
+    assert 1500 / 1.125 <= found <= 1500
+    with pytest.raises(GlassboxError, match="resolution"):
+        probe_max_micro_batch(fits, 32, 4096, resolution=1.0)
