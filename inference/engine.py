@@ -61,6 +61,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     policy: str = "fcfs"
+    policy_options: dict = field(default_factory=dict)
     proposer: str = "none"
     num_spec_tokens: int = 0
     spec_batch_tokens: int = 64
@@ -93,6 +94,8 @@ class EngineConfig:
             raise bad("spec_batch_tokens", "a positive integer")
         if not _is_real(self.spec_min_score) or self.spec_min_score < 0:
             raise bad("spec_min_score", "a number >= 0")
+        if not isinstance(self.policy_options, dict):
+            raise bad("policy_options", "a mapping of the policy's settings")
         if not isinstance(self.spec_options, dict):
             raise bad("spec_options", "a mapping of the proposer's settings")
         if not _is_int(self.seed, 0, MAX_SEED):
@@ -272,8 +275,8 @@ class LLMEngine:
                 "sequence: raise num_kv_blocks / memory, or lower max_model_len"
             )
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, make_policy(cfg.policy), cfg.max_num_seqs,
-                                   cfg.max_num_batched_tokens, cfg.enable_chunked_prefill)
+        self.scheduler = Scheduler(self.blocks, make_policy(cfg.policy, cfg.policy_options, tokenizer),
+                                   cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.enable_chunked_prefill)
         self.proposer = proposer or build_proposer(cfg)
         self.speculating = cfg.num_spec_tokens > 0 and not isinstance(self.proposer, NoProposer)
         self.runner = ModelRunner(model, num_blocks, cfg.block_size, self.max_model_len, cfg.max_num_seqs,
@@ -361,17 +364,17 @@ class LLMEngine:
             raise GlassboxError("stop strings need a tokenizer: the model directory has no tokenizer.json")
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    arrival_time: float | None = None, priority: float = 0.0) -> None:
-        """Queue a request; `priority` orders it under the priority policy (lower first)."""
+                    arrival_time: float | None = None, priority: float = 0.0, group: str | None = None) -> None:
+        """Queue a request; `priority` orders it under the priority policy (lower first); its sequences join
+        `group` (a program id the scheduler admits and preempts together), when given."""
         if request_id in self.requests:
             raise GlassboxError(f"request id {request_id!r} is already in use")
         self.validate_prompt(prompt_ids, params, priority)
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        seqs = [Sequence(request_id, list(prompt_ids), params, index=i, arrival_time=arrival, priority=priority)
-                for i in range(params.n)]
+        seqs = [Sequence(request_id, list(prompt_ids), params, index=i, arrival_time=arrival, priority=priority,
+                         group=group) for i in range(params.n)]
+        self.scheduler.add_all(seqs)
         self.requests[request_id] = _Request(request_id, list(prompt_ids), params, seqs, self.tokenizer)
-        for seq in seqs:
-            self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now, freeing its KV blocks; returns its final output (None if unknown)."""
@@ -561,6 +564,7 @@ class LLMEngine:
             "prefix_cache_hit_tokens": self.blocks.prefix_hits,
             "prefix_cache_query_tokens": self.blocks.prefix_queries,
             "num_failed_requests": self.num_failed_requests,
+            **self.scheduler.policy.stats(),
             **self.spec.stats(),
             **{f"spec_{k}": v for k, v in (self.proposer.stats() if hasattr(self.proposer, "stats") else {}).items()},
         }

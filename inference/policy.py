@@ -1,63 +1,170 @@
-"""Scheduling policies: which waiting sequences are admitted next, and which running one is preempted first.
+"""Scheduling policies: one joint ranking of running and waiting sequences that drives admission and preemption.
 
-A policy is an ordering. The scheduler admits waiting sequences in `order_waiting` order while blocks and the
-token budget last, and when blocks run out it preempts running sequences from the end of `order_running`.
-Learning-to-rank and program-gang policies plug in here by supplying their own orderings.
+Each step the scheduler hands the policy every unfinished sequence (running and waiting together) and walks the
+ranking it returns: a sequence is served in rank order while the token budget, the sequence cap and the KV blocks
+last, and when a better-ranked sequence needs room, running sequences ranked below it are preempted from the
+bottom up. So a short request can overtake a long one already running, which two separate orderings (running
+first, waiting after) cannot express.
+
+A policy also sees the life of a sequence through three hooks: `on_arrival` (a learned ranker scores the prompts
+there), `on_step` (after each scheduling decision: the starvation guard counts there) and `on_finish`.
+
+Every policy has the starvation guard: a sequence passed over (a candidate that got no tokens) for
+`starvation_steps` consecutive steps is promoted above every unpromoted sequence for `promote_steps` steps, then
+drops back to its own rank with its count reset. A shortest-first ranking needs it (LTR turns it on by default),
+or a long request waits forever behind a stream of short ones; FCFS and priority leave it off unless asked, as
+their order is the one the user asked for (under FCFS a promotion could only put a later arrival first).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from glassbox.errors import GlassboxError
 from glassbox.inference.sequence import Sequence
 
-
-class SchedulingPolicy(Protocol):
-    name: str
-
-    def order_waiting(self, waiting: list[Sequence]) -> list[Sequence]:
-        """Waiting sequences, the first to admit first."""
-        ...
-
-    def order_running(self, running: list[Sequence]) -> list[Sequence]:
-        """Running sequences, most important first; the last is preempted first."""
-        ...
+# The paper's guard: a request idle for 200 steps is promoted for 10.
+DEFAULT_STARVATION_STEPS = 200
+DEFAULT_PROMOTE_STEPS = 10
 
 
-class FCFS:
-    """First come, first served: earliest arrival first; the latest arrival is preempted first.
+@dataclass
+class SchedulerState:
+    """What one scheduling step decided, as `on_step` sees it: the candidates the policy ranked, those that got
+    tokens this step (by seq_id), and those preempted."""
 
-    Ties (the n samples of one request arrive together) break by sequence id, so a request's samples stay in order.
-    """
+    step: int
+    candidates: list[Sequence]
+    scheduled: set[int] = field(default_factory=set)
+    preempted: list[Sequence] = field(default_factory=list)
+
+
+class StarvationGuard:
+    """Counts, per sequence, the consecutive steps it was a candidate and got nothing; at `starvation_steps` it is
+    promoted for `promote_steps` steps (counted whether or not it is served: a promotion that cannot be used, for
+    a group too large to fit yet, still ends). `starvation_steps` None turns the guard off."""
+
+    def __init__(self, starvation_steps: int | None = DEFAULT_STARVATION_STEPS,
+                 promote_steps: int = DEFAULT_PROMOTE_STEPS):
+        for name, value in (("starvation_steps", starvation_steps), ("promote_steps", promote_steps)):
+            if value is None and name == "starvation_steps":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise GlassboxError(f"policy option {name}: must be a positive integer, got {value!r}")
+        self.starvation_steps = starvation_steps
+        self.promote_steps = promote_steps
+        self.passed_over: dict[int, int] = {}
+        # seq_id -> (steps of promotion left, the step it was promoted at: earlier promotions rank first)
+        self.promoted: dict[int, tuple[int, int]] = {}
+        self.num_promotions = 0
+
+    def promotion(self, seq: Sequence) -> tuple[int, int]:
+        """A sort key prefix: (0, promoted at) for a promoted sequence, (1, 0) for the rest."""
+        entry = self.promoted.get(seq.seq_id)
+        return (0, entry[1]) if entry else (1, 0)
+
+    def update(self, state: SchedulerState) -> None:
+        if self.starvation_steps is None:
+            return
+        for seq in state.candidates:
+            sid = seq.seq_id
+            if sid in self.promoted:
+                left, since = self.promoted[sid]
+                if left > 1:
+                    self.promoted[sid] = (left - 1, since)
+                else:
+                    del self.promoted[sid]
+                continue
+            if sid in state.scheduled:
+                self.passed_over.pop(sid, None)
+                continue
+            count = self.passed_over.get(sid, 0) + 1
+            if count >= self.starvation_steps:
+                self.passed_over.pop(sid, None)
+                self.promoted[sid] = (self.promote_steps, state.step)
+                self.num_promotions += 1
+            else:
+                self.passed_over[sid] = count
+
+    def forget(self, seq: Sequence) -> None:
+        self.passed_over.pop(seq.seq_id, None)
+        self.promoted.pop(seq.seq_id, None)
+
+
+class Policy:
+    """The base policy: rank by `key(seq)` (lower first) behind the starvation guard's promotions, ties by arrival
+    then sequence id (the n samples of one request arrive together and stay in order). Subclasses supply `key` and,
+    where they need them, the hooks; they call the base hooks so the guard keeps counting. The guard is off
+    (`starvation_steps` None) unless a subclass or the options turn it on."""
+
+    name = "base"
+
+    def __init__(self, starvation_steps: int | None = None, promote_steps: int = DEFAULT_PROMOTE_STEPS):
+        self.guard = StarvationGuard(starvation_steps, promote_steps)
+
+    def key(self, seq: Sequence) -> tuple:
+        return ()
+
+    def rank(self, candidates: list[Sequence]) -> list[Sequence]:
+        """The candidates to consider this step, best first. Every running candidate must be returned; a waiting
+        one left out (a policy not ready to rank it yet) is neither admitted nor counted as passed over."""
+        return sorted(candidates, key=lambda s: (self.guard.promotion(s), self.key(s), s.arrival_time, s.seq_id))
+
+    def on_arrival(self, seqs: list[Sequence]) -> None:
+        """New sequences (the n samples of one request), before their first step."""
+
+    def on_step(self, state: SchedulerState) -> None:
+        self.guard.update(state)
+
+    def on_finish(self, seq: Sequence) -> None:
+        self.guard.forget(seq)
+
+    def stats(self) -> dict[str, float]:
+        return {"policy_promotions": self.guard.num_promotions}
+
+    def close(self) -> None:
+        """Release what the policy holds (a scorer thread); the engine calls it at shutdown."""
+
+    @classmethod
+    def build(cls, options: dict, tokenizer: Any = None) -> "Policy":
+        """The policy from its options (EngineConfig.policy_options); `tokenizer` is the served model's, for a
+        policy that must check something against it (a learned ranker)."""
+        return cls(**options)
+
+
+class FCFS(Policy):
+    """First come, first served: earliest arrival first, so the latest arrival is preempted first."""
 
     name = "fcfs"
 
-    @staticmethod
-    def _key(seq: Sequence) -> tuple[float, int]:
-        return (seq.arrival_time, seq.seq_id)
 
-    def order_waiting(self, waiting: list[Sequence]) -> list[Sequence]:
-        return sorted(waiting, key=self._key)
-
-    def order_running(self, running: list[Sequence]) -> list[Sequence]:
-        return sorted(running, key=self._key)
-
-
-class Priority(FCFS):
-    """Lower `priority` value first, then FCFS."""
+class Priority(Policy):
+    """Lower `priority` value first, then FCFS: a better-priority arrival preempts a worse one already running."""
 
     name = "priority"
 
-    @staticmethod
-    def _key(seq: Sequence) -> tuple[float, float, int]:
-        return (seq.priority, seq.arrival_time, seq.seq_id)
+    def key(self, seq: Sequence) -> tuple:
+        return (seq.priority,)
 
 
-POLICIES: dict[str, type] = {"fcfs": FCFS, "priority": Priority}
+# name -> builder(options, served tokenizer). A policy in another module is registered by a builder that imports
+# it lazily, so this module imports nothing heavy.
+def _dynasor(options: dict, tokenizer: Any = None) -> Policy:
+    from glassbox.inference.dynasor.policy import ProgramPolicy
+
+    return ProgramPolicy.build(options, tokenizer)
 
 
-def make_policy(name: str) -> SchedulingPolicy:
+POLICIES: dict[str, Callable[[dict, Any], Policy]] = {"fcfs": FCFS.build, "priority": Priority.build,
+                                                      "dynasor": _dynasor}
+
+
+def make_policy(name: str, options: dict | None = None, tokenizer: Any = None) -> Policy:
+    """Build policy `name` from its options; a GlassboxError names an unknown policy or option."""
     if name not in POLICIES:
         raise GlassboxError(f"unknown scheduling policy {name!r} (known: {', '.join(POLICIES)})")
-    return POLICIES[name]()
+    try:
+        return POLICIES[name](dict(options or {}), tokenizer)
+    except TypeError as e:
+        raise GlassboxError(f"policy {name!r}: bad options {sorted(options or {})}: {e}") from None

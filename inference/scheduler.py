@@ -1,19 +1,33 @@
 """Continuous batching: each step picks which sequences compute how many tokens, under a token budget.
 
-Running sequences go first (in policy order), each asking for all of its uncomputed tokens plus the nodes of its
-speculative draft, cut to what the budget leaves (a draft loses its last nodes first, so it stays a tree); a long
-prompt is therefore split across steps (chunked prefill) while decodes keep flowing in the same batch. When the KV pool runs dry, the lowest-priority running sequence is
-preempted: its blocks are freed and it returns to the waiting queue to be recomputed (cheaply, when its prefix
-blocks are still cached). Waiting sequences are admitted in policy order only in steps that preempted nothing.
+The policy ranks running and waiting sequences together (`policy.rank`), and the scheduler walks that ranking in
+units: a sequence on its own, or every sequence of one `group` (a program's gang). A running sequence asks for all
+of its uncomputed tokens plus the nodes of its speculative draft, cut to what the budget leaves (a draft loses its
+last nodes first, so it stays a tree); a long prompt is therefore split across steps (chunked prefill) while
+decodes keep flowing in the same batch. A waiting unit is admitted when its sequences all get tokens this step,
+fit under the sequence cap and get KV blocks, all of them or none.
+
+When a running unit lacks blocks, running units ranked below it are preempted from the bottom up until it fits,
+and if none is left it is preempted itself. A waiting unit that lacks blocks or sequence slots preempts running
+units ranked below it only if preempting all of them would make room (a request that cannot get in anyway evicts
+no one); if they would not, it is not admitted, and neither is any waiting unit ranked below it, nor below a unit
+preempted this step (admission keeps rank order: a large request is not overtaken forever by small ones that
+happen to fit). Under FCFS this schedules exactly as the scheduler did before policies ranked jointly.
+Preemption is by recompute: the blocks are freed and the sequence waits to be prefilled again. That is what
+this engine does best: freed blocks keep their prefix-cache hashes, so a sequence re-admitted soon finds its full
+blocks again as prefix hits and recomputes only what was overwritten, whereas swapping would need a host KV pool
+and copy streams the runner does not have, and costs PCIe traffic for every preemption even when the blocks were
+never reused.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter
 from dataclasses import dataclass, field
 
+from glassbox.errors import GlassboxError
 from glassbox.inference.block_manager import BlockManager
-from glassbox.inference.policy import SchedulingPolicy
+from glassbox.inference.policy import Policy, SchedulerState
 from glassbox.inference.sequence import Sequence, Status
 from glassbox.inference.speculative.draft import EMPTY, Draft
 
@@ -72,7 +86,7 @@ class Scheduler:
     def __init__(
         self,
         blocks: BlockManager,
-        policy: SchedulingPolicy,
+        policy: Policy,
         max_num_seqs: int,
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool = True,
@@ -85,70 +99,202 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_steps = 0
+        self._group_sizes: Counter[str] = Counter()
 
     def add(self, seq: Sequence) -> None:
-        seq.status = Status.WAITING
-        self.waiting.append(seq)
+        self.add_all([seq])
+
+    def add_all(self, seqs: list[Sequence]) -> None:
+        """Queue new sequences (a request's n samples) and tell the policy, which may score them."""
+        groups = Counter(s.group for s in seqs if s.group is not None)
+        for group, n in groups.items():
+            if self._group_sizes[group] + n > self.max_num_seqs:
+                raise GlassboxError(f"group {group!r} would hold {self._group_sizes[group] + n} unfinished "
+                                    f"sequences; a group is admitted together, so it can hold at most "
+                                    f"max_num_seqs = {self.max_num_seqs}")
+        self._group_sizes.update(groups)
+        for seq in seqs:
+            seq.status = Status.WAITING
+            self.waiting.append(seq)
+        self.policy.on_arrival(seqs)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Mark `seq` finished, drop it from the queues and free its blocks."""
+        """Mark `seq` finished, drop it from the queues, free its blocks and tell the policy."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        if seq.group is not None:
+            self._group_sizes[seq.group] -= 1
+            if self._group_sizes[seq.group] <= 0:
+                del self._group_sizes[seq.group]
         seq.finish(reason)
         self.blocks.free_seq(seq)
+        self.policy.on_finish(seq)
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.blocks.free_seq(seq)
+        self.running.remove(seq)
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.append(seq)
         out.preempted.append(seq)
 
-    def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
-        queue = deque(self.policy.order_running(self.running))
-        kept: list[Sequence] = []
-        while queue:
-            seq = queue.popleft()
+    def _blocks_to_take(self, plan: list[_Plan]) -> int:
+        """Free blocks `plan` takes, as BlockManager.allocate counts them (a cached block shared by two members
+        of one plan counts twice if it is on the free list: an overestimate, never an under-)."""
+        bm = self.blocks
+        total = 0
+        for p in plan:
+            reused_free = sum(1 for b in p.cached if bm.blocks[b].ref_count == 0)
+            need = bm.blocks_needed(p.seq.num_computed_tokens + len(p.cached) * bm.block_size + p.num_tokens)
+            total += max(need - len(p.seq.block_table) - len(p.cached), 0) + reused_free
+        return total
+
+    def _freeable(self, seqs: list[Sequence]) -> int:
+        """Blocks that preempting all of `seqs` would return to the free list (shared ones only if every holder
+        is among them)."""
+        holders = Counter(b for s in seqs for b in s.block_table)
+        return sum(1 for b, n in holders.items() if self.blocks.blocks[b].ref_count == n)
+
+    def _plan_running(self, unit: list[Sequence], budget: int) -> list[_Plan]:
+        plan = []
+        for seq in unit:
             if budget <= 0:
-                kept.append(seq)
-                continue
+                break
             uncomputed = seq.num_tokens - seq.num_computed_tokens
             n = min(uncomputed + len(seq.draft), budget)
             draft = seq.draft.truncated(n - uncomputed) if n > uncomputed else EMPTY
-            while not self.blocks.allocate(seq, n):
-                if not queue:
-                    self._preempt(seq, out)
-                    break
-                self._preempt(queue.pop(), out)
-            else:
-                out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, n, draft))
-                budget -= n
-                kept.append(seq)
-        self.running = kept
-        if out.preempted:
-            return out
+            plan.append(_Plan(seq, n, draft))
+            budget -= n
+        return plan
 
-        for seq in self.policy.order_waiting(self.waiting):
-            if len(self.running) >= self.max_num_seqs or budget <= 0:
-                break
+    def _plan_waiting(self, unit: list[Sequence], budget: int) -> list[_Plan] | None:
+        """Every waiting member's first chunk within `budget`, or None if one gets nothing (or, unchunked, less
+        than its whole prompt)."""
+        plan = []
+        for seq in unit:
             cached = self.blocks.match_prefix(seq) if seq.num_computed_tokens == 0 else []
             uncomputed = seq.num_tokens - seq.num_computed_tokens - len(cached) * self.blocks.block_size
             n = min(uncomputed, budget)
-            if n < uncomputed and not self.enable_chunked_prefill:
-                break
-            if not self.blocks.allocate(seq, n, cached):
-                break
-            self.waiting.remove(seq)
-            seq.status = Status.RUNNING
-            self.running.append(seq)
-            out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
+            if n <= 0 or (n < uncomputed and not self.enable_chunked_prefill):
+                return None
+            plan.append(_Plan(seq, n, EMPTY, cached))
             budget -= n
+        return plan
+
+    def _make_room(self, plan: list[_Plan], new_seqs: int, below: list[list[Sequence]], out: SchedulerOutput,
+                   in_vain_ok: bool) -> bool:
+        """Preempt running units from the end of `below` (those ranked under the one planning) until `plan` gets
+        its blocks and `new_seqs` more sequences fit under the cap; return whether they now do. With `in_vain_ok`
+        False nothing is preempted unless preempting all of them would do. A running unit plans with it True, as
+        the scheduler always has (FCFS thereby schedules exactly as before policies ranked jointly); admission
+        with it False, so that a request that cannot get in anyway evicts no one."""
+        def fits() -> bool:
+            return (self._blocks_to_take(plan) <= self.blocks.num_free_blocks
+                    and len(self.running) + new_seqs <= self.max_num_seqs)
+
+        if fits():
+            return True
+        victims = [[s for s in unit if s.status is Status.RUNNING] for unit in below]
+        victims = [v for v in victims if v]
+        everyone = [s for v in victims for s in v]
+        if not in_vain_ok and (self._blocks_to_take(plan) > self.blocks.num_free_blocks + self._freeable(everyone)
+                               or len(self.running) - len(everyone) + new_seqs > self.max_num_seqs):
+            return False
+        while victims and not fits():
+            for seq in victims.pop():
+                self._preempt(seq, out)
+        return fits()
+
+    def _admit(self, joining: list[_Plan], out: SchedulerOutput) -> bool:
+        """Allocate and schedule the waiting members of one unit, all or none. Each member's prefix is matched
+        again just before its allocation: an earlier member's fresh blocks may have evicted a free cached block
+        the plan counted on (its chunk stays the same size; only more of it is fresh)."""
+        done: list[ScheduledSeq] = []
+        for p in joining:
+            cached = self.blocks.match_prefix(p.seq) if p.cached else []
+            if not self.blocks.allocate(p.seq, p.num_tokens, cached):
+                for s in done:
+                    self.blocks.free_seq(s.seq)
+                    out.scheduled.remove(s)
+                return False
+            done.append(ScheduledSeq(p.seq, p.seq.num_computed_tokens, p.num_tokens))
+            out.scheduled.append(done[-1])
+        for p in joining:
+            self.waiting.remove(p.seq)
+            p.seq.status = Status.RUNNING
+            self.running.append(p.seq)
+        return True
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        ranked = self.policy.rank(self.running + self.waiting)
+        units = _units(ranked)
+        admitting = True
+        for i, unit in enumerate(units):
+            if budget <= 0:
+                break
+            if any(s in out.preempted for s in unit):
+                admitting = False            # what ranks below a preempted unit must not take its room
+                continue
+            running = [s for s in unit if s.status is Status.RUNNING]
+            waiting = [s for s in unit if s.status is Status.WAITING]
+            below = units[i + 1:]
+            plan = self._plan_running(running, budget)
+            if plan and not self._make_room(plan, 0, below, out, in_vain_ok=True):
+                for seq in running:          # it cannot fit even alone under the better-ranked: wait its turn
+                    self._preempt(seq, out)
+                admitting = False
+                continue
+            for p in plan:
+                if not self.blocks.allocate(p.seq, p.num_tokens):
+                    raise GlassboxError(f"scheduler: sequence {p.seq.request_id} was promised KV blocks it did "
+                                        "not get (a block-accounting bug)")
+                out.scheduled.append(ScheduledSeq(p.seq, p.seq.num_computed_tokens, p.num_tokens, p.draft))
+                budget -= p.num_tokens
+            if not (admitting and waiting):
+                continue
+            joining = self._plan_waiting(waiting, budget)
+            if (joining and self._make_room(joining, len(waiting), below, out, in_vain_ok=False)
+                    and self._admit(joining, out)):
+                budget -= sum(p.num_tokens for p in joining)
+            else:
+                admitting = False
+        self.num_steps += 1
+        self.policy.on_step(SchedulerState(self.num_steps, ranked, {s.seq.seq_id for s in out.scheduled},
+                                           out.preempted))
         return out
+
+
+@dataclass
+class _Plan:
+    """What one sequence would compute this step: `num_tokens` from its computed count, `draft` nodes among
+    them, after taking the prefix-cache blocks `cached`."""
+
+    seq: Sequence
+    num_tokens: int
+    draft: Draft = EMPTY
+    cached: list[int] = field(default_factory=list)
+
+
+def _units(ranked: list[Sequence]) -> list[list[Sequence]]:
+    """The ranking cut into scheduling units, each at the rank of its best member: one per group (its members in
+    rank order), one per ungrouped sequence."""
+    units: list[list[Sequence]] = []
+    by_group: dict[str, list[Sequence]] = {}
+    for seq in ranked:
+        if seq.group is None:
+            units.append([seq])
+        elif seq.group in by_group:
+            by_group[seq.group].append(seq)
+        else:
+            by_group[seq.group] = [seq]
+            units.append(by_group[seq.group])
+    return units

@@ -49,6 +49,9 @@ class Sequence:
     index: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     priority: float = 0.0
+    # A program id: the scheduler admits a group's waiting sequences together or not at all, and preempts its
+    # running ones together (Dynasor schedules a reasoning program's samples as one gang).
+    group: str | None = None
 
     def __post_init__(self) -> None:
         self.seq_id = next(_ids)

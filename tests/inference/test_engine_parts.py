@@ -105,7 +105,7 @@ def test_scheduler_budget_chunks_and_preempts_latest():
 def test_priority_policy_orders_waiting():
     policy = make_policy("priority")
     seqs = [Sequence(str(i), [1], GREEDY, arrival_time=float(i), priority=p) for i, p in enumerate([2, 0, 1])]
-    assert [s.request_id for s in policy.order_waiting(seqs)] == ["1", "2", "0"]
+    assert [s.request_id for s in policy.rank(seqs)] == ["1", "2", "0"]
     with pytest.raises(GlassboxError, match="unknown scheduling policy"):
         make_policy("nope")
 

@@ -520,7 +520,8 @@ def test_connection_flood_gets_503s_and_the_server_recovers(cli_server, referenc
 
 def test_priority_reaches_the_engine_through_the_server(llama_dir):
     """With --policy priority, a request sent later with a lower priority value is served before one waiting
-    with a higher value (the server used to submit every request at priority 0)."""
+    with a higher value, and preempts the running one of priority 0 (the server used to submit every request at
+    priority 0)."""
     engine = LLMEngine.from_model_dir(llama_dir, EngineConfig(num_kv_blocks=200, max_num_seqs=1, policy="priority"))
     finished: list[str] = []
 
@@ -537,7 +538,10 @@ def test_priority_reaches_the_engine_through_the_server(llama_dir):
         finished.clear()
         first = threading.Thread(target=ask, args=(base, "running", 0, 200))
         first.start()
-        late = [threading.Thread(target=ask, args=(base, name, prio, 4)) for name, prio in (("high", 5), ("low", -5))]
+        # "high" asks for 32 tokens, so that it cannot finish before the preempted "running" one's response is
+        # sent, which is queued right before it.
+        late = [threading.Thread(target=ask, args=(base, name, prio, tokens))
+                for name, prio, tokens in (("high", 5, 32), ("low", -5, 4))]
         for count, t in enumerate(late, 1):
             t.start()
             deadline = time.time() + 5
@@ -553,4 +557,4 @@ def test_priority_reaches_the_engine_through_the_server(llama_dir):
         r = httpx.post(f"{base}/v1/completions", headers=AUTH,
                        json={"model": MODEL, "prompt": "x", "priority": 2**40})
         assert r.status_code == 400 and r.json()["error"]["param"] == "priority", r.text
-    assert finished == ["running", "low", "high"]
+    assert finished == ["low", "running", "high"]
