@@ -1,0 +1,76 @@
+"""One calibration pass over an MoE: per layer, top-k co-selection counts and the input norms Wanda needs.
+
+Forward pre-hooks on each MoE layer see exactly the hidden states the layer routes, so the statistics come from
+the model's own forward, not a re-implementation of it. Co-selection: C[i, j] = tokens whose top-k holds both i
+and j (C[i, i]: tokens routed to i). Wanda's input norms: per expert, the sum over its routed tokens of the squared
+input of gate/up (the hidden state) and of down (silu(gate) * up), so each expert is scored on its own traffic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from glassbox.models.transformer import MoE, Transformer
+
+
+@dataclass
+class LayerStats:
+    coselect: torch.Tensor              # [E, E] float64 co-selection counts
+    input_sq: torch.Tensor | None       # [E, hidden] sum of squared gate/up inputs per expert
+    hidden_sq: torch.Tensor | None      # [E, intermediate] sum of squared down inputs per expert
+
+    @property
+    def tokens_per_expert(self) -> torch.Tensor:
+        return self.coselect.diagonal().clone()
+
+
+def _moe_layers(model: Transformer) -> list[MoE]:
+    return [layer.mlp for layer in model.layers]
+
+
+@torch.no_grad()
+def collect_stats(model: Transformer, windows: torch.Tensor, batch_size: int = 8,
+                  activations: bool = True) -> list[LayerStats]:
+    """Run `windows` ([N, T] token ids) through `model` once; per-layer statistics in layer order."""
+    device = next(model.parameters()).device
+    stats = []
+    for moe in _moe_layers(model):
+        E, f, d = moe.gate_proj.shape
+        stats.append(LayerStats(
+            coselect=torch.zeros(E, E, dtype=torch.float64, device=device),
+            input_sq=torch.zeros(E, d, dtype=torch.float64, device=device) if activations else None,
+            hidden_sq=torch.zeros(E, f, dtype=torch.float64, device=device) if activations else None,
+        ))
+
+    def hook_for(i: int, moe: MoE):
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            _, _, experts = moe.route(x)
+            chosen = torch.zeros(x.shape[0], moe.num_experts, dtype=torch.float64, device=x.device)
+            chosen.scatter_(1, experts, 1.0)
+            stats[i].coselect += chosen.T @ chosen
+            if activations:
+                for e in range(moe.num_experts):
+                    idx = (experts == e).any(dim=-1).nonzero().squeeze(-1)
+                    if idx.numel() == 0:
+                        continue
+                    h = x[idx].float()
+                    act = F.silu(h @ moe.gate_proj[e].float().T) * (h @ moe.up_proj[e].float().T)
+                    stats[i].input_sq[e] += h.double().pow(2).sum(0)
+                    stats[i].hidden_sq[e] += act.double().pow(2).sum(0)
+        return hook
+
+    handles = [moe.register_forward_pre_hook(hook_for(i, moe)) for i, moe in enumerate(_moe_layers(model))]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            model(windows[start:start + batch_size].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return stats

@@ -1,0 +1,179 @@
+"""The pruning methods over one calibration set: STUN and its three baselines, each to a total sparsity.
+
+Sparsity counts the expert weights only (the MLPs, almost all of an MoE's parameters): the fraction of the
+original model's expert weights that are gone, whether as dropped experts or as zeros inside kept ones.
+Attention, router, norms and embeddings are never pruned, so every method is compared on the same weights.
+
+- stun: stage 1 keeps `experts_keep` of all experts (clustering, glassbox.pruning.expert_clustering), stage 2
+  Wanda-prunes the survivors to whatever is left of the target: s2 = 1 - (1 - S) / (fraction of experts kept).
+- unstructured: Wanda on every expert at S (no expert removed).
+- expert_only: stage 1 alone, keeping 1 - S of the experts.
+- random: 1 - S of each layer's experts, drawn uniformly with the seed.
+
+Forward passes: co-selection needs one calibration pass (the router variant none); Wanda needs one more, over
+the model it prunes (after stage 1 the routing has changed). Neither grows with the expert count.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+
+from glassbox.errors import GlassboxError
+from glassbox.models.transformer import Transformer
+from glassbox.pruning.expert_clustering import global_clusters, representative
+from glassbox.pruning.expert_drop import RouterMode, drop_experts
+from glassbox.pruning.expert_similarity import coselection_distance, router_distance
+from glassbox.pruning.moe_stats import collect_stats
+from glassbox.pruning.wanda import owl_ratios, wanda_prune_experts
+
+Method = Literal["stun", "unstructured", "expert_only", "random"]
+METHODS: tuple[Method, ...] = ("stun", "unstructured", "expert_only", "random")
+
+
+@dataclass
+class PruneOptions:
+    method: Method
+    sparsity: float
+    experts_keep: float | None = None                      # stun: the fraction of experts stage 1 keeps
+    similarity: Literal["coselect", "router"] = "coselect"
+    router: RouterMode = "keep"
+    owl: bool = False
+    seed: int = 0
+    batch_size: int = 8
+
+
+@dataclass
+class PruneReport:
+    method: str
+    target_sparsity: float
+    sparsity: float                     # achieved, over the original expert weights
+    experts_before: list[int]
+    experts_after: list[int]
+    kept: list[list[int]]               # per layer, the original ids of the experts kept
+    stage1: dict = field(default_factory=dict)
+    stage2: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_options(model: Transformer, opts: PruneOptions) -> None:
+    cfg = model.config
+    if not cfg.is_moe:
+        raise GlassboxError("pruning: the model is dense (no experts); STUN and its baselines prune MoE models")
+    if opts.method not in METHODS:
+        raise GlassboxError(f"pruning: unknown method {opts.method!r} (one of {', '.join(METHODS)})")
+    if not 0.0 <= opts.sparsity < 1.0:
+        raise GlassboxError(f"--sparsity {opts.sparsity}: must be in [0, 1)")
+    if opts.method == "stun":
+        if opts.experts_keep is None or not 0.0 < opts.experts_keep <= 1.0:
+            raise GlassboxError(f"--experts-keep {opts.experts_keep}: must be in (0, 1] for stun")
+        if opts.experts_keep < 1.0 - opts.sparsity:
+            raise GlassboxError(f"--experts-keep {opts.experts_keep} removes more experts than --sparsity "
+                                f"{opts.sparsity} allows (keep at least {1.0 - opts.sparsity:g})")
+    if opts.similarity not in ("coselect", "router"):
+        raise GlassboxError(f"--similarity {opts.similarity!r}: coselect or router")
+    if opts.router not in ("keep", "mean"):
+        raise GlassboxError(f"--router {opts.router!r}: keep or mean")
+    keep = _structured_keep_fraction(opts)
+    if keep is not None:
+        total = sum(cfg.experts_in_layer(i) for i in range(cfg.num_layers))
+        floor = sum(cfg.top_k_in_layer(i) for i in range(cfg.num_layers))
+        target = round(keep * total)
+        if target < floor:
+            raise GlassboxError(f"pruning: keeping {target} of {total} experts is below top-k in every layer "
+                                f"(at least {floor}: each layer routes each token to its top-k experts)")
+
+
+def _structured_keep_fraction(opts: PruneOptions) -> float | None:
+    return {"stun": opts.experts_keep, "expert_only": 1.0 - opts.sparsity, "random": 1.0 - opts.sparsity}.get(
+        opts.method)
+
+
+def _expert_weights(model: Transformer) -> int:
+    return sum(layer.mlp.gate_proj.numel() * 3 for layer in model.layers)
+
+
+def _nonzero_expert_weights(model: Transformer) -> int:
+    return sum(int((p != 0).sum()) for layer in model.layers
+               for p in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj))
+
+
+def cluster_experts(model: Transformer, windows: torch.Tensor, keep: float, opts: PruneOptions
+                    ) -> tuple[list[list[int]], list[list[list[int]]], dict]:
+    """Stage 1: per layer the kept expert ids and, aligned, the cluster each stands for; plus its cost."""
+    cfg = model.config
+    started = time.perf_counter()
+    passes = 0
+    tokens = None
+    if opts.similarity == "coselect":
+        stats = collect_stats(model, windows, opts.batch_size, activations=False)
+        passes = 1
+        dists = [coselection_distance(s.coselect) for s in stats]
+        tokens = [s.tokens_per_expert.cpu() for s in stats]
+    else:
+        dists = [router_distance(layer.mlp.router.weight.detach()) for layer in model.layers]
+    dists = [d.cpu() for d in dists]
+    total = sum(d.shape[0] for d in dists)
+    target = round(keep * total)
+    result = global_clusters(dists, target, [cfg.top_k_in_layer(i) for i in range(cfg.num_layers)])
+    kept = []
+    for i, clusters in enumerate(result.clusters):
+        kept.append([representative(c, dists[i], tokens[i] if tokens else None) for c in clusters])
+    cost = {"seconds": time.perf_counter() - started, "forward_passes": passes, "similarity": opts.similarity,
+            "threshold": result.threshold, "search_iterations": result.search_iterations,
+            "tie_merges": result.tie_merges, "clusters": result.clusters, "router": opts.router}
+    return kept, result.clusters, cost
+
+
+def random_experts(model: Transformer, keep: float, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    kept = []
+    for i, layer in enumerate(model.layers):
+        E = layer.mlp.num_experts
+        n = max(round(keep * E), model.config.top_k_in_layer(i))
+        kept.append(sorted(torch.randperm(E, generator=gen)[:n].tolist()))
+    return kept
+
+
+def wanda_stage(model: Transformer, windows: torch.Tensor, sparsity: float, opts: PruneOptions) -> dict:
+    """Stage 2 in place: one calibration pass over `model`, then Wanda (with OWL ratios if asked)."""
+    started = time.perf_counter()
+    stats = collect_stats(model, windows, opts.batch_size, activations=True)
+    ratios = owl_ratios(model, stats, sparsity) if opts.owl else [sparsity] * len(model.layers)
+    zeroed = wanda_prune_experts(model, stats, ratios)
+    return {"seconds": time.perf_counter() - started, "forward_passes": 1, "sparsity_in_experts": sparsity,
+            "layer_sparsity": ratios, "owl": opts.owl, "zeroed": zeroed}
+
+
+def prune(model: Transformer, windows: torch.Tensor, opts: PruneOptions) -> tuple[Transformer, PruneReport]:
+    """Prune `model` (left untouched) by `opts.method`; the pruned copy and what was done."""
+    check_options(model, opts)
+    torch.manual_seed(opts.seed)
+    before = [layer.mlp.num_experts for layer in model.layers]
+    original_weights = _expert_weights(model)
+    stage1, stage2 = {}, {}
+    keep = _structured_keep_fraction(opts)
+    if opts.method in ("stun", "expert_only"):
+        kept, clusters, stage1 = cluster_experts(model, windows, keep, opts)
+        pruned = drop_experts(model, kept, clusters, opts.router)
+    elif opts.method == "random":
+        kept = random_experts(model, keep, opts.seed)
+        pruned = drop_experts(model, kept)
+        stage1 = {"seconds": 0.0, "forward_passes": 0}
+    else:
+        kept = [list(range(n)) for n in before]
+        pruned = drop_experts(model, kept)
+    if opts.method in ("stun", "unstructured"):
+        remaining = _expert_weights(pruned) / original_weights
+        s2 = max(0.0, 1.0 - (1.0 - opts.sparsity) / remaining)
+        stage2 = wanda_stage(pruned, windows, s2, opts)
+    achieved = 1.0 - _nonzero_expert_weights(pruned) / original_weights
+    report = PruneReport(method=opts.method, target_sparsity=opts.sparsity, sparsity=achieved,
+                         experts_before=before, experts_after=[len(k) for k in kept], kept=kept,
+                         stage1=stage1, stage2=stage2)
+    return pruned, report
