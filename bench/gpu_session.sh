@@ -97,7 +97,7 @@ spec)
     save suffix_e2e
     # The same in fp32: the identity check without bf16's rounding (the joined GGUF is kept in /tmp).
     (cd /tmp && python3 "$ROOT/bench/suffix_e2e.py" --device cuda --gguf /tmp/SmolLM2-135M-Instruct.Q4_1.gguf \
-        --dtype float32 --out-name suffix_e2e_fp32 2>&1 | tee "${OUT:-/tmp}/suffix_e2e_fp32.log" | tail -30)
+        --dtype float32 --repeats 1 --out-name suffix_e2e_fp32 2>&1 | tee "${OUT:-/tmp}/suffix_e2e_fp32.log" | tail -30)
     save suffix_e2e_fp32
     ;;
 scar)
