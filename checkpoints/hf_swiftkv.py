@@ -34,6 +34,7 @@ from glassbox.checkpoints.hf_format import (
 )
 from glassbox.errors import GlassboxError
 from glassbox.models.swiftkv import SwiftKVConfig, SwiftKVTransformer, swiftkv_from_base
+from glassbox.models.transformer import ModelConfig
 
 MODEL_TYPE = "glassbox_swiftkv"
 ARCHITECTURE = "GlassboxSwiftKVForCausalLM"
@@ -135,9 +136,8 @@ def _base_hf_config(raw: dict) -> LlamaConfig:
     return LlamaConfig(**base)
 
 
-def load_swiftkv_model_dir(path: Path, dtype: torch.dtype = torch.float32,
-                           device: str | torch.device = "cpu") -> tuple[SwiftKVTransformer, SwiftKVConfig]:
-    """A SwiftKV directory as glassbox's SwiftKVTransformer (base weights and the transform's)."""
+def swiftkv_configs(path: Path) -> tuple[ModelConfig, SwiftKVConfig]:
+    """The base model's config and the transform's, from a SwiftKV directory's config.json."""
     path = Path(path)
     raw = json.loads((path / "config.json").read_text())
     if raw.get("model_type") != MODEL_TYPE:
@@ -145,10 +145,23 @@ def load_swiftkv_model_dir(path: Path, dtype: torch.dtype = torch.float32,
     cfg = model_config_from_hf(_base_hf_config(raw))
     skv = SwiftKVConfig(int(raw.get("swiftkv_layer", cfg.num_layers)), int(raw.get("swiftkv_group", 1)))
     skv.validate(cfg.num_layers)
-    tensors = read_hf_tensors(path, device)
+    return cfg, skv
+
+
+def glassbox_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """transformers names -> glassbox's, for a plain Llama/Mixtral directory or a SwiftKV one (whose new tensors
+    keep their names without the `model.` prefix)."""
+    tensors = dict(tensors)
     new = {k[len("model."):]: tensors.pop(k) for k in list(tensors) if k.startswith("model.swiftkv_")}
-    sd = {**from_hf_state_dict(tensors, cfg), **new}
-    sd = {k: v.to(dtype) for k, v in sd.items()}
+    return {**from_hf_state_dict(tensors, cfg), **new}
+
+
+def load_swiftkv_model_dir(path: Path, dtype: torch.dtype = torch.float32,
+                           device: str | torch.device = "cpu") -> tuple[SwiftKVTransformer, SwiftKVConfig]:
+    """A SwiftKV directory as glassbox's SwiftKVTransformer (base weights and the transform's)."""
+    path = Path(path)
+    cfg, skv = swiftkv_configs(path)
+    sd = {k: v.to(dtype) for k, v in glassbox_state_dict(read_hf_tensors(path, device), cfg).items()}
     if cfg.tie_embeddings:
         sd["lm_head.weight"] = sd["embed_tokens.weight"]
     with torch.device("meta"):
@@ -203,6 +216,25 @@ def convert(model_dir: Path, layer: int, group: int, out: Path) -> Path:
     skv.validate(cfg.num_layers)
     dtype = WEIGHT_DTYPES.get(raw.get("dtype") or raw.get("torch_dtype") or "float32", torch.float32)
     return save_swiftkv_model_dir(swiftkv_from_base(base, skv), out, model_dir, dtype=dtype)
+
+
+def export_swiftkv_checkpoint(checkpoint: Path, like: Path, out: Path) -> Path:
+    """A checkpoint of a run that trained a SwiftKV model (distillation) -> a SwiftKV directory; `like` is the
+    directory the run started from, whose l, g, config fields and tokenizer the export keeps."""
+    from glassbox.checkpoints.loading import load_view, resolve_checkpoint_path, verified_view
+    from glassbox.config import from_dict
+
+    view = verified_view(resolve_checkpoint_path(Path(checkpoint)), True)
+    cfg = from_dict(ModelConfig, view.manifest["model"], "model")
+    base_cfg, skv = swiftkv_configs(like)
+    if (cfg.hidden_size, cfg.num_layers, cfg.vocab_size) != (base_cfg.hidden_size, base_cfg.num_layers,
+                                                             base_cfg.vocab_size):
+        raise GlassboxError(f"{checkpoint}: the checkpoint's model is not the shape of {like}")
+    with torch.device("meta"):
+        model = SwiftKVTransformer(cfg, skv)
+    model.materialize("cpu")
+    load_view(view, model)
+    return save_swiftkv_model_dir(model.eval(), out, like)
 
 
 register()      # on import: glassbox/hf_models.py imports this module when transformers is imported

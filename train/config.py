@@ -15,6 +15,7 @@ from glassbox.config import ConfigError, apply_overrides, from_dict, load_yaml
 from glassbox.data.config import DataConfig
 from glassbox.fault_tolerance.config import FaultToleranceConfig
 from glassbox.models.transformer import ModelConfig
+from glassbox.train.distill import DistillConfig
 
 
 @dataclass
@@ -165,6 +166,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)   # SwiftKV distillation (train/distill.py)
     run_dir: str = "runs/default"
     seed: int = 0                 # seeds Python, numpy and torch (model init); the data order has data.seed
     # A Hugging Face model directory whose weights start the run instead of a random init; its config.json
@@ -182,6 +184,12 @@ class RunConfig:
             )
         if not self.run_dir:
             raise ConfigError("run_dir: must not be empty")
+        if self.distill.enabled and not self.init_from:
+            raise ConfigError("distill.enabled: a distillation run starts from a SwiftKV model; set init_from to "
+                              "a directory written by `glassbox swiftkv convert`")
+        if self.distill.enabled and self.parallel.tensor_parallel > 1:
+            raise ConfigError("distill.enabled: SwiftKV's projections have no tensor-parallel plan; use "
+                              "parallel.tensor_parallel: 1")
         if self.fault_tolerance.enabled and self.checkpoint.resume is None:
             raise ConfigError("fault_tolerance.recovery: a restarted run resumes from its checkpoints first, so it "
                               "needs checkpoint.resume: auto (or a path)")

@@ -1,7 +1,9 @@
-"""`glassbox swiftkv convert`: a Llama-style Hugging Face directory -> its SwiftKV transform (ALGORITHMS.md).
+"""`glassbox swiftkv`: convert a Llama-style Hugging Face directory to SwiftKV (ALGORITHMS.md), generate the
+teacher's data for distilling it, and export a distillation checkpoint as a SwiftKV directory.
 
-The converted directory loads in glassbox's engine (`glassbox serve DIR`) and in transformers after
-`import glassbox`; it is distilled with `glassbox train` and a distillation config (docs/swiftkv.md).
+The distillation itself is `glassbox train` with a `distill:` config (configs/swiftkv-distill.yaml); the
+converted or exported directory serves with `glassbox serve DIR` and loads in transformers after
+`import glassbox` (docs/swiftkv.md).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("swiftkv", help="SwiftKV: convert a model (SingleInputKV + AcrossKV)")
+    p = sub.add_parser("swiftkv", help="SwiftKV: convert a model, make its distillation data, export the result")
     actions = p.add_subparsers(dest="swiftkv_command", metavar="ACTION", required=True)
     c = actions.add_parser("convert", help="transform a Llama HF directory: layers >= --layer read their KV from "
                                            "the normed hidden state entering that layer")
@@ -23,10 +25,52 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", type=Path, required=True, help="the SwiftKV model directory to write")
     c.set_defaults(handler=run_convert)
 
+    t = actions.add_parser("teacher-data", help="answer prompts with the base model (glassbox's engine) and "
+                                                "prepare the documents as a DATA_DIR for distillation")
+    t.add_argument("model_dir", type=Path, help="the base (teacher) model directory, with its tokenizer.json")
+    t.add_argument("--out", type=Path, required=True, metavar="DATA_DIR", help="the prepared data to write")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", type=Path, help="a .jsonl (prompt field) or text file (one prompt a line)")
+    src.add_argument("--stdlib", type=int, metavar="N",
+                     help="N prompts asking to explain Python standard-library functions")
+    t.add_argument("--max-new-tokens", type=int, default=128)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    t.add_argument("--seed", type=int, default=0, help="which --stdlib functions are drawn")
+    t.set_defaults(handler=run_teacher_data)
+
+    e = actions.add_parser("export", help="a distillation checkpoint -> a SwiftKV Hugging Face directory")
+    e.add_argument("--checkpoint", required=True, type=Path,
+                   help="a checkpoint directory, or a run directory for its latest")
+    e.add_argument("--like", required=True, type=Path,
+                   help="the SwiftKV directory the run started from (init_from): its config, tokenizer")
+    e.add_argument("--out", required=True, type=Path)
+    e.set_defaults(handler=run_export)
+
 
 def run_convert(args: argparse.Namespace) -> int:
     from glassbox.checkpoints.hf_swiftkv import convert
 
     out = convert(args.model_dir, args.layer, args.group, args.out)
     print(f"SwiftKV model (layer {args.layer}, group {args.group}) written to {out}")
+    return 0
+
+
+def run_teacher_data(args: argparse.Namespace) -> int:
+    from glassbox.train.distill_data import generate_teacher_data, read_prompts, stdlib_prompts
+
+    prompts = read_prompts(args.prompts) if args.prompts else stdlib_prompts(args.stdlib, args.seed)
+    data = generate_teacher_data(args.model_dir, prompts, args.out, max_new_tokens=args.max_new_tokens,
+                                 engine_options={"device": args.device, "dtype": args.dtype}, progress=True)
+    print(f"{data.num_documents} teacher answers ({data.response_tokens} tokens) prepared into {data.data_dir}; "
+          f"documents in {data.documents}")
+    print(f"set distill.response_marker to {data.response_marker!r}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from glassbox.checkpoints.hf_swiftkv import export_swiftkv_checkpoint
+
+    out = export_swiftkv_checkpoint(args.checkpoint, args.like, args.out)
+    print(f"SwiftKV model written to {out}")
     return 0

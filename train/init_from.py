@@ -15,6 +15,7 @@ run otherwise, naming both files.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from torch import nn
 from glassbox.atomic import sha256_file
 from glassbox.config import ConfigError
 from glassbox.errors import GlassboxError
-from glassbox.models.transformer import ModelConfig, unwrap
+from glassbox.models.transformer import ModelConfig, Transformer, unwrap
 
 # Model fields a run may set beside init_from: they change how the weights are trained, not what they are.
 # max_seq_len is the context the run trains at (rotary tables do not depend on it); the rest is from the directory.
@@ -32,14 +33,18 @@ OVERRIDABLE_MODEL_FIELDS = ("max_seq_len", "router_aux_loss_coef")
 
 
 def read_model_config(model_dir: Path) -> ModelConfig:
-    """The ModelConfig of a transformers model directory (GlassboxError if it is not one glassbox can load)."""
+    """The ModelConfig of a transformers model directory (GlassboxError if it is not one glassbox can load); of
+    a SwiftKV directory, its base model's."""
     from transformers import AutoConfig
 
     from glassbox.checkpoints.hf_format import model_config_from_hf
+    from glassbox.checkpoints.hf_swiftkv import is_swiftkv_dir, swiftkv_configs
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"init_from: {model_dir} has no config.json (not a Hugging Face model directory)")
+    if is_swiftkv_dir(model_dir):
+        return swiftkv_configs(model_dir)[0]
     try:
         hf_config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except (ValueError, OSError, KeyError) as e:
@@ -74,6 +79,18 @@ def resolve_init_from(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "model": resolved}
 
 
+def model_factory(model_dir: Path | str) -> Callable[[ModelConfig], Transformer]:
+    """How to build the model `init_from` holds: a plain Transformer, or SwiftKV's with the directory's l and g."""
+    from glassbox.checkpoints.hf_swiftkv import is_swiftkv_dir, swiftkv_configs
+
+    if not model_dir or not is_swiftkv_dir(Path(model_dir)):
+        return Transformer
+    from glassbox.models.swiftkv import SwiftKVTransformer
+
+    swiftkv = swiftkv_configs(Path(model_dir))[1]
+    return lambda cfg: SwiftKVTransformer(cfg, swiftkv)
+
+
 def check_tokenizer(model_dir: Path, tokenizer_files: list[Path]) -> None:
     """Every data source's tokenizer.json must be the model directory's own (byte-identical)."""
     own = Path(model_dir) / "tokenizer.json"
@@ -94,10 +111,11 @@ def load_pretrained(model: nn.Module, model_dir: Path) -> None:
     tensor (`distribute_tensor` with `src_data_rank=None`: no communication)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    from glassbox.checkpoints.hf_format import from_hf_state_dict, read_hf_tensors
+    from glassbox.checkpoints.hf_format import read_hf_tensors
+    from glassbox.checkpoints.hf_swiftkv import glassbox_state_dict
 
     inner = unwrap(model)
-    weights = from_hf_state_dict(read_hf_tensors(Path(model_dir)), inner.config)
+    weights = glassbox_state_dict(read_hf_tensors(Path(model_dir)), inner.config)
     for name, p in inner.named_parameters():
         if name not in weights:
             raise GlassboxError(f"init_from {model_dir}: no weight for parameter {name!r}")

@@ -16,6 +16,7 @@ holds one full tensor at a time beyond the rank's shards.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -25,10 +26,12 @@ from glassbox.train.config import ParallelConfig
 from glassbox.train.parallel import World, parallelize
 
 
-def build_model(cfg: ModelConfig, parallel: ParallelConfig, world: World, bf16: bool) -> nn.Module:
-    """The module to train (as `parallelize` returns it), built on the meta device and initialised in place."""
+def build_model(cfg: ModelConfig, parallel: ParallelConfig, world: World, bf16: bool,
+                make: Callable[[ModelConfig], Transformer] = Transformer) -> nn.Module:
+    """The module to train (as `parallelize` returns it), built on the meta device and initialised in place.
+    `make` builds the model from its config (a Transformer subclass for a transformed model, such as SwiftKV's)."""
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = make(cfg)
     replay_constructor_draws(model)
     # DDP broadcasts rank 0's weights when it wraps the model, so they must exist first (each rank holds all of
     # them under DDP anyway); FSDP2 and tensor parallel shard meta weights, and only the shards are filled.

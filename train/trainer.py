@@ -36,7 +36,8 @@ from glassbox.train.callbacks import Callback, GradientStats, ordered
 from glassbox.train.checkpointing import CheckpointCallback
 from glassbox.train.config import RunConfig
 from glassbox.train.flops import peak_flops
-from glassbox.train.init_from import check_tokenizer, load_pretrained
+from glassbox.train.distill import DistillObjective, marker_ids, train_only_swiftkv
+from glassbox.train.init_from import check_tokenizer, load_pretrained, model_factory
 from glassbox.train.lr_schedule import build_lr_schedule
 from glassbox.train.manifest import write_run_manifest
 from glassbox.train.metrics_log import MetricsLog
@@ -171,10 +172,17 @@ class Trainer:
         if cfg.init_from:
             check_tokenizer(Path(cfg.init_from), [store.tokenizer_path for store in stores])
         seed_everything(cfg.seed)
-        model = build_model(cfg.model, cfg.parallel, self.world, self.bf16)
+        model = build_model(cfg.model, cfg.parallel, self.world, self.bf16, make=model_factory(cfg.init_from))
         if cfg.init_from:
             load_pretrained(model, Path(cfg.init_from))
         freeze(model, cfg.optimizer.frozen)
+        # The objective of a micro-batch [B, T + 1] -> its loss: next-token cross-entropy, or distillation.
+        self.objective = self._next_token_objective
+        if cfg.distill.enabled:
+            train_only_swiftkv(model)
+            self.objective = DistillObjective(cfg.distill, marker_ids(stores[0].tokenizer(),
+                                                                      cfg.distill.response_marker),
+                                              stores[0].eod_id, self._autocast)
         # Compiled with the blocks: the fp32 upcast fuses into the cross-entropy, so fp32 logits never hit memory.
         self._loss = torch.compile(next_token_loss) if cfg.parallel.compile else next_token_loss
         optimizer = torch.optim.AdamW(
@@ -243,6 +251,11 @@ class Trainer:
             stack.enter_context(sdpa_kernel(ATTENTION_KERNELS, set_priority=True))
         return stack
 
+    def _next_token_objective(self, model: torch.nn.Module, chunk: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            logits = model(chunk[:, :-1])
+        return self._loss(logits, chunk[:, 1:])
+
     def _dp_mean(self, t: torch.Tensor) -> torch.Tensor:
         if self.world.dp_size > 1:
             dist.all_reduce(t, group=self.world.dp_group)
@@ -287,9 +300,7 @@ class Trainer:
             weight = chunk.shape[0] / local.shape[0]
             last = i == len(chunks) - 1
             with gradient_sync(model, last):
-                with self._autocast():
-                    logits = model(chunk[:, :-1])
-                loss = self._loss(logits, chunk[:, 1:])
+                loss = self.objective(model, chunk)
                 total = loss * weight
                 aux = inner.aux_loss()
                 if aux is not None:
