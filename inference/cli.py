@@ -22,7 +22,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (default: from memory)")
-    p.add_argument("--policy", default="fcfs", help="scheduling policy: fcfs or priority (default: fcfs)")
+    p.add_argument("--policy", default="fcfs",
+                   help="scheduling policy: fcfs, priority (the request's priority, lower first) or ltr (shortest "
+                        "predicted output first; needs --ranker) (default: fcfs)")
+    p.add_argument("--ranker", default=None, help="with --policy ltr: a ranker directory (`glassbox ltr train`)")
+    p.add_argument("--starvation-steps", type=int, default=None,
+                   help="a request passed over this many steps is promoted (default: 200 under ltr, off otherwise)")
+    p.add_argument("--promote-steps", type=int, default=None, help="steps a promotion lasts (default: 10)")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks between prompts")
     p.add_argument("--compile", action="store_true",
                    help="dense models: torch.compile the decoder layer (decode graphs and eager batches; about 1.7x "
@@ -31,6 +37,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="with --compile: where compiled graphs are kept for the next start of the same model and "
                         "sizes (default: $GLASSBOX_COMPILE_CACHE or ~/.cache/glassbox/compile)")
     p.add_argument("--no-compile-cache", action="store_true", help="with --compile: neither read nor write the cache")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="shard the model over this many GPUs of this host (CPU: processes), one process each; dense "
+                        "models whose heads and MLP units divide evenly (default: 1)")
     spec = p.add_argument_group("speculative decoding", "drafts verified as token trees in one forward; greedy "
                                 "output is unchanged and sampled output keeps its distribution")
     spec.add_argument("--speculative", default="none", choices=["none", "suffix"],
@@ -76,11 +85,20 @@ def _engine_config(args: argparse.Namespace):
     num_spec = args.num_spec_tokens
     if num_spec is None:
         num_spec = DEFAULT_SPEC_TOKENS if args.speculative != "none" else 0
-    return EngineConfig(device=args.device, dtype=dtype, max_num_seqs=args.max_num_seqs,
+    policy_options = {name: getattr(args, name) for name in ("starvation_steps", "promote_steps")
+                      if getattr(args, name) is not None}
+    if args.ranker is not None:
+        if args.policy != "ltr":
+            raise GlassboxError("--ranker needs --policy ltr")
+        policy_options.update(ranker=args.ranker, device=args.device)
+    elif args.policy == "ltr":
+        raise GlassboxError("--policy ltr needs --ranker DIR (a ranker `glassbox ltr train` wrote)")
+    return EngineConfig(device=args.device, dtype=dtype, policy_options=policy_options, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, policy=args.policy,
                         enable_prefix_caching=not args.no_prefix_caching, compile=args.compile,
                         compile_cache=not args.no_compile_cache, compile_cache_dir=args.compile_cache_dir,
+                        tensor_parallel_size=args.tensor_parallel_size,
                         proposer=args.speculative, num_spec_tokens=num_spec, spec_options=options,
                         **{name: getattr(args, name) for name in ("spec_batch_tokens", "spec_min_score")
                            if getattr(args, name) is not None})

@@ -38,6 +38,7 @@ from glassbox.errors import GlassboxError
 from glassbox.inference.block_manager import BlockManager
 from glassbox.inference.scheduler import SchedulerOutput
 from glassbox.inference.speculative.draft import EMPTY, Draft
+from glassbox.inference.tensor_parallel import local_kv_heads
 from glassbox.models.swiftkv import SwiftKVTransformer
 from glassbox.models.transformer import Attention, Block, Transformer, apply_rotary
 
@@ -135,7 +136,7 @@ def cache_of_layer(model: Transformer) -> list[int]:
 def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
     cfg = model.config
     caches = max(cache_of_layer(model)) + 1
-    per_token = 2 * caches * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+    per_token = 2 * caches * local_kv_heads(model) * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
     return per_token * block_size
 
 
@@ -287,7 +288,7 @@ class ModelRunner:
             self._eager_upper = torch.compile(upper_decoder_layer, dynamic=True)
         # One scratch block past the pool takes the writes of graph padding rows and of compile warm-ups.
         self.scratch = num_blocks
-        shape = ((num_blocks + 1) * block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = ((num_blocks + 1) * block_size, local_kv_heads(model), cfg.head_dim)   # this rank's heads
         # One cache per layer, except that the layers of a SwiftKV AcrossKV group share theirs.
         self.cache_of_layer = cache_of_layer(model)
         caches = max(self.cache_of_layer) + 1
