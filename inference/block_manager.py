@@ -5,6 +5,10 @@ in order. Once a block is full of computed tokens it gets a hash chained over ev
 (hash(parent hash, its token ids)), so two sequences with the same prefix resolve to the same blocks and share
 them by reference count. A freed block keeps its hash and stays findable until the free list hands it out again;
 the free list is least-recently-freed first, and a sequence frees its tail first, so shared prefixes live longest.
+
+`fork` starts a child sequence (a Dynasor probe) from a running parent without recomputing the parent's context:
+the child holds the parent's full blocks by reference (they never change again: a sequence writes only past its
+computed tokens) and gets its own copy of the partly filled last block, which the parent keeps writing into.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from glassbox.errors import GlassboxError
 from glassbox.inference.sequence import Sequence
 
 
@@ -43,6 +48,10 @@ class BlockManager:
         self.seq_hashes: dict[int, list[bytes]] = {}
         self.prefix_hits = 0
         self.prefix_queries = 0
+        # Forks: children started, parent blocks they shared by reference, tokens of KV they copied.
+        self.num_forks = 0
+        self.fork_shared_blocks = 0
+        self.fork_copied_tokens = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -103,15 +112,49 @@ class BlockManager:
             seq.cached(len(cached) * self.block_size)
         need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
         for _ in range(need):
-            block_id, _ = self.free.popitem(last=False)
-            block = self.blocks[block_id]
-            if block.block_hash is not None:
-                if self.cached.get(block.block_hash) == block_id:
-                    del self.cached[block.block_hash]
-                block.block_hash = None
-            block.ref_count = 1
-            seq.block_table.append(block_id)
+            seq.block_table.append(self._take_free())
         return True
+
+    def _take_free(self) -> int:
+        """The least recently freed block, its stale prefix-cache entry dropped, held once."""
+        block_id, _ = self.free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.block_hash is not None:
+            if self.cached.get(block.block_hash) == block_id:
+                del self.cached[block.block_hash]
+            block.block_hash = None
+        block.ref_count = 1
+        return block_id
+
+    def fork(self, parent: Sequence, child: Sequence) -> list[tuple[int, int]] | None:
+        """Give `child` (a fresh sequence whose tokens start with all of `parent`'s computed ones) the parent's KV:
+        its full blocks by reference and a fresh block for the partly filled last one. Returns the (source,
+        destination) cache slots whose KV the caller must copy into that block, or None, changing nothing, when no
+        block is free for it. The child then counts the parent's computed tokens as its own (cached, not computed)."""
+        if child.block_table or child.num_computed_tokens:
+            raise GlassboxError(f"fork: sequence {child.request_id} already has KV")
+        computed = parent.num_computed_tokens
+        if child.token_ids[:computed] != parent.token_ids[:computed]:
+            raise GlassboxError(f"fork: sequence {child.request_id} does not start with its parent's "
+                                f"{computed} computed tokens")
+        full, tail = divmod(computed, self.block_size)
+        if tail and not self.free:
+            return None
+        for block_id in parent.block_table[:full]:
+            self.blocks[block_id].ref_count += 1
+            child.block_table.append(block_id)
+        pairs: list[tuple[int, int]] = []
+        if tail:
+            child.block_table.append(self._take_free())
+            pairs = [(self.slot(parent, pos), self.slot(child, pos)) for pos in range(full * self.block_size, computed)]
+        parent_hashes = self.seq_hashes.get(parent.seq_id, [])
+        self.seq_hashes[child.seq_id] = list(parent_hashes[:full])
+        if computed:
+            child.cached(computed)
+        self.num_forks += 1
+        self.fork_shared_blocks += full
+        self.fork_copied_tokens += tail
+        return pairs
 
     def commit(self, seq: Sequence) -> None:
         """Publish the hashes of blocks that became full of computed tokens, so later prompts can share them."""

@@ -5,6 +5,10 @@
 rules (EOS, stop tokens, stop strings, max_tokens, context length). It is
 single-threaded; `glassbox.inference.async_engine` drives it from a thread beside the HTTP server, and
 `glassbox.inference.llm.LLM` drives it to completion for offline use.
+
+Extensions (`add_extension`) run inside the step, on the engine's thread: before scheduling and after the
+outputs are known, where they may add, fork and abort requests (Dynasor's program controller does all three).
+`fork` starts a request from a running sequence's KV (shared blocks, see BlockManager.fork) instead of its text.
 """
 
 from __future__ import annotations
@@ -14,13 +18,13 @@ import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from glassbox.config import ConfigError
 from glassbox.errors import GlassboxError
 from glassbox.inference.block_manager import BlockManager
-from glassbox.inference.compile_cache import compile_cache_for
 from glassbox.inference.model_runner import ModelRunner, graph_batch_sizes, kv_bytes_per_block
 from glassbox.inference.policy import POLICIES, make_policy
 from glassbox.inference.sampler import Sampler, Verified
@@ -28,8 +32,6 @@ from glassbox.inference.sampling_params import MAX_SEED, SamplingParams, Samplin
 from glassbox.inference.scheduler import Scheduler, draft_cap
 from glassbox.inference.sequence import Sequence, TokenLogprob
 from glassbox.inference.speculative import EMPTY, PROPOSERS, Draft, NoProposer, Proposer
-from glassbox.inference.tensor_parallel import (LeaderRunner, TensorParallelGroup, check_shardable, launch,
-                                                 shard_model)
 from glassbox.inference.tokenizer import IncrementalDetokenizer, Tokenizer
 from glassbox.models.transformer import Transformer
 
@@ -74,9 +76,6 @@ class EngineConfig:
     dtype: str = "float32"
     cuda_graphs: bool = True
     compile: bool = False
-    compile_cache: bool = True
-    compile_cache_dir: str | None = None
-    tensor_parallel_size: int = 1
     seed: int = 0
     max_n: int = 64
 
@@ -88,7 +87,7 @@ class EngineConfig:
         def bad(name: str, expected: str) -> ConfigError:
             return ConfigError(f"engine.{name}: must be {expected}, got {getattr(self, name)!r}")
 
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_n", "tensor_parallel_size"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_n"):
             if not _is_int(getattr(self, name), 1):
                 raise bad(name, "a positive integer")
         for name in ("num_kv_blocks", "max_model_len"):
@@ -104,18 +103,13 @@ class EngineConfig:
             raise bad("policy_options", "a mapping of the policy's settings")
         if not isinstance(self.spec_options, dict):
             raise bad("spec_options", "a mapping of the proposer's settings")
-        if self.tensor_parallel_size > 1 and self.compile:
-            raise ConfigError("engine.compile: not supported with tensor_parallel_size > 1 (the all-reduces between "
-                              "the compiled parts are not captured yet); serve with one of the two")
-        if self.compile_cache_dir is not None and not isinstance(self.compile_cache_dir, str):
-            raise bad("compile_cache_dir", "a directory path or None (the default location)")
         if not _is_int(self.seed, 0, MAX_SEED):
             raise bad("seed", f"an integer in [0, {MAX_SEED}]")
         if not _is_real(self.gpu_memory_utilization) or not 0 < self.gpu_memory_utilization <= 1:
             raise bad("gpu_memory_utilization", "a fraction in (0, 1]")
         if not _is_real(self.cpu_kv_cache_gb) or self.cpu_kv_cache_gb <= 0:
             raise bad("cpu_kv_cache_gb", "a positive number")
-        for name in ("enable_prefix_caching", "enable_chunked_prefill", "cuda_graphs", "compile", "compile_cache"):
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "cuda_graphs", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
         for name, known in (("policy", POLICIES), ("proposer", PROPOSERS), ("dtype", DTYPES)):
@@ -261,14 +255,27 @@ class _Request:
         return RequestOutput(self.request_id, self.prompt_ids, outs, self.finished, cached, metrics)
 
 
+class EngineExtension(Protocol):
+    """Something that steers requests from inside the engine's step (Dynasor's program controller)."""
+
+    def before_step(self, engine: "LLMEngine") -> None:
+        """Before scheduling: apply what arrived since the last step (new programs, stops)."""
+        ...
+
+    def after_step(self, engine: "LLMEngine", outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """After sampling, given the step's outputs (unfinished ones included): act on them, and return the
+        outputs to hand on to the caller."""
+        ...
+
+    def has_work(self) -> bool:
+        """Whether the extension needs steps even while the engine holds no request (work still queued)."""
+        ...
+
+
 class LLMEngine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None,
-                 eos_token_ids: list[int] | None = None, proposer: Proposer | None = None,
-                 tensor_parallel: TensorParallelGroup | None = None):
-        """`tensor_parallel`: this rank's group when the model is a shard (LLMEngine.from_model_dir builds it
-        for engine.tensor_parallel_size > 1); rank 0 then drives the other ranks' model runners."""
+                 eos_token_ids: list[int] | None = None, proposer: Proposer | None = None):
         self.config = config or EngineConfig()
-        self.tp = tensor_parallel
         cfg = self.config
         cfg.validate()
         self.model = model
@@ -284,8 +291,6 @@ class LLMEngine:
                 "max_model_len, or enable chunked prefill"
             )
         num_blocks = cfg.num_kv_blocks or self._auto_num_blocks()
-        if self.tp is not None:
-            num_blocks = self.tp.agree_min(num_blocks)            # the pool every rank's memory can hold
         if num_blocks * cfg.block_size < self.max_model_len:
             raise GlassboxError(
                 f"KV cache of {num_blocks} blocks x {cfg.block_size} tokens cannot hold one {self.max_model_len}-token "
@@ -296,17 +301,14 @@ class LLMEngine:
                                    cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.enable_chunked_prefill)
         self.proposer = proposer or build_proposer(cfg)
         self.speculating = cfg.num_spec_tokens > 0 and not isinstance(self.proposer, NoProposer)
-        with compile_cache_for(cfg, model, num_blocks, self.max_model_len) as self.startup:
-            # CUDA graphs stay off under tensor parallelism until capturing the all-reduces is measured.
-            self.runner = ModelRunner(model, num_blocks, cfg.block_size, self.max_model_len, cfg.max_num_seqs,
-                                      cfg.cuda_graphs and self.tp is None, cfg.compile, self._verification_rows())
-        if self.tp is not None and self.tp.rank == 0:
-            self.runner = LeaderRunner(self.runner, self.tp)
+        self.runner = ModelRunner(model, num_blocks, cfg.block_size, self.max_model_len, cfg.max_num_seqs,
+                                  cfg.cuda_graphs, cfg.compile, self._verification_rows())
         self.sampler = Sampler(cfg.seed)
         self.requests: dict[str, _Request] = {}
         self.num_steps = 0
         self.num_failed_requests = 0
         self.spec = SpecCounters()
+        self.extensions: list[EngineExtension] = []
 
     def _verification_rows(self) -> dict[int, int]:
         """Rows per sequence of the verification graph at each decode-graph size: the last token plus the most
@@ -330,18 +332,7 @@ class LLMEngine:
         config = config or EngineConfig()
         config.validate()
         model, tokenizer, eos = load_model_dir(Path(model_dir), config.torch_dtype(), config.device)
-        group = None
-        if config.tensor_parallel_size > 1:
-            check_shardable(model, config.tensor_parallel_size)      # before any worker starts
-            group = launch(Path(model_dir), config)
-            shard_model(model, 0, group.world)
-        return cls(model, tokenizer, config, eos, proposer, tensor_parallel=group)
-
-    def close(self) -> None:
-        """Stop the tensor-parallel workers, if any (an engine of one process holds nothing to stop)."""
-        if self.tp is not None:
-            self.tp.shutdown()
-            self.tp = None
+        return cls(model, tokenizer, config, eos, proposer)
 
     def _auto_num_blocks(self) -> int:
         cfg = self.config
@@ -408,6 +399,37 @@ class LLMEngine:
         self.scheduler.add_all(seqs)
         self.requests[request_id] = _Request(request_id, list(prompt_ids), params, seqs, self.tokenizer)
 
+    def fork(self, parent_request_id: str, request_id: str, extra_ids: list[int], params: SamplingParams,
+             index: int = 0) -> bool:
+        """Start request `request_id` from sample `index` of running request `parent_request_id`: its prompt is
+        the parent's tokens so far plus `extra_ids` (a probe's answer cue), and the parent's KV is shared, not
+        recomputed: full blocks by reference, the partly filled last block copied (at most block_size - 1 tokens of
+        KV), so the new request computes only the parent's last sampled token and `extra_ids`. Returns False,
+        adding nothing, when the parent is not running with KV (waiting, preempted, finished) or no block is free
+        for the copy; a caller retries later. The new request is independent of the parent from then on."""
+        if request_id in self.requests:
+            raise GlassboxError(f"request id {request_id!r} is already in use")
+        req = self.requests.get(parent_request_id)
+        if req is None or not 0 <= index < len(req.seqs):
+            raise GlassboxError(f"fork: no sample {index} of a request {parent_request_id!r} in the engine")
+        parent = req.seqs[index]
+        if parent.finished or parent not in self.scheduler.running or parent.num_computed_tokens == 0:
+            return False
+        prompt = parent.token_ids + list(extra_ids)
+        self.validate_prompt(prompt, params, parent.priority)
+        child = Sequence(request_id, prompt, params, arrival_time=time.monotonic(), priority=parent.priority)
+        pairs = self.blocks.fork(parent, child)
+        if pairs is None:
+            return False
+        self.runner.move_kv([src for src, _ in pairs], [dst for _, dst in pairs])
+        self.requests[request_id] = _Request(request_id, prompt, params, [child], self.tokenizer)
+        self.scheduler.add(child)
+        return True
+
+    def add_extension(self, extension: EngineExtension) -> None:
+        """Run `extension`'s hooks in every step from now on (in the order added)."""
+        self.extensions.append(extension)
+
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now, freeing its KV blocks; returns its final output (None if unknown)."""
         return self._stop(request_id, "abort")
@@ -433,7 +455,7 @@ class LLMEngine:
         return req.output()
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or any(ext.has_work() for ext in self.extensions)
 
     # Stepping ------------------------------------------------------------------------------------------------
 
@@ -476,7 +498,18 @@ class LLMEngine:
     def step(self, unfinished_outputs: bool = True) -> list[RequestOutput]:
         """Run one batch. Returns an output for every request that got tokens (for streaming), or with
         `unfinished_outputs` False only for the requests that finished (offline use: cheaper). A request whose
-        sampling or stop checks raise is failed alone (`fail`), its output among those returned."""
+        sampling or stop checks raise is failed alone (`fail`), its output among those returned. Extensions see
+        every output (see EngineExtension) and choose what is returned."""
+        for ext in self.extensions:
+            ext.before_step(self)
+        outputs = self._step(unfinished_outputs or bool(self.extensions))
+        for ext in self.extensions:
+            outputs = ext.after_step(self, outputs)
+        if not unfinished_outputs:
+            outputs = [out for out in outputs if out.finished]
+        return outputs
+
+    def _step(self, unfinished_outputs: bool) -> list[RequestOutput]:
         self._propose()
         batch = self.scheduler.schedule()
         if not batch.scheduled:
@@ -595,6 +628,9 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "prefix_cache_hit_tokens": self.blocks.prefix_hits,
             "prefix_cache_query_tokens": self.blocks.prefix_queries,
+            "num_forks": self.blocks.num_forks,
+            "fork_shared_blocks": self.blocks.fork_shared_blocks,
+            "fork_copied_tokens": self.blocks.fork_copied_tokens,
             "num_failed_requests": self.num_failed_requests,
             **self.scheduler.policy.stats(),
             **self.spec.stats(),
