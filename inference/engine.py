@@ -25,6 +25,7 @@ import torch
 from glassbox.config import ConfigError
 from glassbox.errors import GlassboxError
 from glassbox.inference.block_manager import BlockManager
+from glassbox.inference.compile_cache import compile_cache_for
 from glassbox.inference.model_runner import ModelRunner, graph_batch_sizes, kv_bytes_per_block
 from glassbox.inference.policy import POLICIES, make_policy
 from glassbox.inference.sampler import Sampler, Verified
@@ -32,6 +33,8 @@ from glassbox.inference.sampling_params import MAX_SEED, SamplingParams, Samplin
 from glassbox.inference.scheduler import Scheduler, draft_cap
 from glassbox.inference.sequence import Sequence, TokenLogprob
 from glassbox.inference.speculative import EMPTY, PROPOSERS, Draft, NoProposer, Proposer
+from glassbox.inference.tensor_parallel import (LeaderRunner, TensorParallelGroup, check_shardable, launch,
+                                                 shard_model)
 from glassbox.inference.tokenizer import IncrementalDetokenizer, Tokenizer
 from glassbox.models.transformer import Transformer
 
@@ -76,6 +79,9 @@ class EngineConfig:
     dtype: str = "float32"
     cuda_graphs: bool = True
     compile: bool = False
+    compile_cache: bool = True
+    compile_cache_dir: str | None = None
+    tensor_parallel_size: int = 1
     seed: int = 0
     max_n: int = 64
 
@@ -87,7 +93,7 @@ class EngineConfig:
         def bad(name: str, expected: str) -> ConfigError:
             return ConfigError(f"engine.{name}: must be {expected}, got {getattr(self, name)!r}")
 
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_n"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_n", "tensor_parallel_size"):
             if not _is_int(getattr(self, name), 1):
                 raise bad(name, "a positive integer")
         for name in ("num_kv_blocks", "max_model_len"):
@@ -103,13 +109,18 @@ class EngineConfig:
             raise bad("policy_options", "a mapping of the policy's settings")
         if not isinstance(self.spec_options, dict):
             raise bad("spec_options", "a mapping of the proposer's settings")
+        if self.tensor_parallel_size > 1 and self.compile:
+            raise ConfigError("engine.compile: not supported with tensor_parallel_size > 1 (the all-reduces between "
+                              "the compiled parts are not captured yet); serve with one of the two")
+        if self.compile_cache_dir is not None and not isinstance(self.compile_cache_dir, str):
+            raise bad("compile_cache_dir", "a directory path or None (the default location)")
         if not _is_int(self.seed, 0, MAX_SEED):
             raise bad("seed", f"an integer in [0, {MAX_SEED}]")
         if not _is_real(self.gpu_memory_utilization) or not 0 < self.gpu_memory_utilization <= 1:
             raise bad("gpu_memory_utilization", "a fraction in (0, 1]")
         if not _is_real(self.cpu_kv_cache_gb) or self.cpu_kv_cache_gb <= 0:
             raise bad("cpu_kv_cache_gb", "a positive number")
-        for name in ("enable_prefix_caching", "enable_chunked_prefill", "cuda_graphs", "compile"):
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "cuda_graphs", "compile", "compile_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
         for name, known in (("policy", POLICIES), ("proposer", PROPOSERS), ("dtype", DTYPES)):
@@ -274,8 +285,12 @@ class EngineExtension(Protocol):
 
 class LLMEngine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None,
-                 eos_token_ids: list[int] | None = None, proposer: Proposer | None = None):
+                 eos_token_ids: list[int] | None = None, proposer: Proposer | None = None,
+                 tensor_parallel: TensorParallelGroup | None = None):
+        """`tensor_parallel`: this rank's group when the model is a shard (LLMEngine.from_model_dir builds it
+        for engine.tensor_parallel_size > 1); rank 0 then drives the other ranks' model runners."""
         self.config = config or EngineConfig()
+        self.tp = tensor_parallel
         cfg = self.config
         cfg.validate()
         self.model = model
@@ -291,6 +306,8 @@ class LLMEngine:
                 "max_model_len, or enable chunked prefill"
             )
         num_blocks = cfg.num_kv_blocks or self._auto_num_blocks()
+        if self.tp is not None:
+            num_blocks = self.tp.agree_min(num_blocks)            # the pool every rank's memory can hold
         if num_blocks * cfg.block_size < self.max_model_len:
             raise GlassboxError(
                 f"KV cache of {num_blocks} blocks x {cfg.block_size} tokens cannot hold one {self.max_model_len}-token "
@@ -301,8 +318,12 @@ class LLMEngine:
                                    cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.enable_chunked_prefill)
         self.proposer = proposer or build_proposer(cfg)
         self.speculating = cfg.num_spec_tokens > 0 and not isinstance(self.proposer, NoProposer)
-        self.runner = ModelRunner(model, num_blocks, cfg.block_size, self.max_model_len, cfg.max_num_seqs,
-                                  cfg.cuda_graphs, cfg.compile, self._verification_rows())
+        with compile_cache_for(cfg, model, num_blocks, self.max_model_len) as self.startup:
+            # CUDA graphs stay off under tensor parallelism until capturing the all-reduces is measured.
+            self.runner = ModelRunner(model, num_blocks, cfg.block_size, self.max_model_len, cfg.max_num_seqs,
+                                      cfg.cuda_graphs and self.tp is None, cfg.compile, self._verification_rows())
+        if self.tp is not None and self.tp.rank == 0:
+            self.runner = LeaderRunner(self.runner, self.tp)
         self.sampler = Sampler(cfg.seed)
         self.requests: dict[str, _Request] = {}
         self.num_steps = 0
@@ -332,7 +353,18 @@ class LLMEngine:
         config = config or EngineConfig()
         config.validate()
         model, tokenizer, eos = load_model_dir(Path(model_dir), config.torch_dtype(), config.device)
-        return cls(model, tokenizer, config, eos, proposer)
+        group = None
+        if config.tensor_parallel_size > 1:
+            check_shardable(model, config.tensor_parallel_size)      # before any worker starts
+            group = launch(Path(model_dir), config)
+            shard_model(model, 0, group.world)
+        return cls(model, tokenizer, config, eos, proposer, tensor_parallel=group)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (an engine of one process holds nothing to stop)."""
+        if self.tp is not None:
+            self.tp.shutdown()
+            self.tp = None
 
     def _auto_num_blocks(self) -> int:
         cfg = self.config
