@@ -22,6 +22,7 @@ AREAS = [
     "glassbox.checkpoints.cli",
     "glassbox.train.distill_cli",
     "glassbox.inference.cli",
+    "glassbox.inference.ltr.cli",
     "glassbox.pruning.cli",
     "glassbox.inference.speculative.cli",
     "glassbox.elastic.cli",

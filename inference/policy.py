@@ -124,7 +124,7 @@ class Policy:
         return {"policy_promotions": self.guard.num_promotions}
 
     def close(self) -> None:
-        """Release what the policy holds (a scorer thread); the engine calls it at shutdown."""
+        """Release what the policy holds (a scorer thread, a daemon that otherwise lives to the process's end)."""
 
     @classmethod
     def build(cls, options: dict, tokenizer: Any = None) -> "Policy":
@@ -148,16 +148,22 @@ class Priority(Policy):
         return (seq.priority,)
 
 
-# name -> builder(options, served tokenizer). A policy in another module is registered by a builder that imports
-# it lazily, so this module imports nothing heavy.
+def _ltr(options: dict, tokenizer: Any = None) -> Policy:
+    from glassbox.inference.ltr.policy import LTRPolicy
+
+    return LTRPolicy.build(options, tokenizer)
+
+
 def _dynasor(options: dict, tokenizer: Any = None) -> Policy:
     from glassbox.inference.dynasor.policy import ProgramPolicy
 
     return ProgramPolicy.build(options, tokenizer)
 
 
+# name -> builder(options, served tokenizer). A policy in another module is registered by a builder that imports
+# it lazily, so this module imports nothing heavy.
 POLICIES: dict[str, Callable[[dict, Any], Policy]] = {"fcfs": FCFS.build, "priority": Priority.build,
-                                                      "dynasor": _dynasor}
+                                                      "ltr": _ltr, "dynasor": _dynasor}
 
 
 def make_policy(name: str, options: dict | None = None, tokenizer: Any = None) -> Policy:

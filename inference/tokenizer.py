@@ -60,6 +60,14 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    def fingerprint(self) -> str:
+        """sha256 of the tokenizer's full serialisation (vocabulary, merges, normalisation, special tokens): what
+        must match for token ids from one tokenizer to mean the same to a model trained on another (the LTR
+        ranker checks it against the served model's)."""
+        import hashlib
+
+        return hashlib.sha256(self._tok.to_str().encode()).hexdigest()
+
     def token_text(self, token_id: int) -> str:
         """The text of one token on its own (for logprob listings)."""
         return self._tok.decode([token_id], skip_special_tokens=False)

@@ -1,0 +1,163 @@
+"""The ranker: the served model's own first layers, pooled, and a small head that scores a prompt's shortness.
+
+Why the served model's early layers rather than a separately trained decoder: they already read the prompt the
+way the model that will answer it does, so a few hundred labelled prompts are enough to train the head on them,
+where a decoder trained from scratch on the same few hundred would learn little; and they cost a fraction of a
+prefill (k of the model's layers over the prompt, once). The trunk is frozen; only the head learns.
+
+A prompt's features are the mean and the last position of the hidden state after layer k (right-padded batches:
+causal attention leaves the real positions unchanged), standardised with the training set's statistics. A
+higher score means a shorter expected output (ListMLE's convention: the first of a ranked list scores highest).
+
+A ranker directory is self-contained: ranker.json (its shape, the layer count, the tokenizer fingerprint it was
+trained under), trunk.safetensors (embeddings and k layers) and head.safetensors (head and feature statistics).
+It refuses to serve a model whose tokenizer differs: its token ids would mean other words.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from glassbox.atomic import staged_dir, write_json
+from glassbox.errors import GlassboxError
+from glassbox.models.transformer import Block, ModelConfig, RotaryEmbedding, Transformer
+
+FORMAT = "glassbox-ltr-ranker/1"
+
+
+class Trunk(nn.Module):
+    """Embeddings and the first `cfg.num_layers` decoder layers of a model; returns pooled features per layer."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+
+    @classmethod
+    def from_model(cls, model: Transformer | Trunk, num_layers: int) -> "Trunk":
+        """The first `num_layers` layers of `model` (a full model, or a deeper trunk), sharing its tensors."""
+        if not 1 <= num_layers <= model.config.num_layers:
+            raise GlassboxError(f"ltr ranker: layers must be in 1..{model.config.num_layers}, got {num_layers}")
+        cfg = dataclasses.replace(model.config, num_layers=num_layers)
+        with torch.device("meta"):
+            trunk = cls(cfg)
+        sd = {k: v for k, v in model.state_dict().items()
+              if k.startswith("embed_tokens.") or (k.startswith("layers.") and int(k.split(".")[1]) < num_layers)}
+        trunk.load_state_dict(sd, strict=True, assign=True)
+        trunk.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta).to(next(model.parameters()).device)
+        return trunk.eval()
+
+    @torch.inference_mode()
+    def features(self, prompts: list[list[int]], layers: list[int], max_tokens: int) -> dict[int, torch.Tensor]:
+        """{layer: [len(prompts), 2 x hidden]} float32 features after each of `layers` (1-based), each prompt cut
+        to its last `max_tokens` tokens (the question sits at the end of a chat prompt)."""
+        device = self.embed_tokens.weight.device
+        cut = [p[-max_tokens:] for p in prompts]
+        lengths = torch.tensor([len(p) for p in cut], device=device)
+        T = int(lengths.max())
+        ids = torch.zeros(len(cut), T, dtype=torch.long, device=device)
+        for i, p in enumerate(cut):
+            ids[i, :len(p)] = torch.tensor(p, device=device)
+        valid = (torch.arange(T, device=device)[None, :] < lengths[:, None]).unsqueeze(-1)
+        x = self.embed_tokens(ids)
+        cos, sin = self.rotary(torch.arange(T, device=device), x.dtype)
+        out = {}
+        for i, layer in enumerate(self.layers, 1):
+            x = layer(x, cos, sin)
+            if i in layers:
+                h = x.float()
+                mean = (h * valid).sum(1) / lengths[:, None]
+                last = h[torch.arange(len(cut), device=device), lengths - 1]
+                out[i] = torch.cat([mean, last], dim=-1)
+            if i >= max(layers):
+                break
+        return out
+
+
+class Head(nn.Module):
+    """Standardise the features, then a one-hidden-layer MLP to one score."""
+
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("std", torch.ones(in_dim))
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.mlp((feats - self.mean) / self.std).squeeze(-1)
+
+
+class Ranker:
+    """A trunk and a head: `score(prompts)` -> one float per prompt, higher for a shorter expected output."""
+
+    def __init__(self, trunk: Trunk, head: Head, meta: dict):
+        self.trunk = trunk
+        self.head = head
+        self.meta = meta
+        self.layers = meta["layers"]
+        self.max_prompt_tokens = meta["max_prompt_tokens"]
+
+    @torch.inference_mode()
+    def score(self, prompts: list[list[int]], batch_size: int = 32) -> list[float]:
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))     # similar lengths pad less
+        out = [0.0] * len(prompts)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            feats = self.trunk.features([prompts[i] for i in chunk], [self.layers], self.max_prompt_tokens)
+            for i, s in zip(chunk, self.head(feats[self.layers].to(self.head.mean.device)).tolist()):
+                out[i] = s
+        return out
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        with staged_dir(path, replace=True) as tmp:
+            save_file({k: v.contiguous() for k, v in self.trunk.state_dict().items()}, str(tmp / "trunk.safetensors"))
+            save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(tmp / "head.safetensors"))
+            write_json(tmp / "ranker.json", {**self.meta, "format": FORMAT,
+                                             "model_config": dataclasses.asdict(self.trunk.config)})
+
+    @classmethod
+    def load(cls, path: Path, device: str = "cpu", served_tokenizer=None) -> "Ranker":
+        """Load a ranker directory. With `served_tokenizer` (the served model's Tokenizer), refuse a ranker trained
+        under another tokenizer."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta_path = path / "ranker.json"
+        if not meta_path.is_file():
+            raise GlassboxError(f"ltr ranker {path}: no ranker.json (not a directory `glassbox ltr train` wrote)")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT:
+            raise GlassboxError(f"ltr ranker {path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        if served_tokenizer is not None:
+            check_tokenizer(meta, served_tokenizer, path)
+        cfg = ModelConfig(**meta["model_config"])
+        with torch.device("meta"):
+            trunk = Trunk(cfg)
+        trunk.load_state_dict(load_file(str(path / "trunk.safetensors"), device=device), strict=True, assign=True)
+        trunk.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta).to(device)
+        head = Head(2 * cfg.hidden_size, meta["head_hidden"])
+        head.load_state_dict(load_file(str(path / "head.safetensors"), device=device))
+        return cls(trunk.eval(), head.to(device).eval(), meta)
+
+
+def check_tokenizer(meta: dict, served_tokenizer, where: Path | str) -> None:
+    """Raise a GlassboxError unless the ranker's tokenizer is the served model's."""
+    if served_tokenizer is None:
+        raise GlassboxError(f"ltr ranker {where}: the served model has no tokenizer.json, so the ranker's "
+                            "tokenizer cannot be checked against it")
+    served = served_tokenizer.fingerprint()
+    if meta.get("tokenizer_fingerprint") != served:
+        raise GlassboxError(
+            f"ltr ranker {where} was trained under tokenizer {str(meta.get('tokenizer_fingerprint'))[:12]}... "
+            f"(from {meta.get('base_model', '?')}), but the served model's tokenizer is {served[:12]}...: its "
+            "token ids would mean other text to the ranker. Train a ranker on this model's outputs "
+            "(`glassbox ltr collect` then `glassbox ltr train`)")
