@@ -12,7 +12,8 @@ count jump past the target; the last merges are then taken one at a time, smalle
 Representative: the member with the smallest sum of squared distances to the rest of its cluster. For Euclidean
 features (router rows) that is exactly the member nearest the cluster's centroid, since sum_j |x_i - x_j|^2 =
 n |x_i - c|^2 + const; for co-selection distances it is the same criterion on the distance itself. Ties go to
-the expert that took more tokens, then the lower id.
+the expert that contributed more to the layer's output on the calibration tokens (routing weight x output norm;
+a two-expert cluster is always such a tie), then the lower id.
 """
 
 from __future__ import annotations
@@ -108,10 +109,12 @@ def global_clusters(dists: list[torch.Tensor], target: int, min_clusters: list[i
                          search_iterations=iterations, tie_merges=tie_merges)
 
 
-def representative(cluster: list[int], dist: torch.Tensor, tokens: torch.Tensor | None = None) -> int:
-    """The member nearest the cluster's centroid (smallest sum of squared distances to the others)."""
+def representative(cluster: list[int], dist: torch.Tensor, contribution: torch.Tensor | None = None) -> int:
+    """The member nearest the cluster's centroid (smallest sum of squared distances to the others); among members
+    equally near (within rounding), the larger contributor."""
     sub = dist[cluster][:, cluster].double()
     spread = sub.pow(2).sum(dim=1)
-    load = tokens[cluster].double() if tokens is not None else torch.zeros(len(cluster), dtype=torch.float64)
-    best = min(range(len(cluster)), key=lambda i: (float(spread[i]), -float(load[i]), cluster[i]))
+    spread = torch.round(spread / max(float(spread.max()), 1e-300), decimals=9)
+    gain = contribution[cluster].double() if contribution is not None else torch.zeros(len(cluster), dtype=torch.float64)
+    best = min(range(len(cluster)), key=lambda i: (float(spread[i]), -float(gain[i]), cluster[i]))
     return cluster[best]

@@ -4,6 +4,8 @@ Forward pre-hooks on each MoE layer see exactly the hidden states the layer rout
 the model's own forward, not a re-implementation of it. Co-selection: C[i, j] = tokens whose top-k holds both i
 and j (C[i, i]: tokens routed to i). Wanda's input norms: per expert, the sum over its routed tokens of the squared
 input of gate/up (the hidden state) and of down (silu(gate) * up), so each expert is scored on its own traffic.
+Contribution: per expert, the sum over its tokens of routing weight x the norm of its output, what the layer's
+output would lose without it (stage 1 keeps, of experts its distances cannot tell apart, the larger contributor).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from glassbox.models.transformer import MoE, Transformer
 @dataclass
 class LayerStats:
     coselect: torch.Tensor              # [E, E] float64 co-selection counts
+    contribution: torch.Tensor          # [E] float64 sum of routing weight x output norm
     input_sq: torch.Tensor | None       # [E, hidden] sum of squared gate/up inputs per expert
     hidden_sq: torch.Tensor | None      # [E, intermediate] sum of squared down inputs per expert
 
@@ -41,6 +44,7 @@ def collect_stats(model: Transformer, windows: torch.Tensor, batch_size: int = 8
         E, f, d = moe.gate_proj.shape
         stats.append(LayerStats(
             coselect=torch.zeros(E, E, dtype=torch.float64, device=device),
+            contribution=torch.zeros(E, dtype=torch.float64, device=device),
             input_sq=torch.zeros(E, d, dtype=torch.float64, device=device) if activations else None,
             hidden_sq=torch.zeros(E, f, dtype=torch.float64, device=device) if activations else None,
         ))
@@ -48,17 +52,21 @@ def collect_stats(model: Transformer, windows: torch.Tensor, batch_size: int = 8
     def hook_for(i: int, moe: MoE):
         def hook(module, args):
             x = args[0].reshape(-1, args[0].shape[-1])
-            _, _, experts = moe.route(x)
+            _, weights, experts = moe.route(x)
             chosen = torch.zeros(x.shape[0], moe.num_experts, dtype=torch.float64, device=x.device)
             chosen.scatter_(1, experts, 1.0)
             stats[i].coselect += chosen.T @ chosen
-            if activations:
-                for e in range(moe.num_experts):
-                    idx = (experts == e).any(dim=-1).nonzero().squeeze(-1)
-                    if idx.numel() == 0:
-                        continue
-                    h = x[idx].float()
-                    act = F.silu(h @ moe.gate_proj[e].float().T) * (h @ moe.up_proj[e].float().T)
+            for e in range(moe.num_experts):
+                hit = experts == e
+                idx = hit.any(dim=-1).nonzero().squeeze(-1)
+                if idx.numel() == 0:
+                    continue
+                h = x[idx].float()
+                act = F.silu(h @ moe.gate_proj[e].float().T) * (h @ moe.up_proj[e].float().T)
+                out = act @ moe.down_proj[e].float().T
+                w = (weights * hit).sum(dim=-1)[idx].double()
+                stats[i].contribution[e] += (w * out.double().norm(dim=-1)).sum()
+                if activations:
                     stats[i].input_sq[e] += h.double().pow(2).sum(0)
                     stats[i].hidden_sq[e] += act.double().pow(2).sum(0)
         return hook

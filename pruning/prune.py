@@ -109,12 +109,12 @@ def cluster_experts(model: Transformer, windows: torch.Tensor, keep: float, opts
     cfg = model.config
     started = time.perf_counter()
     passes = 0
-    tokens = None
+    contribution = None
     if opts.similarity == "coselect":
         stats = collect_stats(model, windows, opts.batch_size, activations=False)
         passes = 1
         dists = [coselection_distance(s.coselect) for s in stats]
-        tokens = [s.tokens_per_expert.cpu() for s in stats]
+        contribution = [s.contribution.cpu() for s in stats]
     else:
         dists = [router_distance(layer.mlp.router.weight.detach()) for layer in model.layers]
     dists = [d.cpu() for d in dists]
@@ -123,7 +123,7 @@ def cluster_experts(model: Transformer, windows: torch.Tensor, keep: float, opts
     result = global_clusters(dists, target, [cfg.top_k_in_layer(i) for i in range(cfg.num_layers)])
     kept = []
     for i, clusters in enumerate(result.clusters):
-        kept.append([representative(c, dists[i], tokens[i] if tokens else None) for c in clusters])
+        kept.append([representative(c, dists[i], contribution[i] if contribution else None) for c in clusters])
     cost = {"seconds": time.perf_counter() - started, "forward_passes": passes, "similarity": opts.similarity,
             "threshold": result.threshold, "search_iterations": result.search_iterations,
             "tie_merges": result.tie_merges, "clusters": result.clusters, "router": opts.router}
