@@ -77,6 +77,10 @@ class AsyncEngine:
             self._aborts.append(request_id)
         self._wake.set()
 
+    def notify(self) -> None:
+        """Wake the engine thread: an engine extension (Dynasor's programs) has queued work of its own."""
+        self._wake.set()
+
     def health(self, stall_after_s: float = STALL_AFTER_S) -> dict[str, Any]:
         """The engine loop's state, for a /health probe.
 

@@ -1,4 +1,5 @@
-"""Offline generation: `LLM(model_dir).generate(prompts, SamplingParams(...))` runs a batch to completion."""
+"""Offline generation: `LLM(model_dir).generate(prompts, SamplingParams(...))` runs a batch to completion;
+`LLM.run_programs` runs Dynasor reasoning programs (self-consistency, chain of thought with probes) the same way."""
 
 from __future__ import annotations
 
@@ -53,3 +54,10 @@ class LLM:
                     done[out.request_id] = out
                     bar.update(1)
         return [done[rid] for rid in order]
+
+    def run_programs(self, programs: list) -> list:
+        """Run reasoning programs (glassbox.inference.dynasor.programs: SelfConsistency, ChainOfThought) to the end;
+        their ProgramResults in order."""
+        from glassbox.inference.dynasor.controller import run_programs
+
+        return run_programs(self.engine, programs)

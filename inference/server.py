@@ -457,6 +457,8 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                    for o in finals[ids[0]].outputs]
         return {**base, "choices": choices, "usage": usage([prompt], finals)}
 
+    from glassbox.inference.dynasor.server_api import mount_dynasor    # here: it imports this module
+    mount_dynasor(app, engine, check_key, check_model)
     return app
 
 

@@ -12,6 +12,7 @@ from glassbox.errors import GlassboxError
 from glassbox.inference.dynasor.controller import ProgramController, run_programs
 from glassbox.inference.dynasor.policy import ProgramPolicy
 from glassbox.inference.dynasor.programs import ChainOfThought, ProgramError, ProgramLimits, SelfConsistency
+from glassbox.inference.llm import LLM
 from glassbox.inference.sampling_params import SamplingParams
 from glassbox.inference.sequence import Sequence
 
@@ -73,7 +74,7 @@ def test_agreeing_probes_stop_the_chain_of_thought(engine):
 def test_disagreeing_or_hedging_probes_never_stop_the_generation(engine, name, answer):
     """The reference servers' early exit skipped the agreement test (their issue #25). Here probes answering 1, 2,
     1 (or agreeing but hedging) leave the generation to run to its own end."""
-    [result] = run_programs(engine, [_cot(engine, name)])
+    [result] = LLM(engine=engine).run_programs([_cot(engine, name)])
     assert result.finish_reason == "completed"
     assert result.num_probes >= 3
     assert result.answer == answer                                   # the generation's own box
