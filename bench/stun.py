@@ -23,7 +23,6 @@ import gzip
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -133,28 +132,42 @@ def stage1_cost(model: Transformer, calib: torch.Tensor, keep: float, device: to
     return out
 
 
-def serve(model_dir: Path, prompts: list[list[int]], new_tokens: int, device: str, dtype: str,
-          rounds: int) -> dict:
-    """Weight bytes and decode throughput of the engine serving `model_dir` (fixed KV pool, greedy, no EOS)."""
+def engines(dirs: dict[str, Path], max_seqs: int, device: str, dtype: str) -> dict:
+    """One engine per model directory, all alive at once so their timed rounds can interleave."""
     from glassbox.inference.llm import LLM
+
+    return {name: LLM(path, device=device, dtype=dtype, num_kv_blocks=max_seqs * 16, max_num_seqs=max_seqs)
+            for name, path in dirs.items()}
+
+
+def decode_rate(llm, prompts: list[list[int]], new_tokens: int, device: str) -> float:
+    """Generated tokens per second for `prompts` (greedy, EOS ignored so every sequence runs to the end)."""
     from glassbox.inference.sampling_params import SamplingParams
 
-    llm = LLM(model_dir, device=device, dtype=dtype, num_kv_blocks=len(prompts) * 16, max_num_seqs=len(prompts))
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.model.parameters())
-    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))     # warm-up
-    rates = []
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - started)
+
+
+def serve(dirs: dict[str, Path], prompts: list[list[int]], new_tokens: int, device: str, dtype: str,
+          rounds: int) -> dict:
+    """Weight bytes and median decode throughput per model, rounds interleaved so load drift hits all alike."""
+    llms = engines(dirs, len(prompts), device, dtype)
+    rates: dict[str, list[float]] = {name: [] for name in llms}
+    for llm in llms.values():
+        decode_rate(llm, prompts[:2], 4, device)                    # warm-up
     for _ in range(rounds):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        outs = llm.generate(prompts, params)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        rates.append(tokens / (time.perf_counter() - started))
-    del llm
-    return {"weight_bytes": weight_bytes, "decode_tokens_per_s": statistics.median(rates), "rounds": rates}
+        for name, llm in llms.items():
+            rates[name].append(decode_rate(llm, prompts, new_tokens, device))
+    out = {}
+    for name, llm in llms.items():
+        out[name] = {"weight_bytes": sum(p.numel() * p.element_size() for p in llm.engine.model.parameters()),
+                     "decode_tokens_per_s": statistics.median(rates[name]), "rounds": rates[name]}
+    return out
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -200,9 +213,9 @@ def run(args: argparse.Namespace) -> dict:
     cost[str(2 * cfg.num_experts)] = stage1_cost(big, calib, keep, device)
     del big
 
-    serving = {}
     prompts = [w[:32].tolist() for w in val[:args.serve_batch]]
     dtype = "bfloat16" if device.type == "cuda" else "float32"
+    args.serve_dtype = dtype
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {"dense": Path(args.model_dir)}
         for method in ("stun", "unstructured", "expert_only"):
@@ -215,18 +228,7 @@ def run(args: argparse.Namespace) -> dict:
         del dense
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        # Rounds interleave the models so that load drift hits them all alike.
-        results = {name: [] for name in dirs}
-        weights = {}
-        for _ in range(args.serve_repeats):
-            for name, path in dirs.items():
-                r = serve(path, prompts, args.new_tokens, args.device, dtype, rounds=1)
-                results[name].append(r["decode_tokens_per_s"])
-                weights[name] = r["weight_bytes"]
-        for name in dirs:
-            rate = statistics.median(results[name])
-            serving[name] = {"weight_bytes": weights[name], "decode_tokens_per_s": rate, "rounds": results[name]}
-        shutil.rmtree(tmp, ignore_errors=True)
+        serving = serve(dirs, prompts, args.new_tokens, args.device, dtype, args.serve_repeats)
     base = serving["dense"]
     for name, r in serving.items():
         r["weight_ratio"] = r["weight_bytes"] / base["weight_bytes"] if base["weight_bytes"] else None

@@ -131,13 +131,19 @@ def cluster_experts(model: Transformer, windows: torch.Tensor, keep: float, opts
 
 
 def random_experts(model: Transformer, keep: float, seed: int) -> list[list[int]]:
+    """`round(keep x all experts)` experts in all, spread over the layers in proportion to their counts (the
+    remainder to random layers), each layer's drawn uniformly; never fewer than a layer's top-k."""
     gen = torch.Generator().manual_seed(seed)
-    kept = []
-    for i, layer in enumerate(model.layers):
-        E = layer.mlp.num_experts
-        n = max(round(keep * E), model.config.top_k_in_layer(i))
-        kept.append(sorted(torch.randperm(E, generator=gen)[:n].tolist()))
-    return kept
+    sizes = [layer.mlp.num_experts for layer in model.layers]
+    floors = [model.config.top_k_in_layer(i) for i in range(len(sizes))]
+    counts = [max(int(keep * E), f) for E, f in zip(sizes, floors)]
+    target = max(round(keep * sum(sizes)), sum(floors))
+    for i in torch.randperm(len(sizes), generator=gen).tolist():
+        if sum(counts) >= target:
+            break
+        if counts[i] < sizes[i]:
+            counts[i] += 1
+    return [sorted(torch.randperm(E, generator=gen)[:n].tolist()) for E, n in zip(sizes, counts)]
 
 
 def wanda_stage(model: Transformer, windows: torch.Tensor, sparsity: float, opts: PruneOptions) -> dict:
