@@ -1,0 +1,269 @@
+"""Serving performance beyond the ratios: start-up cold and warm, the HBM roofline at batch 1, and load vs decode.
+
+Three measurements, each its own section of bench/results/<out-name>.json (summary keys as the serving issue
+names them):
+
+- start-up: two fresh processes start the engine with `compile` on the same model, the first with an empty
+  compile cache (cold), the second with the entry the first wrote (warm); each has its own empty inductor folder,
+  so the warm start can only be warm through glassbox's cache. Seconds from process start to the engine ready,
+  and the graphs inductor had to build (0 when warm).
+- roofline at batch 1: one request decoding, random weights at the --roofline-sizes (glassbox Transformers
+  built straight on the device, no files), its median decode step time; the bytes a step must read (every
+  weight but the embedding table, plus the KV of the context) over that time, as a fraction of the card's
+  bandwidth measured in the same run by a large device-to-device copy.
+- load vs decode: under Poisson arrivals at --load-rate, the achieved output tok/s and TTFT p50, and the mean
+  number of running sequences; then the pure decode rate at that concurrency (that many sequences decoding
+  together, prefill excluded). The fraction is load / pure decode.
+
+    python bench/serving_perf.py --device cpu --out-name serving_perf_cpu       # small sizes, minutes
+    python bench/serving_perf.py --device cuda --out-name serving_perf_h200     # 350M start-up, 1B and 7B roofline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from glassbox import atomic
+from glassbox.inference.engine import DTYPES, EngineConfig, LLMEngine
+from glassbox.inference.sampling_params import SamplingParams
+from glassbox.models.transformer import ModelConfig, Transformer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import inference_throughput as it  # noqa: E402  (the model presets and the random model directory)
+
+# Llama-shaped sizes for the roofline (random weights): name -> ModelConfig fields.
+SIZES = {
+    "tiny": dict(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=688),
+    "1b": dict(vocab_size=32000, hidden_size=2048, num_layers=22, num_heads=32, num_kv_heads=4,
+               intermediate_size=5632),
+    "7b": dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+               intermediate_size=11008),
+}
+
+STARTUP_SCRIPT = """
+import json, sys, time
+t0 = time.perf_counter()
+from glassbox.inference.engine import EngineConfig, LLMEngine
+cfg = EngineConfig(device=sys.argv[2], dtype=sys.argv[3], compile=True, compile_cache_dir=sys.argv[4],
+                   max_num_seqs=int(sys.argv[5]), max_model_len=int(sys.argv[6]), gpu_memory_utilization=0.4)
+engine = LLMEngine.from_model_dir(sys.argv[1], cfg)
+s = engine.startup
+print(json.dumps({"seconds": time.perf_counter() - t0, "runner_seconds": s.seconds, "cache": s.compile_cache,
+                  "compiled_graphs": s.compiled_graphs}))
+"""
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(0)} (torch {torch.__version__})"
+    return f"{platform.machine()}, {os.cpu_count()} cores (torch {torch.__version__})"
+
+
+def bench_startup(args, model_dir: Path, work: Path) -> dict:
+    rows = {}
+    for name in ("cold", "warm"):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor_{name}")}
+        cmd = [sys.executable, "-c", STARTUP_SCRIPT, str(model_dir), args.device, args.dtype, str(work / "cache"),
+               str(args.max_num_seqs), str(args.max_model_len)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+        if done.returncode != 0:
+            raise SystemExit(f"start-up ({name}) failed:\n{done.stderr[-3000:]}")
+        rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"start-up {name}: {rows[name]}", flush=True)
+    return rows
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes per second of a large on-device copy (read + write), median of 10."""
+    n = (1 << 30) if device.startswith("cuda") else (1 << 26)
+    x = torch.empty(n, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    times = []
+    for _ in range(12):
+        it.sync(device)
+        t = time.perf_counter()
+        y.copy_(x)
+        it.sync(device)
+        times.append(time.perf_counter() - t)
+    del x, y
+    return 2 * n / statistics.median(times[2:])
+
+
+def bench_roofline(args, size: str, bandwidth: float) -> dict:
+    cfg = ModelConfig(**SIZES[size], max_seq_len=args.prompt_len + args.decode_tokens + 8, tie_embeddings=False)
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = Transformer(cfg).to(dtype).eval()
+    engine = LLMEngine(model, None, EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=1,
+                                                 num_kv_blocks=-(-cfg.max_seq_len // 16) + 1, compile=args.compile))
+    prompt = torch.randint(2, cfg.vocab_size, (args.prompt_len,)).tolist()
+    params = SamplingParams(temperature=0, max_tokens=args.decode_tokens, ignore_eos=True)
+    tpots = []
+    for i in range(3):
+        engine.add_request(f"r{i}", prompt, params)
+        while engine.has_unfinished():
+            for out in engine.step(unfinished_outputs=False):
+                tpots.append(out.latency()[1])
+    step = statistics.median(tpots[1:])
+    elem = torch.empty((), dtype=dtype).element_size()
+    weights = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n) * elem
+    context = args.prompt_len + args.decode_tokens / 2
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem * context
+    row = {"size": size, "params": sum(p.numel() for p in model.parameters()), "step_ms": 1e3 * step,
+           "bytes_per_step": weights + kv, "achieved_gb_s": (weights + kv) / step / 1e9,
+           "roofline_fraction": (weights + kv) / step / bandwidth}
+    print(f"roofline {size}: {row}", flush=True)
+    del engine, model
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return row
+
+
+def bench_load(args, model_dir: Path, vocab: int) -> dict:
+    """Poisson load at --load-rate, then pure decoding at the concurrency the load reached."""
+    cfg = EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                       max_model_len=args.max_model_len, gpu_memory_utilization=0.4, compile=args.compile)
+    engine = LLMEngine.from_model_dir(model_dir, cfg)
+    rng = random.Random(7)
+    draw = lambda: it.draw_request(rng, args, vocab)           # noqa: E731
+    arrivals, t = [], 0.0
+    for i in range(args.num_requests):
+        t += rng.expovariate(args.load_rate)
+        arrivals.append((t, f"r{i}", *draw()))
+    for i in range(min(8, args.max_num_seqs)):                  # warm-up, unmeasured
+        prompt, olen = draw()
+        engine.add_request(f"w{i}", prompt, SamplingParams(temperature=0, max_tokens=olen, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    ttft, tokens, running = [], 0, []
+    start = time.monotonic()
+    while arrivals or engine.has_unfinished():
+        now = time.monotonic() - start
+        while arrivals and arrivals[0][0] <= now:
+            at, rid, prompt, olen = arrivals.pop(0)
+            engine.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=olen, ignore_eos=True),
+                               arrival_time=start + at)
+        if not engine.has_unfinished():
+            time.sleep(min(arrivals[0][0] - now, 0.01) if arrivals else 0)
+            continue
+        running.append(len(engine.scheduler.running))
+        for out in engine.step(unfinished_outputs=False):
+            tokens += len(out.outputs[0].token_ids)
+            ttft.append(out.latency()[0])
+    wall = time.monotonic() - start
+    concurrency = max(1, round(statistics.mean(running)))
+    # Pure decoding at that concurrency: every sequence prefilled first, then only decode steps are timed.
+    for i in range(concurrency):
+        prompt, _ = draw()
+        engine.add_request(f"d{i}", prompt, SamplingParams(temperature=0, max_tokens=args.max_tokens,
+                                                             ignore_eos=True))
+    while any(s.is_prefilling for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    it.sync(args.device)
+    t0, decoded = time.perf_counter(), 0
+    while engine.has_unfinished():
+        decoded += len(engine.scheduler.running)
+        engine.step(unfinished_outputs=False)
+    it.sync(args.device)
+    decode_tok_s = decoded / (time.perf_counter() - t0)
+    row = {"rate": args.load_rate, "requests": len(ttft), "output_tok_s": tokens / wall,
+           "ttft_p50_ms": 1e3 * it.percentile(ttft, 0.5), "ttft_p99_ms": 1e3 * it.percentile(ttft, 0.99),
+           "mean_running": statistics.mean(running), "decode_tok_s_at_concurrency": decode_tok_s,
+           "fraction_of_decode": tokens / wall / decode_tok_s}
+    print(f"load: {row}", flush=True)
+    return row
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--sections", nargs="+", default=["startup", "roofline", "load"],
+                   choices=["startup", "roofline", "load"])
+    p.add_argument("--roofline-sizes", nargs="+", default=None, choices=list(SIZES),
+                   help="default: tiny on CPU, 1b 7b on CUDA")
+    p.add_argument("--prompt-len", type=int, default=None, help="default: 32 on CPU, 128 on CUDA")
+    p.add_argument("--max-tokens", type=int, default=None, help="load outputs (default: 16 CPU, 128 CUDA)")
+    p.add_argument("--decode-tokens", type=int, default=None, help="roofline decode steps (default: 16 CPU, 128 CUDA)")
+    p.add_argument("--load-rate", type=float, default=None, help="req/s (default: 4 on CPU, 128 on CUDA)")
+    p.add_argument("--num-requests", type=int, default=None, help="default: 16 on CPU, 512 on CUDA")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="default: 8 on CPU, 64 on CUDA")
+    p.add_argument("--compile", action="store_true", help="roofline and load with compile (start-up always is)")
+    p.add_argument("--out-name", default="serving_perf")
+    args = p.parse_args()
+    gpu = args.device.startswith("cuda")
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    args.prompt_len = args.prompt_len or (128 if gpu else 32)
+    args.max_tokens = args.max_tokens or (128 if gpu else 16)
+    args.decode_tokens = args.decode_tokens or (128 if gpu else 16)
+    args.load_rate = args.load_rate or (128.0 if gpu else 4.0)
+    args.num_requests = args.num_requests or (512 if gpu else 16)
+    args.max_num_seqs = args.max_num_seqs or (64 if gpu else 8)
+    args.max_model_len = int(1.5 * args.prompt_len) + int(1.5 * args.max_tokens) + 2
+    sizes = args.roofline_sizes or (["1b", "7b"] if gpu else ["tiny"])
+    if not gpu:
+        torch.set_num_threads(1)
+    result: dict = {"machine": machine(args.device), "device": args.device, "dtype": args.dtype,
+                    "preset": "gpu" if gpu else "cpu", "settings": {k: v for k, v in vars(args).items()}}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model_dir = it.make_model_dir(result["preset"], work / "model")
+        vocab = it.PRESETS[result["preset"]]["vocab_size"]
+        if "startup" in args.sections:
+            result["startup"] = bench_startup(args, model_dir, work)
+        if "roofline" in args.sections:
+            result["bandwidth_gb_s"] = copy_bandwidth(args.device) / 1e9
+            print(f"copy bandwidth: {result['bandwidth_gb_s']:.0f} GB/s", flush=True)
+            result["roofline"] = [bench_roofline(args, s, result["bandwidth_gb_s"] * 1e9) for s in sizes]
+        if "load" in args.sections:
+            result["load"] = bench_load(args, model_dir, vocab)
+    roof = {r["size"]: round(r["roofline_fraction"], 3) for r in result.get("roofline", [])}
+    result["summary"] = {
+        "startup_cold_s": round(result["startup"]["cold"]["seconds"], 1) if "startup" in result else None,
+        "startup_warm_s": round(result["startup"]["warm"]["seconds"], 1) if "startup" in result else None,
+        "load128_fraction_of_decode": round(result["load"]["fraction_of_decode"], 3) if "load" in result else None,
+        "ttft_p50_ms_128": round(result["load"]["ttft_p50_ms"], 1) if "load" in result else None,
+        "roofline_b1_1b": roof.get("1b"), "roofline_b1_7b": roof.get("7b"),
+        # ratio_b1 / ratio_b32 (engine vs transformers) come from bench/inference_throughput.py's table.
+    }
+    RESULTS.mkdir(exist_ok=True)
+    atomic.write_text(RESULTS / f"{args.out_name}.json", json.dumps(result, indent=1, default=str) + "\n")
+    lines = [f"# Serving performance: {result['machine']}, {args.dtype}", ""]
+    if "startup" in result:
+        s = result["startup"]
+        lines += [f"Start-up of the {result['preset']}-preset model with compile, fresh processes: cold "
+                  f"{s['cold']['seconds']:.1f} s ({s['cold']['compiled_graphs']} graphs built), warm "
+                  f"{s['warm']['seconds']:.1f} s ({s['warm']['compiled_graphs']} built, cache {s['warm']['cache']}).", ""]
+    if "roofline" in result:
+        lines += [f"Batch-1 decoding against the measured copy bandwidth ({result['bandwidth_gb_s']:.0f} GB/s):", "",
+                  "| size | params | step ms | bytes/step | GB/s | roofline |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['size']} | {r['params'] / 1e9:.2f}B | {r['step_ms']:.2f} | {r['bytes_per_step'] / 1e9:.2f} GB | "
+                  f"{r['achieved_gb_s']:.0f} | {r['roofline_fraction']:.1%} |" for r in result["roofline"]]
+        lines.append("")
+    if "load" in result:
+        r = result["load"]
+        lines += [f"Poisson load at {r['rate']:g} req/s ({r['requests']} requests): {r['output_tok_s']:.0f} output tok/s, "
+                  f"TTFT p50 {r['ttft_p50_ms']:.1f} ms / p99 {r['ttft_p99_ms']:.1f} ms, {r['mean_running']:.1f} "
+                  f"sequences running on average; pure decoding at that concurrency: "
+                  f"{r['decode_tok_s_at_concurrency']:.0f} tok/s; load / decode = {r['fraction_of_decode']:.1%}."]
+    atomic.write_text(RESULTS / f"{args.out_name}.md", "\n".join(lines) + "\n")
+    print(json.dumps(result["summary"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
