@@ -9,11 +9,16 @@ mean_jct per policy, reduction_vs_tiresias = 1 - pollux/tiresias, reduction_vs_o
 next to the artifact's and the issue's targets (32% and 48%).
 
 Tiresias, Optimus and FIFO take a few seconds per workload; Pollux (a genetic algorithm every 60 s and a
-throughput-model fit at every new step shape) a few minutes. Cells run in parallel over --workers processes.
+throughput-model fit at every new step shape) one to a few core-minutes at 1.0x load (84-145 s per workload on the
+2-core box), and more with the load: a cell's rounds and its jobs running at once both grow (workload 6 took
+0.3x / 1x / 1.9x its 1.0x time at 0.5x / 1.0x / 1.5x). Cells run at once over --jobs processes, one core each.
 
     python bench/pollux_sim.py                                   # workload 6, 1.0x, four policies (~4 min, 2 cores)
     python bench/pollux_sim.py --loads 0.5 1.0 1.5 2.0           # job-load sensitivity on workload 6
-    python bench/pollux_sim.py --workloads 1 2 3 4 5 6 7 8 --loads 0.5 1.0 1.5 2.0 --workers 16   # the full sweep
+    # the full sweep, 128 cells, on 16 cores in two parts of under 10 minutes each (--resume joins them):
+    python bench/pollux_sim.py --workloads 1 2 3 4 5 6 7 8 --loads 2.0 1.5 --jobs 16 --out bench/results/pollux_sim_cpu16
+    python bench/pollux_sim.py --workloads 1 2 3 4 5 6 7 8 --loads 1.0 0.5 --jobs 16 --resume \
+        --out bench/results/pollux_sim_cpu16 --llm-data /tmp/glassbox-llm-data
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 ARTIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "pollux-osdi21"
 POLICIES = ("pollux", "tiresias", "optimus", "fifo")
+LLM_VOCAB = 4096        # configs/tiny.yaml's vocabulary, for a corpus prepared by --llm-data
 
 
 def workload_path(artifact: Path, load: float, number: int) -> Path:
@@ -77,6 +83,10 @@ def run_llm(args: argparse.Namespace, out_dir: Path) -> dict:
     from glassbox.elastic.sched.traces import load_model_trace
     from glassbox.elastic.sched.workload import Cluster, JobSpec, read_workload
 
+    if not (args.llm_data / "meta.json").is_file():      # a fresh machine: prepare the stdlib corpus there once
+        from glassbox.data.prepare import prepare
+
+        prepare(["stdlib"], args.llm_data, vocab_size=LLM_VOCAB, max_bytes=4_000_000, progress=False)
     t0 = time.perf_counter()
     trace_dir = measure_llm_trace(args.llm_config, args.llm_data, out_dir / "glassbox-llm", init_batch=16,
                                   max_batch=128, local_batches=(4, 8, 16, 32), world_sizes=(1, 2), steps=6,
@@ -142,19 +152,23 @@ def main() -> int:
     ap.add_argument("--workloads", type=int, nargs="+", default=[6])
     ap.add_argument("--loads", type=float, nargs="+", default=[1.0])
     ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
-    ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--jobs", "--workers", dest="workers", type=int, default=min(2, os.cpu_count() or 1),
+                    help="cells simulated at once, one process each (a process pool)")
     ap.add_argument("--population", type=int, default=64, help="Pollux GA population")
     ap.add_argument("--generations", type=int, default=40, help="Pollux GA generations per 60 s round")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS / "pollux_sim")
     ap.add_argument("--resume", action="store_true", help="keep the cells already in --out's JSON (same settings)")
     ap.add_argument("--redo", nargs="*", default=[], choices=POLICIES, help="with --resume: recompute these")
-    ap.add_argument("--llm-data", type=Path, help="prepared DATA_DIR: also measure a glassbox LLM and replay LLM jobs")
+    ap.add_argument("--llm-data", type=Path, help="DATA_DIR (prepared there from the stdlib corpus when it holds "
+                    "none): also measure a glassbox LLM and replay LLM jobs")
     ap.add_argument("--llm-config", default="tiny", help="run config of the LLM job type")
     ap.add_argument("--llm-jobs", type=int, default=40)
     ap.add_argument("--llm-samples-per-epoch", type=int, default=50_000,
                     help="samples a simulated LLM job trains per measured epoch (4 epochs)")
     args = ap.parse_args()
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, "1")        # one core per cell: --jobs processes, not --jobs x threads
 
     settings = {"cluster": "16 nodes x 4 GPUs", "interval_s": 60, "restart_delay_s": 30,
                 "ga_population": args.population, "ga_generations": args.generations, "seed": args.seed}
@@ -177,9 +191,11 @@ def main() -> int:
     done = {(r["policy"], r["load"], r["workload"]) for r in rows}
     cells = [(p, ld, w, str(args.artifact), args.population, args.generations, args.seed)
              for ld in args.loads for w in args.workloads for p in args.policies if (p, ld, w) not in done]
-    # The summary's cells (1.0x load) first, and within a load the slow Pollux cells first; every finished cell
-    # is written out at once, so an interrupted sweep keeps what it has (--resume continues it).
-    cells.sort(key=lambda c: (c[1] != 1.0, c[1], c[0] != "pollux"))
+    # The summary's cells (workload 6 at 1.0x) first, then the slow Pollux cells, heaviest load first (a cell's
+    # cost grows with the jobs it has running at once), so the longest cells do not start last and set the
+    # sweep's end; every finished cell is written out at once, so an interrupted sweep keeps what it has
+    # (--resume continues it, redoing only the cells that had not finished).
+    cells.sort(key=lambda c: (not (c[1] == 1.0 and c[2] == 6), c[0] != "pollux", -c[1], c[2]))
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         futures = [pool.submit(run_cell, c) for c in cells]

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from glassbox.elastic.throughput import ThroughputParams, predict_step_time
+from glassbox.elastic.throughput import ThroughputParams, predict_step_time, predict_step_times
 from glassbox.errors import GlassboxError
 
 CANDIDATES = 50
@@ -127,12 +127,14 @@ class GoodputModel:
             raise GlassboxError(f"GoodputModel.best: no batch shape of {num_replicas} replicas fits between the "
                                 f"initial batch {self.init_batch} and max_batch {max_batch} with micro-batches in "
                                 f"{micro_batch_range}")
-        best = None
-        for micro, accum in shapes:
-            g = self.goodput(num_nodes, num_replicas, micro, accum)
-            if best is None or g > best.goodput:
-                best = Choice(num_replicas * micro * accum, micro, accum, g)
-        return best
+        # Every candidate in one array pass (the scheduler's simulator asks this for every job every round); the
+        # first of equal goodputs wins, as a loop keeping the strictly better one would.
+        micro, accum = (np.array(c, dtype=float) for c in zip(*shapes))
+        batches = num_replicas * micro * accum
+        times = predict_step_times(self.params, num_nodes, num_replicas, micro, accum)
+        goodputs = batches / times * np.array([self.efficiency(int(b)) for b in batches])
+        i = int(np.argmax(goodputs))
+        return Choice(int(batches[i]), shapes[i][0], shapes[i][1], float(goodputs[i]))
 
     def speedup(self, num_nodes: int, num_replicas: int, max_batch: int, micro_batch_range: tuple[int, int],
                 base_replicas: int = 1) -> float:
