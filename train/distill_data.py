@@ -15,6 +15,7 @@ import ast
 import json
 import random
 import sysconfig
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,12 @@ from glassbox.errors import GlassboxError
 
 # Standard-library modules whose functions make the offline prompts (fixed, so the prompt set is reproducible).
 STDLIB_MODULES = ("textwrap.py", "string.py", "shlex.py", "glob.py", "fnmatch.py", "heapq.py", "bisect.py",
-                  "colorsys.py", "calendar.py", "difflib.py", "statistics.py", "fractions.py")
+                  "colorsys.py", "calendar.py", "difflib.py", "statistics.py", "fractions.py", "argparse.py",
+                  "csv.py", "random.py", "functools.py", "pathlib.py", "inspect.py", "tokenize.py", "ast.py",
+                  "dataclasses.py", "pprint.py", "copy.py", "base64.py", "gettext.py", "ipaddress.py",
+                  "shutil.py", "tarfile.py", "zipfile.py", "configparser.py", "datetime.py", "decimal.py",
+                  "_pydecimal.py", "enum.py", "typing.py", "subprocess.py", "threading.py", "logging/__init__.py",
+                  "email/utils.py", "json/encoder.py", "json/decoder.py", "urllib/parse.py", "http/cookies.py")
 MAX_FUNCTION_LINES = 30
 
 
@@ -45,9 +51,10 @@ def stdlib_prompts(count: int, seed: int = 0) -> list[str]:
         if not path.is_file():
             continue
         text = path.read_text(encoding="utf-8")
+        lines = text.splitlines()      # sliced per function (ast.get_source_segment re-splits the file each call)
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno < MAX_FUNCTION_LINES:
-                functions.append(ast.get_source_segment(text, node))
+                functions.append(textwrap.dedent("\n".join(lines[node.lineno - 1:node.end_lineno])))
     if not functions:
         raise GlassboxError(f"no functions found in the standard library at {root}")
     rng = random.Random(seed)

@@ -47,7 +47,7 @@ def distill_dict(setup, run_dir: Path, **distill) -> dict:
         "data": {"path": str(data.data_dir), "seq_len": 64, "seed": 3},
         "distill": {"enabled": True, "response_marker": data.response_marker, **distill},
         "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "weight_decay": 0.0},
-        "schedule": {"steps": 8, "warmup_steps": 1},
+        "schedule": {"steps": 16, "warmup_steps": 1},
         "batch": {"global_batch_size": 8, "micro_batch_size": 4},
         "checkpoint": {"every": 4},
         "logging": {"val_every": 4, "val_samples": 8, "progress": False, "wandb": {"mode": "disabled"}},
@@ -117,7 +117,7 @@ def test_resumed_distillation_is_bit_identical(setup, tmp_path):
     def losses(run):
         return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
-    assert losses(tmp_path / "b") == losses(tmp_path / "a") and len(losses(tmp_path / "a")) == 8
+    assert losses(tmp_path / "b") == losses(tmp_path / "a") and len(losses(tmp_path / "a")) == 16
     for (name, x), y in zip(straight.state.model.named_parameters(), resumed.state.model.parameters()):
         assert torch.equal(x, y), name
 

@@ -1,0 +1,412 @@
+"""SwiftKV: prefill compute and speed, long-prompt serving throughput, KV capacity, and quality after distillation.
+
+All measured side by side in one process, base model against its SwiftKV transform on the same engine:
+
+- prefill: FLOPs per prompt token, counted by torch's FlopCounterMode over the engine's prefill of one prompt, and
+  TTFT / prefill tokens/s of one request (max_tokens 1, prefix caching off) at each --prompt-lens, median of
+  --repeats after a warm-up; base, l = L/2 and l = 0.75 L. Model: a random-init Llama (--preset: "gpu" is ~410M
+  parameters, 24 layers; "cpu" a small one).
+- long prompts: --requests requests arriving as a Poisson process (--rate per second), prompts of 0.5-1 x the
+  longest --prompt-lens (2k-4k tokens on the GPU), outputs 64-256 tokens (EOS ignored); output tok/s over the
+  makespan and the median TPOT; base vs l = L/2.
+- KV capacity: bytes per token and the pool the engine sizes from the same memory budget, in tokens; base vs
+  l = L/2 with AcrossKV g = 1, 2, 4. The gain is capacity / base capacity - 1.
+- quality: the teacher's answers to Python-stdlib prompts (glassbox's engine), SwiftKV l = L/2 distilled on them
+  with `glassbox train`'s distillation objective, then on held-out answers: response-token loss (teacher vs
+  student), greedy agreement (teacher-forced argmax), and two tasks scored by rule: two-digit addition, and
+  repeating a given word exactly. The model is --model-dir (SmolLM2-135M-Instruct on the GPU), else a random one.
+
+Summary (fractions; task delta in points, negative is worse): prefill_speedup_4k, ttft_reduction_4k,
+throughput_ratio_long_prompt, kv_capacity_gain_g2, kv_capacity_gain_g4, loss_rel_delta, task_acc_delta_worst.
+
+    python bench/swiftkv.py --device cpu                                           # small, ~3 minutes on 2 cores
+    python bench/swiftkv.py --device cuda --model-dir /path/to/smollm2-hf          # one H200, ~4 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import random
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from glassbox.inference.engine import EngineConfig, LLMEngine
+from glassbox.inference.model_runner import kv_bytes_per_block
+from glassbox.inference.sampling_params import SamplingParams
+from glassbox.models.swiftkv import SwiftKVConfig, SwiftKVTransformer, swiftkv_from_base
+from glassbox.models.transformer import ModelConfig, Transformer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+PRESETS = {
+    "cpu": dict(vocab_size=4096, hidden_size=256, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=688,
+                max_seq_len=1200),
+    "gpu": dict(vocab_size=32000, hidden_size=1024, num_layers=24, num_heads=16, num_kv_heads=8,
+                intermediate_size=4096, max_seq_len=8448),
+}
+SIZES = {
+    "cpu": dict(prompt_lens=[256, 512, 1024], repeats=3, requests=8, rate=4.0, out_lens=(16, 48),
+                teacher_prompts=160, teacher_tokens=48, distill_steps=40, seq_len=256, batch=8, task_items=20),
+    "cuda": dict(prompt_lens=[1024, 2048, 4096, 8192], repeats=5, requests=64, rate=48.0, out_lens=(64, 256),
+                 teacher_prompts=1200, teacher_tokens=128, distill_steps=240, seq_len=512, batch=16, task_items=100),
+}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def free(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def variants(base: Transformer) -> dict[str, Transformer]:
+    L = base.config.num_layers
+    return {"base": base, "l=L/2": swiftkv_from_base(base, SwiftKVConfig(L // 2)),
+            "l=0.75L": swiftkv_from_base(base, SwiftKVConfig(3 * L // 4))}
+
+
+def run_one(engine: LLMEngine, prompt: list[int], max_tokens: int = 1) -> float:
+    """Seconds from adding a request to its end (max_tokens 1: its time to first token)."""
+    sync(engine.config.device)
+    t0 = time.perf_counter()
+    engine.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    sync(engine.config.device)
+    return time.perf_counter() - t0
+
+
+def prefill(models: dict[str, Transformer], args, sizes: dict) -> dict:
+    """Counted FLOPs per prompt token and measured TTFT at each prompt length, per model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    lens = sizes["prompt_lens"]
+    rng = random.Random(0)
+    vocab = next(iter(models.values())).config.vocab_size
+    out: dict = {}
+    for name, model in models.items():
+        cfg = EngineConfig(device=args.device, dtype=args.dtype, cuda_graphs=False, enable_prefix_caching=False,
+                           max_num_batched_tokens=max(lens), max_model_len=max(lens) + 8, max_num_seqs=4,
+                           num_kv_blocks=-(-(max(lens) + 16) // 16) * 2)
+        engine = LLMEngine(model, config=cfg)
+        row: dict = {}
+        for n in lens:
+            prompt = [rng.randrange(vocab) for _ in range(n)]
+            run_one(engine, prompt)                         # warm-up at this shape
+            with FlopCounterMode(display=False) as counter:
+                run_one(engine, prompt)
+            times = [run_one(engine, prompt) for _ in range(sizes["repeats"])]
+            ttft = statistics.median(times)
+            row[n] = {"flops_per_token": counter.get_total_flops() / n, "ttft_s": ttft,
+                      "prefill_tok_s": n / ttft}
+        out[name] = row
+        del engine
+        free(args.device)
+    return out
+
+
+def long_prompt(models: dict[str, Transformer], args, sizes: dict) -> dict:
+    """Poisson arrivals of long prompts with short outputs; output tok/s and TPOT per model, same requests."""
+    longest = max(sizes["prompt_lens"]) if args.device == "cpu" else 4096
+    rng = random.Random(1)
+    vocab = next(iter(models.values())).config.vocab_size
+    lo, hi = sizes["out_lens"]
+    t, reqs = 0.0, []
+    for _ in range(sizes["requests"]):
+        t += rng.expovariate(sizes["rate"])
+        reqs.append((t, [rng.randrange(vocab) for _ in range(rng.randint(longest // 2, longest))],
+                     rng.randint(lo, hi)))
+    out = {}
+    for name, model in models.items():
+        blocks = sum(-(-(len(p) + m) // 16) for _, p, m in reqs) + 16
+        cfg = EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=64, max_num_batched_tokens=4096,
+                           max_model_len=longest + hi + 8, num_kv_blocks=blocks, enable_prefix_caching=False)
+        engine = LLMEngine(model, config=cfg)
+        run_one(engine, reqs[0][1][:256], 4)                  # warm-up
+        pending = list(enumerate(reqs))
+        done = {}
+        start = time.perf_counter()
+        while pending or engine.has_unfinished():
+            now = time.perf_counter() - start
+            while pending and pending[0][1][0] <= now:
+                i, (_, prompt, m) = pending.pop(0)
+                engine.add_request(f"q{i}", prompt, SamplingParams(temperature=0, max_tokens=m, ignore_eos=True))
+            if not engine.has_unfinished():
+                time.sleep(max(0.0, pending[0][1][0] - now))
+                continue
+            for o in engine.step():
+                if o.finished:
+                    done[o.request_id] = o
+        makespan = time.perf_counter() - start
+        tokens = sum(len(o.outputs[0].token_ids) for o in done.values())
+        tpots = [o.latency()[1] for o in done.values() if o.latency()[1] is not None]
+        out[name] = {"output_tok_s": tokens / makespan, "tpot_median_s": statistics.median(tpots),
+                     "makespan_s": makespan, "requests": len(done)}
+        del engine
+        free(args.device)
+    return out
+
+
+def kv_capacity(base: Transformer, args) -> dict:
+    """The pool the engine sizes from one memory budget, base vs SwiftKV l = L/2 with g = 1, 2, 4."""
+    L = base.config.num_layers
+    models = {"base": base}
+    for g in (1, 2, 4):
+        models[f"g={g}"] = swiftkv_from_base(base, SwiftKVConfig(L // 2, g))
+    per_token = {n: kv_bytes_per_block(m, 16, base.embed_tokens.weight.dtype) / 16 for n, m in models.items()}
+    # CPU: a fixed budget of 64 full-length sequences of the base; CUDA: the card's memory, as served.
+    budget = 64 * base.config.max_seq_len * per_token["base"] / 1024**3
+    out = {}
+    for name, model in models.items():
+        cfg = EngineConfig(device=args.device, dtype=args.dtype, cuda_graphs=False, gpu_memory_utilization=0.5,
+                           cpu_kv_cache_gb=budget, max_num_seqs=10**6, max_num_batched_tokens=2048)
+        engine = LLMEngine(model, config=cfg)
+        cache_bytes = sum(t.numel() * t.element_size() for t in engine.runner.k_cache + engine.runner.v_cache)
+        out[name] = {"bytes_per_token": per_token[name], "kv_caches": len(engine.runner.k_cache),
+                     "capacity_tokens": engine.blocks.num_blocks * 16, "pool_bytes": cache_bytes}
+        del engine
+        free(args.device)
+    for row in out.values():
+        row["capacity_gain"] = row["capacity_tokens"] / out["base"]["capacity_tokens"] - 1
+    return out
+
+
+# Quality ---------------------------------------------------------------------------------------------------
+
+
+def task_items(n: int) -> dict[str, list[tuple[str, str]]]:
+    rng = random.Random(5)
+    words = ["apple", "river", "orange", "window", "garden", "silver", "planet", "candle", "forest", "yellow"]
+    add = [(a, b) for a, b in ((rng.randint(10, 99), rng.randint(10, 99)) for _ in range(n))]
+    return {"addition": [(f"What is {a} + {b}? Answer with the number only.", str(a + b)) for a, b in add],
+            "repeat_word": [(f"Reply with exactly the word '{w}' and nothing else.", w)
+                            for w in (rng.choice(words) for _ in range(n))]}
+
+
+def score(task: str, answer: str, expected: str) -> bool:
+    if task == "addition":
+        m = re.search(r"-?\d+", answer)
+        return m is not None and m.group() == expected
+    return answer.strip().strip(".!'\"").lower() == expected
+
+
+def task_accuracy(model_dir: Path, items: dict, args) -> dict[str, float]:
+    from glassbox.inference.llm import LLM
+
+    llm = LLM(engine=LLMEngine.from_model_dir(model_dir, EngineConfig(device=args.device, dtype=args.dtype,
+                                                                      max_num_seqs=64)))
+    tok = llm.tokenizer
+    acc = {}
+    for task, pairs in items.items():
+        prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q, _ in pairs]
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16))
+        acc[task] = sum(score(task, o.outputs[0].text, e) for o, (_, e) in zip(outs, pairs)) / len(pairs)
+    del llm
+    free(args.device)
+    return acc
+
+
+@torch.no_grad()
+def heldout_metrics(model: SwiftKVTransformer, tokens: torch.Tensor, marker: list[int], eod: int) -> dict:
+    """Response-token loss of teacher and student, and their teacher-forced greedy agreement, on held-out samples."""
+    import torch.nn.functional as F
+
+    from glassbox.train.distill import response_mask
+
+    sums = {"teacher": 0.0, "student": 0.0, "agree": 0.0}
+    count = 0
+    for chunk in tokens.split(4):
+        chunk = chunk.to(model.lm_head.weight.device)
+        mask = response_mask(chunk[:, 1:], marker, eod)
+        with torch.autocast(chunk.device.type, dtype=torch.bfloat16, enabled=chunk.device.type == "cuda"):
+            t = model(chunk[:, :-1], swiftkv=False).float()
+            s = model(chunk[:, :-1]).float()
+        tgt = chunk[:, 1:]
+        for name, logits in (("teacher", t), ("student", s)):
+            ce = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="none").view_as(tgt)
+            sums[name] += float((ce * mask).sum())
+        sums["agree"] += float(((t.argmax(-1) == s.argmax(-1)) & mask).sum())
+        count += int(mask.sum())
+    return {"teacher_loss": sums["teacher"] / count, "student_loss": sums["student"] / count,
+            "greedy_agreement": sums["agree"] / count, "response_tokens": count}
+
+
+def quality(model_dir: Path, work: Path, args, sizes: dict) -> dict:
+    from glassbox.checkpoints.hf_swiftkv import convert, export_swiftkv_checkpoint, load_swiftkv_model_dir
+    from glassbox.data.sampler import build_sampler
+    from glassbox.data.store import TokenStore
+    from glassbox.train.config import run_config_from_dict
+    from glassbox.train.distill import marker_ids
+    from glassbox.train.distill_data import generate_teacher_data, stdlib_prompts
+    from glassbox.train.trainer import Trainer
+
+    t0 = time.perf_counter()
+    data = generate_teacher_data(model_dir, stdlib_prompts(sizes["teacher_prompts"]), work / "data",
+                                 max_new_tokens=sizes["teacher_tokens"], valid_fraction=0.1,
+                                 engine_options={"device": args.device, "dtype": args.dtype, "max_num_seqs": 128})
+    teacher_s = time.perf_counter() - t0
+    free(args.device)                 # the teacher's engine and its KV pool
+    n_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    skv_dir = convert(model_dir, n_layers // 2, 1, work / "skv")
+    cfg = run_config_from_dict({
+        "init_from": str(skv_dir), "model": {"max_seq_len": sizes["seq_len"]},
+        "data": {"path": str(data.data_dir), "seq_len": sizes["seq_len"], "seed": 1},
+        "distill": {"enabled": True, "response_marker": data.response_marker},
+        "optimizer": {"lr": 2e-4 if args.device != "cpu" else 1e-3, "min_lr": 2e-5, "weight_decay": 0.0},
+        "schedule": {"steps": sizes["distill_steps"], "warmup_steps": 10},
+        "batch": {"global_batch_size": sizes["batch"], "micro_batch_size": sizes["batch"]},
+        "parallel": {"device": "cuda" if args.device != "cpu" else "cpu"},
+        "logging": {"val_every": 0, "val_samples": 2, "progress": False, "wandb": {"mode": "disabled"}},
+        "run_dir": str(work / "run"),
+    })
+    store = TokenStore(data.data_dir)
+    marker = marker_ids(store.tokenizer(), data.response_marker)
+    held = build_sampler(cfg.data, "valid")
+    held_out = held.samples(0, min(held.epoch_size, 64))
+    device = torch.device("cuda" if args.device != "cpu" else "cpu")
+    before = heldout_metrics(load_swiftkv_model_dir(skv_dir, device=device)[0], held_out, marker, store.eod_id)
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg)
+    trainer.fit()
+    distill_s = time.perf_counter() - t0
+    after = heldout_metrics(trainer.state.model.eval(), held_out, marker, store.eod_id)
+    del trainer
+    free(args.device)
+    trained = export_swiftkv_checkpoint(work / "run", skv_dir, work / "skv-distilled")
+    items = task_items(sizes["task_items"])
+    acc = {"base": task_accuracy(model_dir, items, args), "swiftkv": task_accuracy(trained, items, args)}
+    deltas = {t: 100 * (acc["swiftkv"][t] - acc["base"][t]) for t in items}
+    return {"teacher_docs": data.num_documents, "teacher_tokens": data.response_tokens, "teacher_s": teacher_s,
+            "distill_steps": sizes["distill_steps"], "distill_s": distill_s, "layer": n_layers // 2,
+            "before_distill": before, "after_distill": after, "task_accuracy": acc, "task_delta_points": deltas,
+            "loss_rel_delta": after["student_loss"] / after["teacher_loss"] - 1}
+
+
+def random_model_dir(shape: dict, out: Path) -> Path:
+    """A random-init Llama directory with a byte-level BPE over the stdlib (CPU quality runs need a tokenizer)."""
+    from glassbox.checkpoints.hf_format import save_hf_model_dir
+    from glassbox.data.prepare import prepare
+
+    data = prepare(["stdlib"], out.with_name("tok-data"), vocab_size=shape["vocab_size"], max_bytes=400_000,
+                   progress=False)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**shape))
+    return save_hf_model_dir(model, out, tokenizer_json=data.out / "tokenizer.json")
+
+
+# Results ---------------------------------------------------------------------------------------------------
+
+
+def summarize(pre: dict, lp: dict, kv: dict, q: dict | None) -> dict:
+    n = 4096 if 4096 in pre["base"] else max(pre["base"])
+    base, skv = pre["base"][n], pre["l=L/2"][n]
+    return {
+        "prefill_speedup_4k": skv["prefill_tok_s"] / base["prefill_tok_s"],
+        "ttft_reduction_4k": 1 - skv["ttft_s"] / base["ttft_s"],
+        "prefill_flops_ratio_4k": skv["flops_per_token"] / base["flops_per_token"],
+        "prefill_measured_at": n,
+        "throughput_ratio_long_prompt": lp["l=L/2"]["output_tok_s"] / lp["base"]["output_tok_s"],
+        "tpot_ratio_long_prompt": lp["l=L/2"]["tpot_median_s"] / lp["base"]["tpot_median_s"],
+        "kv_capacity_gain_g2": kv["g=2"]["capacity_gain"],
+        "kv_capacity_gain_g4": kv["g=4"]["capacity_gain"],
+        "loss_rel_delta": q["loss_rel_delta"] if q else None,
+        "task_acc_delta_worst": min(q["task_delta_points"].values()) if q else None,
+    }
+
+
+def markdown(result: dict) -> str:
+    r = result
+    lines = [f"# SwiftKV ({r['machine']}, {r['dtype']})", "",
+             f"Prefill model: random-init Llama, {r['prefill_model']['num_layers']} layers, "
+             f"{r['prefill_model']['params'] / 1e6:.0f}M parameters.", "",
+             "| model | prompt tokens | FLOPs / prompt token (counted) | TTFT ms | prefill tok/s |", "|---|---|---|---|---|"]
+    for name, rows in r["prefill"].items():
+        for n, row in rows.items():
+            lines.append(f"| {name} | {n} | {row['flops_per_token'] / 1e6:.1f}M | {row['ttft_s'] * 1e3:.1f} | "
+                         f"{row['prefill_tok_s']:.0f} |")
+    lines += ["", "| long prompts, Poisson | output tok/s | TPOT median ms | makespan s |", "|---|---|---|---|"]
+    for name, row in r["long_prompt"].items():
+        lines.append(f"| {name} | {row['output_tok_s']:.1f} | {row['tpot_median_s'] * 1e3:.1f} | "
+                     f"{row['makespan_s']:.1f} |")
+    lines += ["", "| KV (l = L/2) | caches | bytes / token | pool tokens | gain |", "|---|---|---|---|---|"]
+    for name, row in r["kv_capacity"].items():
+        lines.append(f"| {name} | {row['kv_caches']} | {row['bytes_per_token']:.0f} | {row['capacity_tokens']} | "
+                     f"{row['capacity_gain']:+.1%} |")
+    q = r.get("quality")
+    if q:
+        lines += ["", f"Quality: {q['model']}, l = {q['layer']}, {q['distill_steps']} distillation steps on "
+                      f"{q['teacher_docs']} teacher answers ({q['teacher_tokens']} tokens).", "",
+                  "| held-out responses | teacher loss | student loss | greedy agreement |", "|---|---|---|---|"]
+        for when in ("before_distill", "after_distill"):
+            m = q[when]
+            lines.append(f"| {when.replace('_', ' ')} | {m['teacher_loss']:.4f} | {m['student_loss']:.4f} | "
+                         f"{m['greedy_agreement']:.1%} |")
+        lines += ["", "| task | base | SwiftKV distilled | delta (points) |", "|---|---|---|---|"]
+        for task, d in q["task_delta_points"].items():
+            lines.append(f"| {task} | {q['task_accuracy']['base'][task]:.1%} | "
+                         f"{q['task_accuracy']['swiftkv'][task]:.1%} | {d:+.1f} |")
+    lines += ["", "Summary: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in r["summary"].items()), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model-dir", type=Path, help="a Llama HF directory for the quality part (SmolLM2 on GPU)")
+    ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out-name", default=None, help="results file stem (default swiftkv, or swiftkv_cpu on CPU)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    args.dtype = "bfloat16" if cuda else "float32"
+    sizes = SIZES["cuda" if cuda else "cpu"]
+    shape = PRESETS["gpu" if cuda else "cpu"]
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        base = Transformer(ModelConfig(**shape)).to(torch.bfloat16 if cuda else torch.float32).eval()
+    models = variants(base)
+    t0 = time.perf_counter()
+    pre = prefill(models, args, sizes)
+    lp = long_prompt({k: models[k] for k in ("base", "l=L/2")}, args, sizes)
+    del models
+    free(args.device)
+    kv = kv_capacity(base, args)
+    del base
+    free(args.device)
+    q = None
+    if not args.skip_quality:
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            model_dir = args.model_dir or random_model_dir(dict(PRESETS["cpu"], num_layers=4, max_seq_len=512),
+                                                           work / "model")
+            q = quality(model_dir, work, args, sizes)
+            q["model"] = str(args.model_dir) if args.model_dir else "random-init Llama (4 layers, CPU run)"
+    machine = torch.cuda.get_device_name(args.device) if cuda else (platform.processor() or platform.machine())
+    result = {"machine": machine, "device": args.device, "dtype": args.dtype,
+              "prefill_model": {**shape, "params": ModelConfig(**shape).num_params()},
+              "prefill": pre, "long_prompt": lp, "kv_capacity": kv, "quality": q,
+              "seconds": time.perf_counter() - t0}
+    result["summary"] = summarize(pre, lp, kv, q)
+    stem = args.out_name or ("swiftkv" if cuda else "swiftkv_cpu")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
