@@ -46,6 +46,7 @@ from glassbox.train.step_plan import StepPlan, StepSpec
 if TYPE_CHECKING:
     from glassbox.train.trainer import Trainer
 
+MAX_SPLIT = 4              # a measured step is split into at most this many micro-batches
 PROBE_RESOLUTION = 0.125   # the memory probe stops within 12.5% below the wall: ~3 passes near it, not ~log2(m)
 OBSERVATIONS_KEPT = 32      # step times kept per batch shape (their median is the shape's observation)
 NPROC_RANGE_ENV = "GLASSBOX_ELASTIC_NPROC"   # "MIN:MAX", set by `glassbox elastic run` when resizing is allowed
@@ -71,11 +72,12 @@ class PolluxPlan(StepPlan):
 
     def _measured_micro(self, step: int, shape: Shape) -> int:
         """With one micro-batch per rank the step has one batch size to compare; every `measure_every` steps it
-        is split into micro-batches half its size (or the smallest divisor), same samples, same gradient."""
+        is split into micro-batches half its size (a third, a quarter when odd), same samples, same gradient.
+        A size with no divisor up to 4 is not split: a prime M would become M passes of one sample each."""
         per_rank = shape.batch // self.dp_size
         if not self.measure_every or step % self.measure_every or min(shape.micro_batch, per_rank) < per_rank:
             return shape.micro_batch
-        divisor = next((d for d in range(2, per_rank + 1) if per_rank % d == 0), 1)
+        divisor = next((d for d in range(2, min(per_rank, MAX_SPLIT) + 1) if per_rank % d == 0), 1)
         return per_rank // divisor
 
     def spec(self, step: int) -> StepSpec:
@@ -250,8 +252,17 @@ class PolluxAgent(Callback):
         obs = self.observations()
         if not obs or not self.ema.ready:
             return None
-        self.params = fit_throughput(obs)
+        self.params = fit_throughput(obs, start=self.params)
         return GoodputModel(self.params, self.ema.grad_sqr, self.ema.grad_var, self.init_batch)
+
+    def _measurable(self, best) -> tuple[int, int]:
+        """(batch, micro) of a chosen shape, one sample per rank smaller when it is a single odd micro-batch per
+        rank that measure_every would have to split: an even one splits in halves (goodput differs by ~1/M)."""
+        per_rank = best.batch // self.replicas
+        if self.cfg.measure_every and best.accum_steps == 1 and per_rank % 2 and \
+                (per_rank - 1) * self.replicas >= self.init_batch:
+            return (per_rank - 1) * self.replicas, per_rank - 1
+        return best.batch, best.micro_batch
 
     def _shape_for(self, batch: int, micro: int) -> Shape:
         r = gain(self.ema.grad_sqr, self.ema.grad_var, self.init_batch, batch) if self.ema.ready else 1.0
@@ -288,7 +299,7 @@ class PolluxAgent(Callback):
             best = model.best(self.nodes, self.replicas, self.max_batch, micro_range)
             row.update(predicted_goodput=now, best=best.to_dict())
             if self.cfg.adapt_batch and should_switch(now, best.goodput, self.cfg.switch_threshold):
-                shape, switched = self._shape_for(best.batch, best.micro_batch), True
+                shape, switched = self._shape_for(*self._measurable(best)), True
                 now = best.goodput
             else:
                 shape = self._shape_for(current.batch, current.micro_batch)
@@ -333,7 +344,7 @@ class PolluxAgent(Callback):
         model = self.goodput_model()
         if model is not None:
             best = model.best(self.nodes, self.replicas, self.max_batch, (1, self.max_micro))
-            shape = self._shape_for(best.batch, best.micro_batch)
+            shape = self._shape_for(*self._measurable(best))
         else:
             batch = max(self.init_batch, self.plan.shape.batch)
             batch += (-batch) % self.replicas

@@ -3,7 +3,7 @@
 API (stable; the cluster scheduler in glassbox.elastic.sched imports it):
   ThroughputParams(alpha_c, beta_c, alpha_r, beta_r, alpha_n, beta_n, gamma)   the fitted parameters (seconds)
   StepObservation(num_nodes, num_replicas, micro_batch, accum_steps, step_time)  one measured step
-  fit_throughput(observations, priors=None) -> ThroughputParams
+  fit_throughput(observations, priors=None, start=None) -> ThroughputParams
   predict_step_time(params, num_nodes, num_replicas, micro_batch, accum_steps) -> float   seconds
   predict_step_times(params, num_nodes, num_replicas, micro_batch, accum_steps) -> np.ndarray   the same over
       arrays of allocations and shapes at once (the scheduler scores thousands per round)
@@ -129,9 +129,11 @@ def default_priors(observations: list[StepObservation]) -> ThroughputParams:
                             alpha_n=0.5 * tau, beta_n=0.05 * tau, gamma=2.0)
 
 
-def fit_throughput(observations: Iterable[StepObservation], priors: ThroughputParams | None = None
-                   ) -> ThroughputParams:
-    """Bounded least squares on log step times, regularized towards `priors` (default_priors when None)."""
+def fit_throughput(observations: Iterable[StepObservation], priors: ThroughputParams | None = None,
+                   start: ThroughputParams | None = None) -> ThroughputParams:
+    """Bounded least squares on log step times, regularized towards `priors` (default_priors when None), from
+    `start` (the previous fit, when refitting as observations accumulate: a few iterations instead of ~100) or
+    else from the priors."""
     obs = list(observations)
     if not obs:
         raise GlassboxError("fit_throughput: no step observations to fit")
@@ -161,7 +163,12 @@ def fit_throughput(observations: Iterable[StepObservation], priors: ThroughputPa
     lower = np.array([math.log(scale * 1e-9)] * 6 + [GAMMA_BOUNDS[0]])
     upper = np.array([math.log(scale * 1e3)] * 6 + [GAMMA_BOUNDS[1]])
     x_prior = np.concatenate([np.log(np.maximum(prior[:6], scale * 1e-9)), [prior[6]]])
-    x0 = np.clip(x_prior, lower + 1e-9, upper - 1e-9)
+    if start is not None:
+        begin = np.array([getattr(start, n) for n in names], dtype=float)
+        x0 = np.concatenate([np.log(np.maximum(begin[:6], scale * 1e-9)), begin[6:]])
+    else:
+        x0 = x_prior
+    x0 = np.clip(x0, lower + 1e-9, upper - 1e-9)
 
     def params_of(x: np.ndarray) -> np.ndarray:
         return np.concatenate([np.exp(x[:6]), x[6:]])

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from train_testlib import tiny_config  # noqa: E402
 
 from glassbox.data.order_log import DataOrderLog  # noqa: E402
-from glassbox.elastic.agent import PolluxAgent, PolluxPlan  # noqa: E402
+from glassbox.elastic.agent import PolluxAgent, PolluxPlan, Shape  # noqa: E402
 from glassbox.elastic.config import ElasticConfig, load_elastic_config  # noqa: E402
 from glassbox.errors import GlassboxError  # noqa: E402
 from glassbox.train.metrics_log import read_metrics  # noqa: E402
@@ -98,3 +98,24 @@ def test_config_names_bad_fields(tmp_path):
         load_elastic_config(None, ["decide_every=0"])
     with pytest.raises(GlassboxError, match="unknown config key elastic.nope"):
         load_elastic_config(None, ["nope=1"])
+
+
+def test_a_measured_step_is_split_in_a_few_micro_batches_never_one_sample_each():
+    plan = PolluxPlan(8, 8, measure_every=4)
+    split = {batch: plan._measured_micro(4, Shape(batch, batch, 1.0, 1.0)) for batch in (8, 12, 9, 31, 25)}
+    assert split == {8: 4, 12: 6, 9: 3, 31: 31, 25: 25}     # halves, thirds; a prime (or 5 x 5) is not split
+    assert plan._measured_micro(5, Shape(8, 8, 1.0, 1.0)) == 8                 # only every measure_every steps
+
+
+def test_a_chosen_single_odd_micro_batch_is_made_even_so_it_splits_in_halves():
+    from glassbox.elastic.goodput import Choice
+
+    agent = PolluxAgent(ELASTIC, PolluxPlan(8, 2, ELASTIC.measure_every))
+    agent.replicas = 1
+    assert agent._measurable(Choice(31, 31, 1, 1.0)) == (30, 30)
+    assert agent._measurable(Choice(30, 30, 1, 1.0)) == (30, 30)
+    assert agent._measurable(Choice(31, 1, 31, 1.0)) == (31, 1)             # accumulates: nothing to split
+    assert agent._measurable(Choice(9, 9, 1, 1.0)) == (8, 8)
+    unmeasured = PolluxAgent(ElasticConfig(measure_every=0), PolluxPlan(8, 2))
+    unmeasured.replicas = 1
+    assert unmeasured._measurable(Choice(31, 31, 1, 1.0)) == (31, 31)

@@ -102,3 +102,12 @@ def test_probe_at_a_resolution_stops_early_below_the_wall():
     assert 1500 / 1.125 <= found <= 1500
     with pytest.raises(GlassboxError, match="resolution"):
         probe_max_micro_batch(fits, 32, 4096, resolution=1.0)
+
+
+def test_a_warm_started_refit_finds_the_cold_fit():
+    configs = [(1, 1, m, a) for m in (4, 16, 64) for a in (1, 2)] + [(1, 2, 16, 1), (1, 4, 16, 1)]
+    obs = observe(TRUE, configs, noise=0.01, seed=3)
+    cold = fit_throughput(obs)
+    warm = fit_throughput(obs, start=fit_throughput(obs[:-2]))
+    for name, value in cold.to_dict().items():
+        assert getattr(warm, name) == pytest.approx(value, rel=0.02), name
