@@ -23,6 +23,7 @@ AREAS = [
     "glassbox.train.distill_cli",
     "glassbox.inference.cli",
     "glassbox.inference.ltr.cli",
+    "glassbox.inference.dynasor.cli",
     "glassbox.pruning.cli",
     "glassbox.inference.speculative.cli",
     "glassbox.elastic.cli",
