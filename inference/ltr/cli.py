@@ -16,6 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--model", required=True, help="the served model's HF directory (with tokenizer.json)")
     c.add_argument("--out", required=True, help="the collection directory to write")
     c.add_argument("--num-prompts", type=int, default=300, help="prompts in the mix (default: 300)")
+    c.add_argument("--prompts", default=None,
+                   help="a prompt file (.jsonl[.gz] of source, text) instead of generating the mix here")
     c.add_argument("--max-tokens", type=int, default=256, help="output cap; longer ones are labelled so (default: 256)")
     c.add_argument("--max-num-seqs", type=int, default=64, help="engine batch (default: 64)")
     c.add_argument("--device", default="cpu")
@@ -45,9 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _collect(args: argparse.Namespace) -> int:
     from glassbox.inference.ltr.collect import collect
+    from glassbox.inference.ltr.prompts import load_prompts
 
+    prompts = load_prompts(Path(args.prompts)) if args.prompts else None
     meta = collect(Path(args.model), Path(args.out), args.num_prompts, args.max_tokens, args.seed, args.device,
-                   args.max_num_seqs)
+                   args.max_num_seqs, prompts=prompts)
     print(json.dumps(meta, indent=2))
     return 0
 

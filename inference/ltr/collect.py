@@ -33,8 +33,10 @@ class Example:
 
 
 def collect(model_dir: Path, out_dir: Path, num_prompts: int, max_tokens: int, seed: int = 0,
-            device: str = "cpu", max_num_seqs: int = 64, dtype: str | None = None) -> dict:
-    """Generate over `num_prompts` prompts of the mix and write the collection to `out_dir`; returns its meta."""
+            device: str = "cpu", max_num_seqs: int = 64, dtype: str | None = None,
+            prompts: list | None = None) -> dict:
+    """Generate over `num_prompts` prompts of the mix (or over `prompts`, a list of Prompt, when given) and write
+    the collection to `out_dir`; returns its meta."""
     import torch
 
     from glassbox.inference.engine import EngineConfig, LLMEngine
@@ -50,7 +52,8 @@ def collect(model_dir: Path, out_dir: Path, num_prompts: int, max_tokens: int, s
     tok = engine.tokenizer
     if tok is None:
         raise GlassboxError(f"ltr collect: {model_dir} has no tokenizer.json; the ranker learns from prompts as text")
-    prompts = prompt_mix(num_prompts, seed)
+    prompts = prompt_mix(num_prompts, seed) if prompts is None else prompts[:num_prompts]
+    num_prompts = len(prompts)
     ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p.text}])) for p in prompts]
     limit = engine.max_model_len - max_tokens
     keep = [i for i, x in enumerate(ids) if len(x) < limit]

