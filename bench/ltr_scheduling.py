@@ -44,7 +44,7 @@ PROMPTS = ROOT / "bench" / "traces" / "ltr_prompts.jsonl.gz"
 POLICIES = ("fcfs", "ltr", "oracle")
 
 # Sizes per device: (prompts collected, max_tokens, requests per online run, batch cap, load fractions).
-SIZES = {"cpu": (192, 64, 12, 2, (0.5, 2.0)), "cuda": (1200, 256, 160, 8, (0.5, 1.0, 2.0))}
+SIZES = {"cpu": (192, 64, 12, 2, (0.5, 2.0)), "cuda": (1200, 256, 128, 8, (0.5, 1.0, 2.0))}
 
 
 def percentile(values: list[float], q: float) -> float:

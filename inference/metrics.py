@@ -24,6 +24,12 @@ ENGINE_METRICS = (
      "prefix_cache_hit_tokens"),
     ("glassbox_prefix_cache_query_tokens_total", "counter", "Prompt tokens looked up in the prefix cache.",
      "prefix_cache_query_tokens"),
+    # Scheduling policy: starvation-guard promotions; the LTR ranker's scored prompts and its cost per request.
+    ("glassbox_policy_promotions_total", "counter", "Sequences promoted by the starvation guard.",
+     "policy_promotions"),
+    ("glassbox_ltr_scored_total", "counter", "Prompts scored by the LTR ranker.", "ltr_scored"),
+    ("glassbox_ltr_score_ms_per_request", "gauge", "Mean LTR ranker time per scored request, in ms.",
+     "ltr_score_ms_per_request"),
     # Speculative decoding: acceptance rate = accepted / draft tokens; mean accepted length = accepted / drafts.
     ("glassbox_spec_drafts_total", "counter", "Speculative drafts verified.", "spec_drafts"),
     ("glassbox_spec_draft_tokens_total", "counter", "Draft tree nodes verified.", "spec_draft_tokens"),

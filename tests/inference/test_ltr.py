@@ -50,6 +50,9 @@ def test_listmle_matches_brute_force_plackett_luce():
     assert listmle_loss(-labels.double() * 3, labels) < listmle_loss(labels.double() * 3, labels)
     assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert kendall_tau([4, 3, 2, 1], [10, 20, 30, 40]) == pytest.approx(-1.0)
+    from scipy.stats import kendalltau     # tau-b with ties, as scipy counts them
+    a, b = torch.randint(0, 4, (40,), generator=g).tolist(), torch.randint(0, 6, (40,), generator=g).tolist()
+    assert kendall_tau(a, b) == pytest.approx(kendalltau(a, b).statistic)
 
 
 def _trace(policy, arrivals: list[tuple[int, int]], steps: int) -> list[list[str]]:
