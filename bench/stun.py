@@ -174,6 +174,7 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
     started = time.perf_counter()
+    load_at_start = os.getloadavg()[0]
     dense, cfg = load_hf_model_dir(args.model_dir, dtype=torch.float32, device=device)
     from tokenizers import Tokenizer
 
@@ -263,6 +264,7 @@ def run(args: argparse.Namespace) -> dict:
         "task": {"name": TASK, "items": len(items), "scorer": scorer_name},
         "summary": summary, "rows": rows, "stage1_cost": cost, "serving": serving,
         "wall_seconds": time.perf_counter() - started,
+        "load_average": {"start": load_at_start, "end": os.getloadavg()[0], "cpus": os.cpu_count()},
     }
 
 
@@ -272,7 +274,10 @@ def markdown(result: dict) -> str:
     lines = [
         "# STUN: structured-then-unstructured MoE pruning",
         "",
-        f"Machine: {result['machine']}. Model: {result['model']['params'] / 1e6:.1f}M parameters "
+        f"Machine: {result['machine']} (1-minute load average {result['load_average']['start']:.1f} at the "
+        f"start, {result['load_average']['end']:.1f} at the end, on {result['load_average']['cpus']} CPUs: on a "
+        f"shared box the throughput rounds carry that load's noise). "
+        f"Model: {result['model']['params'] / 1e6:.1f}M parameters "
         f"({result['model']['active_params'] / 1e6:.1f}M active), {result['model']['layers']} layers x "
         f"{result['model']['experts']} experts, top-{result['model']['top_k']}. Sparsity counts expert weights "
         f"(dropped experts plus zeros in kept ones). STUN drops "
@@ -306,8 +311,9 @@ def markdown(result: dict) -> str:
                      f"{c['router']['seconds']:.3f} | {c['router']['forward_passes']} |")
     lines += ["", f"Serving at sparsity {s['serving_sparsity']:g} through the engine (greedy decode, "
                   f"{result['settings']['serve_batch']} sequences x {result['settings']['new_tokens']} tokens, median "
-                  f"of {result['settings']['serve_repeats']} interleaved rounds). Unstructured zeros stay in dense "
-                  "tensors: no memory or speed change is expected from them with dense kernels.", "",
+                  f"of {result['settings']['serve_repeats']} interleaved rounds, "
+                  f"{result['settings']['serve_dtype']} weights). Unstructured zeros stay in dense tensors: no memory "
+                  "or speed change is expected from them with dense kernels.", "",
               "| model | weights MB | vs dense | decode tok/s | vs dense |", "|---|---:|---:|---:|---:|"]
     for name, r in result["serving"].items():
         lines.append(f"| {name} | {r['weight_bytes'] / 1e6:.1f} | {r['weight_ratio']:.3f} | "

@@ -115,6 +115,7 @@ def representative(cluster: list[int], dist: torch.Tensor, contribution: torch.T
     sub = dist[cluster][:, cluster].double()
     spread = sub.pow(2).sum(dim=1)
     spread = torch.round(spread / max(float(spread.max()), 1e-300), decimals=9)
-    gain = contribution[cluster].double() if contribution is not None else torch.zeros(len(cluster), dtype=torch.float64)
+    gain = (contribution[cluster].double() if contribution is not None
+            else torch.zeros(len(cluster), dtype=torch.float64))
     best = min(range(len(cluster)), key=lambda i: (float(spread[i]), -float(gain[i]), cluster[i]))
     return cluster[best]
