@@ -295,6 +295,9 @@ class ModelRunner:
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(caches)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(caches)]
         self.swiftkv = SwiftKVPath(model) if isinstance(model, SwiftKVTransformer) else None
+        if self.swiftkv is not None and local_kv_heads(model) != cfg.num_kv_heads:
+            raise GlassboxError("SwiftKV models are served without tensor parallelism (their K/V projections for "
+                                "the upper layers are not sharded): set tensor_parallel_size 1")
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.tree_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._tree_inputs: GraphInputs | None = None
