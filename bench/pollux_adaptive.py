@@ -10,8 +10,8 @@ reach it are interpolated between validations. Also the GNS overhead: the median
 the agent measuring (adapt_batch off, accumulation 2 so no step is split) over the same run without it, rounds
 interleaved.
 
-    python bench/pollux_adaptive.py                                     # tiny model on the CPU (~5 min, 2 cores)
-    python bench/pollux_adaptive.py --device cuda --model small         # 117M-parameter model, one GPU
+    python bench/pollux_adaptive.py                                     # tiny model on the CPU (~6 min, 1 core)
+    python bench/pollux_adaptive.py --device cuda --model small         # ~95M parameters, one H200 (~3 min)
 
 Writes bench/results/pollux_adaptive.{json,md,png} (CUDA) or pollux_adaptive_cpu.{json,md,png} (CPU); the
 summary holds time_ratio_vs_best_fixed, time_ratio_vs_median_fixed and gns_overhead.
@@ -38,13 +38,22 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 MODELS = {
-    # (model overrides, seq_len, sample budget, batch sweep, peak lr)
+    # (model overrides, seq_len, sample budget, batch sweep, peak lr). The tiny model's samples are 8 tokens: on a
+    # CPU a step's fixed cost (dispatch, optimizer, bookkeeping) is then several samples' compute, so larger
+    # batches raise throughput as they do on a GPU, and a sample's gradient is noisy enough (phi in samples grows
+    # as tokens per sample shrink) that the goodput-best batch moves above M0 as training goes on. At 64 tokens a
+    # CPU step costs ~per sample alone, and the agent rightly keeps M0 for the whole run.
     "tiny": ({"vocab_size": 4096, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
-              "intermediate_size": 192, "max_seq_len": 64, "tie_embeddings": True}, 64, 6144, [8, 16, 32, 64], 3e-3),
+              "intermediate_size": 192, "max_seq_len": 64, "tie_embeddings": True}, 8, 12288, [8, 16, 32, 64], 3e-3),
     "small": ({"vocab_size": 4096, "hidden_size": 768, "num_layers": 12, "num_heads": 12, "num_kv_heads": 12,
-               "intermediate_size": 2304, "max_seq_len": 256, "tie_embeddings": True}, 256, 40960,
+               "intermediate_size": 2304, "max_seq_len": 256, "tie_embeddings": True}, 256, 32768,
               [32, 64, 128, 256], 6e-4),
 }
+
+
+DECISION_KEYS = ("step", "samples", "batch", "micro_batch", "accum_steps", "lr_scale", "noise_scale", "switched",
+                 "efficiency", "predicted_goodput", "best")
+DECISION_STRIDE = 5
 
 
 def machine() -> dict[str, Any]:
@@ -129,8 +138,9 @@ def train(args, name: str, batch: int, micro: int, agent: dict | None = None, st
     steps_rows = [r for r in rows if "loss" in r]
     print(f"{name}: {len(steps_rows)} steps, {steps_rows[-1]['samples']} samples, {wall:.1f} s, final val "
           f"{steps_rows[-1].get('val_loss', float('nan')):.4f}", flush=True)
-    return {"name": name, "batch": batch, "wall_s": wall, "rows": steps_rows,
-            "decisions": [r for r in rows if r.get("event") == "pollux"]}
+    samples_at = {r["step"]: r["samples"] for r in steps_rows}
+    decisions = [{**r, "samples": samples_at.get(r["step"])} for r in rows if r.get("event") == "pollux"]
+    return {"name": name, "batch": batch, "wall_s": wall, "rows": steps_rows, "decisions": decisions}
 
 
 def curve(run: dict) -> list[tuple[float, int, float]]:
@@ -140,6 +150,24 @@ def curve(run: dict) -> list[tuple[float, int, float]]:
         t += r["step_time"]
         if "val_loss" in r:
             out.append((t, r["samples"], r["val_loss"]))
+    return out
+
+
+def batch_segments(rows: list[dict]) -> list[dict]:
+    """The run's batch size over steps, as runs of equal batch: first and last step, samples before it, and its
+    usual micro-batch (every few steps of one micro-batch are split in two to measure the noise scale)."""
+    out: list[dict] = []
+    micros: list[list[int]] = []
+    for r in rows:
+        if out and out[-1]["batch"] == r["batch_size"]:
+            out[-1]["last_step"] = r["step"]
+        else:
+            out.append({"batch": r["batch_size"], "first_step": r["step"], "last_step": r["step"],
+                        "samples_before": r["samples"] - r["batch_size"]})
+            micros.append([])
+        micros[-1].append(r["micro_batch_size"])
+    for segment, seen in zip(out, micros):
+        segment["micro_batch"] = statistics.mode(seen)
     return out
 
 
@@ -180,7 +208,7 @@ def plot(runs: list[dict], target: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4))
     for run in runs:
         pts = curve(run)
         ax.plot([p[0] for p in pts], [p[2] for p in pts], label=run["name"], lw=2 if run["name"] == "pollux" else 1)
@@ -188,6 +216,19 @@ def plot(runs: list[dict], target: float, path: Path) -> None:
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("validation loss")
     ax.legend()
+    adaptive = runs[-1]
+    bx.step([r["samples"] for r in adaptive["rows"]], [r["batch_size"] for r in adaptive["rows"]], where="post",
+            color="C4", label="Pollux batch size")
+    bx.set_xlabel("samples")
+    bx.set_ylabel("global batch (samples)")
+    decided = [d for d in adaptive["decisions"] if d.get("noise_scale") is not None and d.get("samples")]
+    if decided:
+        phi = bx.twinx()
+        phi.plot([d["samples"] for d in decided], [d["noise_scale"] for d in decided], color="C1", ls=":",
+                 label="noise scale phi (EMA)")
+        phi.set_ylabel("phi (samples)")
+        phi.legend(loc="lower right")
+    bx.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -208,7 +249,29 @@ def markdown(result: dict) -> str:
               f"{s['best_fixed']}); adaptive / median fixed: **{s['time_ratio_vs_median_fixed']:.3f}**.",
               f"GNS overhead: median step {o['step_s_with_gns'] * 1e3:.2f} ms with the agent measuring vs "
               f"{o['step_s_without'] * 1e3:.2f} ms without (batch {o['batch']}, micro-batch {o['micro_batch']}, "
-              f"{o['rounds']} interleaved rounds): **{100 * s['gns_overhead']:.2f}%**.", ""]
+              f"{o['rounds']} interleaved rounds): **{100 * s['gns_overhead']:.2f}%**.", "",
+              "## The Pollux run's batch size over steps", "",
+              "| steps | samples from | batch | micro-batch |", "|---|---:|---:|---:|"]
+    lines += [f"| {g['first_step']}-{g['last_step']} | {g['samples_before']} | {g['batch']} | {g['micro_batch']} |"
+              for g in result["adaptive_batches"]]
+    lines += ["", "## The Pollux run's decisions", "",
+              f"Every shape change, and every {DECISION_STRIDE}th decision between them: the smoothed noise scale "
+              "phi, the chosen batch (micro-batch x accumulation), the LR scale sqrt(r), the statistical efficiency "
+              "E(M), and the predicted goodput (efficiency-weighted samples/s) of the shape it ran against the best "
+              "candidate's (a switch needs > 5% more).", "",
+              "| step | samples | phi | batch | micro x accum | LR scale | E(M) | goodput: ran / best | switched |",
+              "|---:|---:|---:|---:|---|---:|---:|---:|---|"]
+    decisions = result["decisions"]
+    for i, d in enumerate(decisions):
+        if not (d.get("switched") or i % DECISION_STRIDE == 0 or i == len(decisions) - 1):
+            continue
+        phi = "-" if d.get("noise_scale") is None else f"{d['noise_scale']:.1f}"
+        goodput = "-" if d.get("predicted_goodput") is None else \
+            f"{d['predicted_goodput']:.1f} / {d['best']['goodput']:.1f}"
+        lines.append(f"| {d['step']} | {d.get('samples') or '-'} | {phi} | {d['batch']} | {d['micro_batch']} x "
+                     f"{d.get('accum_steps', '-')} | {d['lr_scale']:.3f} | {d.get('efficiency', 1.0):.3f} | "
+                     f"{goodput} | {'yes' if d.get('switched') else ''} |")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -220,18 +283,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=0, help="sample budget of every run (0: the model's default)")
     p.add_argument("--val-samples", type=int, default=64)
     p.add_argument("--overhead-steps", type=int, default=40)
-    p.add_argument("--overhead-rounds", type=int, default=2)
+    p.add_argument("--overhead-rounds", type=int, default=4)
     args = p.parse_args(argv)
     if args.device == "cpu":
-        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+        # One thread: on a shared box a second OpenMP thread that gets descheduled stalls every kernel, which
+        # inflates the per-sample time the agent's throughput fit sees far more than the per-step overhead.
+        torch.set_num_threads(1)
     args.data = prepare_data(args.data, args.model)
     _, _, default_budget, sweep, _ = MODELS[args.model]
     args.samples = budget = args.samples or default_budget
     m0 = sweep[0]
     micro_cap = sweep[-1]
-    runs = [train(args, f"fixed_{b}", b, min(b, micro_cap)) for b in sweep]
-    runs.append(train(args, "pollux", m0, m0, {"max_micro_batch": micro_cap, "max_batch": 8 * sweep[-1],
-                                               "decide_every": 10, "warmup_steps": 10}, steps=budget // m0))
+    # A throwaway run first: the process's one-time costs (allocator, kernels, data cache) would otherwise land on
+    # whichever timed run comes first.
+    train(args, "warmup", m0, m0, steps=20)
+    # Pollux starts at M0 in two micro-batches, so its first steps already carry the noise scale's two batch
+    # sizes (one micro-batch would be split only every measure_every steps, and a tiny M0's estimate needs many
+    # measurements before |G|^2 is positive); from its first decision on it picks the micro-batch itself. The
+    # first decision waits 30 steps: after ten, |G|^2 can still be a small positive number that the noise
+    # dwarfs, a phi in the thousands, and a jump to the largest batch.
+    adaptive = train(args, "pollux", m0, max(1, m0 // 2),
+                     {"max_micro_batch": micro_cap, "max_batch": 8 * sweep[-1], "decide_every": 10,
+                      "warmup_steps": 30}, steps=budget // m0)
+    runs = [train(args, f"fixed_{b}", b, min(b, micro_cap)) for b in sweep] + [adaptive]
     target = max(min(p[2] for p in curve(r)) for r in runs)
     table = []
     for r in runs:
@@ -249,11 +323,13 @@ def main(argv: list[str] | None = None) -> int:
         "summary": {"time_ratio_vs_best_fixed": adaptive["time_to_target_s"] / best["time_to_target_s"],
                     "time_ratio_vs_median_fixed": adaptive["time_to_target_s"] / median_time,
                     "gns_overhead": overhead["overhead"], "best_fixed": best["name"],
-                    "samples_ratio_vs_best_fixed": adaptive["samples_to_target"] / best["samples_to_target"]},
+                    "samples_ratio_vs_best_fixed": adaptive["samples_to_target"] / best["samples_to_target"],
+                    "adaptive_batch_sizes": [g["batch"] for g in batch_segments(runs[-1]["rows"])],
+                    "adaptive_lr_scale_max": max((d["lr_scale"] for d in runs[-1]["decisions"]), default=1.0)},
         "machine": machine(), "device": args.device, "model": args.model, "budget_samples": budget,
         "target": target, "runs": table, "gns_overhead": overhead,
-        "decisions": [{k: v for k, v in d.items() if k in ("step", "batch", "micro_batch", "lr_scale", "noise_scale",
-                                                           "switched", "efficiency")} for d in runs[-1]["decisions"]],
+        "adaptive_batches": batch_segments(runs[-1]["rows"]),
+        "decisions": [{k: v for k, v in d.items() if k in DECISION_KEYS} for d in runs[-1]["decisions"]],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"pollux_adaptive{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
