@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import train_and_export
+from pruning_helpers import train_and_export
 
 from glassbox.checkpoints.export import load_model_from_checkpoint
 from glassbox.checkpoints.hf_format import load_hf_model_dir
