@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import random
 import re
@@ -395,7 +396,9 @@ def main() -> None:
                                                            work / "model")
             q = quality(model_dir, work, args, sizes)
             q["model"] = str(args.model_dir) if args.model_dir else "random-init Llama (4 layers, CPU run)"
-    machine = torch.cuda.get_device_name(args.device) if cuda else (platform.processor() or platform.machine())
+    machine = (torch.cuda.get_device_name(args.device) if cuda else
+               f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, load average "
+               f"{os.getloadavg()[0]:.1f} at the end")
     result = {"machine": machine, "device": args.device, "dtype": args.dtype,
               "prefill_model": {**shape, "params": ModelConfig(**shape).num_params()},
               "prefill": pre, "long_prompt": lp, "kv_capacity": kv, "quality": q,
