@@ -25,10 +25,6 @@ class LayerStats:
     input_sq: torch.Tensor | None       # [E, hidden] sum of squared gate/up inputs per expert
     hidden_sq: torch.Tensor | None      # [E, intermediate] sum of squared down inputs per expert
 
-    @property
-    def tokens_per_expert(self) -> torch.Tensor:
-        return self.coselect.diagonal().clone()
-
 
 def _moe_layers(model: Transformer) -> list[MoE]:
     return [layer.mlp for layer in model.layers]

@@ -159,7 +159,6 @@ def wanda_stage(model: Transformer, windows: torch.Tensor, sparsity: float, opts
 def prune(model: Transformer, windows: torch.Tensor, opts: PruneOptions) -> tuple[Transformer, PruneReport]:
     """Prune `model` (left untouched) by `opts.method`; the pruned copy and what was done."""
     check_options(model, opts)
-    torch.manual_seed(opts.seed)
     before = [layer.mlp.num_experts for layer in model.layers]
     original_weights = _expert_weights(model)
     stage1, stage2 = {}, {}
