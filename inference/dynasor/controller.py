@@ -293,12 +293,15 @@ class ProgramController:
 
     def after_step(self, engine: LLMEngine, outputs: list[RequestOutput]) -> list[RequestOutput]:
         passed, touched = [], []
-        for out in outputs:
-            program_id = self.owner.get(out.request_id)
+        # Owners first: a program that ends below (one of its requests failed) takes its other outputs with it.
+        owners = [self.owner.get(out.request_id) for out in outputs]
+        for out, program_id in zip(outputs, owners):
             if program_id is None:
                 passed.append(out)
                 continue
-            run = self.runs[program_id]
+            run = self.runs.get(program_id)
+            if run is None:
+                continue
             if out.error is not None:
                 self.owner.pop(out.request_id, None)
                 run.live.pop(out.request_id, None)

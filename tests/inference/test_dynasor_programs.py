@@ -180,3 +180,15 @@ def test_bad_programs_are_refused_with_the_field_named(engine):
     controller.submit("x", _sc(engine, "sure"))
     with pytest.raises(GlassboxError, match="already in use"):
         controller.submit("x", _sc(engine, "sure"))
+
+
+def test_program_policy_promotes_a_starved_program():
+    from glassbox.inference.policy import SchedulerState
+
+    policy = ProgramPolicy(starvation_steps=2, promote_steps=1)
+    long_a = Sequence("a", [1], SamplingParams(max_tokens=500), arrival_time=0.0, group="long")
+    short = Sequence("b", [1], SamplingParams(max_tokens=10), arrival_time=1.0, group="short")
+    for step in (1, 2):                              # the long program is passed over twice
+        assert policy.rank([long_a, short]) == [short, long_a]
+        policy.on_step(SchedulerState(step, [long_a, short], {short.seq_id}))
+    assert policy.rank([long_a, short]) == [long_a, short]
