@@ -26,6 +26,9 @@ def load_model_from_checkpoint(path: Path, verify_hashes: bool = True) -> tuple[
     path, manifest = view.path, view.manifest
     if not manifest.get("model"):
         raise GlassboxError(f"{path}: the manifest has no model config")
+    if any(name.startswith("swiftkv_") for name in view.tensors):
+        raise GlassboxError(f"{path} is a checkpoint of a SwiftKV model: export it with `glassbox swiftkv export "
+                            "--checkpoint ... --like INIT_FROM_DIR --out DIR`")
     cfg = from_dict(ModelConfig, manifest["model"], "model")
     with torch.device("meta"):
         model = Transformer(cfg)

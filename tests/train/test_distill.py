@@ -94,6 +94,9 @@ def test_distillation_trains_only_the_new_tensors_and_lowers_heldout_kl(setup, t
     assert main(["swiftkv", "export", "--checkpoint", str(tmp_path / "run"), "--like", str(skv_dir),
                  "--out", str(out)]) == 0
     exported, _ = load_swiftkv_model_dir(out)
+    # The generic export would write the base model alone: it refuses, naming the SwiftKV one.
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "plain")]) == 2
+    assert not (tmp_path / "plain").exists()
     for name, p in after.state_dict().items():
         assert torch.equal(exported.state_dict()[name], p), name
 
