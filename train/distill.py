@@ -118,10 +118,13 @@ def train_only_swiftkv(model: nn.Module) -> list[str]:
 
 
 def marker_ids(tokenizer, marker: str) -> list[int]:
-    """The token ids of `response_marker` under the data's tokenizer (a `tokenizers.Tokenizer`)."""
+    """The token ids of `response_marker` under the data's tokenizer (a `tokenizers.Tokenizer`), without its
+    trailing whitespace: a byte-level BPE merges the marker's final newline with a response that opens with
+    more whitespace ("\n" + "\n\nSure" is one "\n\n\n" token), and the marker would not be found. The
+    stripped newline then counts as a response token, one template token per document."""
     if not marker:
         return []
-    return tokenizer.encode(marker, add_special_tokens=False).ids
+    return tokenizer.encode(marker.rstrip() or marker, add_special_tokens=False).ids
 
 
 @torch.no_grad()

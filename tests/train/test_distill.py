@@ -73,6 +73,14 @@ def test_response_mask_counts_after_the_marker_through_the_end_of_document():
     assert response_mask(tokens, [], eod_id=0).all()
 
 
+def test_marker_ids_drop_trailing_whitespace_that_a_bpe_merges_with_the_response(prepared_data):
+    tok = TokenStore(prepared_data).tokenizer()
+    assert marker_ids(tok, "assistant:\n") == marker_ids(tok, "assistant:") == tok.encode("assistant:").ids
+    doc = tok.encode("user: hi\nassistant:\n\n\nreturn x").ids + [0]
+    mask = response_mask(torch.tensor([doc]), marker_ids(tok, "assistant:\n"), eod_id=0)
+    assert tok.decode([t for t, k in zip(doc, mask[0].tolist()) if k]).endswith("return x")
+
+
 def test_distillation_trains_only_the_new_tensors_and_lowers_heldout_kl(setup, tmp_path):
     base_dir, data, skv_dir = setup
     cfg = run_config_from_dict(distill_dict(setup, tmp_path / "run"))
