@@ -21,6 +21,7 @@ accuracy_delta_cot, greedy_cot_accuracy, sc8_accuracy, sustained_rate_ratio), a 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -131,6 +132,13 @@ def engine_for(model_dir: Path, device: str, policy: str, size: Size) -> LLMEngi
     engine = LLMEngine.from_model_dir(model_dir, cfg)
     ProgramController.of(engine, ProgramLimits(max_samples=size.sc_n))
     return engine
+
+
+def free_device_memory() -> None:
+    """Return a dropped engine's KV pool before the next engine sizes its own from free memory."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def prompt_ids(engine: LLMEngine, problems: list[Problem]) -> list[list[int]]:
@@ -251,9 +259,9 @@ def online_eval(model_dir: Path, device: str, problems: list[Problem], size: Siz
                          "p90_latency_s": sorted(lat)[int(0.9 * (len(lat) - 1))],
                          "tokens": sum(r.total_tokens for r in results)})
         out[mode] = rows
+        engine.extensions.clear()                        # the engine and its controller hold each other
         del engine
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        free_device_memory()
     for mode in ("plain", "dynasor"):
         held = [r["rate"] for r in out[mode] if r["attainment"] >= ATTAINMENT]
         out[f"{mode}_sustained_rate"] = max(held) if held else 0.0
@@ -366,7 +374,9 @@ def main() -> None:
     batch = batch_eval(engine, problems, size)
     overhead = probe_overhead(engine, problems[:max(2, len(problems) // 4)], size)
     log(f"probe overhead: {overhead['probes']} probes")
+    engine.extensions.clear()
     del engine
+    free_device_memory()
     online = online_eval(model_dir, args.device, problems, size)
     sc, cot = batch["sc_best"], batch["cot_best"]
     summary = {
