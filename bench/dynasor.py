@@ -118,6 +118,14 @@ def fine_tune(args: argparse.Namespace, size: Size, work: Path) -> tuple[Path, d
     times["train_s"] = time.perf_counter() - t
     log(f"fine-tune: {times['train_s']:.1f} s")
     glassbox("export", "--checkpoint", str(run_dir), "--out", str(work / "model"))
+    # The run as a release (model and dataset repos, card, manifest), built locally: pushing needs the Hub.
+    try:
+        glassbox("release", "build", "--run", str(run_dir), "--out", str(work / "release"), "--force",
+                 "--repo-id", "glassbox/dynasor-smollm2-135m", "--val-samples", str(size.val_samples))
+        times["release_dir"] = str(work / "release")
+    except subprocess.CalledProcessError as e:
+        times["release_dir"] = None
+        log(f"release build failed ({e}); the measurement goes on")
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in line]
     times["first_loss"], times["last_loss"] = losses[0], losses[-1]
