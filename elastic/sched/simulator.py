@@ -106,7 +106,8 @@ class SimJob:
         if key in self.observed:
             return
         self.observed[key] = step_time
-        self.params = fit_throughput([StepObservation(*k, step_time=v) for k, v in self.observed.items()])
+        self.params = fit_throughput([StepObservation(*k, step_time=v) for k, v in self.observed.items()],
+                                     start=self.params)
 
     def advance(self, now: float, seconds: float) -> None:
         """Train for `seconds` of wall time starting at `now` (or wait, with no GPUs)."""
