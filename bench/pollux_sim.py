@@ -15,7 +15,8 @@ throughput-model fit at every new step shape) one to a few core-minutes at 1.0x 
 
     python bench/pollux_sim.py                                   # workload 6, 1.0x, four policies (~4 min, 2 cores)
     python bench/pollux_sim.py --loads 0.5 1.0 1.5 2.0           # job-load sensitivity on workload 6
-    # the full sweep, 128 cells, on 16 cores in two parts of under 10 minutes each (--resume joins them):
+    # the full sweep, 128 cells, on 16 cores in two parts (~4-7 and ~4-5 minutes, estimated from the 1.0x cells'
+    # 70-125 core-seconds and the load scaling above; --resume joins them):
     python bench/pollux_sim.py --workloads 1 2 3 4 5 6 7 8 --loads 2.0 1.5 --jobs 16 --out bench/results/pollux_sim_cpu16
     python bench/pollux_sim.py --workloads 1 2 3 4 5 6 7 8 --loads 1.0 0.5 --jobs 16 --resume \
         --out bench/results/pollux_sim_cpu16 --llm-data /tmp/glassbox-llm-data
