@@ -92,6 +92,14 @@ def generation_prompt(tokenizer) -> str:
     return with_prompt[len(without):]
 
 
+def transcript(tokenizer, prompt: str, rendered_prompt: str, response: str) -> str:
+    """The whole turn as the chat template writes it (the response closed by the template's end-of-turn, e.g.
+    SmolLM2's <|im_end|>), when that begins with the rendered prompt; else the rendered prompt + response."""
+    turn = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                          {"role": "assistant", "content": response}], add_generation_prompt=False)
+    return turn if turn.startswith(rendered_prompt + response) else rendered_prompt + response
+
+
 def generate_teacher_data(model_dir: Path, prompts: list[str], out: Path, *, max_new_tokens: int = 128,
                           engine_options: dict | None = None, valid_fraction: float = 0.1,
                           progress: bool = False) -> TeacherData:
@@ -110,21 +118,21 @@ def generate_teacher_data(model_dir: Path, prompts: list[str], out: Path, *, max
     llm = LLM(engine=LLMEngine.from_model_dir(model_dir, EngineConfig(**(engine_options or {}))))
     tok = llm.tokenizer
     marker = generation_prompt(tok)
-    rendered = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+    rendered = [(p, tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True))
                 for p in prompts]
     # Prompts too long to leave room for a whole response are left out (counted in num_documents).
     limit = llm.engine.max_model_len - max_new_tokens
-    kept = [(r, ids) for r in rendered if len(ids := tok.encode(r)) <= limit]
+    kept = [(p, r, ids) for p, r in rendered if len(ids := tok.encode(r)) <= limit]
     if not kept:
         raise GlassboxError(f"every prompt is longer than {limit} tokens (the context less --max-new-tokens)")
-    outputs = llm.generate([ids for _, ids in kept], SamplingParams(temperature=0, max_tokens=max_new_tokens),
+    outputs = llm.generate([ids for _, _, ids in kept], SamplingParams(temperature=0, max_tokens=max_new_tokens),
                            use_tqdm=progress)
     docs = []
     tokens = 0
-    for (text, _), o in zip(kept, outputs):
+    for (prompt, text, _), o in zip(kept, outputs):
         response = o.outputs[0].token_ids
         tokens += len(response)
-        docs.append(json.dumps({"text": text + tok.decode(response)}))
+        docs.append(json.dumps({"text": transcript(tok, prompt, text, tok.decode(response))}))
     documents = out.with_name(out.name + ".teacher.jsonl")
     documents.parent.mkdir(parents=True, exist_ok=True)
     write_text(documents, "\n".join(docs) + "\n")
