@@ -44,7 +44,7 @@ PROMPTS = ROOT / "bench" / "traces" / "ltr_prompts.jsonl.gz"
 POLICIES = ("fcfs", "ltr", "oracle")
 
 # Sizes per device: (prompts collected, max_tokens, requests per online run, batch cap, load fractions).
-SIZES = {"cpu": (192, 64, 12, 2, (0.5, 2.0)), "cuda": (1200, 256, 128, 8, (0.5, 1.0, 2.0))}
+SIZES = {"cpu": (192, 64, 12, 2, (0.5, 2.0)), "cuda": (1200, 256, 96, 8, (0.5, 1.0, 2.0))}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -116,6 +116,15 @@ def serve(engine, requests: list[list[int]], offsets: list[float], max_tokens: i
             "ltr_score_ms_per_request": stats.get("ltr_score_ms_per_request"),
             "ltr_wait_ms_total": stats.get("ltr_wait_ms_total"),
             "promotions": stats.get("policy_promotions")}
+
+
+def release_memory() -> None:
+    """Free what a finished engine left cached on the card (the collection's KV pool), before the next one."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def poisson_offsets(n: int, rate: float, seed: int) -> list[float]:
@@ -243,6 +252,7 @@ def main() -> int:
         args.collection = work / f"collection-{stamp}"
         collect(model_dir, args.collection, n_prompts, args.max_tokens or max_tokens, args.seed, args.device,
                 max_num_seqs=128 if kind == "cuda" else 64, prompts=load_prompts(PROMPTS))
+    release_memory()
     print(f"collection ready in {time.perf_counter() - t:.1f} s", flush=True)
     meta, examples = load_collection(args.collection)
     max_tokens = meta["max_tokens"]
@@ -256,13 +266,19 @@ def main() -> int:
           flush=True)
 
     dtype = "bfloat16" if kind == "cuda" else "float32"
-    engine = LLMEngine.from_model_dir(model_dir, EngineConfig(device=args.device, dtype=dtype,
-                                                              max_num_seqs=max_num_seqs, seed=args.seed))
+    release_memory()
+    # A pool of twice what the batch cap can hold at 2048 tokens each: never the bottleneck, and sized without
+    # profiling the card while the collection's and the trainer's memory may still be cached.
+    longest = max(len(e.prompt_ids) for e in examples) + max_tokens
+    max_len = min(2048, -(-longest // 256) * 256)
+    engine = LLMEngine.from_model_dir(model_dir, EngineConfig(device=args.device, dtype=dtype, seed=args.seed,
+                                                              max_num_seqs=max_num_seqs, max_model_len=max_len,
+                                                              num_kv_blocks=2 * max_num_seqs * max_len // 16))
     ranker = Ranker.load(run_dir / "ranker", args.device, engine.tokenizer)
     _, _, test = split(examples, cfg.seed, cfg.test_fraction, cfg.val_fraction)
     lengths = {tuple(e.prompt_ids): e.output_len for e in examples}
     rng = random.Random(args.seed)
-    pool = [e.prompt_ids for e in test]
+    pool = [e.prompt_ids for e in test if len(e.prompt_ids) + max_tokens <= max_len]
     requests = rng.sample(pool, min(n_requests, len(pool)))
     requests += [rng.choice(pool) for _ in range(n_requests - len(requests))]     # repeats only past the split
 
