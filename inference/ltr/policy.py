@@ -2,7 +2,7 @@
 
 A scorer turns prompts into scores (higher: shorter expected output). The ranker is scored off the engine step's
 critical path: `on_arrival` hands the new prompts to a scoring thread, which takes whatever has queued up as one
-batch, and `rank` leaves a waiting sequence out of the step until its score is in (it is admitted a step later
+batch (up to `batch_size`), and `rank` leaves a waiting sequence out of the step until its score is in (it is admitted a step later
 instead of the engine waiting for it). Only when no candidate has a score yet, so that there is nothing else to
 run, does `rank` wait for the thread. Scorers that cost nothing (a constant; the oracle of the benches, which
 knows the true lengths) score inline.
@@ -68,9 +68,10 @@ class LTRPolicy(Policy):
     name = "ltr"
 
     def __init__(self, scorer: Scorer, starvation_steps: int | None = DEFAULT_STARVATION_STEPS,
-                 promote_steps: int = DEFAULT_PROMOTE_STEPS):
+                 promote_steps: int = DEFAULT_PROMOTE_STEPS, batch_size: int = 32):
         super().__init__(starvation_steps, promote_steps)
         self.scorer = scorer
+        self.batch_size = batch_size
         self.scores: dict[int, float] = {}
         self._queue: deque[Sequence] = deque()
         self._cond = threading.Condition()
@@ -105,7 +106,8 @@ class LTRPolicy(Policy):
         if tokenizer is None:
             raise GlassboxError(f"policy 'ltr': ranker {ranker_dir}: the served model has no tokenizer.json, so the "
                                 "ranker's tokenizer cannot be checked against it")
-        return cls(RankerScorer(Ranker.load(ranker_dir, device, tokenizer), batch_size), **options)
+        return cls(RankerScorer(Ranker.load(ranker_dir, device, tokenizer), batch_size), batch_size=batch_size,
+                   **options)
 
     def key(self, seq: Sequence) -> tuple:
         return (-self.scores[seq.seq_id],)
@@ -153,8 +155,9 @@ class LTRPolicy(Policy):
                 self._cond.wait_for(lambda: self._queue or self._closed)
                 if self._closed:
                     return
-                batch = list(self._queue)
-                self._queue.clear()
+                # At most one scorer batch at a time, so the first scores of a burst are out (and those requests
+                # admissible) while the rest are still being scored.
+                batch = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
             try:
                 self._score(batch)
             except BaseException as e:     # surfaced by the next rank(), on the engine's thread
