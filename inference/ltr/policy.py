@@ -1,9 +1,9 @@
 """The LTR policy: shortest predicted output first, each prompt scored once on arrival, behind the starvation guard.
 
 A scorer turns prompts into scores (higher: shorter expected output). The ranker is scored off the engine step's
-critical path: `on_arrival` hands the new prompts to a scoring thread, which takes whatever has queued up as one
-batch (up to `batch_size`), and `rank` leaves a waiting sequence out of the step until its score is in (it is admitted a step later
-instead of the engine waiting for it). Only when no candidate has a score yet, so that there is nothing else to
+critical path: `on_arrival` hands the new prompts to a scoring thread, which takes what has queued up (at most
+`batch_size`) as one batch, and `rank` leaves a waiting sequence out of the step until its score is in (it is
+admitted a step later instead of the engine waiting for it). Only when no candidate has a score yet, so that there is nothing else to
 run, does `rank` wait for the thread. Scorers that cost nothing (a constant; the oracle of the benches, which
 knows the true lengths) score inline.
 
