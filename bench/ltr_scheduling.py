@@ -20,8 +20,9 @@ the output its label was measured on, and the oracle knows every length exactly.
     python bench/ltr_scheduling.py --model /work/scratch/smollm2-hf --device cpu      # CPU figures (small)
     python bench/ltr_scheduling.py --gguf /tmp/SmolLM2-135M-Instruct.Q4_1.gguf --device cuda    # the GPU run
 
-Writes bench/results/<out-name>.json (ltr_scheduling on the CPU, ltr_scheduling_gpu on CUDA; summary: kendall_tau, mean_latency_ratio_vs_fcfs and
-mean_latency_ratio_vs_oracle at the highest load, offline_throughput_ratio_vs_fcfs), .md and a latency plot .png.
+Writes bench/results/<out-name>.json (ltr_scheduling on the CPU, ltr_scheduling_gpu on CUDA; summary:
+kendall_tau, mean_latency_ratio_vs_fcfs and mean_latency_ratio_vs_oracle at the highest load,
+offline_throughput_ratio_vs_fcfs), .md and a latency plot .png.
 """
 
 from __future__ import annotations

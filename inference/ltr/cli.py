@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--data", required=True, help="a collection directory (`glassbox ltr collect`)")
     t.add_argument("--model", required=True, help="the model the collection came from: its first layers are the trunk")
     t.add_argument("--run-dir", required=True, help="where the run is recorded; the ranker lands in RUN_DIR/ranker")
-    t.add_argument("--layers", default="2,4,8", help="trunk depths to try; the best on validation wins (default: 2,4,8)")
+    t.add_argument("--layers", default="2,4,8",
+                   help="trunk depths to try; the best on validation wins (default: 2,4,8)")
     t.add_argument("--epochs", type=int, default=40)
     t.add_argument("--list-size", type=int, default=32, help="prompts per ranked list (default: 32)")
     t.add_argument("--lr", type=float, default=1e-3)

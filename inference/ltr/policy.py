@@ -3,8 +3,8 @@
 A scorer turns prompts into scores (higher: shorter expected output). The ranker is scored off the engine step's
 critical path: `on_arrival` hands the new prompts to a scoring thread, which takes what has queued up (at most
 `batch_size`) as one batch, and `rank` leaves a waiting sequence out of the step until its score is in (it is
-admitted a step later instead of the engine waiting for it). Only when no candidate has a score yet, so that there is nothing else to
-run, does `rank` wait for the thread. Scorers that cost nothing (a constant; the oracle of the benches, which
+admitted a step later instead of the engine waiting for it). Only when no candidate has a score yet, so that
+there is nothing else to run, does `rank` wait for the thread. Scorers that cost nothing (a constant; the oracle of the benches, which
 knows the true lengths) score inline.
 
 The cost is measured: scoring seconds per request (the thread's time, batched) and the time `rank` spent
@@ -169,7 +169,8 @@ class LTRPolicy(Policy):
     def stats(self) -> dict[str, float]:
         n = max(self.num_scored, 1)
         return {**super().stats(), "ltr_scored": self.num_scored,
-                "ltr_score_ms_per_request": 1000 * self.score_seconds / n, "ltr_wait_ms_total": 1000 * self.wait_seconds}
+                "ltr_score_ms_per_request": 1000 * self.score_seconds / n,
+                "ltr_wait_ms_total": 1000 * self.wait_seconds}
 
     def close(self) -> None:
         with self._cond:
