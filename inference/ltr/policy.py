@@ -4,8 +4,8 @@ A scorer turns prompts into scores (higher: shorter expected output). The ranker
 critical path: `on_arrival` hands the new prompts to a scoring thread, which takes what has queued up (at most
 `batch_size`) as one batch, and `rank` leaves a waiting sequence out of the step until its score is in (it is
 admitted a step later instead of the engine waiting for it). Only when no candidate has a score yet, so that
-there is nothing else to run, does `rank` wait for the thread. Scorers that cost nothing (a constant; the oracle of the benches, which
-knows the true lengths) score inline.
+there is nothing else to run, does `rank` wait for the thread. Scorers that cost nothing (a constant; the
+benches' oracle, which knows the true lengths) score inline.
 
 The cost is measured: scoring seconds per request (the thread's time, batched) and the time `rank` spent
 waiting, which is what the engine actually lost to the ranker.
