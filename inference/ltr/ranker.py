@@ -119,8 +119,9 @@ class Ranker:
         from safetensors.torch import save_file
 
         with staged_dir(path, replace=True) as tmp:
-            save_file({k: v.contiguous() for k, v in self.trunk.state_dict().items()}, str(tmp / "trunk.safetensors"))
-            save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(tmp / "head.safetensors"))
+            for name, module in (("trunk", self.trunk), ("head", self.head)):
+                tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+                save_file(tensors, str(tmp / f"{name}.safetensors"))
             write_json(tmp / "ranker.json", {**self.meta, "format": FORMAT,
                                              "model_config": dataclasses.asdict(self.trunk.config)})
 
