@@ -282,7 +282,8 @@ def online_eval(model_dir: Path, device: str, problems: list[Problem], size: Siz
         held = [r["rate"] for r in out[mode] if r["attainment"] >= ATTAINMENT]
         out[f"{mode}_sustained_rate"] = max(held) if held else 0.0
     p, d = out["plain_sustained_rate"], out["dynasor_sustained_rate"]
-    out["sustained_rate_ratio"] = d / p if p else (float("inf") if d else 1.0)
+    # None where plain held none of the rates (the ratio is then unbounded by this sweep; the rows say more).
+    out["sustained_rate_ratio"] = d / p if p else (None if d else 1.0)
     return out
 
 
