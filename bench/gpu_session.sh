@@ -12,6 +12,7 @@
 #     bash bench/gpu_session.sh scar         # bench/scar_rework.py, the 125M reduced grid on the GPU
 #     bash bench/gpu_session.sh pollux       # bench/pollux_adaptive.py and bench/pollux_gns.py on the GPU
 #     bash bench/gpu_session.sh cpu16        # the CPU grids on the host's cores: SCAR rework, the Pollux simulator
+#     bash bench/gpu_session.sh seeds        # STREAMS="FILE:CPUS ...": bench streams side by side (see the part)
 #
 # glassbox's own wheel (GLASSBOX_WHEEL, default build/whl/) carries a compiled part built for this machine's
 # Python, so it is unpacked rather than installed, and the suffix trie's C file is compiled for the host's Python
@@ -23,9 +24,16 @@ SITE=${SITE:-/tmp/glassbox-site}
 OUT=${OUT:-}
 
 GLASSBOX_WHEEL=${GLASSBOX_WHEEL:-build/whl}
-if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
-fi
+# WHEELS may name several folders; a source archive there (a package with no py3.12 wheel, e.g. pycosat) is built
+# on the host, without build isolation (no index to fetch build dependencies from).
+for dir in $WHEELS; do
+    if ls "$dir"/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$dir"/*.whl
+    fi
+    if ls "$dir"/*.tar.gz >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target "$SITE" "$dir"/*.tar.gz
+    fi
+done
 if ls "$GLASSBOX_WHEEL"/glassbox-*.whl >/dev/null 2>&1; then
     python3 -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" \
         "$(ls "$GLASSBOX_WHEEL"/glassbox-*.whl | head -1)" "$SITE"
@@ -121,8 +129,29 @@ cpu16)
         2>&1 | tail -30)
     save pollux_sim
     ;;
+seeds)
+    # The seed systems' benches in one call: STREAMS lists FILE:CPUS pairs; the streams run side by side (on the
+    # one GPU, each on its own CPU cores), and the lines of one stream one after another. A stream file holds
+    # "SECONDS STEM COMMAND..." lines: each command gets its own time limit and its log OUT/STEM.log, and
+    # bench/results/STEM.* is saved to OUT as soon as it ends, so one failure or overrun costs only itself.
+    run_stream() {    # run_stream FILE CPUS
+        local pin=""
+        command -v taskset >/dev/null && pin="taskset -c $2"
+        while read -r secs stem cmd; do
+            { [ -z "$secs" ] || [ "${secs:0:1}" = "#" ]; } && continue
+            echo "[$(date +%T)] start $stem (limit $secs s, cpus $2)"
+            (cd /tmp && ROOT=$ROOT timeout "$secs" $pin bash -c "$cmd" > "${OUT:-/tmp}/$stem.log" 2>&1)
+            echo "[$(date +%T)] end $stem rc=$?"
+            [ -n "$OUT" ] && for f in "$ROOT"/bench/results/"$stem".*; do [ -e "$f" ] && cp -f "$f" "$OUT"/; done
+        done < "$1"
+    }
+    for stream in ${STREAMS:-}; do
+        run_stream "${stream%%:*}" "${stream##*:}" &
+    done
+    wait
+    ;;
 *)
-    echo "usage: bash bench/gpu_session.sh tests|inference|train|spec|scar|pollux|cpu16" >&2
+    echo "usage: bash bench/gpu_session.sh tests|inference|train|spec|scar|pollux|cpu16|seeds" >&2
     exit 2
     ;;
 esac
