@@ -140,7 +140,7 @@ seeds)
         while read -r secs stem cmd; do
             { [ -z "$secs" ] || [ "${secs:0:1}" = "#" ]; } && continue
             echo "[$(date +%T)] start $stem (limit $secs s, cpus $2)"
-            (cd /tmp && ROOT=$ROOT timeout "$secs" $pin bash -c "$cmd" > "${OUT:-/tmp}/$stem.log" 2>&1)
+            (cd /tmp && ROOT=$ROOT timeout "$secs" $pin bash -c "$cmd" < /dev/null > "${OUT:-/tmp}/$stem.log" 2>&1)
             echo "[$(date +%T)] end $stem rc=$?"
             [ -n "$OUT" ] && for f in "$ROOT"/bench/results/"$stem".*; do [ -e "$f" ] && cp -f "$f" "$OUT"/; done
         done < "$1"

@@ -89,6 +89,22 @@ def run_one(engine: LLMEngine, prompt: list[int], max_tokens: int = 1) -> float:
     return time.perf_counter() - t0
 
 
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """Attention FLOPs with grouped-query heads (K/V heads fewer than Q heads, broadcast by the kernel): QK^T and
+    PV at the query heads. torch 2.11's own formula refuses such shapes (2.13's accepts them); counting them the
+    same way on both keeps GPU and CPU figures comparable."""
+    b, h, s_q, d = query_shape
+    s_k, d_v = key_shape[2], value_shape[3]
+    return 2 * b * h * s_q * s_k * d + 2 * b * h * s_q * s_k * d_v
+
+
+def _sdpa_mapping() -> dict:
+    aten = torch.ops.aten
+    ops = [aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_flash_attention,
+           getattr(aten, "_scaled_dot_product_cudnn_attention", None)]
+    return {op: _sdpa_flops for op in ops if op is not None}
+
+
 def prefill(models: dict[str, Transformer], args, sizes: dict) -> dict:
     """Counted FLOPs per prompt token and measured TTFT at each prompt length, per model."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -106,7 +122,7 @@ def prefill(models: dict[str, Transformer], args, sizes: dict) -> dict:
         for n in lens:
             prompt = [rng.randrange(vocab) for _ in range(n)]
             run_one(engine, prompt)                         # warm-up at this shape
-            with FlopCounterMode(display=False) as counter:
+            with FlopCounterMode(display=False, custom_mapping=_sdpa_mapping()) as counter:
                 run_one(engine, prompt)
             times = [run_one(engine, prompt) for _ in range(sizes["repeats"])]
             ttft = statistics.median(times)
