@@ -134,6 +134,9 @@ seeds)
     # one GPU, each on its own CPU cores), and the lines of one stream one after another. A stream file holds
     # "SECONDS STEM COMMAND..." lines: each command gets its own time limit and its log OUT/STEM.log, and
     # bench/results/STEM.* is saved to OUT as soon as it ends, so one failure or overrun costs only itself.
+    # Streams share the GPU: an engine sizes its KV pool to 0.85 of the card unless told otherwise, so two
+    # engines side by side run out of memory (2026-12-02: every GPU stream but one did); give each bench a
+    # memory cap, or put GPU benches in one stream.
     run_stream() {    # run_stream FILE CPUS
         local pin=""
         command -v taskset >/dev/null && pin="taskset -c $2"
