@@ -133,6 +133,37 @@ def draw_request(rng: random.Random, args, vocab: int) -> tuple[list[int], int]:
     return [rng.randrange(2, vocab) for _ in range(plen)], olen
 
 
+def poisson_arrivals(rng: random.Random, rate: float, args, vocab: int) -> list[tuple[float, str, list[int], int]]:
+    """--num-requests requests (offset s, id, prompt, output length) arriving as a Poisson process at `rate`/s."""
+    t, arrivals = 0.0, []
+    for i in range(args.num_requests):
+        t += rng.expovariate(rate)
+        arrivals.append((t, f"r{i}", *draw_request(rng, args, vocab)))
+    return arrivals
+
+
+def drive(engine: LLMEngine, arrivals: list[tuple[float, str, list[int], int]],
+          on_step=None) -> tuple[list, float]:
+    """Add each request at its arrival time (greedy, EOS ignored) and step the engine until all are done; the
+    finished outputs and the wall time. `on_step(engine)`, when given, runs before every step."""
+    finished = []
+    start = time.monotonic()
+    pending = list(arrivals)
+    while pending or engine.has_unfinished():
+        now = time.monotonic() - start
+        while pending and pending[0][0] <= now:
+            at, rid, prompt, olen = pending.pop(0)
+            engine.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=olen, ignore_eos=True),
+                               arrival_time=start + at)
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, min(pending[0][0] - now, 0.01)))
+            continue
+        if on_step is not None:
+            on_step(engine)
+        finished.extend(engine.step(unfinished_outputs=False))
+    return finished, time.monotonic() - start
+
+
 def bench_latency(args, model_dir: Path, vocab: int) -> list[dict]:
     max_len = int(1.5 * args.prompt_len) + int(1.5 * args.max_tokens) + 2
     cfg = EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=64, max_model_len=max_len,
@@ -149,31 +180,15 @@ def bench_latency(args, model_dir: Path, vocab: int) -> list[dict]:
         engine.step()
     rows = []
     for rate in args.rates:
-        rng = random.Random(int(rate * 1000))
-        t, arrivals = 0.0, []
-        for i in range(args.num_requests):
-            t += rng.expovariate(rate)
-            arrivals.append((t, f"r{i}", *draw_request(rng, args, vocab)))
+        arrivals = poisson_arrivals(random.Random(int(rate * 1000)), rate, args, vocab)
         ttft, tpot, finished_tokens = [], [], 0
-        start = time.monotonic()
-        pending = list(arrivals)
-        while pending or engine.has_unfinished():
-            now = time.monotonic() - start
-            while pending and pending[0][0] <= now:
-                at, rid, prompt, olen = pending.pop(0)
-                engine.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=olen, ignore_eos=True),
-                                   arrival_time=start + at)
-            if not engine.has_unfinished():
-                time.sleep(max(0.0, min(pending[0][0] - now, 0.01)))
-                continue
-            for out in engine.step():
-                if out.finished:
-                    finished_tokens += len(out.outputs[0].token_ids)
-                    first, per_token = out.latency()
-                    ttft.append(first)
-                    if per_token is not None:
-                        tpot.append(per_token)
-        wall = time.monotonic() - start
+        outs, wall = drive(engine, arrivals)
+        for out in outs:
+            finished_tokens += len(out.outputs[0].token_ids)
+            first, per_token = out.latency()
+            ttft.append(first)
+            if per_token is not None:
+                tpot.append(per_token)
         row = {"rate": rate, "requests": len(ttft), "output_tok_s": finished_tokens / wall}
         for name, vals in (("ttft", ttft), ("tpot", tpot)):
             for q in (0.5, 0.9, 0.99):

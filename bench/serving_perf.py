@@ -140,31 +140,16 @@ def bench_load(args, model_dir: Path, vocab: int) -> dict:
     engine = LLMEngine.from_model_dir(model_dir, cfg)
     rng = random.Random(7)
     draw = lambda: it.draw_request(rng, args, vocab)           # noqa: E731
-    arrivals, t = [], 0.0
-    for i in range(args.num_requests):
-        t += rng.expovariate(args.load_rate)
-        arrivals.append((t, f"r{i}", *draw()))
+    arrivals = it.poisson_arrivals(rng, args.load_rate, args, vocab)
     for i in range(min(8, args.max_num_seqs)):                  # warm-up, unmeasured
         prompt, olen = draw()
         engine.add_request(f"w{i}", prompt, SamplingParams(temperature=0, max_tokens=olen, ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
-    ttft, tokens, running = [], 0, []
-    start = time.monotonic()
-    while arrivals or engine.has_unfinished():
-        now = time.monotonic() - start
-        while arrivals and arrivals[0][0] <= now:
-            at, rid, prompt, olen = arrivals.pop(0)
-            engine.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=olen, ignore_eos=True),
-                               arrival_time=start + at)
-        if not engine.has_unfinished():
-            time.sleep(min(arrivals[0][0] - now, 0.01) if arrivals else 0)
-            continue
-        running.append(len(engine.scheduler.running))
-        for out in engine.step(unfinished_outputs=False):
-            tokens += len(out.outputs[0].token_ids)
-            ttft.append(out.latency()[0])
-    wall = time.monotonic() - start
+    running: list[int] = []
+    outs, wall = it.drive(engine, arrivals, on_step=lambda e: running.append(len(e.scheduler.running)))
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    ttft = [o.latency()[0] for o in outs]
     concurrency = max(1, round(statistics.mean(running)))
     # Pure decoding at that concurrency: every sequence prefilled first, then only decode steps are timed.
     for i in range(concurrency):
