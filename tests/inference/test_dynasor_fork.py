@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from infer_helpers import tiny_transformer
 
 from glassbox.errors import GlassboxError
 from glassbox.inference.engine import EngineConfig, LLMEngine
 from glassbox.inference.sampling_params import SamplingParams
-from glassbox.models.transformer import ModelConfig, Transformer
+from glassbox.models.transformer import Transformer
 
 BLOCK = 4
 CUE = [7, 8, 9]
@@ -19,10 +20,7 @@ PROBE = SamplingParams(temperature=0, max_tokens=6)
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=200, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                      intermediate_size=128, max_seq_len=128, init_std=0.1)
-    return Transformer(cfg).eval()
+    return tiny_transformer()
 
 
 def _engine(model: Transformer, **kw) -> LLMEngine:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from infer_helpers import ScriptedProposer
+from infer_helpers import ScriptedProposer, tiny_transformer
 
 from glassbox.errors import GlassboxError
 from glassbox.inference.block_manager import BlockManager
@@ -17,17 +17,14 @@ from glassbox.inference.scheduler import Scheduler
 from glassbox.inference.sequence import Sequence
 from glassbox.inference.speculative import EMPTY, PROPOSERS, NoProposer
 from glassbox.inference.tokenizer import IncrementalDetokenizer, Tokenizer
-from glassbox.models.transformer import ModelConfig, Transformer
+from glassbox.models.transformer import Transformer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=200, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                      intermediate_size=128, max_seq_len=128, init_std=0.1)
-    return Transformer(cfg).eval()
+    return tiny_transformer()
 
 
 def _reference_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
