@@ -26,6 +26,7 @@ carries .smol/part1 and the glassbox wheel, joins the parts (checking the file's
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import hashlib
 import json
@@ -35,6 +36,7 @@ import statistics
 import sys
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -124,18 +126,16 @@ def run_engine(model_dir: Path, prompts: list[list[int]], batch: int, max_tokens
     return row
 
 
-def divergence_margins(model_dir: Path, prompts: list[list[int]], reference: list[list[int]],
-                       other: list[list[int]], device: str) -> list[dict]:
+def divergence_margins(fp32_model: Callable[[], torch.nn.Module], prompts: list[list[int]],
+                       reference: list[list[int]], other: list[list[int]], device: str) -> list[dict]:
     """Where two greedy outputs part, how close the call was: the fp32 logit gap between the two tokens chosen.
 
     A bf16 verification forward (many tokens per sequence) and a bf16 decode forward (one) round differently; when
     the top two logits are nearly tied the two paths may pick different tokens, and from there the texts part. A
     gap near zero at every first divergence is that; a large gap would be a verification bug. The gap is measured
     in fp32 on the same (bf16-stored) weights, over prompt + the common prefix, by one plain forward.
+    `fp32_model` gives that model, loaded on first use (a run without divergences never loads it).
     """
-    from glassbox.checkpoints.hf_format import load_hf_model_dir
-
-    model, _ = load_hf_model_dir(model_dir, dtype=torch.float32, device=device)
     found = []
     for i, (prompt, a, b) in enumerate(zip(prompts, reference, other)):
         k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
@@ -143,13 +143,12 @@ def divergence_margins(model_dir: Path, prompts: list[list[int]], reference: lis
             continue
         with torch.no_grad():
             ids = torch.tensor([prompt + a[:k]], device=device)
-            logits = model(ids)[0, -1].float()
+            logits = fp32_model()(ids)[0, -1].float()
         top2 = torch.topk(logits, 2).values
         found.append({"request": i, "position": k, "reference_token": a[k], "other_token": b[k],
                       "fp32_gap": round(float(logits[a[k]] - logits[b[k]]), 4),
                       "fp32_top2_gap": round(float(top2[0] - top2[1]), 4),
                       "fp32_argmax": int(logits.argmax())})
-    del model
     return found
 
 
@@ -211,6 +210,13 @@ def main() -> int:
         model_dir = import_gguf(gguf, Path("/tmp") / "smollm2-135m-instruct")
         print(f"converted {gguf} -> {model_dir} in {time.perf_counter() - t:.1f} s", flush=True)
     started_on = machine(args.device)
+
+    @functools.cache
+    def fp32_model() -> torch.nn.Module:
+        from glassbox.checkpoints.hf_format import load_hf_model_dir
+
+        return load_hf_model_dir(model_dir, dtype=torch.float32, device=args.device)[0]
+
     runs = []
     plan = [("code_edit", 1), ("code_edit", 8), ("open_text", 1), ("open_text", 8)]
     for workload, batch in plan:
@@ -223,7 +229,7 @@ def main() -> int:
         identical = sum(all(t["token_ids"][i] == ref for t in tries[False] + tries[True])
                         for i, ref in enumerate(reference))
         plain, spec = (median_run(tries[k]) for k in (False, True))
-        divergences = divergence_margins(model_dir, prompts, reference, tries[True][0]["token_ids"], args.device)
+        divergences = divergence_margins(fp32_model, prompts, reference, tries[True][0]["token_ids"], args.device)
         row = {"workload": workload, "batch": batch, "requests": len(prompts), "repeats": repeats, "plain": plain,
                "suffix": spec, "speedup": round(spec["tok_s"] / plain["tok_s"], 3),
                "identical_requests": identical, "divergences": divergences}
