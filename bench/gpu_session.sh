@@ -13,6 +13,8 @@
 #     bash bench/gpu_session.sh pollux       # bench/pollux_adaptive.py and bench/pollux_gns.py on the GPU
 #     bash bench/gpu_session.sh cpu16        # the CPU grids on the host's cores: SCAR rework, the Pollux simulator
 #     bash bench/gpu_session.sh seeds        # STREAMS="FILE:CPUS ...": bench streams side by side (see the part)
+#     bash bench/gpu_session.sh detach       # seeds, in a new process session that outlives this call (RUNS)
+#     bash bench/gpu_session.sh collect      # wait up to WAIT s for detached streams, pack RUNS into OUT
 #
 # glassbox's own wheel (GLASSBOX_WHEEL, default build/whl/) carries a compiled part built for this machine's
 # Python, so it is unpacked rather than installed, and the suffix trie's C file is compiled for the host's Python
@@ -24,24 +26,31 @@ SITE=${SITE:-/tmp/glassbox-site}
 OUT=${OUT:-}
 
 GLASSBOX_WHEEL=${GLASSBOX_WHEEL:-build/whl}
-# WHEELS may name several folders; a source archive there (a package with no py3.12 wheel, e.g. pycosat) is built
-# on the host, without build isolation (no index to fetch build dependencies from).
-for dir in $WHEELS; do
-    if ls "$dir"/*.whl >/dev/null 2>&1; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$dir"/*.whl
+RUNS=${RUNS:-/tmp/glassbox-runs}    # detach/collect: where detached streams write their logs and results
+
+install_site() {    # the carried wheels and glassbox's own into SITE
+    # WHEELS may name several folders; a source archive there (a package with no py3.12 wheel, e.g. pycosat) is
+    # built on the host, without build isolation (no index to fetch build dependencies from).
+    for dir in $WHEELS; do
+        if ls "$dir"/*.whl >/dev/null 2>&1; then
+            python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$dir"/*.whl
+        fi
+        if ls "$dir"/*.tar.gz >/dev/null 2>&1; then
+            python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target "$SITE" "$dir"/*.tar.gz
+        fi
+    done
+    if ls "$GLASSBOX_WHEEL"/glassbox-*.whl >/dev/null 2>&1; then
+        python3 -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" \
+            "$(ls "$GLASSBOX_WHEEL"/glassbox-*.whl | head -1)" "$SITE"
+        ext=$(python3 -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+        inc=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+        command -v gcc >/dev/null && gcc -O2 -shared -fPIC -I"$inc" inference/speculative/_suffix_trie.c \
+            -o "$SITE/glassbox/inference/speculative/_suffix_trie$ext" || echo "suffix trie: no C build, Python path"
     fi
-    if ls "$dir"/*.tar.gz >/dev/null 2>&1; then
-        python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target "$SITE" "$dir"/*.tar.gz
-    fi
-done
-if ls "$GLASSBOX_WHEEL"/glassbox-*.whl >/dev/null 2>&1; then
-    python3 -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" \
-        "$(ls "$GLASSBOX_WHEEL"/glassbox-*.whl | head -1)" "$SITE"
-    ext=$(python3 -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
-    inc=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])")
-    command -v gcc >/dev/null && gcc -O2 -shared -fPIC -I"$inc" inference/speculative/_suffix_trie.c \
-        -o "$SITE/glassbox/inference/speculative/_suffix_trie$ext" || echo "suffix trie: no C build, Python path"
-fi
+}
+# collect only reads what detached streams wrote: reinstalling SITE under running benches could break their imports.
+# detach installs once, then runs seeds with SKIP_INSTALL=1.
+[ "${1:-}" = collect ] || [ "${SKIP_INSTALL:-0}" = 1 ] || install_site
 export PYTHONPATH=$SITE
 export NCCL_NVLS_ENABLE=0          # no NVLink multicast on the lent machines
 # Run from outside the checkout, so its top-level glassbox/ folder does not shadow the installed package.
@@ -130,6 +139,7 @@ cpu16)
     save pollux_sim
     ;;
 seeds)
+    export PYTHONUNBUFFERED=1    # logs as they happen: a stream cut at its limit keeps what it printed
     # The seed systems' benches in one call: STREAMS lists FILE:CPUS pairs; the streams run side by side (on the
     # one GPU, each on its own CPU cores), and the lines of one stream one after another. A stream file holds
     # "SECONDS STEM COMMAND..." lines: each command gets its own time limit and its log OUT/STEM.log, and
@@ -153,8 +163,38 @@ seeds)
     done
     wait
     ;;
+detach)
+    # The seeds streams in a new process session (setsid): a lent machine keeps such processes running after the
+    # call returns, until it goes back. Later calls can then carry what the streams wait for (the GGUF's parts, in
+    # calls of their own: 64 MiB a call) and collect results, while the GPU works on. RUNS gets each stream's logs
+    # and results, session.log the runner's, and `done` once every stream has ended.
+    mkdir -p "$RUNS"
+    rm -f "$RUNS/done"
+    STREAMS=${STREAMS:-} OUT=$RUNS SKIP_INSTALL=1 setsid nohup bash -c "bash '$0' seeds; touch '$RUNS/done'" \
+        > "$RUNS/session.log" 2>&1 < /dev/null &
+    echo "detached into $RUNS (streams: ${STREAMS:-none})"
+    ;;
+collect)
+    # WAIT seconds at most (default 0) for the detached streams to end, then RUNS packed into OUT/runs.tar.gz:
+    # one file, since a call brings back 8 at most.
+    # The pack is refreshed every minute meanwhile: a call cut short at the session's device-time limit still
+    # brings back $OUT as it stands.
+    pack() { [ -n "$OUT" ] && tar -czf "$OUT/runs.tmp.tar.gz" -C "$RUNS" . && mv -f "$OUT/runs.tmp.tar.gz" "$OUT/runs.tar.gz"; }
+    end=$(( SECONDS + ${WAIT:-0} ))
+    last=$SECONDS
+    pack
+    while [ ! -f "$RUNS/done" ] && [ "$SECONDS" -lt "$end" ]; do
+        sleep 5
+        [ $(( SECONDS - last )) -ge 60 ] && { pack; last=$SECONDS; }
+    done
+    [ -f "$RUNS/done" ] && echo "all streams ended" || echo "streams still running"
+    cat "$RUNS/session.log" 2>/dev/null
+    pack
+    ls -la "$RUNS"
+    nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+    ;;
 *)
-    echo "usage: bash bench/gpu_session.sh tests|inference|train|spec|scar|pollux|cpu16|seeds" >&2
+    echo "usage: bash bench/gpu_session.sh tests|inference|train|spec|scar|pollux|cpu16|seeds|detach|collect" >&2
     exit 2
     ;;
 esac
