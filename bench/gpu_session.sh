@@ -168,9 +168,12 @@ detach)
     # call returns, until it goes back. Later calls can then carry what the streams wait for (the GGUF's parts, in
     # calls of their own: 64 MiB a call) and collect results, while the GPU works on. RUNS gets each stream's logs
     # and results, session.log the runner's, and `done` once every stream has ended.
+    # They run from a copy of the checkout: each later call re-sends the working tree, which must not change files
+    # under a running bench.
     mkdir -p "$RUNS"
-    rm -f "$RUNS/done"
-    STREAMS=${STREAMS:-} OUT=$RUNS SKIP_INSTALL=1 setsid nohup bash -c "bash '$0' seeds; touch '$RUNS/done'" \
+    rm -rf "$RUNS/done" "$RUNS/root"
+    cp -a "$ROOT" "$RUNS/root"
+    STREAMS=${STREAMS:-} OUT=$RUNS SKIP_INSTALL=1 setsid nohup bash -c "bash '$RUNS/root/bench/gpu_session.sh' seeds; touch '$RUNS/done'" \
         > "$RUNS/session.log" 2>&1 < /dev/null &
     echo "detached into $RUNS (streams: ${STREAMS:-none})"
     ;;
@@ -179,7 +182,10 @@ collect)
     # one file, since a call brings back 8 at most.
     # The pack is refreshed every minute meanwhile: a call cut short at the session's device-time limit still
     # brings back $OUT as it stands.
-    pack() { [ -n "$OUT" ] && tar -czf "$OUT/runs.tmp.tar.gz" -C "$RUNS" . && mv -f "$OUT/runs.tmp.tar.gz" "$OUT/runs.tar.gz"; }
+    pack() {
+        [ -n "$OUT" ] && tar -czf "$OUT/runs.tmp.tar.gz" -C "$RUNS" --exclude ./root . \
+            && mv -f "$OUT/runs.tmp.tar.gz" "$OUT/runs.tar.gz"
+    }
     end=$(( SECONDS + ${WAIT:-0} ))
     last=$SECONDS
     pack
@@ -190,7 +196,7 @@ collect)
     [ -f "$RUNS/done" ] && echo "all streams ended" || echo "streams still running"
     cat "$RUNS/session.log" 2>/dev/null
     pack
-    ls -la "$RUNS"
+    ls -la --ignore=root "$RUNS"
     nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
     ;;
 *)
