@@ -237,4 +237,4 @@ def export_swiftkv_checkpoint(checkpoint: Path, like: Path, out: Path) -> Path:
     return save_swiftkv_model_dir(model.eval(), out, like)
 
 
-register()      # on import: glassbox/hf_models.py imports this module when transformers is imported
+register()      # on import too: a module importing this one may use the classes through the Auto API at once

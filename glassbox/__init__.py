@@ -6,11 +6,8 @@ inference, release) as subpackages; this root holds the command line, config loa
 
 __version__ = "0.1.0"
 
-# glassbox's own transformers model types (a per-layer-expert MoE) load through AutoModel once glassbox is imported.
-from glassbox.models import hf_registry as _hf_registry  # noqa: E402
-
-_hf_registry.install()
-
+# glassbox's own transformers model types (the per-layer-expert MoE, SwiftKV) load through transformers' Auto classes
+# once glassbox is imported.
 from glassbox import hf_models as _hf_models  # noqa: E402
 
-_hf_models.install()     # SwiftKV's model type in transformers' Auto classes, once transformers is imported
+_hf_models.install()

@@ -1,59 +1,100 @@
-"""Model types glassbox adds to transformers (SwiftKV), registered as soon as transformers is imported.
+"""Model types glassbox adds to transformers: the per-layer-expert MoE (`glassbox_moe`) and SwiftKV.
 
-`AutoModelForCausalLM.from_pretrained` must load a SwiftKV directory after `import glassbox`, without
-`trust_remote_code`; transformers' registration API needs the classes, and they subclass transformers' Llama.
-Importing transformers on `import glassbox` would cost every command line call seconds, so `install()` registers
-right away only when transformers is loaded already, and otherwise puts a finder on `sys.meta_path` that runs the
-registration right after transformers' own package module has executed. The registrars are named by string,
-like the command line's areas, so the root package depends on no area.
+After `import glassbox`, `AutoConfig` and `AutoModelForCausalLM` load such directories with no
+trust_remote_code. Registering needs transformers' modeling code, whose import costs seconds, and most glassbox
+commands never touch transformers; so `install()` registers at once only what transformers' loaded Auto modules
+allow, and otherwise puts a finder on `sys.meta_path` that wraps the loading of every transformers module and
+registers when the outermost one has finished executing. It cannot register inside a transformers import:
+importing Mixtral's modules while, say, `modeling_utils` is half-executed fails on the circular import.
+Registrars are named by string ("module:function"), like the command line's areas, so the root package depends
+on no area.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.abc
-import importlib.util
 import sys
 import warnings
 
-# Modules that add their classes to transformers' Auto mappings when imported (each ends by registering, so
-# one imported first, which imports transformers on its way, registers itself once it is complete).
-REGISTRARS = ["glassbox.checkpoints.hf_swiftkv"]
+# Per transformers Auto module: what to run once it is loaded. SwiftKV registers its config and model together
+# (its config subclasses Llama's, which needs no Auto module of its own).
+REGISTRARS: dict[str, list[str]] = {
+    "transformers.models.auto.configuration_auto": ["glassbox.models.hf_registry:register_config",
+                                                     "glassbox.checkpoints.hf_swiftkv:register"],
+    "transformers.models.auto.modeling_auto": ["glassbox.models.hf_registry:register_model"],
+}
 
 
-def register_all() -> None:
-    for name in REGISTRARS:
-        try:
-            importlib.import_module(name)
-        except Exception as e:   # a broken registrar must not break `import transformers`
-            warnings.warn(f"glassbox: could not register {name} with transformers: {e}", stacklevel=2)
+def run_registrar(target: str) -> None:
+    """Run one "module:function" registrar. A module still being imported (it imported transformers, whose
+    import triggered this) is skipped: such a module ends by registering itself."""
+    module_name, function = target.split(":")
+    partial = sys.modules.get(module_name)
+    if partial is not None and getattr(getattr(partial, "__spec__", None), "_initializing", False):
+        return
+    try:
+        getattr(importlib.import_module(module_name), function)()
+    except Exception as e:   # a broken registrar must not break `import transformers`
+        warnings.warn(f"glassbox: could not register {target} with transformers: {e}", stacklevel=2)
 
 
-class _RegisteringLoader(importlib.abc.Loader):
-    def __init__(self, inner: importlib.abc.Loader):
-        self.inner = inner
+class _RegisterAfterTransformersImports(importlib.abc.MetaPathFinder):
+    """Wraps each transformers module's loader; when the outermost finishes executing, registers what the loaded
+    Auto modules allow, and leaves `sys.meta_path` once every registration is done."""
 
-    def create_module(self, spec):
-        return self.inner.create_module(spec)
+    def __init__(self) -> None:
+        self.pending = dict(REGISTRARS)
+        self.depth = 0
+        self.registering = False
 
-    def exec_module(self, module) -> None:
-        self.inner.exec_module(module)
-        register_all()
-
-
-class _AfterTransformersImport(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
-        if fullname != "transformers":
+        if fullname != "transformers" and not fullname.startswith("transformers."):
             return None
-        sys.meta_path.remove(self)      # once: the other finders locate the real package
-        spec = importlib.util.find_spec(fullname)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _RegisteringLoader(spec.loader)
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module):
+            self.depth += 1
+            try:
+                exec_module(module)
+            finally:
+                self.depth -= 1
+            if self.depth == 0:
+                self.register_loaded()
+
+        spec.loader.exec_module = exec_then_register
         return spec
+
+    def register_loaded(self) -> None:
+        if self.registering:
+            return
+        self.registering = True
+        try:
+            for name in list(self.pending):
+                if name in sys.modules:
+                    for target in self.pending.pop(name):
+                        run_registrar(target)
+        finally:
+            self.registering = False
+        if not self.pending and self in sys.meta_path:
+            sys.meta_path.remove(self)
 
 
 def install() -> None:
-    if "transformers" in sys.modules:
-        register_all()
-    elif not any(isinstance(f, _AfterTransformersImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterTransformersImport())
+    """Register now what transformers' loaded Auto modules allow; the rest as soon as they load."""
+    if any(isinstance(f, _RegisterAfterTransformersImports) for f in sys.meta_path):
+        return
+    finder = _RegisterAfterTransformersImports()
+    finder.register_loaded()
+    if finder.pending:
+        sys.meta_path.insert(0, finder)
