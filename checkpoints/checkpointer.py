@@ -36,6 +36,7 @@ from glassbox.checkpoints.config import CheckpointConfig
 from glassbox.checkpoints.layout import (
     CONFIG,
     DCP_DIR,
+    CHAT_FILES,
     LATEST,
     TOKENIZER_DIR,
     checkpoints_root,
@@ -106,15 +107,17 @@ def _tree_bytes(path: Path) -> int:
 class Checkpointer:
     """Writes checkpoints of a training state into RUN_DIR/checkpoints/ and applies retention.
 
-    `tokenizer_dir` (a prepared DATA_DIR) is copied into every checkpoint so each exports on its own.
+    `tokenizer_dir` (a prepared DATA_DIR) is copied into every checkpoint so each exports on its own, with
+    `chat_dir`'s (the init_from directory's) chat template and special tokens where the run started from one.
     """
 
     def __init__(self, cfg: CheckpointConfig, run_dir: Path, log: Callable[[str], None] = print,
-                 tokenizer_dir: Path | None = None):
+                 tokenizer_dir: Path | None = None, chat_dir: Path | None = None):
         self.cfg = cfg
         self.root = checkpoints_root(run_dir)
         self.log = log
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else None
+        self.chat_dir = Path(chat_dir) if chat_dir else None
         self.pending: _Pending | None = None
         self.last_stall_s: float | None = None
         self.last_saved_step: int | None = None
@@ -316,6 +319,9 @@ class Checkpointer:
             for name in ("tokenizer.json", "meta.json"):
                 if (self.tokenizer_dir / name).is_file():
                     shutil.copyfile(self.tokenizer_dir / name, tmp / TOKENIZER_DIR / name)
+            for name in CHAT_FILES if self.chat_dir is not None else ():
+                if (self.chat_dir / name).is_file():
+                    shutil.copyfile(self.chat_dir / name, tmp / TOKENIZER_DIR / name)
 
     def _info(self, state: CheckpointState, world: int, exact: bool) -> dict[str, Any]:
         model_cfg = getattr(unwrap(state.model), "config", None)

@@ -60,7 +60,7 @@ def _rope_theta(hf_config: Any) -> float:
     return float(theta)
 
 
-def hf_config_from(cfg: ModelConfig, bos_token_id: int | None = None, eos_token_id: int | None = None,
+def hf_config_from(cfg: ModelConfig, bos_token_id: int | None = None, eos_token_id: int | list[int] | None = None,
                    dtype: torch.dtype = torch.float32) -> Any:
     """The transformers config whose model computes exactly what glassbox's Transformer computes."""
     from transformers import LlamaConfig, MixtralConfig
@@ -279,17 +279,49 @@ def _eod_token(tokenizer_json: Path) -> tuple[str | None, int | None]:
     return None, None
 
 
+def _special_token_ids(tokenizer_json: Path, eod_id: int | None) -> dict[str, Any]:
+    """bos/eos/pad ids for config.json and generation_config.json: the end-of-text token for all three, unless the
+    checkpoint carries a base model's tokenizer config (init_from): then the base's tokens, with the data's
+    end-of-text as a second eos (the run's documents end with it)."""
+    carried = tokenizer_json.with_name("tokenizer_config.json")
+    if not carried.is_file():
+        return {"bos_token_id": eod_id, "eos_token_id": eod_id, "pad_token_id": eod_id}
+    from tokenizers import Tokenizer
+
+    tok, config = Tokenizer.from_file(str(tokenizer_json)), json.loads(carried.read_text())
+
+    def token_id(key: str) -> int | None:
+        token = config.get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        return tok.token_to_id(token) if isinstance(token, str) else None
+
+    eos = [i for i in dict.fromkeys([token_id("eos_token"), eod_id]) if i is not None]
+    bos, pad = token_id("bos_token"), token_id("pad_token")
+    return {"bos_token_id": eod_id if bos is None else bos,
+            "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+            "pad_token_id": eod_id if pad is None else pad}
+
+
 def _write_tokenizer(tmp: Path, tokenizer_json: Path, eod: str | None, max_len: int) -> None:
     shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
-    config: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": max_len,
-        "clean_up_tokenization_spaces": False,
-        "add_bos_token": False,
-        "add_eos_token": False,
-    }
-    if eod is not None:
-        config.update(bos_token=eod, eos_token=eod, pad_token=eod)
+    carried = tokenizer_json.with_name("tokenizer_config.json")
+    if carried.is_file():
+        # A run from a pretrained directory: its chat template and special tokens, as the base declared them.
+        config: dict[str, Any] = json.loads(carried.read_text())
+        config["model_max_length"] = max_len
+        template = tokenizer_json.with_name("chat_template.jinja")
+        if template.is_file():
+            shutil.copyfile(template, tmp / template.name)
+    else:
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": max_len,
+            "clean_up_tokenization_spaces": False,
+            "add_bos_token": False,
+            "add_eos_token": False,
+        }
+        if eod is not None:
+            config.update(bos_token=eod, eos_token=eod, pad_token=eod)
     (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -341,10 +373,13 @@ def save_hf_model_dir(model: torch.nn.Module, out: Path, tokenizer_json: Path | 
     tensors = {k: v.cpu() for k, v in tensors.items()}
     weight_dtype = next(iter(tensors.values())).dtype
     eod, eod_id = _eod_token(Path(tokenizer_json)) if tokenizer_json is not None else (None, None)
-    hf = hf_config_from(cfg, bos_token_id=eod_id, eos_token_id=eod_id, dtype=weight_dtype)
+    special = (_special_token_ids(Path(tokenizer_json), eod_id) if tokenizer_json is not None else
+               {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None})
+    hf = hf_config_from(cfg, bos_token_id=special["bos_token_id"], eos_token_id=special["eos_token_id"],
+                        dtype=weight_dtype)
     with staged_dir(out, replace=True) as tmp:
         hf.save_pretrained(tmp)
-        generation = {"bos_token_id": eod_id, "eos_token_id": eod_id, "pad_token_id": eod_id}
+        generation = special
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
         if tokenizer_json is not None:
             _write_tokenizer(tmp, Path(tokenizer_json), eod, cfg.max_seq_len)

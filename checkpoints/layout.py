@@ -15,6 +15,9 @@ LATEST = "latest"
 DCP_DIR = "dcp"
 CONFIG = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
+# A run started from a pretrained directory (init_from) also carries that directory's chat template and special
+# tokens in TOKENIZER_DIR: its data holds the tokenizer alone, and an export must chat like the base did.
+CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja")
 _STEP_RE = re.compile(r"step_(\d{6,})")
 
 

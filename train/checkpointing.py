@@ -27,11 +27,11 @@ class CheckpointCallback(Callback):
     order = -100
 
     def __init__(self, cfg: CheckpointConfig, run_dir: Path, log: Callable[[str], None] = print,
-                 tokenizer_dir: Path | None = None):
+                 tokenizer_dir: Path | None = None, chat_dir: Path | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.log = log
-        self.checkpointer = Checkpointer(cfg, self.run_dir, log, tokenizer_dir)
+        self.checkpointer = Checkpointer(cfg, self.run_dir, log, tokenizer_dir, chat_dir)
         self.last_step: int | None = None
         self.trainer: "Trainer | None" = None
         self._notified: Path | None = None

@@ -79,7 +79,8 @@ def default_callbacks(cfg: RunConfig) -> list[Callback]:
     """The callbacks every run gets: checkpointing (first by its order: its on_train_start restores a resumed
     state, which the callbacks after it then see), wandb and the progress bar (last)."""
     dirs = cfg.data.dirs()
-    checkpoints = CheckpointCallback(cfg.checkpoint, Path(cfg.run_dir), tokenizer_dir=dirs[0] if dirs else None)
+    checkpoints = CheckpointCallback(cfg.checkpoint, Path(cfg.run_dir), tokenizer_dir=dirs[0] if dirs else None,
+                                     chat_dir=Path(cfg.init_from) if cfg.init_from else None)
     callbacks = [checkpoints, WandbLogger(), ProgressBar(cfg.logging.progress)]
     if cfg.fault_tolerance.enabled:     # SCAR: partial checkpoints, survivor copies, recovery after a restart
         callbacks.append(ScarCallback(cfg.fault_tolerance, Path(cfg.run_dir)))

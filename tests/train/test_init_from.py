@@ -80,3 +80,31 @@ def test_data_of_another_tokenizer_is_refused(prepared_data, pretrained, tmp_pat
     cfg = run_config_from_dict(init_dict(prepared_data, tmp_path / "run", other))
     with pytest.raises(GlassboxError, match="tokenized with .* not with .*other/tokenizer.json.*--tokenizer"):
         Trainer(cfg, callbacks=[])
+
+
+def test_an_export_chats_like_the_base(prepared_data, pretrained, tmp_path):
+    """The data holds the tokenizer alone; the checkpoint carries the base's chat template and special tokens,
+    so the exported fine-tune renders chats as the base does and stops at the base's eos as well."""
+    from transformers import AutoTokenizer
+
+    from glassbox.checkpoints.export import export_checkpoint
+
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in pretrained.iterdir():
+        (base / f.name).write_bytes(f.read_bytes())
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}[assistant] {% endif %}")
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    d = init_dict(prepared_data, tmp_path / "run", base)
+    d["checkpoint"] = {"every": 2}
+    Trainer(run_config_from_dict(d)).fit()
+    out = export_checkpoint(tmp_path / "run", tmp_path / "export")
+    chat = [{"role": "user", "content": "hello"}]
+    rendered = [AutoTokenizer.from_pretrained(p).apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+                for p in (base, out)]
+    assert rendered[0] == rendered[1] == "[user] hello\n[assistant] "
+    generation = json.loads((out / "generation_config.json").read_text())
+    eod = json.loads((prepared_data / "meta.json").read_text())["eod_id"]
+    assert generation["eos_token_id"] == eod     # the base's eos is the data's end-of-text here: listed once
