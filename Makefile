@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/glassbox demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not gpu" tests
+	$(PY) -m pytest -q -m "not gpu" --durations=20 tests
 
 clean:
 	rm -rf $(VENV) demo runs
