@@ -11,6 +11,14 @@ One run does it all on one machine, the served model being SmolLM2-135M-Instruct
    of the same engine: mean and p90 end-to-end latency, mean and p90 TTFT, requests/s and output tokens/s;
 4. offline generation under a fixed time budget: every request submitted at once, and the requests completed
    within half the time FCFS needs for all of them, per policy (the paper's synthetic-data scenario).
+Each row also counts what scheduling cost: preemptions, steps that prefill (eager on the GPU, where a pure-decode
+step replays a CUDA graph) among all steps, tokens recomputed after preemption, starvation promotions, and the
+share of outputs exactly as long as their label (the oracle's premise). On CUDA the highest load also runs the
+oracle with the LTR policy's other preemption modes (never; always, rank alone), to show what preemption buys.
+
+`replay` runs a collection's lengths through the real scheduler without a model (time in decode steps, a
+prefill step costing --prefill-cost), for every preemption mode and the guard's old 200-step threshold: the
+scheduling side alone, free of device noise (bench/results/ltr_scheduling_replay.*).
 
 The batch cap (--max-num-seqs) is small on purpose: a 135M model's KV cache never runs out on one GPU, so without
 a cap every request would run at once and no queue (nothing to schedule) would form; the cap stands in for the KV
@@ -19,6 +27,7 @@ the output its label was measured on, and the oracle knows every length exactly.
 
     python bench/ltr_scheduling.py --model /work/scratch/smollm2-hf --device cpu      # CPU figures (small)
     python bench/ltr_scheduling.py --gguf /tmp/SmolLM2-135M-Instruct.Q4_1.gguf --device cuda    # the GPU run
+    python bench/ltr_scheduling.py replay --collection DIR                             # scheduler only
 
 Writes bench/results/<out-name>.json (ltr_scheduling on the CPU, ltr_scheduling_gpu on CUDA; summary:
 kendall_tau, mean_latency_ratio_vs_fcfs and mean_latency_ratio_vs_oracle at the highest load,
@@ -44,8 +53,9 @@ RESULTS = ROOT / "bench" / "results"
 PROMPTS = ROOT / "bench" / "traces" / "ltr_prompts.jsonl.gz"
 POLICIES = ("fcfs", "ltr", "oracle")
 
-# Sizes per device: (prompts collected, max_tokens, requests per online run, batch cap, load fractions).
-SIZES = {"cpu": (192, 64, 12, 2, (0.5, 2.0)), "cuda": (1200, 256, 96, 8, (0.5, 1.0, 2.0))}
+# Sizes per device: (prompts collected, max_tokens, requests per online run, batch cap, load fractions, whether
+# to run the oracle's preemption ablations at the highest load).
+SIZES = {"cpu": (192, 64, 16, 4, (1.0, 4.0), False), "cuda": (1200, 256, 96, 8, (0.5, 1.0, 2.0, 4.0), True)}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -65,21 +75,27 @@ def fresh(engine, policy) -> None:
                                  cfg.enable_chunked_prefill)
 
 
+# Ablations of oracle SJF at the highest load: how much preemption costs or buys (the default is "remaining").
+ABLATIONS = {"oracle-never": {"preemption": "never"}, "oracle-always": {"preemption": "always"}}
+
+
 def make_policy(name: str, ranker, lengths: dict[tuple[int, ...], int]):
-    from glassbox.inference.ltr.policy import FunctionScorer, LTRPolicy, RankerScorer
+    """The policy a row names, with the LTR policy's defaults (preemption, guard) unless an ablation says."""
+    from glassbox.inference.ltr.policy import LengthScorer, LTRPolicy, RankerScorer
     from glassbox.inference.policy import FCFS
 
     if name == "fcfs":
         return FCFS()
     if name == "ltr":
         return LTRPolicy(RankerScorer(ranker))
-    return LTRPolicy(FunctionScorer(lambda p: -lengths[tuple(p)]))
+    return LTRPolicy(LengthScorer(lambda p: lengths[tuple(p)]), **ABLATIONS.get(name, {}))
 
 
 def serve(engine, requests: list[list[int]], offsets: list[float], max_tokens: int, policy,
-          budget_s: float | None = None) -> dict:
+          budget_s: float | None = None, lengths: dict[tuple[int, ...], int] | None = None) -> dict:
     """Run `requests` arriving at `offsets` seconds (from now) to completion, or until `budget_s`; per-request
-    latency, TTFT and the run's throughput."""
+    latency, TTFT, the run's throughput and what its preemptions cost (prefill steps, recomputed tokens), and
+    with `lengths` the share of outputs as long as their collected label (what the oracle is told)."""
     from glassbox.inference.sampling_params import SamplingParams
 
     fresh(engine, policy)
@@ -102,6 +118,11 @@ def serve(engine, requests: list[list[int]], offsets: list[float], max_tokens: i
             done[out.request_id] = out
             out_tokens += len(out.outputs[0].token_ids)
     elapsed = time.monotonic() - t0
+    sched = engine.scheduler
+    matches = None
+    if lengths is not None and done:
+        matches = statistics.fmean(len(o.outputs[0].token_ids) == lengths[tuple(requests[int(rid)])]
+                                   for rid, o in done.items())
     for rid in list(engine.requests):
         engine.abort(rid)
     stats = engine.stats()
@@ -110,6 +131,9 @@ def serve(engine, requests: list[list[int]], offsets: list[float], max_tokens: i
     ttft = [o.metrics["first_token_time"] - o.metrics["arrival_time"] for o in done.values()]
     return {"completed": len(done), "seconds": elapsed, "requests_per_s": len(done) / elapsed,
             "output_tokens_per_s": out_tokens / elapsed, "preemptions": stats["num_preemptions"],
+            "rank_preemptions": sched.num_rank_preemptions, "steps": sched.num_steps,
+            "prefill_steps": sched.num_prefill_steps, "recomputed_tokens": sched.num_recomputed_tokens,
+            "prefix_cache_hit_tokens": stats["prefix_cache_hit_tokens"], "label_match": matches,
             "mean_latency_s": statistics.fmean(lat) if lat else None,
             "p90_latency_s": percentile(lat, 0.9) if lat else None,
             "mean_ttft_s": statistics.fmean(ttft) if ttft else None,
@@ -135,6 +159,106 @@ def poisson_offsets(n: int, rate: float, seed: int) -> list[float]:
         t += rng.expovariate(rate)
         out.append(t)
     return out
+
+
+REPLAY_POLICIES = {"fcfs": None, "oracle": {}, "oracle-never": {"preemption": "never"},
+                   "oracle-always": {"preemption": "always"}, "oracle-guard200": {"starvation_steps": 200}}
+
+
+def replay_run(lengths: list[int], prompts: list[list[int]], arrivals: list[float], cap: int, options: dict | None,
+               prefill_cost: float) -> dict:
+    """Replay one workload through the real Scheduler and BlockManager without a model: each step computes what
+    was scheduled, a sampling sequence gets one token and finishes at its length. Time is in decode steps, a step
+    that prefills anything costing `prefill_cost` of them (on the GPU such a step runs eagerly; a pure-decode
+    step replays a CUDA graph)."""
+    from glassbox.inference.block_manager import BlockManager
+    from glassbox.inference.ltr.policy import LengthScorer, LTRPolicy
+    from glassbox.inference.policy import FCFS
+    from glassbox.inference.sampling_params import SamplingParams
+    from glassbox.inference.scheduler import Scheduler
+    from glassbox.inference.sequence import Sequence
+
+    longest = max(len(p) for p in prompts) + max(lengths)
+    blocks = BlockManager(2 * cap * -(-longest // 16), 16)
+    # The first token of each replayed prompt is its index: distinct prompts, and the oracle's key.
+    seqs = [Sequence(str(i), [i] + p[1:], SamplingParams(temperature=0), arrival_time=arrivals[i])
+            for i, p in enumerate(prompts)]
+    policy = FCFS() if options is None else LTRPolicy(LengthScorer(lambda p: lengths[p[0]]), **options)
+    sched = Scheduler(blocks, policy, cap, 2048)
+    pending = sorted(range(len(seqs)), key=lambda i: arrivals[i])
+    clock, finished = 0.0, {}
+    while pending or sched.has_work():
+        while pending and arrivals[pending[0]] <= clock:
+            sched.add(seqs[pending.pop(0)])
+        if not sched.has_work():
+            clock = arrivals[pending[0]]
+            continue
+        before = sched.num_prefill_steps
+        out = sched.schedule()
+        clock += prefill_cost if sched.num_prefill_steps > before else 1.0
+        for s in out.scheduled:
+            if not s.samples:
+                s.seq.computed(s.num_tokens)
+                blocks.commit(s.seq)
+                continue
+            s.seq.verified([7])
+            blocks.commit(s.seq)
+            i = int(s.seq.request_id)
+            if s.seq.num_output_tokens >= lengths[i]:
+                finished[i] = clock
+                sched.finish(s.seq, "length")
+    latency = [finished[i] - arrivals[i] for i in range(len(seqs))]
+    return {"mean_latency_steps": statistics.fmean(latency), "p90_latency_steps": percentile(latency, 0.9),
+            "makespan_steps": clock, "steps": sched.num_steps, "prefill_steps": sched.num_prefill_steps,
+            "preemptions": sched.num_preemptions, "rank_preemptions": sched.num_rank_preemptions,
+            "recomputed_tokens": sched.num_recomputed_tokens, "promotions": policy.guard.num_promotions,
+            "max_preemptions_of_one_request": max(s.num_preemptions for s in seqs)}
+
+
+def replay(args) -> int:
+    """Scheduler-only replay of a collection's prompts and output lengths under Poisson load (time in steps):
+    what each policy's preemptions and promotions cost, free of device noise."""
+    from glassbox.inference.ltr.collect import load_collection, machine_name
+
+    if args.collection is None:
+        sys.exit("replay: give --collection DIR (a `glassbox ltr collect` output)")
+    meta, examples = load_collection(args.collection)
+    rng = random.Random(args.seed)
+    n, cap, scale = args.requests or 96, args.max_num_seqs or 8, args.replay_scale
+    picked = [rng.choice(examples) for _ in range(n)]
+    lengths = [max(1, e.output_len * scale) for e in picked]
+    prompts = [e.prompt_ids for e in picked]
+    full = replay_run(lengths, prompts, [0.0] * n, cap, None, args.prefill_cost)
+    capacity = n / full["makespan_steps"]
+    rows = []
+    for load in args.loads or (1.0, 2.0, 4.0):
+        arrivals = poisson_offsets(n, load * capacity, args.seed + int(load * 1000))
+        for name, options in REPLAY_POLICIES.items():
+            rows.append({"load": load, "policy": name,
+                         **replay_run(lengths, prompts, arrivals, cap, options, args.prefill_cost)})
+    top = max(r["load"] for r in rows)
+    mean = {r["policy"]: r["mean_latency_steps"] for r in rows if r["load"] == top}
+    result = {"summary": {f"{k}_mean_latency_ratio_vs_fcfs": v / mean["fcfs"] for k, v in mean.items()
+                          if k != "fcfs"} | {"highest_load": top},
+              "machine": f"scheduler only, no model ({machine_name('cpu')})", "collection": str(args.collection),
+              "model": Path(meta["model_dir"]).name, "requests": n, "max_num_seqs": cap, "length_scale": scale,
+              "prefill_cost_steps": args.prefill_cost, "capacity_req_per_step": capacity, "rows": rows}
+    lines = [f"# LTR scheduling replay: the scheduler alone, time in decode steps ({result['machine']})", "",
+             f"{n} requests drawn from {args.collection.name} ({result['model']}'s output lengths x{scale}), batch "
+             f"cap {cap}, Poisson arrivals at fractions of the capacity ({capacity:.4f} req/step, all at once under "
+             f"FCFS); a step that prefills costs {args.prefill_cost:g} decode steps. Oracle SJF knows the lengths; "
+             "its rows differ only in the LTR policy's preemption mode and starvation guard.", "",
+             "| load | policy | mean latency (steps) | p90 (steps) | makespan | prefill steps | preemptions (rank) | "
+             "most of one request | recomputed tokens | promotions |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['load']}x | {r['policy']} | {r['mean_latency_steps']:.0f} | {r['p90_latency_steps']:.0f} | "
+                     f"{r['makespan_steps']:.0f} | {r['prefill_steps']} | {r['preemptions']} ({r['rank_preemptions']}) "
+                     f"| {r['max_preemptions_of_one_request']} | {r['recomputed_tokens']} | {r['promotions']} |")
+    lines += ["", "Summary: " + ", ".join(f"{k} {v:.3f}" for k, v in result["summary"].items()) + "."]
+    atomic.write_json(RESULTS / "ltr_scheduling_replay.json", result)
+    atomic.write_text(RESULTS / "ltr_scheduling_replay.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
 
 
 def write_prompts(n: int) -> None:
@@ -188,11 +312,14 @@ def markdown(result: dict) -> str:
              f"Online: {r['requests_per_run']} held-out requests per run, Poisson arrivals (same times for every "
              f"policy); capacity measured at {r['capacity_req_s']:.2f} req/s.", "",
              "| load | rate (req/s) | policy | mean latency (s) | p90 latency (s) | mean TTFT (s) | p90 TTFT (s) | "
-             "req/s | out tok/s | preemptions |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "req/s | out tok/s | preemptions | prefill steps / steps | recomputed tokens | promotions | "
+             "outputs as labelled |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in r["online"]:
         lines.append(f"| {row['load']}x | {row['rate_req_s']:.2f} | {row['policy']} | {row['mean_latency_s']:.2f} | "
                      f"{row['p90_latency_s']:.2f} | {row['mean_ttft_s']:.2f} | {row['p90_ttft_s']:.2f} | "
-                     f"{row['requests_per_s']:.2f} | {row['output_tokens_per_s']:.0f} | {row['preemptions']} |")
+                     f"{row['requests_per_s']:.2f} | {row['output_tokens_per_s']:.0f} | {row['preemptions']} | "
+                     f"{row['prefill_steps']} / {row['steps']} | {row['recomputed_tokens']} | "
+                     f"{row['promotions'] or 0} | {row['label_match']:.0%} |")
     lines += ["", f"Offline: all {r['offline_requests']} requests at once, {r['offline_budget_s']:.1f} s budget "
               "(half of FCFS's time for all of them).", "", "| policy | completed | completed/s |", "|---|---:|---:|"]
     for row in r["offline"]:
@@ -205,7 +332,7 @@ def markdown(result: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", nargs="?", default="run", choices=["run", "prompts"])
+    ap.add_argument("command", nargs="?", default="run", choices=["run", "prompts", "replay"])
     ap.add_argument("--model", type=Path, help="the served model's HF directory")
     ap.add_argument("--gguf", type=Path, help="or SmolLM2's GGUF file, converted here")
     ap.add_argument("--device", default="cpu")
@@ -218,10 +345,14 @@ def main() -> int:
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/glassbox-ltr-bench"))
     ap.add_argument("--out-name", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--replay-scale", type=int, default=4, help="replay: output lengths times this")
+    ap.add_argument("--prefill-cost", type=float, default=3.0, help="replay: a prefill step in decode steps")
     args = ap.parse_args()
     if args.command == "prompts":
         write_prompts(args.num_prompts or 1200)
         return 0
+    if args.command == "replay":
+        return replay(args)
 
     from glassbox.inference.engine import EngineConfig, LLMEngine
     from glassbox.inference.ltr.collect import collect, load_collection, machine_name
@@ -231,7 +362,7 @@ def main() -> int:
     from glassbox.inference.ltr.train import TrainConfig, split, train
 
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
-    n_prompts, max_tokens, n_requests, max_num_seqs, loads = SIZES[kind]
+    n_prompts, max_tokens, n_requests, max_num_seqs, loads, ablations = SIZES[kind]
     n_prompts = args.num_prompts or n_prompts
     n_requests = args.requests or n_requests
     max_num_seqs = args.max_num_seqs or max_num_seqs
@@ -293,15 +424,18 @@ def main() -> int:
     for load in loads:
         rate = load * capacity
         offsets = poisson_offsets(len(requests), rate, args.seed + int(load * 1000))
-        for name in POLICIES:
-            row = serve(engine, requests, offsets, max_tokens, make_policy(name, ranker, lengths))
+        names = POLICIES + (tuple(ABLATIONS) if ablations and load == max(loads) else ())
+        for name in names:
+            row = serve(engine, requests, offsets, max_tokens, make_policy(name, ranker, lengths), lengths=lengths)
             online.append({"load": load, "rate_req_s": rate, "policy": name, **row})
             print(f"load {load}x {name}: mean {row['mean_latency_s']:.2f} s, p90 {row['p90_latency_s']:.2f} s, "
-                  f"ttft {row['mean_ttft_s']:.2f} s", flush=True)
+                  f"ttft {row['mean_ttft_s']:.2f} s, {row['preemptions']} preemptions, {row['prefill_steps']} "
+                  f"prefill steps of {row['steps']}", flush=True)
     budget = full["seconds"] / 2
     offline = []
     for name in POLICIES:
-        row = serve(engine, requests, [0.0] * len(requests), max_tokens, make_policy(name, ranker, lengths), budget)
+        row = serve(engine, requests, [0.0] * len(requests), max_tokens, make_policy(name, ranker, lengths), budget,
+                    lengths)
         offline.append({"policy": name, **row})
         print(f"offline {name}: {row['completed']} completed in {budget:.1f} s", flush=True)
 
@@ -314,6 +448,7 @@ def main() -> int:
                     "mean_latency_ratio_vs_oracle": mean["ltr"] / mean["oracle"],
                     "offline_throughput_ratio_vs_fcfs": done["ltr"] / max(done["fcfs"], 1),
                     "oracle_mean_latency_ratio_vs_fcfs": mean["oracle"] / mean["fcfs"],
+                    **{f"{k}_mean_latency_ratio_vs_fcfs": mean[k] / mean["fcfs"] for k in ABLATIONS if k in mean},
                     "highest_load": top},
         "machine": machine_name(args.device), "model": Path(meta["model_dir"]).name, "dtype": dtype,
         "max_tokens": max_tokens, "max_num_seqs": max_num_seqs, "requests_per_run": len(requests),

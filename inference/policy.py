@@ -9,11 +9,22 @@ first, waiting after) cannot express.
 A policy also sees the life of a sequence through three hooks: `on_arrival` (a learned ranker scores the prompts
 there), `on_step` (after each scheduling decision: the starvation guard counts there) and `on_finish`.
 
+Ranking alone does not decide a preemption: before admission evicts a running sequence for a better-ranked
+waiting one, the scheduler asks `may_preempt(victim, candidate)`. The base policy always says yes, except for a
+sequence the starvation guard has promoted; a policy whose ranking is an estimate (LTR) says yes only when it
+pays (see LTRPolicy). Preemption the KV pool forces (a running sequence out of blocks) is not the policy's to
+refuse.
+
 Every policy has the starvation guard: a sequence passed over (a candidate that got no tokens) for
-`starvation_steps` consecutive steps is promoted above every unpromoted sequence for `promote_steps` steps, then
-drops back to its own rank with its count reset. A shortest-first ranking needs it (LTR turns it on by default),
-or a long request waits forever behind a stream of short ones; FCFS and priority leave it off unless asked, as
-their order is the one the user asked for (under FCFS a promotion could only put a later arrival first).
+`starvation_steps` consecutive steps is promoted above every unpromoted sequence until it has been served
+`promote_steps` steps, then drops back to its own rank with its count reset; and once it has starved, ranking
+never preempts it again (admission may not evict it; only the KV pool can). Both halves matter: a promotion that
+counted down while the sequence waited for a slot would end unused, and one that let the sequence be preempted
+as soon as it dropped back would only buy it `promote_steps` tokens, thrown away and recomputed at the next
+promotion (the H200 run of 2026-12-02 preempted 168 times for 70 promotions that way). A shortest-first ranking
+needs the guard (LTR turns it on by default), or a long request waits forever behind a stream of short ones; FCFS
+and priority leave it off unless asked, as their order is the one the user asked for (under FCFS a promotion could
+only put a later arrival first).
 """
 
 from __future__ import annotations
@@ -42,8 +53,8 @@ class SchedulerState:
 
 class StarvationGuard:
     """Counts, per sequence, the consecutive steps it was a candidate and got nothing; at `starvation_steps` it is
-    promoted for `promote_steps` steps (counted whether or not it is served: a promotion that cannot be used, for
-    a group too large to fit yet, still ends). `starvation_steps` None turns the guard off."""
+    promoted until it has been served `promote_steps` steps (steps it waits for a slot do not count), and is
+    remembered as `starved` until it finishes. `starvation_steps` None turns the guard off."""
 
     def __init__(self, starvation_steps: int | None = DEFAULT_STARVATION_STEPS,
                  promote_steps: int = DEFAULT_PROMOTE_STEPS):
@@ -57,6 +68,8 @@ class StarvationGuard:
         self.passed_over: dict[int, int] = {}
         # seq_id -> (steps of promotion left, the step it was promoted at: earlier promotions rank first)
         self.promoted: dict[int, tuple[int, int]] = {}
+        # Every sequence promoted so far and unfinished: ranking no longer preempts it.
+        self.starved: set[int] = set()
         self.num_promotions = 0
 
     def promotion(self, seq: Sequence) -> tuple[int, int]:
@@ -71,6 +84,8 @@ class StarvationGuard:
             sid = seq.seq_id
             if sid in self.promoted:
                 left, since = self.promoted[sid]
+                if sid not in state.scheduled:
+                    continue
                 if left > 1:
                     self.promoted[sid] = (left - 1, since)
                 else:
@@ -83,6 +98,7 @@ class StarvationGuard:
             if count >= self.starvation_steps:
                 self.passed_over.pop(sid, None)
                 self.promoted[sid] = (self.promote_steps, state.step)
+                self.starved.add(sid)
                 self.num_promotions += 1
             else:
                 self.passed_over[sid] = count
@@ -90,6 +106,7 @@ class StarvationGuard:
     def forget(self, seq: Sequence) -> None:
         self.passed_over.pop(seq.seq_id, None)
         self.promoted.pop(seq.seq_id, None)
+        self.starved.discard(seq.seq_id)
 
 
 class Policy:
@@ -110,6 +127,11 @@ class Policy:
         """The candidates to consider this step, best first. Every running candidate must be returned; a waiting
         one left out (a policy not ready to rank it yet) is neither admitted nor counted as passed over."""
         return sorted(candidates, key=lambda s: (self.guard.promotion(s), self.key(s), s.arrival_time, s.seq_id))
+
+    def may_preempt(self, victim: Sequence, candidate: Sequence) -> bool:
+        """Whether admitting waiting `candidate`, ranked above running `victim`, may preempt `victim`. Yes, unless
+        the victim has starved (see StarvationGuard): once a starved request runs, ranking lets it finish."""
+        return victim.seq_id not in self.guard.starved
 
     def on_arrival(self, seqs: list[Sequence]) -> None:
         """New sequences (the n samples of one request), before their first step."""

@@ -8,11 +8,13 @@ decodes keep flowing in the same batch. A waiting unit is admitted when its sequ
 fit under the sequence cap and get KV blocks, all of them or none.
 
 When a running unit lacks blocks, running units ranked below it are preempted from the bottom up until it fits,
-and if none is left it is preempted itself. A waiting unit that lacks blocks or sequence slots preempts running
-units ranked below it only if preempting all of them would make room (a request that cannot get in anyway evicts
-no one); if they would not, it is not admitted, and neither is any waiting unit ranked below it, nor below a unit
-preempted this step (admission keeps rank order: a large request is not overtaken forever by small ones that
-happen to fit). Under FCFS this schedules exactly as the scheduler did before policies ranked jointly.
+and if none is left it is preempted itself (forced preemption: the pool decides). A waiting unit that lacks
+blocks or sequence slots preempts running units ranked below it that the policy lets it preempt
+(`policy.may_preempt`: rank preemption, which the policy may refuse where it would not pay), and only if
+preempting all of those would make room (a request that cannot get in anyway evicts no one); if they would not,
+it is not admitted, and neither is any waiting unit ranked below it, nor below a unit preempted this step
+(admission keeps rank order: a large request is not overtaken forever by small ones that happen to fit). Under
+FCFS this schedules exactly as the scheduler did before policies ranked jointly.
 Preemption is by recompute: the blocks are freed and the sequence waits to be prefilled again. That is what
 this engine does best: freed blocks keep their prefix-cache hashes, so a sequence re-admitted soon finds its full
 blocks again as prefix hits and recomputes only what was overwritten, whereas swapping would need a host KV pool
@@ -99,6 +101,11 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # Of those, the preemptions admission chose (the rest the KV pool forced); and what preemption costs:
+        # steps that prefill (no CUDA graph: a pure-decode step replays one) and tokens computed again.
+        self.num_rank_preemptions = 0
+        self.num_prefill_steps = 0
+        self.num_recomputed_tokens = 0
         self.num_steps = 0
         self._group_sizes: Counter[str] = Counter()
 
@@ -203,6 +210,9 @@ class Scheduler:
             return True
         victims = [[s for s in unit if s.status is Status.RUNNING] for unit in below]
         victims = [v for v in victims if v]
+        if not in_vain_ok:
+            candidate = plan[0].seq
+            victims = [v for v in victims if all(self.policy.may_preempt(s, candidate) for s in v)]
         everyone = [s for v in victims for s in v]
         if not in_vain_ok and (self._blocks_to_take(plan) > self.blocks.num_free_blocks + self._freeable(everyone)
                                or len(self.running) - len(everyone) + new_seqs > self.max_num_seqs):
@@ -210,6 +220,7 @@ class Scheduler:
         while victims and not fits():
             for seq in victims.pop():
                 self._preempt(seq, out)
+                self.num_rank_preemptions += not in_vain_ok
         return fits()
 
     def _admit(self, joining: list[_Plan], out: SchedulerOutput) -> bool:
@@ -231,6 +242,14 @@ class Scheduler:
             p.seq.status = Status.RUNNING
             self.running.append(p.seq)
         return True
+
+    def _count_prefill(self, out: SchedulerOutput) -> None:
+        """Count a step that prefills anything, and the tokens of sequences with output recomputed after a
+        preemption (all but the last one, which a decode would have computed anyway)."""
+        prefill = [s for s in out.scheduled if s.num_tokens - s.num_spec > 1 or not s.samples]
+        self.num_prefill_steps += bool(prefill)
+        self.num_recomputed_tokens += sum(min(s.start + s.num_tokens - s.num_spec, s.seq.num_tokens - 1) - s.start
+                                          for s in prefill if s.seq.num_output_tokens > 0)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -268,6 +287,7 @@ class Scheduler:
             else:
                 admitting = False
         self.num_steps += 1
+        self._count_prefill(out)
         self.policy.on_step(SchedulerState(self.num_steps, ranked, {s.seq.seq_id for s in out.scheduled},
                                            out.preempted))
         return out

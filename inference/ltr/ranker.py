@@ -9,6 +9,11 @@ A prompt's features are the mean and the last position of the hidden state after
 causal attention leaves the real positions unchanged), standardised with the training set's statistics. A
 higher score means a shorter expected output (ListMLE's convention: the first of a ranked list scores highest).
 
+Scores rank; they are not lengths. So that a scheduler can also ask how much work a request is (is a preemption
+worth it?), training stores a length calibration in ranker.json: the score and output-length quantiles of the
+training prompts, matched (the highest score to the shortest length), read back by piecewise-linear
+interpolation. It is monotone, so it never changes the ranking; a ranker without one predicts no lengths.
+
 A ranker directory is self-contained: ranker.json (its shape, the layer count, the tokenizer fingerprint it was
 trained under), trunk.safetensors (embeddings and k layers) and head.safetensors (head and feature statistics).
 It refuses to serve a model whose tokenizer differs: its token ids would mean other words.
@@ -115,6 +120,13 @@ class Ranker:
                 out[i] = s
         return out
 
+    def predicted_lengths(self, scores: list[float]) -> list[float] | None:
+        """Output lengths (tokens) for `scores` through the stored calibration, or None without one."""
+        cal = self.meta.get("length_calibration")
+        if cal is None:
+            return None
+        return [interpolate_length(s, cal["scores"], cal["lengths"]) for s in scores]
+
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
 
@@ -162,3 +174,27 @@ def check_tokenizer(meta: dict, served_tokenizer, where: Path | str) -> None:
             f"(from {meta.get('base_model', '?')}), but the served model's tokenizer is {served[:12]}...: its "
             "token ids would mean other text to the ranker. Train a ranker on this model's outputs "
             "(`glassbox ltr collect` then `glassbox ltr train`)")
+
+
+def length_calibration(scores: list[float], lengths: list[int], points: int = 33) -> dict[str, list[float]]:
+    """Matched quantiles: `points` scores from the highest down and lengths from the shortest up, at the same
+    fractions of the training set (a monotone map from score to length)."""
+    if len(scores) != len(lengths) or len(scores) < 2:
+        raise GlassboxError(f"ltr ranker: a length calibration needs two or more scored prompts with lengths, got "
+                            f"{len(scores)} scores and {len(lengths)} lengths")
+    hi_first, short_first = sorted(scores, reverse=True), sorted(lengths)
+    n = len(scores)
+    picks = sorted({round(i * (n - 1) / (points - 1)) for i in range(points)})
+    return {"scores": [float(hi_first[i]) for i in picks], "lengths": [float(short_first[i]) for i in picks]}
+
+
+def interpolate_length(score: float, scores: list[float], lengths: list[float]) -> float:
+    """The calibrated length at `score` (`scores` descending, `lengths` ascending), clamped at both ends."""
+    if score >= scores[0]:
+        return lengths[0]
+    for i in range(1, len(scores)):
+        if score >= scores[i]:
+            span = scores[i - 1] - scores[i]
+            t = (scores[i - 1] - score) / span if span > 0 else 1.0
+            return lengths[i - 1] + t * (lengths[i] - lengths[i - 1])
+    return lengths[-1]

@@ -34,7 +34,7 @@ from glassbox.atomic import write_json, write_text
 from glassbox.errors import GlassboxError
 from glassbox.inference.ltr.collect import Example, load_collection, machine_name
 from glassbox.inference.ltr.listmle import BUCKET_WIDTH, buckets, kendall_tau, listmle_loss
-from glassbox.inference.ltr.ranker import Head, Ranker, Trunk
+from glassbox.inference.ltr.ranker import Head, Ranker, Trunk, length_calibration
 
 
 @dataclass
@@ -213,12 +213,16 @@ def train(cfg: TrainConfig) -> dict:
     finally:
         log.close()
     best = max(depths, key=lambda k: (results[k][1], -k))
+    with torch.no_grad():
+        scores = results[best][0](feats[best]).tolist()
+    calibration = length_calibration(scores, [e.output_len for e in everything])
     ranker = Ranker(Trunk.from_model(trunk, best), results[best][0],
                     {"layers": best, "head_hidden": cfg.head_hidden, "max_prompt_tokens": cfg.max_prompt_tokens,
                      "tokenizer_fingerprint": meta["tokenizer_fingerprint"], "base_model": meta["model_dir"],
                      "collection_max_tokens": meta["max_tokens"], "bucket_width": cfg.bucket_width,
                      "split": {"seed": cfg.seed, "test_fraction": cfg.test_fraction,
-                               "val_fraction": cfg.val_fraction}})
+                               "val_fraction": cfg.val_fraction},
+                     "length_calibration": calibration})
     ranker.save(run_dir / "ranker")
     summary = {"val_kendall_tau_by_layers": {str(k): results[k][1] for k in depths}, "layers": best,
                "ranker": str(run_dir / "ranker"), "feature_seconds": feature_seconds,

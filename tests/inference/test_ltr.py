@@ -56,8 +56,9 @@ def test_listmle_matches_brute_force_plackett_luce():
 
 
 def _trace(policy, arrivals: list[tuple[int, int]], steps: int) -> list[list[str]]:
-    """Scheduled ids per step, with sequence i (prompt length arrivals[i][1]) arriving at step arrivals[i][0]."""
-    sched = Scheduler(BlockManager(12, 4, enable_prefix_caching=False), policy, max_num_seqs=3,
+    """Scheduled ids per step, with sequence i (prompt length arrivals[i][1]) arriving at step arrivals[i][0]; a
+    pool of 10 blocks, short enough that it forces preemptions."""
+    sched = Scheduler(BlockManager(10, 4, enable_prefix_caching=False), policy, max_num_seqs=3,
                       max_num_batched_tokens=16)
     seqs = [Sequence(str(i), list(range(1, n + 1)), SamplingParams(temperature=0), arrival_time=float(t))
             for i, (t, n) in enumerate(arrivals)]
@@ -170,6 +171,15 @@ def test_collect_train_eval_then_serve_with_the_ranker(llama_dir, tmp_path):
                                                                                              "epoch_002",
                                                                                              "epoch_003",
                                                                                              "epoch_003"]
+    # The ranker predicts lengths through its calibration: within the collected range, never against its ranking.
+    from glassbox.inference.ltr.ranker import Ranker
+
+    ranker = Ranker.load(run / "ranker")
+    scores = ranker.score([e.prompt_ids for e in examples])
+    predicted = ranker.predicted_lengths(scores)
+    assert all(1 <= n <= 6 for n in predicted)
+    by_score = [n for _, n in sorted(zip(scores, predicted), reverse=True)]
+    assert by_score == sorted(by_score)
     result = evaluate(run / "ranker", data)
     for key in ("kendall_tau", "baseline_prompt_length_tau", "baseline_bucket_classifier_tau",
                 "score_ms_per_prompt"):

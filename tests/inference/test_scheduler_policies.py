@@ -81,11 +81,20 @@ def test_starvation_guard_promotes_after_n_steps_for_m_steps():
     sched = Scheduler(BlockManager(64, 4), policy, max_num_seqs=1, max_num_batched_tokens=64)
     sched.add(_seq("vip", 4, 0.0, priority=0))
     sched.add(_seq("starved", 4, 0.0, priority=9))
-    served = [_step(sched) for _ in range(7)]
-    # Passed over in steps 1-3, "starved" is promoted for steps 4-5 (preempting "vip"), then drops back.
-    assert served == [["vip"], ["vip"], ["vip"], ["starved"], ["starved"], ["vip"], ["vip"]]
-    assert policy.stats()["policy_promotions"] == 1
-    assert sched.num_preemptions == 2
+    vip, starved = sched.waiting
+    served = [_step(sched) for _ in range(9)]
+    # Passed over in steps 1-3, "starved" is promoted (preempting "vip") until served 2 steps; back at its own rank
+    # it is not preempted for "vip" again (that would throw its tokens away for nothing: it would be promoted again
+    # and again, recomputed each time), so it runs on.
+    assert served == [["vip"]] * 3 + [["starved"]] * 6
+    assert sched.num_preemptions == sched.num_rank_preemptions == 1
+    assert starved.seq_id not in policy.guard.promoted and starved.seq_id in policy.guard.starved
+    # "vip", passed over in steps 4-6, is promoted in turn; it cannot preempt a starved request, and waiting for
+    # the slot does not use up its promotion.
+    assert policy.guard.promoted[vip.seq_id] == (2, 6) and policy.stats()["policy_promotions"] == 2
+    sched.finish(starved, "stop")
+    assert [_step(sched) for _ in range(3)] == [["vip"]] * 3
+    assert vip.seq_id not in policy.guard.promoted and not policy.guard.starved - {vip.seq_id}
     with pytest.raises(GlassboxError, match="starvation_steps"):
         make_policy("priority", {"starvation_steps": 0})
     with pytest.raises(GlassboxError, match="bad options"):
