@@ -3,10 +3,13 @@
 The weights and the math of every block (norms, rotary, projections, SwiGLU / MoE) are the training model's own
 modules; only attention differs: each token's K and V are written into its cache slot (block id x block size +
 offset), and queries attend over their sequence's blocks gathered through its block table. Decoding tokens (one
-query per sequence) are batched into one SDPA call with a padding mask. Sequences with several query tokens
-(prompts, later prefill chunks, prefix-cache hits, speculative verification) are padded into one more call, each
-query seeing its sequence's cached keys up to its own position; fresh prompts of one length skip the cache and
-the mask (is_causal). Logits are computed only at the positions that sample.
+query per sequence) are batched into one SDPA call with a padding mask. A step with prompts in it (fresh, later
+prefill chunks, prefix-cache hits, beside decodes) packs every sequence into one varlen attention call where the
+runner has the kernel (glassbox.inference.attention: FlashAttention's varlen on CUDA in bf16 / fp16): no mask, no
+repeated K/V heads, no padding. Elsewhere, and for speculative draft trees, sequences with several query tokens
+are padded into one more SDPA call, each query seeing its sequence's cached keys up to its own position (a dense
+mask); fresh prompts of one length skip the cache and the mask (is_causal). Logits are computed only at the
+positions that sample.
 
 On CUDA, batches of pure decodes replay CUDA graphs captured at padded batch sizes (1, 2, 4, 8, then every 16),
 which removes the per-kernel launch cost that dominates decoding small models. Padding rows write into a scratch
@@ -35,6 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from glassbox.errors import GlassboxError
+from glassbox.inference.attention import VarlenBatch, cache_slots, choose_kernel, pack, varlen_attend
 from glassbox.inference.block_manager import BlockManager
 from glassbox.inference.scheduler import SchedulerOutput
 from glassbox.inference.speculative.draft import EMPTY, Draft
@@ -106,6 +110,9 @@ class BatchInputs:
     # attend to the cache; `upper_rows` [U] picks them from this batch. None: every row (pure decodes, graphs).
     upper: BatchInputs | None = None
     upper_rows: torch.Tensor | None = None
+    # The sequences attended by the varlen kernel (a runner that has one, a step with a prompt in it): decodes
+    # and every multi-token sequence but draft trees, which stay in `spans`.
+    varlen: VarlenBatch | None = None
 
 
 # A span batch's mask holds at most this many elements (SDPA may expand it to a float bias per head);
@@ -190,9 +197,14 @@ def attend(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, kc: 
            inputs: BatchInputs, decode_mask: torch.Tensor | None, block_size: int) -> torch.Tensor:
     """Attention of the batch's queries q [N, heads, head_dim] over the cache, whose KV for this batch's tokens
     is written already; causal span batches (fresh prompts) use this batch's own keys `k`, `v` instead."""
+    packed = inputs.varlen
+    if packed is not None and packed.rows is None:               # every row in the varlen batch
+        return varlen_attend(q, kc, vc, packed)
     if not inputs.spans:
         return decode_attention(q, kc, vc, inputs.decode_tables, decode_mask, block_size)
     out = torch.empty_like(q)
+    if packed is not None:
+        out[packed.rows] = varlen_attend(q[packed.rows], kc, vc, packed)
     if inputs.decode_rows is not None:
         out[inputs.decode_rows] = decode_attention(q[inputs.decode_rows], kc, vc, inputs.decode_tables, decode_mask,
                                                    block_size)
@@ -259,14 +271,23 @@ def _dynamic_shapes():
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, max_model_len: int,
                  max_num_seqs: int, cuda_graphs: bool = True, compile: bool = False,
-                 tree_rows: dict[int, int] | None = None):
+                 tree_rows: dict[int, int] | None = None, attention: str = "auto"):
         """`tree_rows` maps graph batch sizes to the rows per sequence of their verification graphs (the last
-        token plus the most draft nodes a sequence gets at that size); None or empty: no verification graphs."""
+        token plus the most draft nodes a sequence gets at that size); None or empty: no verification graphs.
+        `attention` picks the kernel of eager steps with prompts in them (glassbox.inference.attention): `auto`
+        the varlen flash kernel where it runs and passes its check (CUDA, bf16 / fp16), else the dense masked
+        path; `dense`, `varlen` (flash or an error) or `reference` (the varlen layout in plain torch) to insist."""
+        self._args = dict(model=model, num_blocks=num_blocks, block_size=block_size, max_model_len=max_model_len,
+                          max_num_seqs=max_num_seqs, cuda_graphs=cuda_graphs, compile=compile, tree_rows=tree_rows,
+                          attention=attention)
         self.model = model.eval()
         cfg = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.block_size = block_size
+        attn = model.layers[0].self_attn
+        self.varlen = choose_kernel(attention, self.device, self.dtype, attn.q_proj.out_features // cfg.head_dim,
+                                    local_kv_heads(model), cfg.head_dim)
         self.use_graphs = cuda_graphs and self.device.type == "cuda" and not cfg.is_moe
         if compile and cfg.is_moe:
             raise GlassboxError("engine option compile: MoE routing reads expert counts on the host, which a compiled "
@@ -310,84 +331,106 @@ class ModelRunner:
         if compile:
             self._compile_eager_structures()
 
+    def replaced(self, **changes) -> ModelRunner:
+        """A runner built as this one was, with `changes` to its arguments (benches and tests compare attention
+        paths inside one engine: `engine.runner = engine.runner.replaced(attention="dense")`). This runner's KV
+        pool and graphs are released first, so both never hold memory together; what its cache held is lost."""
+        self.k_cache, self.v_cache = [], []
+        self.graphs, self.tree_graphs, self._move = {}, {}, None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return ModelRunner(**{**self._args, **changes})
+
     # Inputs ----------------------------------------------------------------------------------------------------
 
     def prepare(self, batch: SchedulerOutput, blocks: BlockManager) -> BatchInputs:
+        """The step's inputs. Per sequence, Python gathers its tokens, block table and row; every per-token index
+        (positions, cache slots, varlen key slots) is then computed with a few torch ops on the host."""
         ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
         logit_rows: list[int] = []
-        decode_rows: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        spans: list[Span] = []
+        seqs: list[Span] = []
         for s in batch.scheduled:
             row = len(ids)
-            ids.extend(s.input_ids())
-            positions.extend(s.positions())
-            table = s.seq.block_table
-            slots.extend(blocks.slot(s.seq, p) for p in range(s.start, s.start + s.num_tokens))
+            ids += s.input_ids()
             if s.samples:
                 logit_rows.extend(range(row + s.num_tokens - s.num_spec - 1, row + s.num_tokens))
-            if s.num_tokens == 1:
-                decode_rows.append(row)
-                decode_tables.append(table[:blocks.blocks_needed(s.start + 1)])
-                decode_lens.append(s.start + 1)
-            else:
-                spans.append(Span(row, s.num_tokens, s.start, table[:blocks.blocks_needed(s.start + s.num_tokens)],
-                                  s.draft))
-        inputs = self._inputs(ids, positions, slots, logit_rows, decode_rows, decode_tables, decode_lens, spans)
+            seqs.append(Span(row, s.num_tokens, s.start,
+                             s.seq.block_table[:blocks.blocks_needed(s.start + s.num_tokens)], s.draft))
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        positions, slots = self._token_layout(seqs, len(ids))
+        varlen = self._uses_varlen(seqs)
+        inputs = self._inputs(ids_t, positions, slots, logit_rows, seqs, varlen)
         if self.swiftkv is not None and inputs.logit_rows is not None:
-            self._add_upper(inputs, batch, blocks, ids, positions, slots, logit_rows)
+            self._add_upper(inputs, batch, seqs, ids_t, positions, slots, logit_rows, varlen)
         return inputs
 
-    def _add_upper(self, inputs: BatchInputs, batch: SchedulerOutput, blocks: BlockManager, ids: list[int],
-                   positions: list[int], slots: list[int], logit_rows: list[int]) -> None:
+    def _uses_varlen(self, seqs: list[Span]) -> bool:
+        """Whether a step's sequences go to the varlen kernel: the runner has one and some sequence has several
+        query tokens and no draft (a step of pure decodes runs the decode path, as its graphs do)."""
+        return self.varlen is not None and any(sp.n > 1 and not sp.draft for sp in seqs)
+
+    def _token_layout(self, seqs: list[Span], total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary positions and cache slots of every row (host tensors). A sequence's row r writes its KV at the
+        slot of position start + r; its rotary position is the same, except that a draft node sits at the last
+        real token's position plus its depth (where it will be if accepted)."""
+        seq = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor([sp.n for sp in seqs], dtype=torch.long),
+                                      output_size=total)
+        offset = torch.tensor([sp.start - sp.row for sp in seqs], dtype=torch.long)
+        at = torch.arange(total) + offset[seq]
+        slots = cache_slots([sp.table for sp in seqs], seq, at, self.block_size)
+        positions = at
+        for sp in seqs:
+            if sp.draft:
+                m = len(sp.draft)
+                last = sp.start + sp.n - m - 1
+                positions[sp.row + sp.n - m:sp.row + sp.n] = last + torch.tensor(sp.draft.depths, dtype=torch.long)
+        return positions, slots
+
+    def _add_upper(self, inputs: BatchInputs, batch: SchedulerOutput, seqs: list[Span], ids: torch.Tensor,
+                   positions: torch.Tensor, slots: torch.Tensor, logit_rows: list[int], varlen: bool) -> None:
         """SwiftKV: the batch of the rows that run layers >= l, the sampling rows in order. A sequence's last real
         token attends like a decode (to its context through its own position); with a draft, the last token and
         the draft's nodes form a span that starts at the last token, its nodes seeing their ancestors only."""
-        decode_rows: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        spans: list[Span] = []
+        upper: list[Span] = []
         row = 0
-        for s in batch.scheduled:
+        for s, sp in zip(batch.scheduled, seqs):
             if not s.samples:
                 continue
             last = s.start + s.num_tokens - s.num_spec - 1           # the last real token's position
-            table = s.seq.block_table[:blocks.blocks_needed(s.start + s.num_tokens)]
-            if s.num_spec == 0:
-                decode_rows.append(row)
-                decode_tables.append(table)
-                decode_lens.append(last + 1)
-            else:
-                spans.append(Span(row, 1 + s.num_spec, last, table, s.draft))
+            upper.append(Span(row, 1 + s.num_spec, last, sp.table, s.draft))
             row += 1 + s.num_spec
-        upper = self._inputs([ids[r] for r in logit_rows], [positions[r] for r in logit_rows],
-                             [slots[r] for r in logit_rows], list(range(len(logit_rows))), decode_rows,
-                             decode_tables, decode_lens, spans)
-        inputs.upper = upper
-        inputs.upper_rows = torch.tensor(logit_rows, device=self.device, dtype=torch.long)
+        pick = torch.tensor(logit_rows, dtype=torch.long)
+        inputs.upper = self._inputs(ids[pick], positions[pick], slots[pick], list(range(len(logit_rows))), upper,
+                                    varlen)
+        inputs.upper_rows = pick.to(self.device)
 
-    def _inputs(self, ids: list[int], positions: list[int], slots: list[int], logit_rows: list[int],
-                decode_rows: list[int], decode_tables: list[list[int]], decode_lens: list[int],
-                spans: list[Span]) -> BatchInputs:
+    def _inputs(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, logit_rows: list[int],
+                seqs: list[Span], varlen: bool) -> BatchInputs:
+        """The device inputs of a flat batch: with `varlen`, every sequence but draft trees in one varlen batch;
+        otherwise decodes in the decode group and multi-token sequences in span batches."""
         dev = self.device
-        every_row = logit_rows == list(range(len(ids)))
+        every_row = logit_rows == list(range(ids.numel()))
+        if varlen:
+            packed, decodes, spans = [sp for sp in seqs if not sp.draft], [], [sp for sp in seqs if sp.draft]
+        else:
+            packed, decodes, spans = [], [sp for sp in seqs if sp.n == 1], [sp for sp in seqs if sp.n > 1]
         inputs = BatchInputs(
-            input_ids=torch.tensor(ids, device=dev),
-            positions=torch.tensor(positions, device=dev),
-            slots=torch.tensor(slots, device=dev),
+            input_ids=ids.to(dev), positions=positions.to(dev), slots=slots.to(dev),
             logit_rows=None if every_row else torch.tensor(logit_rows, device=dev, dtype=torch.long),
             decode_rows=None, decode_tables=None, decode_lens=None,
             spans=self._span_batches(spans),
         )
-        if decode_rows:
-            width = max(len(t) for t in decode_tables)
+        if packed:
+            inputs.varlen = pack([sp.row for sp in packed], [sp.n for sp in packed], [sp.start for sp in packed],
+                                 [sp.table for sp in packed], len(packed) == len(seqs), self.block_size, dev,
+                                 self.varlen)
+        if decodes:
+            width = max(len(sp.table) for sp in decodes)
             if spans:
-                inputs.decode_rows = torch.tensor(decode_rows, device=dev)
-            inputs.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=dev)
-            inputs.decode_lens = torch.tensor(decode_lens, device=dev)
+                inputs.decode_rows = torch.tensor([sp.row for sp in decodes], device=dev)
+            inputs.decode_tables = torch.tensor([sp.table + [0] * (width - len(sp.table)) for sp in decodes],
+                                                device=dev)
+            inputs.decode_lens = torch.tensor([sp.start + 1 for sp in decodes], device=dev)
         return inputs
 
     @torch.inference_mode()   # the inputs too: compiled code is guarded on inference tensors, as execute makes
@@ -395,12 +438,13 @@ class ModelRunner:
         """Compile the eager path for every batch structure before serving, instead of stalling the first request
         that brings a new one for seconds: prompts of one length (causal) or not (masked), one or two of them,
         beside no, one or two decodes, plus decodes alone; each at a small and a larger size (tables of one block
-        and of two), in case a size of 1 specialises. The batches are synthetic: every token reads and writes only
-        the scratch block past the pool."""
+        and of two), in case a size of 1 specialises. With a varlen kernel these collapse into fewer structures
+        (prompts of any kind beside any decodes are one varlen batch), met here all the same. The batches are
+        synthetic: every token reads and writes only the scratch block past the pool."""
         bs, scratch = self.block_size, self.scratch
         for small in (True, False):
             n = 2 if small else bs + 3                       # tokens per prompt; its context's blocks below
-            table = [scratch] * (1 if small else 2)
+            table = [scratch] * -(-(n + 2) // bs)
             for causal, prompts, decodes in itertools.product((True, False), (0, 1, 2), (0, 1, 2)):
                 if prompts + decodes == 0 or (prompts == 0 and not causal):
                     continue
@@ -408,21 +452,22 @@ class ModelRunner:
                 if prompts == 1 and not causal:               # one prompt, masked: a prefix-cache hit
                     spans = [Span(0, n, 1, table)]
                 tokens = sum(sp.n for sp in spans)
-                decode_rows = list(range(tokens, tokens + decodes))
+                seqs = spans + [Span(tokens + j, 1, n - 1, table) for j in range(decodes)]
                 total = tokens + decodes
-                inputs = self._inputs([0] * total, [0] * total, [scratch * bs] * total, list(range(total)),
-                                      decode_rows, [table] * decodes, [n] * decodes, spans)
-                self._run_eager(inputs)
+                positions, slots = self._token_layout(seqs, total)
+                self._run_eager(self._inputs(torch.zeros(total, dtype=torch.long), positions, slots,
+                                             list(range(total)), seqs, self._uses_varlen(seqs)))
 
     def _span_batches(self, spans: list[Span]) -> list[SpanBatch]:
         """Group multi-token sequences into as few SDPA calls as the mask limit allows: one call per layer for a
-        whole step's prompts, instead of one per prompt (the launches of which dominated steps with many prompts)."""
+        whole step's prompts, instead of one per prompt (the launches of which dominated steps with many prompts).
+        Index tensors come from torch ops over the group's sequences, not from Python lists per token."""
         dev = self.device
         if not spans:
             return []
         if all(sp.start == 0 and sp.n == spans[0].n and not sp.draft for sp in spans):
-            rows = [[sp.row + i for i in range(sp.n)] for sp in spans]
-            return [SpanBatch(torch.tensor(rows, device=dev), causal=True)]
+            rows = torch.tensor([sp.row for sp in spans], dtype=torch.long)[:, None] + torch.arange(spans[0].n)
+            return [SpanBatch(rows.to(dev), causal=True)]
         # Longest context first (the first of a group has the widest table); a group grows while its padded mask,
         # sequences x longest query x widest context, stays under the limit.
         spans = sorted(spans, key=lambda sp: -(sp.start + sp.n))
@@ -440,20 +485,21 @@ class ModelRunner:
         for g in groups:
             lq = max(sp.n for sp in g)
             width = max(len(sp.table) for sp in g)
-            rows = [[sp.row + min(i, sp.n - 1) for i in range(lq)] for sp in g]
-            qpos = [[sp.start + min(i, sp.n - 1) for i in range(lq)] for sp in g]
-            valid = [g_i * lq + i for g_i, sp in enumerate(g) for i in range(sp.n)]
-            rows_t = torch.tensor(rows, device=dev)
+            n = torch.tensor([sp.n for sp in g], dtype=torch.long)[:, None]
+            i = torch.minimum(torch.arange(lq)[None, :], n - 1)    # a shorter sequence repeats its last row
+            rows = torch.tensor([sp.row for sp in g], dtype=torch.long)[:, None] + i
+            qpos = (torch.tensor([sp.start for sp in g], dtype=torch.long)[:, None] + i).to(dev)
+            real = torch.arange(lq)[None, :] < n
             keys = torch.arange(width * self.block_size, device=dev)
-            mask = keys[None, None, :] <= torch.tensor(qpos, device=dev)[:, :, None]
+            mask = keys[None, None, :] <= qpos[:, :, None]
             for g_i, sp in enumerate(g):
                 if sp.draft:                  # draft nodes see their ancestors only, not every earlier node
                     m = len(sp.draft)
                     first = sp.start + sp.n - m
                     mask[g_i, sp.n - m:sp.n, first:first + m] = torch.tensor(tree_visibility(sp.draft), device=dev)
             batches.append(SpanBatch(
-                rows_t, causal=False, mask=mask, valid=torch.tensor(valid, device=dev),
-                out_rows=torch.tensor([r for sp in g for r in range(sp.row, sp.row + sp.n)], device=dev),
+                rows.to(dev), causal=False, mask=mask, valid=real.flatten().nonzero().squeeze(1).to(dev),
+                out_rows=rows[real].to(dev),
                 tables=torch.tensor([sp.table + [0] * (width - len(sp.table)) for sp in g], device=dev)))
         return batches
 
