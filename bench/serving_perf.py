@@ -13,7 +13,8 @@ names them):
   bandwidth measured in the same run by a large device-to-device copy.
 - load vs decode: under Poisson arrivals at --load-rate, the achieved output tok/s and TTFT p50, and the mean
   number of running sequences; then the pure decode rate at that concurrency (that many sequences decoding
-  together, prefill excluded). The fraction is load / pure decode.
+  together, prefill excluded). The fraction is load / pure decode. With several --attention modes (`auto`: the
+  varlen kernel where the runner has it; `dense`: the masked path), one run each, the first giving the summary.
 
     python bench/serving_perf.py --device cpu --out-name serving_perf_cpu       # small sizes, minutes
     python bench/serving_perf.py --device cuda --out-name serving_perf_h200     # 350M start-up, 1B and 7B roofline
@@ -133,11 +134,14 @@ def bench_roofline(args, size: str, bandwidth: float) -> dict:
     return row
 
 
-def bench_load(args, model_dir: Path, vocab: int) -> dict:
-    """Poisson load at --load-rate, then pure decoding at the concurrency the load reached."""
+def bench_load(args, model_dir: Path, vocab: int, attention: str) -> dict:
+    """Poisson load at --load-rate, then pure decoding at the concurrency the load reached; eager steps attend
+    through `attention` (a runner mode of glassbox.inference.attention)."""
     cfg = EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                        max_model_len=args.max_model_len, gpu_memory_utilization=0.4, compile=args.compile)
     engine = LLMEngine.from_model_dir(model_dir, cfg)
+    if attention != "auto":
+        engine.runner = engine.runner.replaced(attention=attention)
     rng = random.Random(7)
     draw = lambda: it.draw_request(rng, args, vocab)           # noqa: E731
     arrivals = it.poisson_arrivals(rng, args.load_rate, args, vocab)
@@ -165,11 +169,15 @@ def bench_load(args, model_dir: Path, vocab: int) -> dict:
         engine.step(unfinished_outputs=False)
     it.sync(args.device)
     decode_tok_s = decoded / (time.perf_counter() - t0)
-    row = {"rate": args.load_rate, "requests": len(ttft), "output_tok_s": tokens / wall,
+    row = {"attention": attention, "varlen": engine.runner.varlen is not None, "rate": args.load_rate,
+           "requests": len(ttft), "output_tok_s": tokens / wall,
            "ttft_p50_ms": 1e3 * it.percentile(ttft, 0.5), "ttft_p99_ms": 1e3 * it.percentile(ttft, 0.99),
            "mean_running": statistics.mean(running), "decode_tok_s_at_concurrency": decode_tok_s,
            "fraction_of_decode": tokens / wall / decode_tok_s}
     print(f"load: {row}", flush=True)
+    del engine
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
     return row
 
 
@@ -188,6 +196,8 @@ def main() -> int:
     p.add_argument("--num-requests", type=int, default=None, help="default: 16 on CPU, 512 on CUDA")
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: 8 on CPU, 64 on CUDA")
     p.add_argument("--compile", action="store_true", help="roofline and load with compile (start-up always is)")
+    p.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", "dense", "varlen", "reference"],
+                   help="load runs, one per runner attention mode (the first gives the summary)")
     p.add_argument("--out-name", default="serving_perf")
     args = p.parse_args()
     gpu = args.device.startswith("cuda")
@@ -215,14 +225,19 @@ def main() -> int:
             print(f"copy bandwidth: {result['bandwidth_gb_s']:.0f} GB/s", flush=True)
             result["roofline"] = [bench_roofline(args, s, result["bandwidth_gb_s"] * 1e9) for s in sizes]
         if "load" in args.sections:
-            result["load"] = bench_load(args, model_dir, vocab)
+            result["load_by_attention"] = [bench_load(args, model_dir, vocab, mode) for mode in args.attention]
+            result["load"] = result["load_by_attention"][0]
     roof = {r["size"]: round(r["roofline_fraction"], 3) for r in result.get("roofline", [])}
+    others = result.get("load_by_attention", [])[1:]
     result["summary"] = {
         "startup_cold_s": round(result["startup"]["cold"]["seconds"], 1) if "startup" in result else None,
         "startup_warm_s": round(result["startup"]["warm"]["seconds"], 1) if "startup" in result else None,
         "load128_fraction_of_decode": round(result["load"]["fraction_of_decode"], 3) if "load" in result else None,
         "ttft_p50_ms_128": round(result["load"]["ttft_p50_ms"], 1) if "load" in result else None,
         "roofline_b1_1b": roof.get("1b"), "roofline_b1_7b": roof.get("7b"),
+        # The further attention modes' load runs, beside the first's (the summary names above).
+        **{f"load128_fraction_of_decode_{r['attention']}": round(r["fraction_of_decode"], 3) for r in others},
+        **{f"ttft_p50_ms_128_{r['attention']}": round(r["ttft_p50_ms"], 1) for r in others},
         # ratio_b1 / ratio_b32 (engine vs transformers) come from bench/inference_throughput.py's table.
     }
     RESULTS.mkdir(exist_ok=True)
@@ -239,12 +254,13 @@ def main() -> int:
         lines += [f"| {r['size']} | {r['params'] / 1e9:.2f}B | {r['step_ms']:.2f} | {r['bytes_per_step'] / 1e9:.2f} GB | "
                   f"{r['achieved_gb_s']:.0f} | {r['roofline_fraction']:.1%} |" for r in result["roofline"]]
         lines.append("")
-    if "load" in result:
-        r = result["load"]
-        lines += [f"Poisson load at {r['rate']:g} req/s ({r['requests']} requests): {r['output_tok_s']:.0f} output tok/s, "
+    for r in result.get("load_by_attention", []):
+        path = "varlen kernel" if r["varlen"] else "dense masked path"
+        lines += [f"Poisson load at {r['rate']:g} req/s ({r['requests']} requests), attention {r['attention']} "
+                  f"({path}): {r['output_tok_s']:.0f} output tok/s, "
                   f"TTFT p50 {r['ttft_p50_ms']:.1f} ms / p99 {r['ttft_p99_ms']:.1f} ms, {r['mean_running']:.1f} "
                   f"sequences running on average; pure decoding at that concurrency: "
-                  f"{r['decode_tok_s_at_concurrency']:.0f} tok/s; load / decode = {r['fraction_of_decode']:.1%}."]
+                  f"{r['decode_tok_s_at_concurrency']:.0f} tok/s; load / decode = {r['fraction_of_decode']:.1%}.", ""]
     atomic.write_text(RESULTS / f"{args.out_name}.md", "\n".join(lines) + "\n")
     print(json.dumps(result["summary"]))
     return 0
