@@ -165,8 +165,46 @@ REPLAY_POLICIES = {"fcfs": None, "oracle": {}, "oracle-never": {"preemption": "n
                    "oracle-always": {"preemption": "always"}, "oracle-guard200": {"starvation_steps": 200}}
 
 
+def scheduler_at(commit: str):
+    """(Scheduler, FCFS, oracle LTR policy builder) as they were at `commit` (git show into a temporary module
+    set), counting prefill steps and recomputed tokens the way today's scheduler does: the before half of a
+    before/after replay."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    from glassbox.inference.scheduler import Scheduler
+
+    tmp = Path(tempfile.mkdtemp(prefix="ltr-before-"))
+    mods = {}
+    for name, path in (("before_policy", "inference/policy.py"), ("before_scheduler", "inference/scheduler.py"),
+                       ("before_ltr", "inference/ltr/policy.py")):
+        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{path}"], check=True, capture_output=True,
+                             text=True).stdout.replace("from glassbox.inference.policy import", "from before_policy import")
+        (tmp / f"{name}.py").write_text(src)
+        spec = importlib.util.spec_from_file_location(name, tmp / f"{name}.py")
+        mods[name] = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mods[name]
+        spec.loader.exec_module(mods[name])
+
+    class Counting(mods["before_scheduler"].Scheduler):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.num_prefill_steps = self.num_recomputed_tokens = 0
+            self.num_rank_preemptions = None     # that scheduler did not tell rank from forced preemptions
+
+        def schedule(self):
+            out = super().schedule()
+            Scheduler._count_prefill(self, out)
+            return out
+
+    ltr = mods["before_ltr"]
+    return Counting, mods["before_policy"].FCFS, lambda lengths: ltr.LTRPolicy(
+        ltr.FunctionScorer(lambda p: -lengths[p[0]]))
+
+
 def replay_run(lengths: list[int], prompts: list[list[int]], arrivals: list[float], cap: int, options: dict | None,
-               prefill_cost: float) -> dict:
+               prefill_cost: float, code=None) -> dict:
     """Replay one workload through the real Scheduler and BlockManager without a model: each step computes what
     was scheduled, a sampling sequence gets one token and finishes at its length. Time is in decode steps, a step
     that prefills anything costing `prefill_cost` of them (on the GPU such a step runs eagerly; a pure-decode
@@ -183,7 +221,11 @@ def replay_run(lengths: list[int], prompts: list[list[int]], arrivals: list[floa
     # The first token of each replayed prompt is its index: distinct prompts, and the oracle's key.
     seqs = [Sequence(str(i), [i] + p[1:], SamplingParams(temperature=0), arrival_time=arrivals[i])
             for i, p in enumerate(prompts)]
-    policy = FCFS() if options is None else LTRPolicy(LengthScorer(lambda p: lengths[p[0]]), **options)
+    if code is not None:                     # the code of another commit (scheduler_at): FCFS or its oracle
+        Scheduler, fcfs, oracle = code
+        policy = fcfs() if options is None else oracle(lengths)
+    else:
+        policy = FCFS() if options is None else LTRPolicy(LengthScorer(lambda p: lengths[p[0]]), **options)
     sched = Scheduler(blocks, policy, cap, 2048)
     pending = sorted(range(len(seqs)), key=lambda i: arrivals[i])
     clock, finished = 0.0, {}
@@ -230,16 +272,21 @@ def replay(args) -> int:
     prompts = [e.prompt_ids for e in picked]
     full = replay_run(lengths, prompts, [0.0] * n, cap, None, args.prefill_cost)
     capacity = n / full["makespan_steps"]
+    before = scheduler_at(args.before) if args.before else None
     rows = []
     for load in args.loads or (1.0, 2.0, 4.0):
         arrivals = poisson_offsets(n, load * capacity, args.seed + int(load * 1000))
+        if before is not None:
+            for name, options in (("fcfs", None), ("oracle", {})):
+                rows.append({"load": load, "policy": f"{name} at {args.before}",
+                             **replay_run(lengths, prompts, arrivals, cap, options, args.prefill_cost, before)})
         for name, options in REPLAY_POLICIES.items():
             rows.append({"load": load, "policy": name,
                          **replay_run(lengths, prompts, arrivals, cap, options, args.prefill_cost)})
     top = max(r["load"] for r in rows)
     mean = {r["policy"]: r["mean_latency_steps"] for r in rows if r["load"] == top}
-    result = {"summary": {f"{k}_mean_latency_ratio_vs_fcfs": v / mean["fcfs"] for k, v in mean.items()
-                          if k != "fcfs"} | {"highest_load": top},
+    result = {"summary": {f"{k}_mean_latency_ratio_vs_fcfs".replace(" ", "_"): v / mean["fcfs"]
+                          for k, v in mean.items() if k != "fcfs"} | {"highest_load": top},
               "machine": f"scheduler only, no model ({machine_name('cpu')})", "collection": str(args.collection),
               "model": Path(meta["model_dir"]).name, "requests": n, "max_num_seqs": cap, "length_scale": scale,
               "prefill_cost_steps": args.prefill_cost, "capacity_req_per_step": capacity, "rows": rows}
@@ -247,7 +294,9 @@ def replay(args) -> int:
              f"{n} requests drawn from {args.collection.name} ({result['model']}'s output lengths x{scale}), batch "
              f"cap {cap}, Poisson arrivals at fractions of the capacity ({capacity:.4f} req/step, all at once under "
              f"FCFS); a step that prefills costs {args.prefill_cost:g} decode steps. Oracle SJF knows the lengths; "
-             "its rows differ only in the LTR policy's preemption mode and starvation guard.", "",
+             "its rows differ only in the LTR policy's preemption mode and starvation guard"
+             + (f"; the rows 'at {args.before}' run that commit's scheduler and policies" if args.before else "")
+             + ".", "",
              "| load | policy | mean latency (steps) | p90 (steps) | makespan | prefill steps | preemptions (rank) | "
              "most of one request | recomputed tokens | promotions |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -347,6 +396,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--replay-scale", type=int, default=4, help="replay: output lengths times this")
     ap.add_argument("--prefill-cost", type=float, default=3.0, help="replay: a prefill step in decode steps")
+    ap.add_argument("--before", help="replay: also run FCFS and the oracle with the scheduler of this commit")
     args = ap.parse_args()
     if args.command == "prompts":
         write_prompts(args.num_prompts or 1200)
