@@ -27,8 +27,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "predicted output first; needs --ranker) (default: fcfs)")
     p.add_argument("--ranker", default=None, help="with --policy ltr: a ranker directory (`glassbox ltr train`)")
     p.add_argument("--starvation-steps", type=int, default=None,
-                   help="a request passed over this many steps is promoted (default: 200 under ltr, off otherwise)")
-    p.add_argument("--promote-steps", type=int, default=None, help="steps a promotion lasts (default: 10)")
+                   help="a request passed over this many steps is promoted (default: 1000 under ltr, off otherwise)")
+    p.add_argument("--promote-steps", type=int, default=None, help="served steps a promotion lasts (default: 10)")
+    p.add_argument("--preemption", choices=["remaining", "never", "always"], default=None,
+                   help="with --policy ltr: preempt a running request only when it pays (remaining, the default), "
+                        "never, or whenever the ranking says")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks between prompts")
     p.add_argument("--compile", action="store_true",
                    help="dense models: torch.compile the decoder layer (decode graphs and eager batches; about 1.7x "
@@ -85,7 +88,7 @@ def _engine_config(args: argparse.Namespace):
     num_spec = args.num_spec_tokens
     if num_spec is None:
         num_spec = DEFAULT_SPEC_TOKENS if args.speculative != "none" else 0
-    policy_options = {name: getattr(args, name) for name in ("starvation_steps", "promote_steps")
+    policy_options = {name: getattr(args, name) for name in ("starvation_steps", "promote_steps", "preemption")
                       if getattr(args, name) is not None}
     if args.ranker is not None:
         if args.policy != "ltr":
