@@ -6,8 +6,9 @@ what the LR schedule follows. A step's answer is frozen the first time it is ask
 while queueing step t, to prefetch its batch), so a decision made after that applies from the next unasked step.
 
 `PolluxAgent` (a glassbox.train.callbacks.Callback) measures every step: the gradient noise scale from the
-step's own norms (glassbox.elastic.gns) and the step time for its shape; every `decide_every` steps it refits
-the throughput model, finds the best batch shape for the current allocation (glassbox.elastic.goodput), switches
+step's own norms (glassbox.elastic.gns; queued on the device, copied to the host without waiting, read when the
+step has finished: the agent adds no host sync) and the step time for its shape; every `decide_every` steps it
+refits the throughput model, finds the best batch shape for the current allocation (glassbox.elastic.goodput), switches
 to it when goodput gains more than `switch_threshold`, and sets the LR scale for the current shape. Rank 0
 decides from its own timings and hands the decision to every rank, so all ranks take the same steps. Each
 decision is a row of metrics.jsonl ({"event": "pollux", ...}: batch, micro-batch, LR scale, phi, gradient
@@ -35,7 +36,7 @@ import torch
 from glassbox.atomic import write_json
 from glassbox.distributed import rank0_decides
 from glassbox.elastic.config import ElasticConfig
-from glassbox.elastic.gns import GradientNoiseMeter, NoiseScaleEMA, estimate_from_pairs
+from glassbox.elastic.gns import GradientNoiseMeter, Measurement, NoiseScaleEMA, estimate_from_pairs
 from glassbox.elastic.goodput import GoodputModel, should_switch
 from glassbox.elastic.lr_scaling import gain, lr_scale, progress_of_step
 from glassbox.elastic.throughput import StepObservation, ThroughputParams, fit_throughput, probe_max_micro_batch
@@ -136,7 +137,7 @@ class PolluxAgent(Callback):
         self.params: ThroughputParams | None = None
         self.decisions = 0
         self.trainer: "Trainer | None" = None
-        self._pending: dict[int, tuple[torch.Tensor, int, int]] = {}
+        self._pending: dict[int, tuple[Measurement, torch.Tensor, torch.cuda.Event | None, int]] = {}
         self._shapes: dict[int, tuple[int, int]] = {}
         self._current = 0
         self._started_at = 0
@@ -158,7 +159,7 @@ class PolluxAgent(Callback):
         self.nodes = nodes_of_world(world.world_size)
         self.plan.dp_size = world.dp_size
         self.meter = GradientNoiseMeter(trainer.state.model, trainer.state.optimizer, world.dp_group, world.dp_size,
-                                        self.cfg.precondition_every)
+                                        self.cfg.precondition_every, pair_steps=not self.cfg.measure_every)
 
     def on_train_start(self, state) -> None:
         self._started_at = state.step
@@ -222,17 +223,28 @@ class PolluxAgent(Callback):
         self._shapes[spec.step] = (micro, per_rank // micro)
 
     def on_after_backward(self, state, grads) -> None:
-        values = self.meter.measure(self._current, grads.local_tensor_sq_norms, grads.micro_batch,
-                                    grads.global_batch)
-        if values is not None:
-            self._pending[self._current] = (values, grads.micro_batch, grads.global_batch)
+        # Called while the step is being queued (the device still computing the step before): no host read here.
+        measurement = self.meter.measure(self._current, grads.local_tensor_sq_norms, grads.micro_batch,
+                                         grads.global_batch)
+        if measurement is None:
+            return
+        values, ready = measurement.values, None
+        if values.device.type == "cuda":
+            # Copied into pinned host memory behind the step's work, read once the step has finished.
+            values = values.to("cpu", non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        self._pending[self._current] = (measurement, values, ready, grads.global_batch)
 
     def on_step_end(self, state) -> None:
         step = state.step
         measured = self._pending.pop(step, None)
         if measured is not None:
-            values, micro, batch = measured
-            self.ema.update(*estimate_from_pairs(self.meter.pairs(values.tolist(), micro, batch)), batch=batch)
+            measurement, values, ready, batch = measured
+            if ready is not None:
+                ready.synchronize()     # already done: the trainer has read this step's metrics, queued after it
+            # Weighted by the step's new samples (a consecutive-step pair shares one step with the pair before).
+            self.ema.update(*estimate_from_pairs(measurement.pairs(values.tolist())), batch=batch)
         micro, accum = self._shapes.pop(step)
         # The first steps after a (re)start compile and warm allocators: not the shape's speed.
         if step > self._started_at + 2 and "val_loss" not in state.metrics:

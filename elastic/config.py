@@ -28,8 +28,9 @@ class ElasticConfig:
     gns_smoothing: float = 0.99     # EMA decay per M0 samples of gradient statistics (one-step estimates are
                                     # noise-dominated when phi >> the batch: average ~100 of them)
     precondition_every: int = 10    # steps between refreshes of the Adam preconditioner
-    measure_every: int = 4          # a step with one micro-batch per rank is split in two every N steps, so the
-                                    # noise scale has its two batch sizes (0: never)
+    measure_every: int = 0          # 0: a step with one micro-batch per rank is paired with the step before for
+                                    # the noise scale's two batch sizes (one kept gradient copy, no extra pass);
+                                    # N: such a step is split in two every N steps instead (a second pass each)
     switch_threshold: float = 0.05  # change the batch shape only when predicted goodput gains more than this
     resize: bool = False            # under `glassbox elastic run`: ask for another world size when it pays
     restart_penalty_s: float = 30.0  # what a restart costs, weighed against the time it saves

@@ -5,11 +5,13 @@ averaged over B samples has E|g_B|^2 = |G|^2 + tr(Sigma) / B, so two batch sizes
 estimates of both terms,
     |G|^2     = (B_big |g_big|^2 - B_small |g_small|^2) / (B_big - B_small)
     tr(Sigma) = (|g_small|^2 - |g_big|^2) / (1 / B_small - 1 / B_big).
-A step already has both: each rank's gradient accumulated over its first k micro-batches (k * m samples; the
-trainer's `GradientStats.local_tensor_sq_norms`, taken before the reduction, one fused norm kernel per
-micro-batch), and the all-reduced gradient of the whole global batch. Nothing hooks the backward per parameter
-(AdaptDL's hooks made backward 2.6x slower, its issue #120); the overhead is one fused norm over the reduced
-gradient and a three-number all-reduce per measured step (bench/pollux_gns.py measures it).
+A step of several micro-batches per rank already has both: each rank's gradient accumulated over its first k
+micro-batches (k * m samples; the trainer's `GradientStats.local_tensor_sq_norms`, taken before the reduction, one
+fused norm kernel per micro-batch), and the all-reduced gradient of the whole global batch. A step of one
+micro-batch per rank is paired with the step before it (two batches of B and their mean, a batch of 2B), which
+costs one kept copy of the gradient and no extra forward/backward. Nothing hooks the backward per parameter
+(AdaptDL's hooks made backward 2.6x slower, its issue #120), and nothing waits for the device: the overhead is a
+few fused norm kernels per step and, with several ranks, a small all-reduce (bench/pollux_gns.py measures it).
 
 Adam preconditioning (what the noise scale means for an Adam step, as in Pollux): gradients are measured in the
 geometry of the update, g / (sqrt(v_hat) + eps). Per-element preconditioning would need a pass over every
@@ -28,6 +30,7 @@ measurement `smoothing ** (B_big / M0)` so that the window counts samples, not s
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -111,94 +114,154 @@ def _is_sharded(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor) and any(not pl.is_replicate() for pl in t.placements)
 
 
+@dataclass
+class Measurement:
+    """One step's preconditioned squared gradient norms, still on the device, and the batch sizes they belong to:
+    `values` = [|g_small,1|^2, ..., |g_small,k|^2, |g_big|^2], the i-th small one at `small_batches[i]` samples,
+    the big one at `big_batch`. The agent copies `values` to the host without waiting (it is read once the step
+    has finished, when the trainer has read the step's own metrics anyway)."""
+
+    values: torch.Tensor
+    small_batches: list[int]
+    big_batch: int
+
+    def pairs(self, host_values: list[float]) -> list[tuple[int, float, int, float]]:
+        """(B_small, |g_small|^2, B_big, |g_big|^2) for each small batch of the step."""
+        *small, big = host_values
+        return [(b, s, self.big_batch, big) for b, s in zip(self.small_batches, small)]
+
+
 class GradientNoiseMeter:
     """Turns one step's `GradientStats` into device-side (small, big) norm pairs, Adam-preconditioned.
 
-    `measure` queues the work (no host sync) and returns a tensor [B_small-weighted sums...]; `read` turns it
-    into (B_small, |g_small|^2, B_big, |g_big|^2) after the step finished. Every data-parallel rank measures the
-    same reduced gradient and averages the ranks' local norms, so all ranks hold the same estimate and make the
-    same batch decisions.
+    Two sources of a second batch size, neither an extra forward/backward:
+    - a step of several micro-batches per rank: each rank's gradient after its first k micro-batches (k * m
+      samples) against the reduced gradient of the global batch B;
+    - a step of one micro-batch per rank (`pair_steps`): the reduced gradients of two consecutive steps of the
+      same batch B, each a batch of B, and their mean, a batch of 2B. The weights moved by one optimizer step
+      between the two, which adds B |G_t - G_{t-1}|^2 / 2 to the trace estimate: small while one step changes the
+      true gradient by less than the per-step gradient noise (bench/pollux_gns.py compares the running estimate
+      with a direct one). It keeps one copy of the gradient (the local shard under FSDP2) between steps.
+    Splitting a single micro-batch in two instead (measure_every) needs no copy but costs a second pass per
+    measured step, which on a GPU, where a small model's pass is mostly fixed cost, nearly doubles that step.
+
+    Nothing here reads a device value on the host: `measure` only queues kernels (and, with several ranks, a
+    small all-reduce). Every data-parallel rank measures the same reduced gradient and averages the ranks' local
+    norms, so all ranks hold the same estimate and make the same batch decisions.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dp_group, dp_size: int,
-                 refresh_every: int = 10):
+                 refresh_every: int = 10, pair_steps: bool = True):
         self.model = model
         self.optimizer = optimizer
         self.dp_group = dp_group
         self.dp_size = dp_size
         self.refresh_every = refresh_every
+        self.pair_steps = pair_steps
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.sharded = [_is_sharded(p) for p in self.params]
         self._weights: torch.Tensor | None = None
         self._weights_step = -1
+        self._constants: dict[str, torch.Tensor] = {}
+        # The previous single-micro-batch step's reduced gradient, its per-tensor squared norms, step and batch.
+        self._prev_grads: list[torch.Tensor] | None = None
+        self._prev_norms: torch.Tensor | None = None
+        self._prev_step: tuple[int, int] | None = None
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.dp_size > 1:
             dist.all_reduce(t, group=self.dp_group)
         return t
 
+    def _constant(self, name: str, values: list, device: torch.device) -> torch.Tensor:
+        """A per-parameter constant on the device, copied there once: a host-to-device copy of a Python list
+        waits for the device's queue, so building one every step would be a sync every step."""
+        if name not in self._constants:
+            self._constants[name] = torch.tensor(values, device=device)
+        return self._constants[name]
+
+    def _full_sq_norms(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Per-parameter squared norms of full tensors from their local parts (sharded ones summed over ranks)."""
+        sq = torch.stack(torch._foreach_norm(tensors, 2.0)).float().pow(2)
+        if self.dp_size > 1 and any(self.sharded):
+            sharded = self._constant("sharded", self.sharded, sq.device)
+            reduced = self._all_reduce(torch.where(sharded, sq, 0.0))
+            sq = torch.where(sharded, reduced, sq)
+        return sq
+
     @torch.no_grad()
     def preconditioner(self, step: int) -> torch.Tensor | None:
-        """Per-parameter 1 / (sqrt(mean v_hat) + eps)^2; None before Adam's first step (no second moment)."""
+        """Per-parameter 1 / (sqrt(mean v_hat) + eps)^2; None before Adam's first step (no second moment).
+        All on the device: Adam's step counts stay tensors (on the device under fused AdamW)."""
         if self._weights is not None and step - self._weights_step < self.refresh_every:
             return self._weights
         group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
-        sums, counts, eps = [], [], []
+        moments, steps = [], []
         for p in self.params:
             state = self.optimizer.state.get(p)
             if not state or "exp_avg_sq" not in state:
                 return None
-            group = group_of[id(p)]
-            t = float(state["step"])
-            correction = 1.0 - group["betas"][1] ** t
-            v = _local(state["exp_avg_sq"])
-            sums.append(v.sum(dtype=torch.float32) / correction)
-            counts.append(float(v.numel()))
-            eps.append(group["eps"])
-        sums_t = torch.stack(sums)
-        counts_t = torch.tensor(counts, device=sums_t.device)
-        sharded = torch.tensor(self.sharded, device=sums_t.device)
-        if self.dp_size > 1 and bool(sharded.any()):
+            moments.append(_local(state["exp_avg_sq"]))
+            steps.append(torch.as_tensor(state["step"]).reshape(()))
+        # exp_avg_sq >= 0, so its L1 norm is its sum: one fused kernel over every tensor.
+        sums_t = torch.stack(torch._foreach_norm(moments, 1.0)).float()
+        device = sums_t.device
+        groups = [group_of[id(p)] for p in self.params]
+        beta2 = self._constant("beta2", [float(g["betas"][1]) for g in groups], device)
+        eps = self._constant("eps", [float(g["eps"]) for g in groups], device)
+        counts_t = self._constant("counts", [float(v.numel()) for v in moments], device)
+        sums_t = sums_t / (1.0 - beta2.pow(torch.stack(steps).to(device, torch.float32, non_blocking=True)))
+        if self.dp_size > 1 and any(self.sharded):
             # Shards sum over ranks; replicated tensors are the same on every rank and count once.
+            sharded = self._constant("sharded", self.sharded, device)
             both = torch.stack([torch.where(sharded, sums_t, 0.0), torch.where(sharded, counts_t, 0.0)])
             self._all_reduce(both)
             sums_t = torch.where(sharded, both[0], sums_t)
             counts_t = torch.where(sharded, both[1], counts_t)
         rms = (sums_t / counts_t).sqrt()
-        self._weights = (rms + torch.tensor(eps, device=rms.device)).reciprocal().square()
+        self._weights = (rms + eps).reciprocal().square()
         self._weights_step = step
         return self._weights
 
     @torch.no_grad()
     def measure(self, step: int, local_tensor_sq_norms: list[torch.Tensor], micro_batch: int,
-                global_batch: int) -> torch.Tensor | None:
-        """[|g_small,k|^2 for k = 1..n-1 (rank-averaged), |g_big|^2], preconditioned; None without a pair."""
-        if not local_tensor_sq_norms:
-            return None
-        weights = self.preconditioner(step)
-        if weights is None:
-            return None
-        n = len(local_tensor_sq_norms) + 1          # micro-batches this step on one rank
+                global_batch: int) -> Measurement | None:
+        """The step's pairs, preconditioned; None without a pair (or before Adam's first step)."""
         grads = [_local(p.grad) for p in self.params]
-        big = torch.stack(torch._foreach_norm(grads, 2.0)).float().pow(2)
-        if self.dp_size > 1 and any(self.sharded):
-            sharded = torch.tensor(self.sharded, device=big.device)
-            reduced = self._all_reduce(torch.where(sharded, big, 0.0))
-            big = torch.where(sharded, reduced, big)
-        # Accumulated with weight 1/n per micro-batch: after k of them the local gradient is k/n of their mean.
-        small = torch.stack([(weights * v).sum() * (n / k) ** 2
-                             for k, v in enumerate(local_tensor_sq_norms, start=1)])
-        small = self._all_reduce(small) / self.dp_size
-        return torch.cat([small, (weights * big).sum().reshape(1)])
-
-    @staticmethod
-    def pairs(values: list[float], micro_batch: int, global_batch: int) -> list[tuple[int, float, int, float]]:
-        """(B_small, |g_small|^2, B_big, |g_big|^2) for each local prefix of the step's micro-batches."""
-        *small, big = values
-        return [(k * micro_batch, s, global_batch, big) for k, s in enumerate(small, start=1)]
+        if local_tensor_sq_norms:
+            self._prev_step = None      # a step of several micro-batches: no consecutive-step pair across it
+            weights = self.preconditioner(step)
+            if weights is None:
+                return None
+            n = len(local_tensor_sq_norms) + 1          # micro-batches this step on one rank
+            big = self._full_sq_norms(grads)
+            # Accumulated with weight 1/n per micro-batch: after k of them the local gradient is k/n of their mean.
+            small = torch.stack([(weights * v).sum() * (n / k) ** 2
+                                 for k, v in enumerate(local_tensor_sq_norms, start=1)])
+            small = self._all_reduce(small) / self.dp_size
+            return Measurement(torch.cat([small, (weights * big).sum().reshape(1)]),
+                               [k * micro_batch for k in range(1, n)], global_batch)
+        if not self.pair_steps:
+            return None
+        big = self._full_sq_norms(grads)
+        paired = self._prev_step == (step - 1, global_batch)
+        weights = self.preconditioner(step) if paired else None
+        measurement = None
+        if weights is not None:
+            torch._foreach_add_(self._prev_grads, grads)          # g_{t-1} + g_t, in the kept copy's memory
+            both = self._full_sq_norms(self._prev_grads)
+            small = (weights * (big + self._prev_norms)).sum() / 2      # the mean |g_B|^2 of the two steps
+            mean = (weights * both).sum() / 4                           # |(g_{t-1} + g_t) / 2|^2, a batch of 2B
+            measurement = Measurement(torch.stack([small, mean]), [global_batch], 2 * global_batch)
+        if self._prev_grads is None:
+            self._prev_grads = [g.detach().clone() for g in grads]
+        else:
+            torch._foreach_copy_(self._prev_grads, grads)
+        self._prev_norms, self._prev_step = big, (step, global_batch)
+        return measurement
 
 
 def estimate_from_pairs(pairs: list[tuple[int, float, int, float]]) -> tuple[float, float]:
-    """The mean of the two-batch estimates over a step's (small, big) pairs."""
+    """The mean of the two-batch estimates over a step's (small, big) pairs (Measurement.pairs)."""
     estimates = [two_batch_estimates(*p) for p in pairs]
     return (sum(e[0] for e in estimates) / len(estimates), sum(e[1] for e in estimates) / len(estimates))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from train_testlib import tiny_config  # noqa: E402
@@ -119,3 +120,83 @@ def test_a_chosen_single_odd_micro_batch_is_made_even_so_it_splits_in_halves():
     unmeasured = PolluxAgent(ElasticConfig(measure_every=0), PolluxPlan(8, 2))
     unmeasured.replicas = 1
     assert unmeasured._measurable(Choice(31, 31, 1, 1.0)) == (31, 31)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that read a tensor's value on the host (item/float/bool of a tensor, a copy off the device):
+    on a GPU each waits for everything queued before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        to_host = func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and source is not None \
+            and source.device.type != "cpu" and (kwargs.get("device") == torch.device("cpu")
+                                                 or func is torch.ops.aten.copy_.default and args[0].is_cpu)
+        if func is torch.ops.aten._local_scalar_dense.default or to_host:
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+def count_host_reads(agent: PolluxAgent, hooks: tuple[str, ...]) -> dict[str, list[int]]:
+    """Wraps the agent's hooks: per hook, the host reads each call made."""
+    counts: dict[str, list[int]] = {h: [] for h in hooks}
+    for hook in hooks:
+        inner = getattr(agent, hook)
+
+        def counted(*args, _inner=inner, _hook=hook):
+            with HostReads() as reads:
+                _inner(*args)
+            counts[_hook].append(reads.count)
+        setattr(agent, hook, counted)
+    return counts
+
+
+def test_agent_reads_nothing_while_a_step_is_queued_and_decides_every_n_steps(prepared_data, tmp_path):
+    # One micro-batch per step: the noise scale comes from consecutive-step pairs, no step is split, and the
+    # hooks that run while a step is being queued (the device busy with the one before) read no device value:
+    # on a GPU every read there stalls the queue (a float() of fused AdamW's step count per parameter did).
+    elastic = ElasticConfig(decide_every=5, warmup_steps=5, max_micro_batch=32, max_batch=32, precondition_every=3)
+    cfg = tiny_config(prepared_data, tmp_path / "run", "schedule.steps=20", "batch.global_batch_size=8",
+                      "batch.micro_batch_size=8", "logging.val_every=0", "checkpoint.save_final=false")
+    plan = PolluxPlan(8, 8, elastic.measure_every)
+    agent = PolluxAgent(elastic, plan)
+    reads = count_host_reads(agent, ("on_step_start", "on_after_backward", "on_step_end"))
+    Trainer(cfg, callbacks=[agent], plan=plan).fit()
+    assert len(reads["on_after_backward"]) == 20
+    assert sum(reads["on_step_start"]) == 0 and sum(reads["on_after_backward"]) == 0
+    assert max(reads["on_step_end"]) <= 1
+    rows = read_metrics(tmp_path / "run")
+    steps = [r for r in rows if "loss" in r]
+    assert all(r["micro_batch_size"] == r["batch_size"] for r in steps)     # nothing split to measure
+    shapes = [r["batch_size"] for r in steps]
+    changes = sum(a != b for a, b in zip(shapes, shapes[1:]))
+    assert agent.ema.count == 20 - 1 - changes      # a pair per step but the first, and the first of each new size
+    assert [r["step"] for r in rows if r.get("event") == "pollux"] == [5, 10, 15, 20]
+
+
+@pytest.mark.gpu
+def test_agent_hooks_never_sync_the_gpu(prepared_data, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    elastic = ElasticConfig(decide_every=5, warmup_steps=5, max_micro_batch=16, max_batch=32, precondition_every=3)
+    cfg = tiny_config(prepared_data, tmp_path / "run", "schedule.steps=20", "batch.global_batch_size=8",
+                      "batch.micro_batch_size=8", "logging.val_every=0", "checkpoint.save_final=false",
+                      "parallel.device=cuda")
+    plan = PolluxPlan(8, 8, elastic.measure_every)
+    agent = PolluxAgent(elastic, plan)
+    for hook in ("on_step_start", "on_after_backward"):
+        inner = getattr(agent, hook)
+
+        def strict(*args, _inner=inner):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                _inner(*args)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        setattr(agent, hook, strict)
+    Trainer(cfg, callbacks=[agent], plan=plan).fit()
+    assert agent.ema.count > 10

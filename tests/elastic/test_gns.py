@@ -58,22 +58,28 @@ class Linear(torch.nn.Module):
         return (x @ self.a + y @ self.b).mean()
 
 
-def test_meter_measures_the_preconditioned_noise_scale_of_a_real_accumulated_step():
+def linear_problem():
+    """A Linear model with Adam's second moment in place (different per tensor, so the preconditioner matters),
+    a sampler of per-sample gradients, and the true preconditioned noise scale."""
     gen = torch.Generator().manual_seed(1)
     ga, gb, sa, sb = 0.2, 1.0, 0.5, 0.1
     model = Linear()
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
     sample = lambda n: (ga + sa * torch.randn(n, 16, generator=gen), gb + sb * torch.randn(n, 4, generator=gen))
-    # Adam's second moment, different per tensor, so the preconditioner matters.
     model(*sample(64)).backward()
     opt.step()
     opt.zero_grad()
     meter = GradientNoiseMeter(model, opt, None, 1)
-    w = meter.preconditioner(1)
-    wa, wb = w.tolist()
+    wa, wb = meter.preconditioner(1).tolist()
     assert wa > 10 * wb     # `b` sees larger gradients: a smaller weight in the update's geometry
     truth = (wa * 16 * sa**2 + wb * 4 * sb**2) / (wa * 16 * ga**2 + wb * 4 * gb**2)
+    plain = (16 * sa**2 + 4 * sb**2) / (16 * ga**2 + 4 * gb**2)
+    assert abs(plain - truth) / truth > 0.3     # the tests can tell preconditioned from plain
+    return model, opt, meter, sample, truth
 
+
+def test_meter_measures_the_preconditioned_noise_scale_of_a_real_accumulated_step():
+    model, opt, meter, sample, truth = linear_problem()
     ema = NoiseScaleEMA(init_batch=16, smoothing=0.995)
     micro, n = 4, 8
     for step in range(300):
@@ -83,19 +89,38 @@ def test_meter_measures_the_preconditioned_noise_scale_of_a_real_accumulated_ste
             (model(x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]) / n).backward()
             if i < n - 1:
                 local.append(local_grad_sq_norms(model))
-        values = meter.measure(step + 2, local, micro, micro * n).tolist()
-        ema.update(*estimate_from_pairs(meter.pairs(values, micro, micro * n)), batch=micro * n)
+        measurement = meter.measure(step + 2, local, micro, micro * n)
+        ema.update(*estimate_from_pairs(measurement.pairs(measurement.values.tolist())), batch=micro * n)
         opt.zero_grad()
     assert ema.noise_scale == pytest.approx(truth, rel=0.15)
-    plain = (16 * sa**2 + 4 * sb**2) / (16 * ga**2 + 4 * gb**2)
-    assert abs(plain - truth) / truth > 0.3     # the test can tell preconditioned from plain
+
+
+def test_consecutive_single_micro_batch_steps_pair_into_the_noise_scale():
+    model, opt, meter, sample, truth = linear_problem()
+    ema = NoiseScaleEMA(init_batch=16, smoothing=0.995)
+    batch, measured = 16, 0
+    for step in range(2, 402):
+        model(*sample(batch)).backward()
+        measurement = meter.measure(step, [], batch, batch)
+        if measurement is not None:
+            assert (measurement.small_batches, measurement.big_batch) == ([batch], 2 * batch)
+            ema.update(*estimate_from_pairs(measurement.pairs(measurement.values.tolist())), batch=batch)
+            measured += 1
+        opt.zero_grad()
+    assert measured == 399                      # every step but the first has the one before it
+    assert ema.noise_scale == pytest.approx(truth, rel=0.15)
 
 
 def test_meter_waits_for_adam_and_for_two_batch_sizes():
     model = Linear()
     opt = torch.optim.AdamW(model.parameters())
     meter = GradientNoiseMeter(model, opt, None, 1)
+    splitting = GradientNoiseMeter(model, opt, None, 1, pair_steps=False)
     model(torch.ones(2, 16), torch.ones(2, 4)).backward()
     assert meter.measure(1, [local_grad_sq_norms(model)], 1, 2) is None    # no second moment yet
     opt.step()
-    assert meter.measure(2, [], 2, 2) is None                              # one micro-batch: one batch size
+    assert meter.measure(2, [], 2, 2) is None                              # one micro-batch, no step before it
+    assert meter.measure(3, [], 2, 2) is not None                          # ... paired with step 2
+    assert meter.measure(5, [], 2, 2) is None                              # not consecutive
+    assert meter.measure(6, [], 4, 4) is None                              # another batch size
+    assert splitting.measure(3, [], 2, 2) is None and splitting.measure(4, [], 2, 2) is None
