@@ -14,7 +14,7 @@ One run does it all on one machine, the served model being SmolLM2-135M-Instruct
 Each row also counts what scheduling cost: preemptions, steps that prefill (eager on the GPU, where a pure-decode
 step replays a CUDA graph) among all steps, tokens recomputed after preemption, starvation promotions, and the
 share of outputs exactly as long as their label (the oracle's premise). On CUDA the highest load also runs the
-oracle with the LTR policy's other preemption modes (never; always, rank alone), to show what preemption buys.
+oracle without preemption (`never`), to show what preemption buys.
 
 `replay` runs a collection's lengths through the real scheduler without a model (time in decode steps, a
 prefill step costing --prefill-cost), for every preemption mode and the guard's old 200-step threshold: the
@@ -55,7 +55,7 @@ POLICIES = ("fcfs", "ltr", "oracle")
 
 # Sizes per device: (prompts collected, max_tokens, requests per online run, batch cap, load fractions, whether
 # to run the oracle's preemption ablations at the highest load).
-SIZES = {"cpu": (192, 64, 16, 4, (1.0, 4.0), False), "cuda": (1200, 256, 96, 8, (0.5, 1.0, 2.0, 4.0), True)}
+SIZES = {"cpu": (192, 64, 16, 4, (1.0, 4.0), False), "cuda": (1200, 256, 96, 8, (0.5, 2.0, 4.0), True)}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -75,8 +75,9 @@ def fresh(engine, policy) -> None:
                                  cfg.enable_chunked_prefill)
 
 
-# Ablations of oracle SJF at the highest load: how much preemption costs or buys (the default is "remaining").
-ABLATIONS = {"oracle-never": {"preemption": "never"}, "oracle-always": {"preemption": "always"}}
+# The ablation of oracle SJF at the highest load: what preemption buys (the default is "remaining"; the replay
+# measures "always" too, without a device).
+ABLATIONS = {"oracle-never": {"preemption": "never"}}
 
 
 def make_policy(name: str, ranker, lengths: dict[tuple[int, ...], int]):
@@ -180,7 +181,8 @@ def scheduler_at(commit: str):
     for name, path in (("before_policy", "inference/policy.py"), ("before_scheduler", "inference/scheduler.py"),
                        ("before_ltr", "inference/ltr/policy.py")):
         src = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{path}"], check=True, capture_output=True,
-                             text=True).stdout.replace("from glassbox.inference.policy import", "from before_policy import")
+                             text=True).stdout
+        src = src.replace("from glassbox.inference.policy import", "from before_policy import")
         (tmp / f"{name}.py").write_text(src)
         spec = importlib.util.spec_from_file_location(name, tmp / f"{name}.py")
         mods[name] = importlib.util.module_from_spec(spec)
@@ -213,7 +215,7 @@ def replay_run(lengths: list[int], prompts: list[list[int]], arrivals: list[floa
     from glassbox.inference.ltr.policy import LengthScorer, LTRPolicy
     from glassbox.inference.policy import FCFS
     from glassbox.inference.sampling_params import SamplingParams
-    from glassbox.inference.scheduler import Scheduler
+    from glassbox.inference.scheduler import Scheduler as Today
     from glassbox.inference.sequence import Sequence
 
     longest = max(len(p) for p in prompts) + max(lengths)
@@ -222,11 +224,12 @@ def replay_run(lengths: list[int], prompts: list[list[int]], arrivals: list[floa
     seqs = [Sequence(str(i), [i] + p[1:], SamplingParams(temperature=0), arrival_time=arrivals[i])
             for i, p in enumerate(prompts)]
     if code is not None:                     # the code of another commit (scheduler_at): FCFS or its oracle
-        Scheduler, fcfs, oracle = code
+        scheduler, fcfs, oracle = code
         policy = fcfs() if options is None else oracle(lengths)
     else:
+        scheduler = Today
         policy = FCFS() if options is None else LTRPolicy(LengthScorer(lambda p: lengths[p[0]]), **options)
-    sched = Scheduler(blocks, policy, cap, 2048)
+    sched = scheduler(blocks, policy, cap, 2048)
     pending = sorted(range(len(seqs)), key=lambda i: arrivals[i])
     clock, finished = 0.0, {}
     while pending or sched.has_work():
@@ -298,7 +301,8 @@ def replay(args) -> int:
              + (f"; the rows 'at {args.before}' run that commit's scheduler and policies" if args.before else "")
              + ".", "",
              "| load | policy | mean latency (steps) | p90 (steps) | makespan | prefill steps | preemptions (rank) | "
-             "most of one request | recomputed tokens | promotions |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "most of one request | recomputed tokens | promotions |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['load']}x | {r['policy']} | {r['mean_latency_steps']:.0f} | {r['p90_latency_steps']:.0f} | "
                      f"{r['makespan_steps']:.0f} | {r['prefill_steps']} | {r['preemptions']} ({r['rank_preemptions']}) "
