@@ -48,8 +48,8 @@ from glassbox.models.transformer import Attention, Block, Transformer, apply_rot
 
 
 class Span(NamedTuple):
-    """A sequence with several query tokens this step: rows [row, row + n) of the flat batch, whose KV goes to
-    the slots of positions [start, start + n), its context's blocks in `table`. With a draft, its last
+    """A sequence's query tokens this step (one for a decode): rows [row, row + n) of the flat batch, whose KV
+    goes to the slots of positions [start, start + n), its context's blocks in `table`. With a draft, its last
     `len(draft)` rows are the draft's nodes: each sees the real tokens and its own ancestors only."""
 
     row: int

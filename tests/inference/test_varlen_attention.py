@@ -190,6 +190,7 @@ def test_compiled_packed_steps_compile_only_at_start():
     before = counters["stats"]["unique_graphs"]
     eng.runner = eng.runner.replaced(attention="reference", compile=True)
     compiled = counters["stats"]["unique_graphs"]
-    assert compiled > before and not counters["graph_break"]
+    # Packed steps and pure decodes: two structures where the dense path compiles about nine.
+    assert 0 < compiled - before <= 3 and not counters["graph_break"]
     _assert_same(dense, _serve(eng, prompts))
     assert counters["stats"]["unique_graphs"] == compiled          # the start-up warm-up met every structure
