@@ -69,14 +69,17 @@ class PolluxPlan(StepPlan):
         self.shape = Shape(base_batch, micro_batch, 1.0, 1.0)
         self.frozen: dict[int, Shape] = {}
         self.measure_every = measure_every
+        self.explore: range = range(0)      # steps split in two for the throughput fit (PolluxAgent.on_train_start)
         self.dp_size = 1
 
     def _measured_micro(self, step: int, shape: Shape) -> int:
-        """With one micro-batch per rank the step has one batch size to compare; every `measure_every` steps it
-        is split into micro-batches half its size (a third, a quarter when odd), same samples, same gradient.
-        A size with no divisor up to 4 is not split: a prime M would become M passes of one sample each."""
+        """A step of one micro-batch per rank is split into micro-batches half its size (a third, a quarter when
+        odd), same samples, same gradient, every `measure_every` steps (a second batch size for the noise scale)
+        and on the steps in `explore` (a second micro-batch size for the throughput fit). A size with no divisor
+        up to 4 is not split: a prime M would become M passes of one sample each."""
         per_rank = shape.batch // self.dp_size
-        if not self.measure_every or step % self.measure_every or min(shape.micro_batch, per_rank) < per_rank:
+        split = (self.measure_every and step % self.measure_every == 0) or step in self.explore
+        if not split or min(shape.micro_batch, per_rank) < per_rank:
             return shape.micro_batch
         divisor = next((d for d in range(2, min(per_rank, MAX_SPLIT) + 1) if per_rank % d == 0), 1)
         return per_rank // divisor
@@ -170,6 +173,12 @@ class PolluxAgent(Callback):
         if self.plan.shape.batch % self.replicas or not self._fits(self.plan.shape):
             # A restart at another world size: the last shape may not split over these ranks.
             self._reshape_for_world(state)
+        if self.cfg.adapt_batch and len({key[2] for key in self.times}) < 2:
+            # One micro-batch size seen: its step time alone cannot split a pass's fixed cost from its per-sample
+            # cost, and the prior's split (mostly per-sample) would keep a GPU run whose passes are mostly fixed
+            # cost at M0. A few steps in half-size micro-batches settle it. After the first two steps, which warm
+            # up and are not observed.
+            self.plan.explore = range(state.step + 3, state.step + 3 + self.cfg.explore_steps)
 
     def _fits(self, shape: Shape) -> bool:
         per_rank = shape.batch // self.replicas

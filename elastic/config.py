@@ -31,12 +31,15 @@ class ElasticConfig:
     measure_every: int = 0          # 0: a step with one micro-batch per rank is paired with the step before for
                                     # the noise scale's two batch sizes (one kept gradient copy, no extra pass);
                                     # N: such a step is split in two every N steps instead (a second pass each)
+    explore_steps: int = 4          # with adapt_batch, while one micro-batch size has been timed: this many
+                                    # early steps of one micro-batch per rank run as two half-size ones, so the
+                                    # throughput fit can tell a pass's fixed cost from its per-sample cost
     switch_threshold: float = 0.05  # change the batch shape only when predicted goodput gains more than this
     resize: bool = False            # under `glassbox elastic run`: ask for another world size when it pays
     restart_penalty_s: float = 30.0  # what a restart costs, weighed against the time it saves
 
     def validate(self) -> None:
-        for name in ("max_batch", "max_micro_batch", "measure_every"):
+        for name in ("max_batch", "max_micro_batch", "measure_every", "explore_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"elastic.{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("decide_every", "precondition_every"):

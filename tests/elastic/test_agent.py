@@ -106,6 +106,10 @@ def test_a_measured_step_is_split_in_a_few_micro_batches_never_one_sample_each()
     split = {batch: plan._measured_micro(4, Shape(batch, batch, 1.0, 1.0)) for batch in (8, 12, 9, 31, 25)}
     assert split == {8: 4, 12: 6, 9: 3, 31: 31, 25: 25}     # halves, thirds; a prime (or 5 x 5) is not split
     assert plan._measured_micro(5, Shape(8, 8, 1.0, 1.0)) == 8                 # only every measure_every steps
+    plan = PolluxPlan(8, 8)
+    plan.explore = range(3, 7)      # what the agent sets at the start while it has timed one micro-batch size
+    assert [plan._measured_micro(s, Shape(8, 8, 1.0, 1.0)) for s in range(1, 9)] == [8, 8, 4, 4, 4, 4, 8, 8]
+    assert plan._measured_micro(4, Shape(8, 2, 1.0, 1.0)) == 2                 # accumulating already: as it is
 
 
 def test_a_chosen_single_odd_micro_batch_is_made_even_so_it_splits_in_halves():
@@ -159,7 +163,8 @@ def test_agent_reads_nothing_while_a_step_is_queued_and_decides_every_n_steps(pr
     # One micro-batch per step: the noise scale comes from consecutive-step pairs, no step is split, and the
     # hooks that run while a step is being queued (the device busy with the one before) read no device value:
     # on a GPU every read there stalls the queue (a float() of fused AdamW's step count per parameter did).
-    elastic = ElasticConfig(decide_every=5, warmup_steps=5, max_micro_batch=32, max_batch=32, precondition_every=3)
+    elastic = ElasticConfig(decide_every=5, warmup_steps=5, max_micro_batch=32, max_batch=32, precondition_every=3,
+                            explore_steps=0)
     cfg = tiny_config(prepared_data, tmp_path / "run", "schedule.steps=20", "batch.global_batch_size=8",
                       "batch.micro_batch_size=8", "logging.val_every=0", "checkpoint.save_final=false")
     plan = PolluxPlan(8, 8, elastic.measure_every)
