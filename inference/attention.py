@@ -113,10 +113,12 @@ def reference_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: to
     return o[0].transpose(0, 1)
 
 
+@functools.cache
 def flash_varlen() -> tuple[VarlenKernel | None, str]:
     """torch's `varlen_attn`, called causal with grouped K/V heads, or None and why not. Its keywords changed
     between releases (`is_causal` in 2.10; `window_size=(-1, 0)` later; `enable_gqa` from 2.12, before which the
-    flash kernel took fewer K/V heads as they came), so they are read from its signature."""
+    flash kernel took fewer K/V heads as they came), so they are read from its signature. One object for the
+    process: compiled code guards on the kernel's identity, so every runner's steps share their compiles."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError as e:
@@ -166,21 +168,20 @@ def choose_kernel(mode: str, device: torch.device, dtype: torch.dtype, heads: in
         return None
     if mode == "reference":
         return reference_varlen
-    why = None
-    kernel, status = flash_varlen()
+    kernel, why = flash_varlen()
+    expected = False              # a CPU or fp32 runner is dense by design; anything else deserves a warning
     if kernel is None:
-        why = status
+        pass
     elif device.type != "cuda":
-        why = f"the flash kernel runs on CUDA only, this runner is on {device}"
+        why, expected = f"the flash kernel runs on CUDA only, this runner is on {device}", True
     elif dtype not in (torch.bfloat16, torch.float16):
-        why = f"the flash kernel takes bf16 and fp16, the model is {dtype}"
+        why, expected = f"the flash kernel takes bf16 and fp16, the model is {dtype}", True
     else:
         why = probe(kernel, device, dtype, heads, kv_heads, head_dim)
-    if why is None:
-        log.info("eager steps use the varlen flash attention kernel")
-        return kernel
+        if why is None:
+            log.info("eager steps use the varlen flash attention kernel")
+            return kernel
     if mode == "varlen":
         raise GlassboxError(f"model runner attention 'varlen': the flash kernel cannot serve this model: {why}")
-    if device.type == "cuda":
-        log.warning("eager steps use the dense masked attention path: %s", why)
+    (log.info if expected else log.warning)("eager steps use the dense masked attention path: %s", why)
     return None
