@@ -28,9 +28,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             m.add_argument("--experts-keep", type=float, required=True,
                            help="fraction of all experts stage 1 keeps, in (0, 1] and at least 1 - sparsity")
         if name in ("stun", "expert-only"):
-            m.add_argument("--similarity", choices=["coselect", "router"], default="coselect",
-                           help="expert distance: top-k co-selection on the calibration pass, or router-weight "
-                                "distance with no forward pass (default: coselect)")
+            m.add_argument("--similarity", choices=["coselect-output", "coselect", "router"],
+                           default="coselect-output",
+                           help="expert distance: top-k co-selection on the calibration pass weighted by the "
+                                "experts' output contributions, plain co-selection (the paper's), or router-weight "
+                                "distance with no forward pass (default: coselect-output)")
             m.add_argument("--router", choices=["keep", "mean"], default="keep",
                            help="a kept expert's router row: its own, or the mean of its cluster's (default: keep)")
         if name in ("stun", "unstructured"):
@@ -58,7 +60,8 @@ def _prune(args: argparse.Namespace) -> int:
     model, cfg = load_hf_model_dir(args.model_dir, dtype=torch.float32, device=args.device)
     opts = PruneOptions(method=_METHODS[args.method], sparsity=args.sparsity,
                         experts_keep=getattr(args, "experts_keep", None),
-                        similarity=getattr(args, "similarity", "coselect"), router=getattr(args, "router", "keep"),
+                        similarity=getattr(args, "similarity", "coselect-output"),
+                        router=getattr(args, "router", "keep"),
                         owl=getattr(args, "owl", False), seed=args.seed)
     check_options(model, opts)
     if args.calib is not None:

@@ -13,7 +13,9 @@ Representative: the member with the smallest sum of squared distances to the res
 features (router rows) that is exactly the member nearest the cluster's centroid, since sum_j |x_i - x_j|^2 =
 n |x_i - c|^2 + const; for co-selection distances it is the same criterion on the distance itself. Ties go to
 the expert that contributed more to the layer's output on the calibration tokens (routing weight x output norm;
-a two-expert cluster is always such a tie), then the lower id.
+a two-expert cluster is always such a tie), then the lower id. With the output-weighted co-selection distance,
+whose values are costs rather than positions, the member kept is instead the cheapest keeper: the one that leaves
+the least output behind when the others' tokens are rerouted to it.
 """
 
 from __future__ import annotations
@@ -118,4 +120,16 @@ def representative(cluster: list[int], dist: torch.Tensor, contribution: torch.T
     gain = (contribution[cluster].double() if contribution is not None
             else torch.zeros(len(cluster), dtype=torch.float64))
     best = min(range(len(cluster)), key=lambda i: (float(spread[i]), -float(gain[i]), cluster[i]))
+    return cluster[best]
+
+
+def cheapest_keeper(cluster: list[int], cosine: torch.Tensor, contribution: torch.Tensor) -> int:
+    """The member to keep when the cluster's other experts are dropped and their tokens rerouted to it: the one
+    that leaves the least output behind, argmin over r of sum_m (co-selection distance r-m) x contribution_m;
+    ties go to the larger contributor, then the lower id."""
+    sub = cosine[cluster][:, cluster].double()
+    gain = contribution[cluster].double()
+    lost = sub @ gain
+    lost = torch.round(lost / max(float(lost.max()), 1e-300), decimals=9)
+    best = min(range(len(cluster)), key=lambda i: (float(lost[i]), -float(gain[i]), cluster[i]))
     return cluster[best]

@@ -5,7 +5,8 @@ the model's own forward, not a re-implementation of it. Co-selection: C[i, j] = 
 and j (C[i, i]: tokens routed to i). Wanda's input norms: per expert, the sum over its routed tokens of the squared
 input of gate/up (the hidden state) and of down (silu(gate) * up), so each expert is scored on its own traffic.
 Contribution: per expert, the sum over its tokens of routing weight x the norm of its output, what the layer's
-output would lose without it (stage 1 keeps, of experts its distances cannot tell apart, the larger contributor).
+output would lose without it: it weights the co-selection distance (glassbox.pruning.expert_similarity) and breaks
+stage 1's ties between experts its distances cannot tell apart.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class LayerStats:
     contribution: torch.Tensor          # [E] float64 sum of routing weight x output norm
     input_sq: torch.Tensor | None       # [E, hidden] sum of squared gate/up inputs per expert
     hidden_sq: torch.Tensor | None      # [E, intermediate] sum of squared down inputs per expert
+    tokens: int = 0                     # calibration tokens the layer routed
 
 
 def _moe_layers(model: Transformer) -> list[MoE]:
@@ -52,6 +54,7 @@ def collect_stats(model: Transformer, windows: torch.Tensor, batch_size: int = 8
             chosen = torch.zeros(x.shape[0], moe.num_experts, dtype=torch.float64, device=x.device)
             chosen.scatter_(1, experts, 1.0)
             stats[i].coselect += chosen.T @ chosen
+            stats[i].tokens += x.shape[0]
             for e in range(moe.num_experts):
                 hit = experts == e
                 idx = hit.any(dim=-1).nonzero().squeeze(-1)

@@ -10,6 +10,11 @@ Attention, router, norms and embeddings are never pruned, so every method is com
 - expert_only: stage 1 alone, keeping 1 - S of the experts.
 - random: 1 - S of each layer's experts, drawn uniformly with the seed.
 
+Stage 1's distance (glassbox.pruning.expert_similarity): co-selection weighted by the experts' output
+contributions (the default), the paper's plain co-selection, or router-weight distance. With the weighted
+distance each cluster keeps the member that leaves the least output behind when the others' tokens are rerouted
+to it (expert_clustering.cheapest_keeper); with the others, the member nearest the centroid.
+
 Forward passes: co-selection needs one calibration pass (the router variant none); Wanda needs one more, over
 the model it prunes (after stage 1 the routing has changed). Neither grows with the expert count.
 """
@@ -24,13 +29,15 @@ import torch
 
 from glassbox.errors import GlassboxError
 from glassbox.models.transformer import Transformer
-from glassbox.pruning.expert_clustering import global_clusters, representative
+from glassbox.pruning.expert_clustering import cheapest_keeper, global_clusters, representative
 from glassbox.pruning.expert_drop import RouterMode, drop_experts
-from glassbox.pruning.expert_similarity import coselection_distance, router_distance
+from glassbox.pruning.expert_similarity import coselection_distance, output_weighted_distance, router_distance
 from glassbox.pruning.moe_stats import collect_stats
 from glassbox.pruning.wanda import owl_ratios, wanda_prune_experts
 
 Method = Literal["stun", "unstructured", "expert_only", "random"]
+Similarity = Literal["coselect-output", "coselect", "router"]
+SIMILARITIES: tuple[Similarity, ...] = ("coselect-output", "coselect", "router")
 METHODS: tuple[Method, ...] = ("stun", "unstructured", "expert_only", "random")
 
 
@@ -39,7 +46,7 @@ class PruneOptions:
     method: Method
     sparsity: float
     experts_keep: float | None = None                      # stun: the fraction of experts stage 1 keeps
-    similarity: Literal["coselect", "router"] = "coselect"
+    similarity: Similarity = "coselect-output"
     router: RouterMode = "keep"
     owl: bool = False
     seed: int = 0
@@ -75,8 +82,8 @@ def check_options(model: Transformer, opts: PruneOptions) -> None:
         if opts.experts_keep < 1.0 - opts.sparsity:
             raise GlassboxError(f"--experts-keep {opts.experts_keep} removes more experts than --sparsity "
                                 f"{opts.sparsity} allows (keep at least {1.0 - opts.sparsity:g})")
-    if opts.similarity not in ("coselect", "router"):
-        raise GlassboxError(f"--similarity {opts.similarity!r}: coselect or router")
+    if opts.similarity not in SIMILARITIES:
+        raise GlassboxError(f"--similarity {opts.similarity!r}: one of {', '.join(SIMILARITIES)}")
     if opts.router not in ("keep", "mean"):
         raise GlassboxError(f"--router {opts.router!r}: keep or mean")
     keep = _structured_keep_fraction(opts)
@@ -110,20 +117,24 @@ def cluster_experts(model: Transformer, windows: torch.Tensor, keep: float, opts
     started = time.perf_counter()
     passes = 0
     contribution = None
-    if opts.similarity == "coselect":
+    if opts.similarity == "router":
+        dists = [router_distance(layer.mlp.router.weight.detach()).cpu() for layer in model.layers]
+    else:
         stats = collect_stats(model, windows, opts.batch_size, activations=False)
         passes = 1
-        dists = [coselection_distance(s.coselect) for s in stats]
         contribution = [s.contribution.cpu() for s in stats]
-    else:
-        dists = [router_distance(layer.mlp.router.weight.detach()) for layer in model.layers]
-    dists = [d.cpu() for d in dists]
+        cosine = [coselection_distance(s.coselect).cpu() for s in stats]
+        dists = cosine if opts.similarity == "coselect" else [
+            output_weighted_distance(s.coselect, s.contribution, s.tokens).cpu() for s in stats]
     total = sum(d.shape[0] for d in dists)
     target = round(keep * total)
     result = global_clusters(dists, target, [cfg.top_k_in_layer(i) for i in range(cfg.num_layers)])
     kept = []
     for i, clusters in enumerate(result.clusters):
-        kept.append([representative(c, dists[i], contribution[i] if contribution else None) for c in clusters])
+        if opts.similarity == "coselect-output":
+            kept.append([cheapest_keeper(c, cosine[i], contribution[i]) for c in clusters])
+        else:
+            kept.append([representative(c, dists[i], contribution[i] if contribution else None) for c in clusters])
     cost = {"seconds": time.perf_counter() - started, "forward_passes": passes, "similarity": opts.similarity,
             "threshold": result.threshold, "search_iterations": result.search_iterations,
             "tie_merges": result.tie_merges, "clusters": result.clusters, "router": opts.router}
