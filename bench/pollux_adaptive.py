@@ -6,9 +6,10 @@ gets), and one Pollux run starting at the smallest size M0 (glassbox.elastic.age
 micro-batch, sqrt-AdaScale LR, the schedule following efficiency-weighted progress), not told which size is best.
 The target is the worst of the runs' best validation losses, so every run reaches it; the time (the sum of the
 run's own step times, validation included, as every run validates every ~1/32 of the budget) and the samples to
-reach it are interpolated between validations. Also the GNS overhead: the median step time of a fixed run with
-the agent measuring (adapt_batch off, accumulation 2 so no step is split) over the same run without it, rounds
-interleaved.
+reach it are interpolated between validations. Also the agent's overhead: the mean step time (decision steps
+included) of a fixed run at M0 in one micro-batch with the whole agent on (measuring the noise scale from
+consecutive steps, fitting and deciding every 10 steps, adapt_batch off so the shape stays) over the same run
+without it, rounds interleaved.
 
     python bench/pollux_adaptive.py                                     # tiny model on the CPU (~6 min, 1 core)
     python bench/pollux_adaptive.py --device cuda --model small         # ~95M parameters, one H200 (~3 min)
@@ -132,15 +133,24 @@ def train(args, name: str, batch: int, micro: int, agent: dict | None = None, st
             plan = PolluxPlan(batch, micro, elastic.measure_every)
             callbacks.append(PolluxAgent(elastic, plan))
         started = time.perf_counter()
-        Trainer(cfg, callbacks=callbacks, plan=plan).fit()
+        trainer = Trainer(cfg, callbacks=callbacks, plan=plan)
+        trainer.fit()
         wall = time.perf_counter() - started
         rows = read_metrics(Path(tmp) / name)
-    steps_rows = [r for r in rows if "loss" in r]
+        steps_rows = [r for r in rows if "loss" in r]
+        # A fixed run's last step is a validation step (its schedule ends there); a Pollux run stops at the sample
+        # budget between two validations: its final loss is measured here, on the same validation samples, and
+        # counts in no time to target.
+        final = steps_rows[-1].get("val_loss")
+        if final is None:
+            total, count = trainer._validation_sums().tolist()
+            final = total / count
     print(f"{name}: {len(steps_rows)} steps, {steps_rows[-1]['samples']} samples, {wall:.1f} s, final val "
-          f"{steps_rows[-1].get('val_loss', float('nan')):.4f}", flush=True)
+          f"{final:.4f} (step {steps_rows[-1]['step']})", flush=True)
     samples_at = {r["step"]: r["samples"] for r in steps_rows}
     decisions = [{**r, "samples": samples_at.get(r["step"])} for r in rows if r.get("event") == "pollux"]
-    return {"name": name, "batch": batch, "wall_s": wall, "rows": steps_rows, "decisions": decisions}
+    return {"name": name, "batch": batch, "wall_s": wall, "rows": steps_rows, "decisions": decisions,
+            "final_val_loss": final}
 
 
 def curve(run: dict) -> list[tuple[float, int, float]]:
@@ -184,18 +194,26 @@ def to_target(points: list[tuple[float, int, float]], target: float) -> tuple[fl
     raise RuntimeError("target not reached")
 
 
-def gns_overhead(args, m0: int) -> dict[str, Any]:
-    """Median step time with the agent measuring (no adaptation) over without it, rounds interleaved."""
-    with_agent, without = [], []
+def gns_overhead(args, m0: int, agent: dict) -> dict[str, Any]:
+    """Mean step time with the whole agent (measuring every step, fitting and deciding every `decide_every`
+    steps; adapt_batch off so both runs take the same steps) over without it, at M0 in one micro-batch, the
+    shape the adaptive run starts in; rounds interleaved. The mean, not the median: a decision lands on one
+    step in ten, which a median would leave out."""
+    with_agent, without, medians = [], [], {"with": [], "without": []}
     steps = args.overhead_steps
+    measuring = {**agent, "adapt_batch": False, "scale_lr": False, "warmup_steps": 5}
     for _ in range(args.overhead_rounds):
-        for agent, out in ((None, without), ({"adapt_batch": False, "scale_lr": False, "measure_every": 0}, with_agent)):
-            run = train(args, "overhead" + ("_gns" if agent else ""), 2 * m0, m0, agent, steps=steps)
+        for config, out, key in ((None, without, "without"), (measuring, with_agent, "with")):
+            run = train(args, "overhead" + ("_agent" if config else ""), m0, m0, config, steps=steps)
             times = [r["step_time"] for r in run["rows"][5:] if "val_loss" not in r]
-            out.append(statistics.median(times))
+            out.append(statistics.fmean(times))
+            medians[key].append(statistics.median(times))
     base, measured = statistics.median(without), statistics.median(with_agent)
     return {"step_s_without": base, "step_s_with_gns": measured, "overhead": measured / base - 1.0,
-            "rounds": args.overhead_rounds, "steps": steps, "batch": 2 * m0, "micro_batch": m0}
+            "median_step_s_without": statistics.median(medians["without"]),
+            "median_step_s_with_gns": statistics.median(medians["with"]),
+            "decide_every": measuring["decide_every"], "rounds": args.overhead_rounds, "steps": steps,
+            "batch": m0, "micro_batch": m0}
 
 
 def plot(runs: list[dict], target: float, path: Path) -> None:
@@ -237,19 +255,25 @@ def markdown(result: dict) -> str:
     s, m = result["summary"], result["machine"]
     lines = [f"# Pollux adaptive batch vs fixed batches ({result['model']} model, {result['device']})", "",
              f"Machine: {m.get('gpu') or m['processor'] or m['platform']} ({m['cpu_count']} CPUs, {m['host']}); "
-             f"torch {m['torch']}; load average {m.get('load_average', 0):.1f}. Target validation loss {result['target']:.4f} (the worst run's best); "
+             f"torch {m['torch']}; load average {m.get('load_average', 0):.1f}. Target validation loss "
+             f"{result['target']:.4f} (the worst run's best); "
              f"budget {result['budget_samples']} samples.", "",
-             "| run | batch | time to target (s) | samples to target | final val loss | wall (s) |",
-             "|---|---|---|---|---|---|"]
+             "| run | batch | time to target (s) | samples to target | steps to target | ms per step to target | "
+             "final val loss | wall (s) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         lines.append(f"| {r['name']} | {r['batches']} | {r['time_to_target_s']:.2f} | {r['samples_to_target']:.0f} | "
+                     f"{r['steps_to_target']} | {1e3 * r['time_to_target_s'] / r['steps_to_target']:.1f} | "
                      f"{r['final_val_loss']:.4f} | {r['wall_s']:.1f} |")
     o = result["gns_overhead"]
     lines += ["", f"Adaptive / best fixed (time to target): **{s['time_ratio_vs_best_fixed']:.3f}** (best fixed: "
               f"{s['best_fixed']}); adaptive / median fixed: **{s['time_ratio_vs_median_fixed']:.3f}**.",
-              f"GNS overhead: median step {o['step_s_with_gns'] * 1e3:.2f} ms with the agent measuring vs "
-              f"{o['step_s_without'] * 1e3:.2f} ms without (batch {o['batch']}, micro-batch {o['micro_batch']}, "
-              f"{o['rounds']} interleaved rounds): **{100 * s['gns_overhead']:.2f}%**.", "",
+              f"Agent overhead: mean step {o['step_s_with_gns'] * 1e3:.2f} ms with the whole agent (noise scale "
+              f"every step, a decision every {o['decide_every']} steps) vs {o['step_s_without'] * 1e3:.2f} ms "
+              f"without (batch {o['batch']} in one micro-batch, {o['rounds']} interleaved rounds of {o['steps']} "
+              f"steps): **{100 * s['gns_overhead']:.2f}%** (medians {o['median_step_s_with_gns'] * 1e3:.2f} vs "
+              f"{o['median_step_s_without'] * 1e3:.2f} ms). The final validation loss is measured at each run's "
+              f"last step.", "",
               "## The Pollux run's batch size over steps", "",
               "| steps | samples from | batch | micro-batch |", "|---|---:|---:|---:|"]
     lines += [f"| {g['first_step']}-{g['last_step']} | {g['samples_before']} | {g['batch']} | {g['micro_batch']} |"
@@ -297,27 +321,27 @@ def main(argv: list[str] | None = None) -> int:
     # A throwaway run first: the process's one-time costs (allocator, kernels, data cache) would otherwise land on
     # whichever timed run comes first.
     train(args, "warmup", m0, m0, steps=20)
-    # Pollux starts at M0 in two micro-batches, so its first steps already carry the noise scale's two batch
-    # sizes (one micro-batch would be split only every measure_every steps, and a tiny M0's estimate needs many
-    # measurements before |G|^2 is positive); from its first decision on it picks the micro-batch itself. The
-    # first decision waits 30 steps: after ten, |G|^2 can still be a small positive number that the noise
-    # dwarfs, a phi in the thousands, and a jump to the largest batch.
-    adaptive = train(args, "pollux", m0, max(1, m0 // 2),
-                     {"max_micro_batch": micro_cap, "max_batch": 8 * sweep[-1], "decide_every": 10,
-                      "warmup_steps": 30}, steps=budget // m0)
+    # Pollux starts at M0 in one micro-batch, as fixed_M0 does: each step is paired with the one before for the
+    # noise scale (no step split into two passes, which on a GPU nearly doubles a small model's step); from its
+    # first decision on it picks the micro-batch itself. The first decision waits 30 steps: after ten, |G|^2 can
+    # still be a small positive number that the noise dwarfs, a phi in the thousands, and a jump to the largest
+    # batch.
+    agent = {"max_micro_batch": micro_cap, "max_batch": 8 * sweep[-1], "decide_every": 10, "warmup_steps": 30}
+    adaptive = train(args, "pollux", m0, m0, agent, steps=budget // m0)
     runs = [train(args, f"fixed_{b}", b, min(b, micro_cap)) for b in sweep] + [adaptive]
     target = max(min(p[2] for p in curve(r)) for r in runs)
     table = []
     for r in runs:
         t, n = to_target(curve(r), target)
         table.append({"name": r["name"], "batches": sorted({row["batch_size"] for row in r["rows"]}),
-                      "time_to_target_s": t, "samples_to_target": n, "final_val_loss": curve(r)[-1][2],
+                      "time_to_target_s": t, "samples_to_target": n, "final_val_loss": r["final_val_loss"],
+                      "steps_to_target": next(row["step"] for row in r["rows"] if row["samples"] >= n),
                       "wall_s": r["wall_s"], "steps": len(r["rows"])})
     fixed = [row for row in table if row["name"].startswith("fixed")]
     adaptive = table[-1]
     best = min(fixed, key=lambda row: row["time_to_target_s"])
     median_time = statistics.median(row["time_to_target_s"] for row in fixed)
-    overhead = gns_overhead(args, m0)
+    overhead = gns_overhead(args, m0, agent)
     suffix = "" if args.device == "cuda" else "_cpu"
     result = {
         "summary": {"time_ratio_vs_best_fixed": adaptive["time_to_target_s"] / best["time_to_target_s"],

@@ -1,8 +1,10 @@
 """The gradient noise scale: what measuring it costs per step, and how it compares with a direct estimate.
 
-Overhead: the same fixed-batch training (accumulation over `--accum` micro-batches, so every step has its two
-batch sizes and none is split) with the Pollux agent measuring (adapt_batch off: the local per-parameter norms
-per micro-batch, the preconditioned reduced norm, the EMA) and without it; median step times, rounds interleaved.
+Overhead: the same fixed-batch training (by default one micro-batch per step, `--accum` for more) with the
+whole Pollux agent (adapt_batch off so the shape stays: the noise scale every step, from consecutive-step pairs
+in one micro-batch or the local per-parameter norms with accumulation, the preconditioner, the EMA, and a
+throughput fit and goodput decision every 10 steps) and without it; mean step times (a median would leave out
+the decision steps), rounds interleaved.
 
 Accuracy: after `--steps` steps with the agent, the weights are frozen and the noise scale is measured directly
 from `--direct-batches` independent micro-batches at those weights: their squared gradient norms and that of
@@ -49,9 +51,9 @@ def build(args, run_dir: Path, batch: int, micro: int, steps: int, with_agent: b
     cfg = run_config(args, run_dir, batch, micro, steps, 0)
     if not with_agent:
         return Trainer(cfg, callbacks=[]), None
-    # A measuring agent with its shape given: nothing to probe, so every run's cost is its steps.
-    elastic = ElasticConfig(adapt_batch=False, scale_lr=False, measure_every=0, gns_smoothing=args.smoothing,
-                            max_micro_batch=micro)
+    # The whole agent with its shape given (nothing to probe, so every run's cost is its steps): it measures, fits
+    # and decides as an adaptive run does, and keeps the shape, so both runs take the same steps.
+    elastic = ElasticConfig(adapt_batch=False, scale_lr=False, gns_smoothing=args.smoothing, max_micro_batch=micro)
     plan = PolluxPlan(batch, micro, 0)
     agent = PolluxAgent(elastic, plan)
     return Trainer(cfg, callbacks=[agent], plan=plan), agent
@@ -59,7 +61,7 @@ def build(args, run_dir: Path, batch: int, micro: int, steps: int, with_agent: b
 
 def overhead(args, micro: int) -> dict[str, Any]:
     batch = micro * args.accum
-    with_gns, without = [], []
+    with_gns, without, medians = [], [], {True: [], False: []}
     started = time.perf_counter()
     for i in range(args.rounds):
         for measured, out in ((False, without), (True, with_gns)):
@@ -69,12 +71,16 @@ def overhead(args, micro: int) -> dict[str, Any]:
                 from glassbox.train.metrics_log import read_metrics
 
                 rows = [r for r in read_metrics(Path(tmp) / "run") if "loss" in r]
-            out.append(statistics.median(r["step_time"] for r in rows[5:] if "val_loss" not in r))
-            print(f"overhead round {i + 1}/{args.rounds} {'with' if measured else 'without'} GNS: median step "
+            times = [r["step_time"] for r in rows[5:] if "val_loss" not in r]
+            out.append(statistics.fmean(times))
+            medians[measured].append(statistics.median(times))
+            print(f"overhead round {i + 1}/{args.rounds} {'with' if measured else 'without'} the agent: mean step "
                   f"{out[-1] * 1e3:.2f} ms ({time.perf_counter() - started:.0f} s so far)", flush=True)
     base, gns = statistics.median(without), statistics.median(with_gns)
     return {"batch": batch, "micro_batch": micro, "step_s_without": base, "step_s_with_gns": gns,
-            "overhead": gns / base - 1.0, "rounds": args.rounds, "steps": args.overhead_steps,
+            "overhead": gns / base - 1.0, "median_step_s_without": statistics.median(medians[False]),
+            "median_step_s_with_gns": statistics.median(medians[True]), "rounds": args.rounds,
+            "steps": args.overhead_steps,
             "per_round_without": without, "per_round_with": with_gns, "wall_s": time.perf_counter() - started}
 
 
@@ -135,10 +141,13 @@ def markdown(result: dict) -> str:
         f"torch {m['torch']}; load average {m.get('load_average', 0):.1f} at the start, "
         f"{result.get('load_average_end', 0):.1f} at the end.", "",
         "| measure | value |", "|---|---|",
-        f"| median step, no GNS (batch {o['batch']}, micro {o['micro_batch']}) | {o['step_s_without'] * 1e3:.2f} ms |",
-        f"| median step, GNS measured | {o['step_s_with_gns'] * 1e3:.2f} ms |",
-        f"| GNS overhead ({o['rounds']} interleaved rounds of {o['steps']} steps) | "
+        f"| mean step, no agent (batch {o['batch']}, micro {o['micro_batch']}) | {o['step_s_without'] * 1e3:.2f} ms |",
+        f"| mean step, whole agent (noise scale every step, a decision every 10) | "
+        f"{o['step_s_with_gns'] * 1e3:.2f} ms |",
+        f"| agent overhead ({o['rounds']} interleaved rounds of {o['steps']} steps) | "
         f"**{100 * o['overhead']:.2f}%** |",
+        f"| median steps, without / with | {o['median_step_s_without'] * 1e3:.2f} / "
+        f"{o['median_step_s_with_gns'] * 1e3:.2f} ms |",
         f"| running phi after {a['steps']} steps (EMA) | {a['running_noise_scale']:.1f} samples |",
         f"| direct phi from {a['direct']['micro_batches']} micro-batches of {a['direct']['micro_batch']} | "
         f"{a['direct']['noise_scale']:.1f} samples |",
@@ -153,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="tiny", choices=sorted(MODELS))
     p.add_argument("--data", type=Path)
     p.add_argument("--val-samples", type=int, default=16)
-    p.add_argument("--accum", type=int, default=4)
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per step (1: consecutive-step pairs)")
     p.add_argument("--steps", type=int, default=150, help="training steps before the direct estimate")
     p.add_argument("--overhead-steps", type=int, default=30)
     p.add_argument("--rounds", type=int, default=3)
@@ -161,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoothing", type=float, default=0.99)
     args = p.parse_args(argv)
     if args.device == "cpu":
-        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+        # One thread, as in pollux_adaptive.py: on a shared box a descheduled second OpenMP thread stalls every
+        # kernel, and the overhead is a ratio of two step times that such stalls swamp.
+        torch.set_num_threads(1)
     args.data = prepare_data(args.data, args.model)
     micro = MODELS[args.model][3][0]
     started = time.perf_counter()

@@ -176,9 +176,9 @@ class PolluxAgent(Callback):
         if self.cfg.adapt_batch and len({key[2] for key in self.times}) < 2:
             # One micro-batch size seen: its step time alone cannot split a pass's fixed cost from its per-sample
             # cost, and the prior's split (mostly per-sample) would keep a GPU run whose passes are mostly fixed
-            # cost at M0. A few steps in half-size micro-batches settle it. After the first two steps, which warm
-            # up and are not observed.
-            self.plan.explore = range(state.step + 3, state.step + 3 + self.cfg.explore_steps)
+            # cost at M0. A few steps in half-size micro-batches settle it, from the sixth step on: the first
+            # steps after a start warm caches and allocators and run slower.
+            self.plan.explore = range(state.step + 6, state.step + 6 + self.cfg.explore_steps)
 
     def _fits(self, shape: Shape) -> bool:
         per_rank = shape.batch // self.replicas

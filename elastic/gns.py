@@ -174,10 +174,10 @@ class GradientNoiseMeter:
         return t
 
     def _constant(self, name: str, values: list, device: torch.device) -> torch.Tensor:
-        """A per-parameter constant on the device, copied there once: a host-to-device copy of a Python list
-        waits for the device's queue, so building one every step would be a sync every step."""
+        """A per-parameter constant on the device, copied there once and without waiting: a blocking host-to-device
+        copy (torch.tensor(list, device=...)) waits for the device's queue, a sync every time it is built."""
         if name not in self._constants:
-            self._constants[name] = torch.tensor(values, device=device)
+            self._constants[name] = torch.tensor(values).to(device, non_blocking=True)
         return self._constants[name]
 
     def _full_sq_norms(self, tensors: list[torch.Tensor]) -> torch.Tensor:
