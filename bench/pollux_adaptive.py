@@ -53,7 +53,7 @@ MODELS = {
 
 
 DECISION_KEYS = ("step", "samples", "batch", "micro_batch", "accum_steps", "lr_scale", "noise_scale", "switched",
-                 "efficiency", "predicted_goodput", "best")
+                 "efficiency", "predicted_goodput", "best", "decide_s", "throughput_params")
 DECISION_STRIDE = 5
 
 
@@ -265,7 +265,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['name']} | {r['batches']} | {r['time_to_target_s']:.2f} | {r['samples_to_target']:.0f} | "
                      f"{r['steps_to_target']} | {1e3 * r['time_to_target_s'] / r['steps_to_target']:.1f} | "
                      f"{r['final_val_loss']:.4f} | {r['wall_s']:.1f} |")
-    o = result["gns_overhead"]
+    o, c = result["gns_overhead"], result["adaptive_cost_to_target"]
     lines += ["", f"Adaptive / best fixed (time to target): **{s['time_ratio_vs_best_fixed']:.3f}** (best fixed: "
               f"{s['best_fixed']}); adaptive / median fixed: **{s['time_ratio_vs_median_fixed']:.3f}**.",
               f"Agent overhead: mean step {o['step_s_with_gns'] * 1e3:.2f} ms with the whole agent (noise scale "
@@ -274,6 +274,9 @@ def markdown(result: dict) -> str:
               f"steps): **{100 * s['gns_overhead']:.2f}%** (medians {o['median_step_s_with_gns'] * 1e3:.2f} vs "
               f"{o['median_step_s_without'] * 1e3:.2f} ms). The final validation loss is measured at each run's "
               f"last step.", "",
+              f"The Pollux run to the target: {c['steps']} steps (median {c['median_step_s'] * 1e3:.1f} ms), "
+              f"{c['split_steps']} of them in two half-size micro-batches (exploration; {c['split_steps_s']:.2f} s), "
+              f"{c['decisions']} decisions ({c['decide_s'] * 1e3:.0f} ms in all).", "",
               "## The Pollux run's batch size over steps", "",
               "| steps | samples from | batch | micro-batch |", "|---|---:|---:|---:|"]
     lines += [f"| {g['first_step']}-{g['last_step']} | {g['samples_before']} | {g['batch']} | {g['micro_batch']} |"
@@ -341,6 +344,14 @@ def main(argv: list[str] | None = None) -> int:
     adaptive = table[-1]
     best = min(fixed, key=lambda row: row["time_to_target_s"])
     median_time = statistics.median(row["time_to_target_s"] for row in fixed)
+    # Where the adaptive run's time to target went: its steps, those split in two (exploration), its decisions.
+    before = [r for r in runs[-1]["rows"] if r["step"] <= adaptive["steps_to_target"]]
+    split = [r for r in before if r["micro_batch_size"] < r["batch_size"]]
+    decided = [d for d in runs[-1]["decisions"] if d["step"] <= adaptive["steps_to_target"]]
+    adaptive_cost = {"steps": len(before), "split_steps": len(split),
+                     "split_steps_s": sum(r["step_time"] for r in split),
+                     "decisions": len(decided), "decide_s": sum(d.get("decide_s", 0.0) for d in decided),
+                     "median_step_s": statistics.median(r["step_time"] for r in before)}
     overhead = gns_overhead(args, m0, agent)
     suffix = "" if args.device == "cuda" else "_cpu"
     result = {
@@ -351,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
                     "adaptive_batch_sizes": [g["batch"] for g in batch_segments(runs[-1]["rows"])],
                     "adaptive_lr_scale_max": max((d["lr_scale"] for d in runs[-1]["decisions"]), default=1.0)},
         "machine": machine(), "device": args.device, "model": args.model, "budget_samples": budget,
-        "target": target, "runs": table, "gns_overhead": overhead,
+        "target": target, "runs": table, "gns_overhead": overhead, "adaptive_cost_to_target": adaptive_cost,
+        "adaptive_step_times": [[r["step"], r["batch_size"], r["micro_batch_size"], round(r["step_time"], 5)]
+                                for r in runs[-1]["rows"]],
         "adaptive_batches": batch_segments(runs[-1]["rows"]),
         "decisions": [{k: v for k, v in d.items() if k in DECISION_KEYS} for d in runs[-1]["decisions"]],
     }

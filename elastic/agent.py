@@ -291,11 +291,14 @@ class PolluxAgent(Callback):
                      r if self.cfg.scale_lr else batch / self.init_batch)
 
     def _decide(self, state) -> None:
+        started = time.perf_counter()
         decision = rank0_decides(lambda: self._choose(state.step))
         self.plan.shape = Shape(**decision["shape"])
         self.decisions += 1
         if self.trainer.world.is_main:
-            self.trainer.metrics_log.append(decision["row"])
+            # What deciding cost the loop (the fit, the candidates, handing the decision to the other ranks): it
+            # lands in the next step's time, so a time to target counts it.
+            self.trainer.metrics_log.append({**decision["row"], "decide_s": time.perf_counter() - started})
             request = decision.get("resize")
             if request:
                 write_json(self.trainer.run_dir / "elastic" / "request.json", request)
