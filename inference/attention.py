@@ -153,7 +153,7 @@ def probe(kernel: VarlenKernel, device: torch.device, dtype: torch.dtype, heads:
         return f"{type(e).__name__}: {e}"
     want = reference_varlen(q, k, v, cu_q, cu_k, max(qs), max(ks))
     err = float((got - want).abs().max())
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    tol = 1e-4 if dtype == torch.float32 else 5e-2        # a misaligned or ungrouped kernel is off by O(1)
     return None if err <= tol else f"differs from the reference by {err:.3g} (> {tol})"
 
 

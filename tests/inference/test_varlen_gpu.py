@@ -29,7 +29,7 @@ def test_flash_kernel_is_the_reference(dtype, heads, kv_heads, head_dim):
     cu_q, cu_k = _cu(qs).cuda(), _cu(ks).cuda()
     got = kernel(q.to(dtype), k.to(dtype), v.to(dtype), cu_q, cu_k, max(qs), max(ks)).float()
     want = reference_varlen(q, k, v, cu_q, cu_k, max(qs), max(ks))
-    assert float((got - want).abs().max()) < 3e-2
+    assert float((got - want).abs().max()) < (5e-2 if dtype == torch.bfloat16 else 1e-2)
     assert choose_kernel("auto", CUDA, dtype, heads, kv_heads, head_dim) is not None
 
 
