@@ -7,17 +7,22 @@ reasoning-gym worked solutions (configs/dynasor-sft.yaml; glassbox dynasor data)
 - batch: plain chain of thought (greedy) vs Dynasor-CoT (probes) over probe windows and intervals; plain
   self-consistency (n samples, majority) vs Dynasor-SC over initial samples and certainty thresholds; the savings
   are those of the cheapest Dynasor setting whose accuracy is within 1 point of the plain program's;
-- online: self-consistency programs arriving by Poisson at several rates, plain (fixed n, FCFS, no gangs) vs
-  Dynasor (certainty stopping, program policy, gangs): the share of programs within a latency SLO (a multiple of
-  one plain program's latency alone) and the highest rate holding 90% of them;
+- online: self-consistency programs arriving by Poisson at several rates, plain (fixed n, FCFS) vs Dynasor
+  (certainty stopping, program policy), the two engines side by side at each rate: the share of programs within a
+  latency SLO (a multiple of one plain program's latency alone) and the highest rate holding 90% of them. The
+  rates are multiples of the plain batch run's throughput in programs per second, so they straddle what the
+  machine sustains whatever it is;
 - probe overhead: the same greedy generations with probes that never stop them and without, timed side by side.
 
-    python bench/dynasor.py --device cuda                 # the GPU run: fine-tune included, ~4-5 min on one H200
+    python bench/dynasor.py --device cuda --base DIR      # the GPU run: fine-tune included, ~4 min on one H200
     python bench/dynasor.py --device cuda --train-only    # or in two calls: the fine-tune (~2 min) ...
-    python bench/dynasor.py --device cuda --model /tmp/dynasor_bench/model     # ... then the measurement (~3 min)
+    python bench/dynasor.py --device cuda --model /tmp/dynasor_bench/model     # ... then the measurement (~2 min)
     python bench/dynasor.py --size small                  # a CPU smoke run of the whole pipeline (numbers mean little)
 Writes bench/results/dynasor[_<size>].json (summary: token_savings_sc, token_savings_cot, accuracy_delta_sc,
-accuracy_delta_cot, greedy_cot_accuracy, sc8_accuracy, sustained_rate_ratio), a markdown table and plots.
+accuracy_delta_cot, greedy_cot_accuracy, sc8_accuracy, sustained_rate_ratio), a markdown table and plots. While
+it runs, bench/results/dynasor[_<size>].partial.json holds every stage finished so far (with the summary figures
+they give), so a run cut short keeps them; the complete run replaces it. The online sweep starts no new rate past
+--budget-s seconds from the start (default 250 on CUDA), so the whole run stays within a 5-minute slot.
 """
 
 from __future__ import annotations
@@ -57,15 +62,18 @@ class Size:
     sc_n: int
     max_tokens: int
     online_programs: int
-    rates: tuple[float, ...]
+    load: tuple[float, ...]          # online rates, as multiples of the plain batch run's programs per second
     max_num_seqs: int
     val_samples: int
 
 
 SIZES = {
-    "full": Size(20000, 400, 32, 128, 8, 192, 48, (4, 8, 16, 32), 256, 64),
-    "small": Size(400, 2, 4, 4, 4, 96, 4, (0.5, 2.0), 32, 2),
+    "full": Size(20000, 400, 32, 128, 8, 192, 64, (0.5, 1, 2, 4, 8), 256, 64),
+    "small": Size(400, 2, 4, 4, 4, 96, 4, (1, 4), 32, 2),
 }
+# Every engine's KV pool: max_num_seqs sequences of this many tokens (prompt, 192 generated, a probe's cue), so
+# the two online engines fit side by side and none waits to allocate most of the GPU's memory.
+KV_TOKENS_PER_SEQ = 512
 SC_SWEEP = [(2, 1.0), (3, 1.0), (4, 1.0), (4, 0.7)]         # (initial samples, certainty threshold)
 COT_SWEEP = [(16, 2), (16, 3), (32, 2), (32, 3)]                       # (probe interval, probe window)
 SLO_FACTOR = 4.0                                                       # SLO = this x one plain program alone
@@ -78,9 +86,11 @@ def machine(device: str) -> str:
     return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
+GLASSBOX = [sys.executable, "-c", "import sys; from glassbox.cli import main; sys.exit(main())"]
+
+
 def glassbox(*args: str) -> None:
-    cmd = [sys.executable, "-c", "import sys; from glassbox.cli import main; sys.exit(main())", *args]
-    subprocess.run(cmd, check=True)
+    subprocess.run([*GLASSBOX, *args], check=True)
 
 
 def base_model(args: argparse.Namespace, work: Path) -> Path:
@@ -101,8 +111,10 @@ def base_model(args: argparse.Namespace, work: Path) -> Path:
     return import_gguf(gguf, work / "base")
 
 
-def fine_tune(args: argparse.Namespace, size: Size, work: Path) -> tuple[Path, dict]:
-    """Data, the glassbox fine-tune, the HF export; returns the model directory and the stages' seconds."""
+def fine_tune(args: argparse.Namespace, size: Size, work: Path) -> tuple[Path, dict, subprocess.Popen]:
+    """Data, the glassbox fine-tune, the HF export; returns the model directory, the stages' seconds, and the
+    release build, started in the background (`finish_release`): it reads only the run directory, on the host's
+    CPUs, and took most of a minute on the H200's host, time the measurement need not wait for."""
     base = base_model(args, work)
     times: dict = {"base": str(base), "steps": size.steps, "train_documents": size.train_docs}
     t = time.perf_counter()
@@ -120,26 +132,38 @@ def fine_tune(args: argparse.Namespace, size: Size, work: Path) -> tuple[Path, d
              "--set", f"schedule.warmup_steps={min(20, size.steps)}")
     times["train_s"] = time.perf_counter() - t
     log(f"fine-tune: {times['train_s']:.1f} s")
+    t = time.perf_counter()
     glassbox("export", "--checkpoint", str(run_dir), "--out", str(work / "model"))
+    times["export_s"] = time.perf_counter() - t
     # The run as a release (model and dataset repos, card, manifest), built locally: pushing needs the Hub.
-    try:
-        glassbox("release", "build", "--run", str(run_dir), "--out", str(work / "release"), "--force",
-                 "--repo-id", "glassbox/dynasor-smollm2-135m", "--val-samples", str(size.val_samples))
-        times["release_dir"] = str(work / "release")
-    except subprocess.CalledProcessError as e:
-        times["release_dir"] = None
-        log(f"release build failed ({e}); the measurement goes on")
+    release_log = (work / "release.log").open("w")
+    release = subprocess.Popen([*GLASSBOX, "release", "build", "--run", str(run_dir), "--out", str(work / "release"),
+                                "--force", "--repo-id", "glassbox/dynasor-smollm2-135m",
+                                "--val-samples", str(size.val_samples)],
+                               stdout=release_log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "4"})
+    release_log.close()
+    times["release_started"] = time.time()
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in line]
     times["first_loss"], times["last_loss"] = losses[0], losses[-1]
-    return work / "model", times
+    return work / "model", times, release
+
+
+def finish_release(release: subprocess.Popen, train: dict, work: Path) -> None:
+    """Wait for the background release build; its outcome goes into `train` (its log: work/release.log)."""
+    rc = release.wait()
+    # Its own duration: the log's last write is its end (the wait may have begun long after).
+    train["release_s"] = (work / "release.log").stat().st_mtime - train.pop("release_started")
+    train["release_dir"] = str(work / "release") if rc == 0 else None
+    outcome = "ok" if rc == 0 else f"failed (rc {rc}, log {work / 'release.log'})"
+    log(f"release build: {outcome}, {train['release_s']:.1f} s beside the measurement")
 
 
 def engine_for(model_dir: Path, device: str, policy: str, size: Size) -> LLMEngine:
     cuda = device.startswith("cuda")
     cfg = EngineConfig(device=device, dtype="bfloat16" if cuda else "float32", policy=policy,
                        max_num_seqs=size.max_num_seqs, max_num_batched_tokens=8192 if cuda else 2048,
-                       gpu_memory_utilization=0.8, cpu_kv_cache_gb=1.0, max_n=size.sc_n)
+                       num_kv_blocks=size.max_num_seqs * -(-KV_TOKENS_PER_SEQ // 16), max_n=size.sc_n)
     engine = LLMEngine.from_model_dir(model_dir, cfg)
     ProgramController.of(engine, ProgramLimits(max_samples=size.sc_n))
     return engine
@@ -180,11 +204,15 @@ def measure(engine: LLMEngine, problems: list[Problem], specs: list, label: str)
     row each, not decoded one by one)."""
     cue = len(engine.tokenizer.encode(ANSWER_CUE))
     t = time.perf_counter()
+    steps = engine.num_steps
     results = run_programs(engine, specs)
     seconds = time.perf_counter() - t
-    log(f"{label}: {seconds:.1f} s")
+    steps = engine.num_steps - steps
     correct = [p.correct(r.answer) for p, r in zip(problems, results)]
-    return {"accuracy": sum(correct) / len(correct), "tokens": sum(r.total_tokens for r in results),
+    tokens = sum(r.total_tokens for r in results)
+    log(f"{label}: {seconds:.1f} s, accuracy {sum(correct) / len(correct):.3f}, {tokens} tokens "
+        f"({tokens / seconds:.0f}/s), {steps} steps")
+    return {"accuracy": sum(correct) / len(correct), "tokens": tokens, "steps": steps,
             "output_tokens": sum(r.output_tokens for r in results),
             "probe_tokens": sum(r.probe_tokens for r in results),
             "decoded_tokens": sum(r.total_tokens - cue * r.num_probes for r in results),
@@ -201,30 +229,34 @@ def best_at_equal_accuracy(base: dict, sweep: list[dict]) -> dict:
             "accuracy_delta": 100 * (pick["accuracy"] - base["accuracy"])}
 
 
-def batch_eval(engine: LLMEngine, problems: list[Problem], size: Size) -> dict:
+def batch_eval(engine: LLMEngine, problems: list[Problem], size: Size, batch: dict, saved) -> None:
+    """Fill `batch` stage by stage, calling `saved()` after each (the partial results file)."""
     ids = prompt_ids(engine, problems)
     strip = lambda m: {k: v for k, v in m.items() if k != "results"}   # noqa: E731
     pairs = list(zip(ids, problems))
-    plain_cot = measure(engine, problems, [cot_spec(x, p, size, probes=False) for x, p in pairs], "plain CoT")
-    cot_sweep = []
+    batch["plain_cot"] = strip(measure(engine, problems, [cot_spec(x, p, size, probes=False) for x, p in pairs],
+                                       "plain CoT"))
+    batch["cot_sweep"] = []
     for interval, window in COT_SWEEP:
         m = measure(engine, problems, [cot_spec(x, p, size, True, interval, window) for x, p in pairs],
                     f"Dynasor-CoT {interval}/{window}")
-        cot_sweep.append({"probe_interval": interval, "probe_window": window, **strip(m)})
+        batch["cot_sweep"].append({"probe_interval": interval, "probe_window": window, **strip(m)})
+    batch["cot_best"] = best_at_equal_accuracy(batch["plain_cot"], batch["cot_sweep"])
+    saved()
     plain_sc = measure(engine, problems, [sc_spec(x, p, i, size, adaptive=False) for i, (x, p) in enumerate(pairs)],
                        "plain SC")
-    single = statistics.mean(sum(p.correct(a) for a in r.answers) / len(r.answers)
-                             for p, r in zip(problems, plain_sc["results"]))
-    sc_sweep = []
+    batch["plain_sc"] = strip(plain_sc)
+    batch["single_sample_accuracy"] = statistics.mean(sum(p.correct(a) for a in r.answers) / len(r.answers)
+                                                      for p, r in zip(problems, plain_sc["results"]))
+    batch["sc_sweep"] = []
+    saved()
     for initial, threshold in SC_SWEEP:
         m = measure(engine, problems, [sc_spec(x, p, i, size, True, initial, threshold)
                                      for i, (x, p) in enumerate(pairs)],
                     f"Dynasor-SC {initial}/{threshold}")
-        sc_sweep.append({"initial_samples": initial, "certainty_threshold": threshold, **strip(m)})
-    return {"plain_cot": strip(plain_cot), "cot_sweep": cot_sweep, "plain_sc": strip(plain_sc),
-            "single_sample_accuracy": single, "sc_sweep": sc_sweep,
-            "cot_best": best_at_equal_accuracy(plain_cot, cot_sweep),
-            "sc_best": best_at_equal_accuracy(plain_sc, sc_sweep)}
+        batch["sc_sweep"].append({"initial_samples": initial, "certainty_threshold": threshold, **strip(m)})
+        batch["sc_best"] = best_at_equal_accuracy(batch["plain_sc"], batch["sc_sweep"])
+        saved()
 
 
 def poisson_run(engine: LLMEngine, ids: list[list[int]], problems: list[Problem], size: Size, rate: float,
@@ -255,36 +287,52 @@ def poisson_run(engine: LLMEngine, ids: list[list[int]], problems: list[Problem]
     return [controller.results.pop(n) for n in names]
 
 
-def online_eval(model_dir: Path, device: str, problems: list[Problem], size: Size) -> dict:
-    out = {}
-    for mode, policy in (("plain", "fcfs"), ("dynasor", "dynasor")):
-        engine = engine_for(model_dir, device, policy, size)
-        ids = prompt_ids(engine, problems)
-        if mode == "plain":
-            alone = [run_programs(engine, [sc_spec(ids[j], problems[j], j, size, adaptive=False)])[0].latency
-                     for j in range(3)]
-            slo = SLO_FACTOR * statistics.median(alone)
-            out["slo_s"], out["alone_latency_s"] = slo, statistics.median(alone)
-        rows = []
-        for rate in size.rates:
-            results = poisson_run(engine, ids, problems, size, rate, mode == "dynasor", seed=int(rate * 100))
-            log(f"online {mode} at {rate}/s: {len(results)} programs")
+def online_eval(model_dir: Path, device: str, problems: list[Problem], size: Size, capacity: float,
+                deadline: float, out: dict, saved) -> None:
+    """Fill `out`: the SLO from one plain program alone, then at each load (x `capacity`, the plain batch run's
+    programs per second) the plain and the Dynasor engine one after the other, both built first and fresh (no
+    prefix cache from the batch runs). No new load starts past `deadline` (time.perf_counter); `saved()` after
+    each."""
+    engines = {mode: engine_for(model_dir, device, policy, size) for mode, policy in (("plain", "fcfs"),
+                                                                                     ("dynasor", "dynasor"))}
+    ids = prompt_ids(engines["plain"], problems)
+    alone = [run_programs(engines["plain"], [sc_spec(ids[j], problems[j], j, size, adaptive=False)])[0].latency
+             for j in range(3)]
+    out.update(capacity_programs_per_s=capacity, alone_latency_s=statistics.median(alone),
+               slo_s=SLO_FACTOR * statistics.median(alone), plain=[], dynasor=[], skipped_loads=[])
+    log(f"online: SLO {out['slo_s']:.2f} s, capacity {capacity:.2f} programs/s")
+    for load in size.load:
+        if time.perf_counter() > deadline:
+            out["skipped_loads"].append(load)
+            continue
+        rate = load * capacity
+        for mode in ("plain", "dynasor"):
+            results = poisson_run(engines[mode], ids, problems, size, rate, mode == "dynasor", seed=int(load * 100))
             lat = [r.latency for r in results]
-            rows.append({"rate": rate, "attainment": sum(x <= out["slo_s"] for x in lat) / len(lat),
-                         "mean_latency_s": statistics.mean(lat),
-                         "p90_latency_s": sorted(lat)[int(0.9 * (len(lat) - 1))],
-                         "tokens": sum(r.total_tokens for r in results)})
-        out[mode] = rows
+            row = {"load": load, "rate": rate, "attainment": sum(x <= out["slo_s"] for x in lat) / len(lat),
+                   "mean_latency_s": statistics.mean(lat), "p90_latency_s": sorted(lat)[int(0.9 * (len(lat) - 1))],
+                   "tokens": sum(r.total_tokens for r in results)}
+            out[mode].append(row)
+            log(f"online {mode} at {rate:.2f}/s ({load} x capacity): {100 * row['attainment']:.0f}% within SLO, "
+                f"mean latency {row['mean_latency_s']:.2f} s")
+        sustained(out)
+        saved()
+    if out["skipped_loads"]:
+        log(f"online: loads {out['skipped_loads']} skipped, past the time budget")
+    for engine in engines.values():
         engine.extensions.clear()                        # the engine and its controller hold each other
-        del engine
-        free_device_memory()
+    engines.clear()
+    free_device_memory()
+
+
+def sustained(out: dict) -> None:
+    """The highest rate each mode held at the SLO for 90% of its programs, and their ratio."""
     for mode in ("plain", "dynasor"):
         held = [r["rate"] for r in out[mode] if r["attainment"] >= ATTAINMENT]
         out[f"{mode}_sustained_rate"] = max(held) if held else 0.0
     p, d = out["plain_sustained_rate"], out["dynasor_sustained_rate"]
     # None where plain held none of the rates (the ratio is then unbounded by this sweep; the rows say more).
     out["sustained_rate_ratio"] = d / p if p else (None if d else 1.0)
-    return out
 
 
 def probe_overhead(engine: LLMEngine, problems: list[Problem], size: Size) -> dict:
@@ -336,31 +384,62 @@ def plots(batch: dict, online: dict, path: Path) -> str | None:
 
 
 def markdown(report: dict) -> str:
-    s, b, o, p = report["summary"], report["batch"], report["online"], report["probe_overhead"]
+    s, b, o, p, t = report["summary"], report["batch"], report["online"], report["probe_overhead"], report["train"]
     lines = [f"# Dynasor ({report['size']}) on {report['machine']}", "",
-             f"Model: {report['model']}; {report['eval_problems']} held-out problems.", "",
+             f"Model: {report['model']}; {report['eval_problems']} held-out problems. The whole run: "
+             f"{report['seconds']:.0f} s" + (f" (data {t['data_s']:.0f} s, fine-tune {t['train_s']:.0f} s, export "
+                                             f"{t['export_s']:.0f} s; the release build, {t['release_s']:.0f} s, beside the measurement)."
+                                             if "export_s" in t else "."), "",
              "| summary | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in s.items()]
-    lines += ["", "## Batch: chain of thought", "", "| setting | accuracy | tokens | probes |", "|---|---|---|---|",
-              f"| plain (greedy) | {100 * b['plain_cot']['accuracy']:.1f}% | {b['plain_cot']['tokens']} | 0 |"]
+
+    def timing(r: dict) -> str:
+        return f"{r['seconds']:.1f} s | {r['tokens'] / r['seconds']:.0f} | {r['steps']}"
+
+    lines += ["", "## Batch: chain of thought", "",
+              "| setting | accuracy | tokens | probes | time | tokens/s | steps |", "|---|---|---|---|---|---|---|",
+              f"| plain (greedy) | {100 * b['plain_cot']['accuracy']:.1f}% | {b['plain_cot']['tokens']} | 0 | "
+              f"{timing(b['plain_cot'])} |"]
     lines += [f"| probes every {r['probe_interval']}, window {r['probe_window']} | {100 * r['accuracy']:.1f}% | "
-              f"{r['tokens']} | {r['probes']} |" for r in b["cot_sweep"]]
-    lines += ["", "## Batch: self-consistency", "", "| setting | accuracy | tokens | samples |", "|---|---|---|---|",
+              f"{r['tokens']} | {r['probes']} | {timing(r)} |" for r in b["cot_sweep"]]
+    lines += ["", "## Batch: self-consistency", "",
+              "| setting | accuracy | tokens | samples | time | tokens/s | steps |", "|---|---|---|---|---|---|---|",
               f"| plain, n = {report['sc_n']} | {100 * b['plain_sc']['accuracy']:.1f}% | {b['plain_sc']['tokens']} | "
-              f"{b['plain_sc']['samples']} |"]
+              f"{b['plain_sc']['samples']} | {timing(b['plain_sc'])} |"]
     lines += [f"| start {r['initial_samples']}, certainty >= {r['certainty_threshold']} | {100 * r['accuracy']:.1f}% | "
-              f"{r['tokens']} | {r['samples']} |" for r in b["sc_sweep"]]
-    lines += ["", f"## Online (SLO {o['slo_s']:.2f} s = {SLO_FACTOR} x one plain program alone)", "",
-              "| rate (programs/s) | plain within SLO | Dynasor within SLO | plain mean latency "
+              f"{r['tokens']} | {r['samples']} | {timing(r)} |" for r in b["sc_sweep"]]
+    lines += ["", f"## Online (SLO {o['slo_s']:.2f} s = {SLO_FACTOR} x one plain program alone; load 1 = "
+              f"{o['capacity_programs_per_s']:.2f} programs/s, the plain batch run's rate)", "",
+              "| load | rate (programs/s) | plain within SLO | Dynasor within SLO | plain mean latency "
               "| Dynasor mean latency |",
-              "|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|"]
     for a, d in zip(o["plain"], o["dynasor"]):
-        lines.append(f"| {a['rate']} | {100 * a['attainment']:.0f}% | {100 * d['attainment']:.0f}% | "
+        lines.append(f"| {a['load']} | {a['rate']:.2f} | {100 * a['attainment']:.0f}% | {100 * d['attainment']:.0f}% | "
                      f"{a['mean_latency_s']:.2f} s | {d['mean_latency_s']:.2f} s |")
+    if o["skipped_loads"]:
+        lines += ["", f"Loads {o['skipped_loads']} were not run: the run had reached its time budget."]
     lines += ["", "## Probe overhead", "", f"{p['probes']} probes: {p['probe_tokens_per_probe']:.1f} tokens and "
               f"{1000 * p['seconds_per_probe']:.2f} ms each; generations unchanged: {p['generations_unchanged']}; "
               f"forks shared {p['fork_shared_blocks']} blocks and copied {p['fork_copied_tokens']} tokens of KV."]
     return "\n".join(lines) + "\n"
+
+
+def summary_of(report: dict) -> dict:
+    """The summary figures the finished stages give (None for the others)."""
+    batch, online, overhead = report["batch"], report["online"], report["probe_overhead"]
+    sc, cot = batch.get("sc_best", {}), batch.get("cot_best", {})
+    return {
+        "token_savings_sc": sc.get("token_savings"), "accuracy_delta_sc": sc.get("accuracy_delta"),
+        "token_savings_cot": cot.get("token_savings"), "accuracy_delta_cot": cot.get("accuracy_delta"),
+        "decoded_token_savings_cot": cot.get("decoded_token_savings"),
+        "greedy_cot_accuracy": batch.get("plain_cot", {}).get("accuracy"),
+        "sc8_accuracy": batch.get("plain_sc", {}).get("accuracy"),
+        "single_sample_accuracy": batch.get("single_sample_accuracy"),
+        "sustained_rate_ratio": online.get("sustained_rate_ratio"),
+        "equal_accuracy_sc": sc.get("equal_accuracy"), "equal_accuracy_cot": cot.get("equal_accuracy"),
+        "probe_tokens_per_probe": overhead.get("probe_tokens_per_probe"),
+        "probe_ms_per_probe": 1000 * overhead["seconds_per_probe"] if overhead else None,
+    }
 
 
 def main() -> None:
@@ -376,55 +455,65 @@ def main() -> None:
     ap.add_argument("--train-only", action="store_true", help="fine-tune and export, then stop (a first call)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dynasor_bench"))
     ap.add_argument("--out-name", default=None)
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="no online load starts this many seconds after the start (default: 250 on cuda, none on cpu)")
     args = ap.parse_args()
     torch.set_num_threads(1 if args.device == "cpu" else torch.get_num_threads())
     size_name = args.size or ("full" if args.device.startswith("cuda") else "small")
     size = SIZES[size_name]
+    budget = args.budget_s if args.budget_s is not None else (250.0 if args.device.startswith("cuda") else None)
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    train = {}
+    name = args.out_name or ("dynasor" if size_name == "full" else f"dynasor_{size_name}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    partial = RESULTS / f"{name}.partial.json"
+    report = {"summary": {}, "complete": False, "machine": machine(args.device), "device": args.device,
+              "size": size_name, "model": str(args.model), "sc_n": size.sc_n, "eval_problems": size.eval_problems,
+              "train": {}, "batch": {}, "probe_overhead": {}, "online": {}}
+
+    def saved() -> None:
+        report["summary"] = summary_of(report)
+        report["seconds"] = time.perf_counter() - t0
+        atomic.write_text(partial, json.dumps(report, indent=1, default=str) + "\n")
+
+    release = None
     model_dir = args.model
     if model_dir is None:
-        model_dir, train = fine_tune(args, size, args.work)
-        atomic.write_text(args.work / "train.json", json.dumps(train, indent=1) + "\n")
+        model_dir, report["train"], release = fine_tune(args, size, args.work)
+        train = report["train"]
+        report["model"] = (f"{train['base']} fine-tuned by glassbox for {train['steps']} steps on "
+                           f"{train['train_documents']} worked solutions (configs/dynasor-sft.yaml)")
+        saved()
         if args.train_only:
+            finish_release(release, train, args.work)
+            atomic.write_text(args.work / "train.json", json.dumps(train, indent=1) + "\n")
             log(f"fine-tuned model at {model_dir}; measure it with --model {model_dir}")
             return
     elif (args.model.parent / "train.json").is_file():
-        train = json.loads((args.model.parent / "train.json").read_text())
+        report["train"] = json.loads((args.model.parent / "train.json").read_text())
     problems = eval_problems(size.eval_problems)
     engine = engine_for(model_dir, args.device, "dynasor", size)
     log(f"engine built, {len(problems)} held-out problems")
-    batch = batch_eval(engine, problems, size)
-    overhead = probe_overhead(engine, problems[:max(2, len(problems) // 4)], size)
-    log(f"probe overhead: {overhead['probes']} probes")
+    batch_eval(engine, problems, size, report["batch"], saved)
+    report["probe_overhead"] = probe_overhead(engine, problems[:max(2, len(problems) // 4)], size)
+    log(f"probe overhead: {report['probe_overhead']['probes']} probes, "
+        f"{1000 * report['probe_overhead']['seconds_per_probe']:.2f} ms each")
+    saved()
     engine.extensions.clear()
     del engine
     free_device_memory()
-    online = online_eval(model_dir, args.device, problems, size)
-    sc, cot = batch["sc_best"], batch["cot_best"]
-    summary = {
-        "token_savings_sc": sc["token_savings"], "accuracy_delta_sc": sc["accuracy_delta"],
-        "token_savings_cot": cot["token_savings"], "accuracy_delta_cot": cot["accuracy_delta"],
-        "decoded_token_savings_cot": cot["decoded_token_savings"],
-        "greedy_cot_accuracy": batch["plain_cot"]["accuracy"], "sc8_accuracy": batch["plain_sc"]["accuracy"],
-        "single_sample_accuracy": batch["single_sample_accuracy"],
-        "sustained_rate_ratio": online["sustained_rate_ratio"],
-        "equal_accuracy_sc": sc["equal_accuracy"], "equal_accuracy_cot": cot["equal_accuracy"],
-        "probe_tokens_per_probe": overhead["probe_tokens_per_probe"],
-        "probe_ms_per_probe": 1000 * overhead["seconds_per_probe"],
-    }
-    name = args.out_name or ("dynasor" if size_name == "full" else f"dynasor_{size_name}")
-    model = (f"{train['base']} fine-tuned by glassbox for {train['steps']} steps on {train['train_documents']} "
-             "worked solutions (configs/dynasor-sft.yaml)") if train else str(args.model)
-    report = {"summary": summary, "machine": machine(args.device), "device": args.device, "size": size_name,
-              "model": model, "sc_n": size.sc_n, "eval_problems": len(problems), "train": train,
-              "batch": batch, "online": online, "probe_overhead": overhead,
-              "seconds": time.perf_counter() - t0}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    report["plot"] = plots(batch, online, RESULTS / f"{name}.png")
-    atomic.write_text(RESULTS / f"{name}.json", json.dumps(report, indent=1, default=str) + "\n")
+    capacity = len(problems) / report["batch"]["plain_sc"]["seconds"]
+    online_eval(model_dir, args.device, problems, size, capacity, t0 + budget if budget else float("inf"),
+                report["online"], saved)
+    if release is not None:
+        finish_release(release, report["train"], args.work)
+        atomic.write_text(args.work / "train.json", json.dumps(report["train"], indent=1) + "\n")
+    report["complete"] = True
+    report["plot"] = plots(report["batch"], report["online"], RESULTS / f"{name}.png")
+    saved()
+    atomic.write_text(RESULTS / f"{name}.json", partial.read_text())
     atomic.write_text(RESULTS / f"{name}.md", markdown(report))
+    partial.unlink()
     print(markdown(report))
 
 

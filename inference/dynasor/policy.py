@@ -3,8 +3,11 @@
 Shortest-remaining-first cuts mean latency when jobs are programs: a program finishes only when all of its
 samples do, so it is ranked by the tokens its unfinished sequences may still generate, summed over the program
 (its scheduler group), and its sequences share that rank, so the scheduler keeps the gang together. A sequence
-outside any program is a program of one. The base policy's starvation guard promotes anything passed over too
-long, so a long program is not starved by a stream of short ones. Ties go to the program that arrived first.
+outside any program is a program of one. The base policy's starvation guard, turned on by the policy options
+(`starvation_steps`), promotes anything passed over too long, so a long program is not starved by a stream of
+short ones. It is off by default: a promoted waiting gang preempts running ones, and in a batch whose programs
+wait whole generations (hundreds of steps) for their turn the guard's default of 200 steps would only trade
+finished work for recomputation. Ties go to the program that arrived first.
 """
 
 from __future__ import annotations
