@@ -92,33 +92,73 @@ def make_policy(name: str, ranker, lengths: dict[tuple[int, ...], int]):
     return LTRPolicy(LengthScorer(lambda p: lengths[tuple(p)]), **ABLATIONS.get(name, {}))
 
 
+class CPUClock:
+    """Seconds of this process's CPU time (every thread: the engine's and the ranker's), plus the idle gaps it
+    jumps over to the next arrival. Other jobs on a shared box do not advance it, so FCFS, LTR and the oracle are
+    timed alike whatever else runs beside them; what each policy computes, prefills and scores all count."""
+
+    def __init__(self):
+        self.skipped = 0.0
+        self.start = time.process_time()
+
+    def __call__(self) -> float:
+        return time.process_time() - self.start + self.skipped
+
+    def wait_until(self, t: float) -> None:
+        self.skipped += max(0.0, t - self())
+
+
+class WallClock:
+    """Seconds since the run began (the GPU runs: the box is the bench's alone)."""
+
+    def __init__(self):
+        self.start = time.monotonic()
+
+    def __call__(self) -> float:
+        return time.monotonic() - self.start
+
+    def wait_until(self, t: float) -> None:
+        time.sleep(max(0.0, t - self()))
+
+
 def serve(engine, requests: list[list[int]], offsets: list[float], max_tokens: int, policy,
-          budget_s: float | None = None, lengths: dict[tuple[int, ...], int] | None = None) -> dict:
+          budget_s: float | None = None, lengths: dict[tuple[int, ...], int] | None = None,
+          cpu_clock: bool = False) -> dict:
     """Run `requests` arriving at `offsets` seconds (from now) to completion, or until `budget_s`; per-request
     latency, TTFT, the run's throughput and what its preemptions cost (prefill steps, recomputed tokens), and
-    with `lengths` the share of outputs as long as their collected label (what the oracle is told)."""
+    with `lengths` the share of outputs as long as their collected label (what the oracle is told). Times are on
+    a CPUClock with `cpu_clock`, else on the wall clock."""
     from glassbox.inference.sampling_params import SamplingParams
 
     fresh(engine, policy)
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
-    t0 = time.monotonic()
+    clock = CPUClock() if cpu_clock else WallClock()
     pending = sorted(range(len(requests)), key=lambda i: offsets[i])
     done: dict[str, object] = {}
+    first: dict[str, float] = {}
+    finish: dict[str, float] = {}
     out_tokens = 0
     while pending or engine.has_unfinished():
-        now = time.monotonic()
-        if budget_s is not None and now - t0 >= budget_s:
+        now = clock()
+        if budget_s is not None and now >= budget_s:
             break
-        while pending and offsets[pending[0]] <= now - t0:
+        while pending and offsets[pending[0]] <= now:
             i = pending.pop(0)
-            engine.add_request(str(i), requests[i], params, arrival_time=t0 + offsets[i])
+            engine.add_request(str(i), requests[i], params, arrival_time=offsets[i])
         if not engine.has_unfinished():
-            time.sleep(max(0.0, offsets[pending[0]] - (time.monotonic() - t0)))
+            clock.wait_until(offsets[pending[0]])
             continue
-        for out in engine.step(unfinished_outputs=False):
+        outs = engine.step(unfinished_outputs=False)
+        now = clock()
+        for rid, req in engine.requests.items():
+            if rid not in first and req.seqs[0].first_token_time is not None:
+                first[rid] = now
+        for out in outs:
+            first.setdefault(out.request_id, now)
             done[out.request_id] = out
+            finish[out.request_id] = now
             out_tokens += len(out.outputs[0].token_ids)
-    elapsed = time.monotonic() - t0
+    elapsed = clock()
     sched = engine.scheduler
     matches = None
     if lengths is not None and done:
@@ -128,8 +168,8 @@ def serve(engine, requests: list[list[int]], offsets: list[float], max_tokens: i
         engine.abort(rid)
     stats = engine.stats()
     policy.close()
-    lat = [o.metrics["last_token_time"] - o.metrics["arrival_time"] for o in done.values()]
-    ttft = [o.metrics["first_token_time"] - o.metrics["arrival_time"] for o in done.values()]
+    lat = [finish[rid] - offsets[int(rid)] for rid in done]
+    ttft = [first[rid] - offsets[int(rid)] for rid in done]
     return {"completed": len(done), "seconds": elapsed, "requests_per_s": len(done) / elapsed,
             "output_tokens_per_s": out_tokens / elapsed, "preemptions": stats["num_preemptions"],
             "rank_preemptions": sched.num_rank_preemptions, "steps": sched.num_steps,
@@ -390,6 +430,7 @@ def main() -> int:
     ap.add_argument("--gguf", type=Path, help="or SmolLM2's GGUF file, converted here")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--collection", type=Path, help="an existing collection (skips collecting)")
+    ap.add_argument("--ranker-run", type=Path, help="with --collection: a ranker run trained on it (skips training)")
     ap.add_argument("--num-prompts", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--requests", type=int, default=None, help="requests per online run")
@@ -442,10 +483,15 @@ def main() -> int:
     print(f"collection ready in {time.perf_counter() - t:.1f} s", flush=True)
     meta, examples = load_collection(args.collection)
     max_tokens = meta["max_tokens"]
-    run_dir = work / f"ranker-run-{stamp}"
+    run_dir = args.ranker_run or work / f"ranker-run-{stamp}"
     cfg = TrainConfig(collection=str(args.collection), model_dir=str(model_dir), run_dir=str(run_dir),
                       device=args.device, seed=args.seed)
-    train_summary = train(cfg)
+    if args.ranker_run is None:
+        train_summary = train(cfg)
+    else:                                    # a run this bench trained on the same collection
+        import json
+
+        train_summary = json.loads((run_dir / "train_summary.json").read_text())
     ranker_eval = evaluate(run_dir / "ranker", args.collection, args.device)
     print(f"ranker: tau {ranker_eval['kendall_tau']:.3f} (prompt length {ranker_eval['baseline_prompt_length_tau']:.3f}"
           f", classifier {ranker_eval['baseline_bucket_classifier_tau']:.3f}) after {time.perf_counter() - t:.1f} s",
@@ -469,8 +515,11 @@ def main() -> int:
     requests += [rng.choice(pool) for _ in range(n_requests - len(requests))]     # repeats only past the split
 
     # Warm-up (graph capture, allocator), then capacity: everything at once under FCFS, to completion.
-    serve(engine, requests[:max_num_seqs], [0.0] * max_num_seqs, max_tokens, make_policy("fcfs", ranker, lengths))
-    full = serve(engine, requests, [0.0] * len(requests), max_tokens, make_policy("fcfs", ranker, lengths))
+    on_cpu = kind == "cpu"
+    serve(engine, requests[:max_num_seqs], [0.0] * max_num_seqs, max_tokens, make_policy("fcfs", ranker, lengths),
+          cpu_clock=on_cpu)
+    full = serve(engine, requests, [0.0] * len(requests), max_tokens, make_policy("fcfs", ranker, lengths),
+                 cpu_clock=on_cpu)
     capacity = full["requests_per_s"]
     print(f"capacity {capacity:.2f} req/s ({full['seconds']:.1f} s for {len(requests)})", flush=True)
 
@@ -480,7 +529,8 @@ def main() -> int:
         offsets = poisson_offsets(len(requests), rate, args.seed + int(load * 1000))
         names = POLICIES + (tuple(ABLATIONS) if ablations and load == max(loads) else ())
         for name in names:
-            row = serve(engine, requests, offsets, max_tokens, make_policy(name, ranker, lengths), lengths=lengths)
+            row = serve(engine, requests, offsets, max_tokens, make_policy(name, ranker, lengths), lengths=lengths,
+                        cpu_clock=on_cpu)
             online.append({"load": load, "rate_req_s": rate, "policy": name, **row})
             print(f"load {load}x {name}: mean {row['mean_latency_s']:.2f} s, p90 {row['p90_latency_s']:.2f} s, "
                   f"ttft {row['mean_ttft_s']:.2f} s, {row['preemptions']} preemptions, {row['prefill_steps']} "
@@ -489,7 +539,7 @@ def main() -> int:
     offline = []
     for name in POLICIES:
         row = serve(engine, requests, [0.0] * len(requests), max_tokens, make_policy(name, ranker, lengths), budget,
-                    lengths)
+                    lengths, cpu_clock=on_cpu)
         offline.append({"policy": name, **row})
         print(f"offline {name}: {row['completed']} completed in {budget:.1f} s", flush=True)
 
