@@ -170,18 +170,32 @@ class Sampler:
                     prepared.append(e)
         results: list[Verified | Exception | None] = [None] * len(rows)
         plain: list[int] = []                # sampled entries without a draft: drawn together below
+        walked: list[int] = []               # greedy entries, and drafts whose tree is walked on the host
         for i, ((seq, draft), prep) in enumerate(zip(rows, prepared)):
             if isinstance(prep, Exception):
                 results[i] = prep
             elif not draft and not seq.params.greedy:
                 plain.append(i)
             else:
-                try:
-                    argmax_rows, probs_rows = prep
-                    host = None if seq.params.greedy or probs_rows is None else probs_rows.cpu()
-                    results[i] = self._accept(seq, draft, argmax_rows, host)
-                except Exception as e:
-                    results[i] = e
+                walked.append(i)
+        # Sampled drafts' rows come to the host in one copy (rejection sampling reads them row by row).
+        sampled = [i for i in walked if not rows[i][0].params.greedy]
+        host: dict[int, torch.Tensor | Exception] = {}
+        if sampled:
+            try:
+                copied = torch.cat([prepared[i][1] for i in sampled]).cpu()
+                host = dict(zip(sampled, copied.split([len(rows[i][1]) + 1 for i in sampled])))
+            except Exception as e:
+                host = dict.fromkeys(sampled, e)
+        for i in walked:
+            seq, draft = rows[i]
+            try:
+                probs_rows = host.get(i)
+                if isinstance(probs_rows, Exception):
+                    raise probs_rows
+                results[i] = self._accept(seq, draft, prepared[i][0], probs_rows)
+            except Exception as e:
+                results[i] = e
         if plain:
             try:
                 drawn = self._draw_rows(torch.cat([prepared[i][1] for i in plain]), [rows[i][0] for i in plain])
