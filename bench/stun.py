@@ -3,7 +3,9 @@
 For each total sparsity S (of the expert weights, glassbox.pruning.prune) and method, the pruned model's
 validation loss and next-token accuracy on the data directory's validation split, and its accuracy on held-out
 reasoning-gym arithmetic problems (bench/stun_corpus.py; greedy, scored by reasoning-gym's scorer when it is
-installed, else by exact match of the answer, which is what that scorer gives 1.0 for). Then the cost of stage 1
+installed, else by exact match of the answer, which is what that scorer gives 1.0 for). STUN runs once more per
+sparsity with each --compare-similarity distance (default: the paper's plain co-selection, as `stun_coselect`),
+so the default distance and the paper's are measured on the same model and windows. Then the cost of stage 1
 (wall time and forward passes) for the model and for a 2x-experts copy of it (each expert duplicated with a little
 noise, router rows too): the passes do not grow with the expert count. Then serving through the engine, dense vs
 pruned at one sparsity: weight memory and decode throughput. Expert pruning removes whole experts, so the weights
@@ -41,7 +43,7 @@ from glassbox.models.transformer import Transformer  # noqa: E402
 from glassbox.pruning.calibration import token_windows  # noqa: E402
 from glassbox.pruning.expert_drop import drop_experts  # noqa: E402
 from glassbox.pruning.output import write_pruned_dir  # noqa: E402
-from glassbox.pruning.prune import METHODS, PruneOptions, cluster_experts, prune  # noqa: E402
+from glassbox.pruning.prune import METHODS, SIMILARITIES, PruneOptions, cluster_experts, prune  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -119,7 +121,7 @@ def upcycled(model: Transformer, factor: int, seed: int) -> Transformer:
 def stage1_cost(model: Transformer, calib: torch.Tensor, keep: float, device: torch.device) -> dict:
     """Wall time and forward passes of stage 1, co-selection and router-weight variants."""
     out = {}
-    for similarity in ("coselect", "router"):
+    for similarity in ("coselect-output", "router"):
         opts = PruneOptions("stun", 1.0 - keep, experts_keep=keep, similarity=similarity)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -185,6 +187,8 @@ def run(args: argparse.Namespace) -> dict:
     items = load_tasks(args.task_items)
     scorer_name, score = scorer()
     sparsities = [float(s) for s in args.sparsities.split(",")]
+    # STUN once more per sparsity with each --compare-similarity distance, as method "stun_<distance>".
+    variants = {"stun": args.similarity} | {f"stun_{sim}": sim for sim in args.compare_similarity}
 
     def evaluate(model: Transformer) -> dict:
         loss, acc = val_metrics(model, val, args.batch)
@@ -195,10 +199,11 @@ def run(args: argparse.Namespace) -> dict:
         layer.mlp.num_experts for layer in dense.layers)}]
     print(json.dumps(rows[-1]), flush=True)
     for s in sparsities:
-        for method in METHODS:
-            keep = 1.0 - args.stun_expert_share * s if method == "stun" else None
-            opts = PruneOptions(method, s, experts_keep=keep, similarity=args.similarity, router=args.router,
-                                seed=args.seed, batch_size=args.batch)
+        for method in columns(args):
+            base_method = "stun" if method in variants else method
+            keep = 1.0 - args.stun_expert_share * s if base_method == "stun" else None
+            opts = PruneOptions(base_method, s, experts_keep=keep, similarity=variants.get(method, args.similarity),
+                                router=args.router, seed=args.seed, batch_size=args.batch)
             t0 = time.perf_counter()
             pruned, report = prune(dense, calib, opts)
             prune_s = time.perf_counter() - t0
@@ -250,8 +255,9 @@ def run(args: argparse.Namespace) -> dict:
             val_loss[k]["stun"] < val_loss[k]["unstructured"] for k in high),
         "stun_0.4_val_loss_vs_dense": (val_loss["0.4"]["stun"] / val_loss["dense"] - 1.0) if "0.4" in val_loss
         else None,
-        "stage1_forward_passes": {e: c["coselect"]["forward_passes"] for e, c in cost.items() if e != "experts_keep"},
-        "stage1_seconds": {e: c["coselect"]["seconds"] for e, c in cost.items() if e != "experts_keep"},
+        "stage1_forward_passes": {e: c["coselect-output"]["forward_passes"] for e, c in cost.items()
+                                  if e != "experts_keep"},
+        "stage1_seconds": {e: c["coselect-output"]["seconds"] for e, c in cost.items() if e != "experts_keep"},
         "serving_sparsity": args.serve_sparsity,
         "serving_weight_ratio": {k: v["weight_ratio"] for k, v in serving.items()},
         "serving_throughput_ratio": {k: v["throughput_ratio"] for k, v in serving.items()},
@@ -268,8 +274,14 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def columns(args: argparse.Namespace) -> list[str]:
+    """The methods of the tables: the four, then STUN with each compared distance."""
+    return [*METHODS, *(f"stun_{sim}" for sim in args.compare_similarity)]
+
+
 def markdown(result: dict) -> str:
     s = result["summary"]
+    methods = columns(argparse.Namespace(**result["settings"]))
     sparsities = [k for k in s["val_loss"] if k != "dense"]
     lines = [
         "# STUN: structured-then-unstructured MoE pruning",
@@ -282,32 +294,34 @@ def markdown(result: dict) -> str:
         f"{result['model']['experts']} experts, top-{result['model']['top_k']}. Sparsity counts expert weights "
         f"(dropped experts plus zeros in kept ones). STUN drops "
         f"{result['settings']['stun_expert_share']:g} x S of the experts, then Wanda takes the rest; expert "
-        f"distance: {result['settings']['similarity']}, router rows: {result['settings']['router']}. "
+        f"distance: {result['settings']['similarity']}, router rows: {result['settings']['router']}"
+        + "".join(f"; {m}: STUN with distance {m[len('stun_'):]}" for m in methods if m.startswith("stun_"))
+        + ". "
         f"Task: {result['task']['name']} ({result['task']['items']} held-out problems, scorer "
         f"{result['task']['scorer']}).",
         "",
-        f"Validation loss (nats/token; dense {s['val_loss']['dense']:.4f}):",
+        f"Validation loss (nats/token; dense {s['val_loss']['dense']:.5f}):",
         "",
-        "| sparsity | " + " | ".join(METHODS) + " |",
-        "|---:|" + "---:|" * len(METHODS),
+        "| sparsity | " + " | ".join(methods) + " |",
+        "|---:|" + "---:|" * len(methods),
     ]
     for k in sparsities:
-        lines.append(f"| {k} | " + " | ".join(f"{s['val_loss'][k][m]:.4f}" for m in METHODS) + " |")
+        lines.append(f"| {k} | " + " | ".join(f"{s['val_loss'][k][m]:.5f}" for m in methods) + " |")
     lines += ["", f"Task accuracy (dense {s['task_accuracy']['dense']:.3f}):", "",
-              "| sparsity | " + " | ".join(METHODS) + " |", "|---:|" + "---:|" * len(METHODS)]
+              "| sparsity | " + " | ".join(methods) + " |", "|---:|" + "---:|" * len(methods)]
     for k in sparsities:
-        lines.append(f"| {k} | " + " | ".join(f"{s['task_accuracy'][k][m]:.3f}" for m in METHODS) + " |")
+        lines.append(f"| {k} | " + " | ".join(f"{s['task_accuracy'][k][m]:.3f}" for m in methods) + " |")
     lines += ["", f"STUN below unstructured at every sparsity >= 0.4: "
                   f"{s['stun_beats_unstructured_at_every_sparsity_ge_0.4']}; STUN at 0.4 vs dense loss: "
                   + (f"{100 * s['stun_0.4_val_loss_vs_dense']:+.2f}%" if s["stun_0.4_val_loss_vs_dense"] is not None
                      else "n/a"),
               "", f"Stage 1 cost (keeping {result['stage1_cost']['experts_keep']:g} of the experts):", "",
-              "| experts per layer | co-selection s | forward passes | router-weight s | forward passes |",
+              "| experts per layer | co-selection pass s | forward passes | router-weight s | forward passes |",
               "|---:|---:|---:|---:|---:|"]
     for e, c in result["stage1_cost"].items():
         if e == "experts_keep":
             continue
-        lines.append(f"| {e} | {c['coselect']['seconds']:.2f} | {c['coselect']['forward_passes']} | "
+        lines.append(f"| {e} | {c['coselect-output']['seconds']:.2f} | {c['coselect-output']['forward_passes']} | "
                      f"{c['router']['seconds']:.3f} | {c['router']['forward_passes']} |")
     lines += ["", f"Serving at sparsity {s['serving_sparsity']:g} through the engine (greedy decode, "
                   f"{result['settings']['serve_batch']} sequences x {result['settings']['new_tokens']} tokens, median "
@@ -335,7 +349,7 @@ def plot(result: dict, path: Path) -> None:
     xs = [float(k) for k in keys]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric, label in ((axes[0], "val_loss", "validation loss"), (axes[1], "task_accuracy", "task accuracy")):
-        for m in METHODS:
+        for m in columns(argparse.Namespace(**result["settings"])):
             ax.plot(xs, [s[metric][k][m] for k in keys], marker="o", label=m)
         ax.axhline(s[metric]["dense"], color="black", linestyle="--", label="dense")
         ax.set_xlabel("sparsity of expert weights")
@@ -355,7 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparsities", default="0.2,0.3,0.4,0.5,0.6")
     p.add_argument("--stun-expert-share", type=float, default=0.25,
                    help="STUN removes this share of the target sparsity as whole experts (experts_keep = 1 - x S)")
-    p.add_argument("--similarity", choices=["coselect", "router"], default="coselect")
+    p.add_argument("--similarity", choices=SIMILARITIES, default="coselect-output",
+                   help="stage 1's expert distance for stun and expert_only (default: coselect-output)")
+    p.add_argument("--compare-similarity", type=lambda v: [x for x in v.split(",") if x], default=["coselect"],
+                   help="comma-separated distances to run STUN with as well, as methods stun_<distance> "
+                        "(default: coselect, the paper's plain co-selection; '' for none)")
     p.add_argument("--router", choices=["keep", "mean"], default="keep")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--calib-samples", type=int, default=128)
