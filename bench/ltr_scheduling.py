@@ -108,6 +108,11 @@ class CPUClock:
         self.skipped += max(0.0, t - self())
 
 
+CLOCKS = {"cpu": "seconds of the bench process's CPU time (engine and ranker threads; idle gaps skipped to the "
+                 "next arrival), which other jobs on the shared box do not advance",
+          "cuda": "wall-clock seconds"}
+
+
 class WallClock:
     """Seconds since the run began (the GPU runs: the box is the bench's alone)."""
 
@@ -391,7 +396,8 @@ def markdown(result: dict) -> str:
     lines = [f"# LTR scheduling: FCFS vs LTR vs oracle SJF ({r['model']})", "",
              f"Machine: {r['machine']}; {r['dtype']}; greedy, up to {r['max_tokens']} output tokens; batch cap "
              f"{r['max_num_seqs']} sequences (stands in for the KV limit of a large model); load average at the "
-             f"end {r['load_average']}.", "",
+             f"end {r['load_average']}. Times (latency, TTFT, rates, the offline budget) are "
+             f"{r.get('clock', CLOCKS['cuda'])}.", "",
              f"Ranker: the served model's first {ev['layers']} layers + a ListMLE head, trained on "
              f"{ev['num_train']} prompts, tested on {ev['num_test']} held-out ones (collection: "
              f"{r['collection']['num_prompts']} prompts, mean held-out output {ev['test_mean_output_len']:.1f} "
@@ -559,6 +565,7 @@ def main() -> int:
         "capacity_req_s": capacity, "online": online, "offline": offline, "offline_budget_s": budget,
         "offline_requests": len(requests), "ranker": ranker_eval, "train": train_summary, "collection": meta,
         "load_average": round(os.getloadavg()[0], 1), "seconds_total": time.perf_counter() - t,
+        "clock": CLOCKS[kind],
     }
     name = args.out_name or ("ltr_scheduling_gpu" if kind == "cuda" else "ltr_scheduling")
     atomic.write_json(RESULTS / f"{name}.json", result)
