@@ -385,11 +385,12 @@ def plots(batch: dict, online: dict, path: Path) -> str | None:
 
 def markdown(report: dict) -> str:
     s, b, o, p, t = report["summary"], report["batch"], report["online"], report["probe_overhead"], report["train"]
+    stages = (f" Training stages: data {t['data_s']:.0f} s, fine-tune {t['train_s']:.0f} s, export "
+              f"{t['export_s']:.0f} s, release build {t['release_s']:.0f} s (beside the measurement)."
+              if "export_s" in t else "")
     lines = [f"# Dynasor ({report['size']}) on {report['machine']}", "",
-             f"Model: {report['model']}; {report['eval_problems']} held-out problems. The whole run: "
-             f"{report['seconds']:.0f} s" + (f" (data {t['data_s']:.0f} s, fine-tune {t['train_s']:.0f} s, export "
-                                             f"{t['export_s']:.0f} s; the release build, {t['release_s']:.0f} s, beside the measurement)."
-                                             if "export_s" in t else "."), "",
+             f"Model: {report['model']}; {report['eval_problems']} held-out problems. This run: "
+             f"{report['seconds']:.0f} s.{stages}", "",
              "| summary | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in s.items()]
 
@@ -481,8 +482,6 @@ def main() -> None:
     if model_dir is None:
         model_dir, report["train"], release = fine_tune(args, size, args.work)
         train = report["train"]
-        report["model"] = (f"{train['base']} fine-tuned by glassbox for {train['steps']} steps on "
-                           f"{train['train_documents']} worked solutions (configs/dynasor-sft.yaml)")
         saved()
         if args.train_only:
             finish_release(release, train, args.work)
@@ -491,6 +490,10 @@ def main() -> None:
             return
     elif (args.model.parent / "train.json").is_file():
         report["train"] = json.loads((args.model.parent / "train.json").read_text())
+    if report["train"]:
+        t = report["train"]
+        report["model"] = (f"{t['base']} fine-tuned by glassbox for {t['steps']} steps on {t['train_documents']} "
+                           "worked solutions (configs/dynasor-sft.yaml)")
     problems = eval_problems(size.eval_problems)
     engine = engine_for(model_dir, args.device, "dynasor", size)
     log(f"engine built, {len(problems)} held-out problems")
