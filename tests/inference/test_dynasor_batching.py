@@ -113,3 +113,24 @@ def test_inverse_cdf_never_returns_a_token_without_mass():
         assert mass.tolist() == pytest.approx([1.0, 1.0, 1.0])
     tokens, _ = inverse_cdf(probs, torch.tensor([0.4, 0.1, 0.3], dtype=torch.float64))
     assert tokens.tolist() == [1, 0, 4]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sampler_draws_256_rows_of_a_49k_vocabulary_on_the_device_in_milliseconds():
+    """The H200 case: 256 sampled rows at SmolLM2's vocabulary, each token inside its row's top-p set, and a step's
+    sampling in milliseconds (the host multinomials took most of a second)."""
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(256, 49152, generator=g)).cuda()
+    rows = [(Sequence(str(i), [1], SamplingParams(temperature=0.7, top_p=0.95, seed=i)), EMPTY) for i in range(256)]
+    sampler = Sampler(seed=0)
+    sampler.sample(logits, rows)                                    # warm-up (kernels, allocator)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    tokens = [v.tokens[0] for v in sampler.sample(logits, rows)]
+    seconds = time.perf_counter() - t
+    probs = Sampler._probs(logits, [seq for seq, _ in rows]).cpu()
+    assert all(probs[r, tok] > 0 for r, tok in enumerate(tokens))
+    assert seconds < 0.05, f"sampling 256 rows took {1000 * seconds:.1f} ms"
