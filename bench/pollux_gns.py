@@ -12,7 +12,7 @@ their mean (a batch `--direct-batches` times larger), preconditioned by the same
 estimators many samples each; their ratio is phi. The agent's running estimate (an EMA over the last steps'
 gradients, taken while the weights moved) is compared with it.
 
-    python bench/pollux_gns.py                                   # tiny model, CPU (~2 min on 2 idle cores)
+    python bench/pollux_gns.py                                   # tiny model, CPU (~2 min on one core)
     python bench/pollux_gns.py --device cuda --model small       # one GPU (~1 min on an H200, + data prep)
 
 Its cost is its steps: 2 x rounds x overhead-steps, then steps, then direct-batches forward/backward passes (the
@@ -164,11 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-samples", type=int, default=16)
     p.add_argument("--accum", type=int, default=1, help="micro-batches per step (1: consecutive-step pairs)")
     p.add_argument("--steps", type=int, default=150, help="training steps before the direct estimate")
-    p.add_argument("--overhead-steps", type=int, default=30)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--overhead-steps", type=int, default=0,
+                   help="steps per overhead run (0: 200 on the CPU, where contention is noisy, 60 on a GPU)")
+    p.add_argument("--rounds", type=int, default=0, help="interleaved overhead rounds (0: 5 on the CPU, 3 on a GPU)")
     p.add_argument("--direct-batches", type=int, default=128)
     p.add_argument("--smoothing", type=float, default=0.99)
     args = p.parse_args(argv)
+    args.overhead_steps = args.overhead_steps or (200 if args.device == "cpu" else 60)
+    args.rounds = args.rounds or (5 if args.device == "cpu" else 3)
     if args.device == "cpu":
         # One thread, as in pollux_adaptive.py: on a shared box a descheduled second OpenMP thread stalls every
         # kernel, and the overhead is a ratio of two step times that such stalls swamp.

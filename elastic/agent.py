@@ -140,7 +140,7 @@ class PolluxAgent(Callback):
         self.params: ThroughputParams | None = None
         self.decisions = 0
         self.trainer: "Trainer | None" = None
-        self._pending: dict[int, tuple[Measurement, torch.Tensor, torch.cuda.Event | None, int]] = {}
+        self._pending: dict[int, tuple[Measurement, torch.Tensor, torch.cuda.Event | None]] = {}
         self._shapes: dict[int, tuple[int, int]] = {}
         self._current = 0
         self._started_at = 0
@@ -243,17 +243,16 @@ class PolluxAgent(Callback):
             values = values.to("cpu", non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
-        self._pending[self._current] = (measurement, values, ready, grads.global_batch)
+        self._pending[self._current] = (measurement, values, ready)
 
     def on_step_end(self, state) -> None:
         step = state.step
         measured = self._pending.pop(step, None)
         if measured is not None:
-            measurement, values, ready, batch = measured
+            measurement, values, ready = measured
             if ready is not None:
                 ready.synchronize()     # already done: the trainer has read this step's metrics, queued after it
-            # Weighted by the step's new samples (a consecutive-step pair shares one step with the pair before).
-            self.ema.update(*estimate_from_pairs(measurement.pairs(values.tolist())), batch=batch)
+            self.ema.update(*estimate_from_pairs(measurement.pairs(values.tolist())), batch=measurement.big_batch)
         micro, accum = self._shapes.pop(step)
         # The first steps after a (re)start compile and warm allocators: not the shape's speed.
         if step > self._started_at + 2 and "val_loss" not in state.metrics:

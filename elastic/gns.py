@@ -137,11 +137,14 @@ class GradientNoiseMeter:
     Two sources of a second batch size, neither an extra forward/backward:
     - a step of several micro-batches per rank: each rank's gradient after its first k micro-batches (k * m
       samples) against the reduced gradient of the global batch B;
-    - a step of one micro-batch per rank (`pair_steps`): the reduced gradients of two consecutive steps of the
-      same batch B, each a batch of B, and their mean, a batch of 2B. The weights moved by one optimizer step
-      between the two, which adds B |G_t - G_{t-1}|^2 / 2 to the trace estimate: small while one step changes the
-      true gradient by less than the per-step gradient noise (bench/pollux_gns.py compares the running estimate
-      with a direct one). It keeps one copy of the gradient (the local shard under FSDP2) between steps.
+    - steps of one micro-batch per rank (`pair_steps`): the reduced gradients of two consecutive steps of the
+      same batch B, each a batch of B, and their mean, a batch of 2B; steps pair up without overlapping (1-2,
+      3-4, ...), so each pair is an independent estimate and a step's gradient is copied or combined, not both.
+      The weights moved by one optimizer step between the two, which adds B |G_t - G_{t-1}|^2 / 2 to the trace
+      estimate: small while one step changes the true gradient by less than the per-step gradient noise
+      (bench/pollux_gns.py compares the running estimate with a direct one). It keeps one copy of the gradient
+      (the local shard under FSDP2) between the two steps of a pair: a pass over the gradient's memory to copy
+      it, two to combine, which a GPU does in well under a millisecond for 100M parameters.
     Splitting a single micro-batch in two instead (measure_every) needs no copy but costs a second pass per
     measured step, which on a GPU, where a small model's pass is mostly fixed cost, nearly doubles that step.
 
@@ -244,21 +247,22 @@ class GradientNoiseMeter:
         if not self.pair_steps:
             return None
         big = self._full_sq_norms(grads)
-        paired = self._prev_step == (step - 1, global_batch)
-        weights = self.preconditioner(step) if paired else None
-        measurement = None
-        if weights is not None:
-            torch._foreach_add_(self._prev_grads, grads)          # g_{t-1} + g_t, in the kept copy's memory
-            both = self._full_sq_norms(self._prev_grads)
-            small = (weights * (big + self._prev_norms)).sum() / 2      # the mean |g_B|^2 of the two steps
-            mean = (weights * both).sum() / 4                           # |(g_{t-1} + g_t) / 2|^2, a batch of 2B
-            measurement = Measurement(torch.stack([small, mean]), [global_batch], 2 * global_batch)
+        if self._prev_step == (step - 1, global_batch):
+            weights = self.preconditioner(step)
+            if weights is not None:
+                torch._foreach_add_(self._prev_grads, grads)      # g_{t-1} + g_t, in the kept copy's memory
+                both = self._full_sq_norms(self._prev_grads)
+                small = (weights * (big + self._prev_norms)).sum() / 2      # the mean |g_B|^2 of the two steps
+                mean = (weights * both).sum() / 4                           # |(g_{t-1} + g_t) / 2|^2, batch 2B
+                self._prev_step = None      # pairs do not overlap: the next step starts the next pair
+                return Measurement(torch.stack([small, mean]), [global_batch], 2 * global_batch)
+        # This step opens a pair: its gradient is kept (the optimizer and zero_grad are about to consume it).
         if self._prev_grads is None:
             self._prev_grads = [g.detach().clone() for g in grads]
         else:
             torch._foreach_copy_(self._prev_grads, grads)
         self._prev_norms, self._prev_step = big, (step, global_batch)
-        return measurement
+        return None
 
 
 def estimate_from_pairs(pairs: list[tuple[int, float, int, float]]) -> tuple[float, float]:

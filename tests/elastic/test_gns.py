@@ -107,7 +107,7 @@ def test_consecutive_single_micro_batch_steps_pair_into_the_noise_scale():
             ema.update(*estimate_from_pairs(measurement.pairs(measurement.values.tolist())), batch=batch)
             measured += 1
         opt.zero_grad()
-    assert measured == 399                      # every step but the first has the one before it
+    assert measured == 200                      # steps pair up without overlapping: 2-3, 4-5, ..., 400-401
     assert ema.noise_scale == pytest.approx(truth, rel=0.15)
 
 
@@ -121,6 +121,7 @@ def test_meter_waits_for_adam_and_for_two_batch_sizes():
     opt.step()
     assert meter.measure(2, [], 2, 2) is None                              # one micro-batch, no step before it
     assert meter.measure(3, [], 2, 2) is not None                          # ... paired with step 2
-    assert meter.measure(5, [], 2, 2) is None                              # not consecutive
-    assert meter.measure(6, [], 4, 4) is None                              # another batch size
+    assert meter.measure(4, [], 2, 2) is None                              # opens the next pair
+    assert meter.measure(6, [], 2, 2) is None                              # not consecutive: opens another
+    assert meter.measure(7, [], 4, 4) is None                              # another batch size
     assert splitting.measure(3, [], 2, 2) is None and splitting.measure(4, [], 2, 2) is None
