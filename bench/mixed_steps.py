@@ -36,10 +36,10 @@ from glassbox.models.transformer import ModelConfig, Transformer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_perf import machine  # noqa: E402
+from serving_perf import SIZES, machine  # noqa: E402
 
 MODELS = {
-    "cpu": dict(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=688),
+    "cpu": SIZES["tiny"],
     "gpu": dict(vocab_size=32000, hidden_size=1024, num_layers=24, num_heads=16, num_kv_heads=4,
                 intermediate_size=2816),
 }
