@@ -14,7 +14,8 @@ names them):
 - load vs decode: under Poisson arrivals at --load-rate, the achieved output tok/s and TTFT p50, and the mean
   number of running sequences; then the pure decode rate at that concurrency (that many sequences decoding
   together, prefill excluded). The fraction is load / pure decode. With several --attention modes (`auto`: the
-  varlen kernel where the runner has it; `dense`: the masked path), one run each, the first giving the summary.
+  varlen kernel where the runner has it; `dense`: the masked path; either with `+piecewise`: steps with prompts
+  replayed as graphs cut at attention), one run each, the first giving the summary.
 
     python bench/serving_perf.py --device cpu --out-name serving_perf_cpu       # small sizes, minutes
     python bench/serving_perf.py --device cuda --out-name serving_perf_h200     # 350M start-up, 1B and 7B roofline
@@ -136,12 +137,15 @@ def bench_roofline(args, size: str, bandwidth: float) -> dict:
 
 def bench_load(args, model_dir: Path, vocab: int, attention: str) -> dict:
     """Poisson load at --load-rate, then pure decoding at the concurrency the load reached; eager steps attend
-    through `attention` (a runner mode of glassbox.inference.attention)."""
+    through `attention` (a runner mode of glassbox.inference.attention), as piecewise graphs with a `+piecewise`
+    suffix (glassbox.inference.piecewise)."""
+    mode, _, pieces = attention.partition("+")
     cfg = EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                       max_model_len=args.max_model_len, gpu_memory_utilization=0.4, compile=args.compile)
+                       max_model_len=args.max_model_len, gpu_memory_utilization=0.4, compile=args.compile,
+                       piecewise_graphs=pieces == "piecewise")
     engine = LLMEngine.from_model_dir(model_dir, cfg)
-    if attention != "auto":
-        engine.runner = engine.runner.replaced(attention=attention)
+    if mode != "auto":
+        engine.runner = engine.runner.replaced(attention=mode)
     rng = random.Random(7)
     draw = lambda: it.draw_request(rng, args, vocab)           # noqa: E731
     arrivals = it.poisson_arrivals(rng, args.load_rate, args, vocab)
@@ -196,8 +200,10 @@ def main() -> int:
     p.add_argument("--num-requests", type=int, default=None, help="default: 16 on CPU, 512 on CUDA")
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: 8 on CPU, 64 on CUDA")
     p.add_argument("--compile", action="store_true", help="roofline and load with compile (start-up always is)")
-    p.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", "dense", "varlen", "reference"],
-                   help="load runs, one per runner attention mode (the first gives the summary)")
+    modes = ["auto", "dense", "varlen", "reference"]
+    p.add_argument("--attention", nargs="+", default=["auto"], choices=modes + [f"{m}+piecewise" for m in modes],
+                   help="load runs, one per runner attention mode, `+piecewise` for piecewise graphs (the first "
+                        "gives the summary)")
     p.add_argument("--out-name", default="serving_perf")
     args = p.parse_args()
     gpu = args.device.startswith("cuda")
@@ -255,7 +261,8 @@ def main() -> int:
                   f"{r['achieved_gb_s']:.0f} | {r['roofline_fraction']:.1%} |" for r in result["roofline"]]
         lines.append("")
     for r in result.get("load_by_attention", []):
-        path = "varlen kernel" if r["varlen"] else "dense masked path"
+        path = ("varlen kernel" if r["varlen"] else "dense masked path") + (
+            ", piecewise graphs" if r["attention"].endswith("+piecewise") else "")
         lines += [f"Poisson load at {r['rate']:g} req/s ({r['requests']} requests), attention {r['attention']} "
                   f"({path}): {r['output_tok_s']:.0f} output tok/s, "
                   f"TTFT p50 {r['ttft_p50_ms']:.1f} ms / p99 {r['ttft_p99_ms']:.1f} ms, {r['mean_running']:.1f} "

@@ -144,7 +144,8 @@ def compile_cache_for(cfg: Any, model: torch.nn.Module, num_blocks: int, max_mod
     if cfg.compile and cfg.compile_cache:
         sizes = {"num_blocks": num_blocks, "block_size": cfg.block_size, "max_model_len": max_model_len,
                  "max_num_seqs": cfg.max_num_seqs, "cuda_graphs": cfg.cuda_graphs,
-                 "num_spec_tokens": cfg.num_spec_tokens, "spec_batch_tokens": cfg.spec_batch_tokens}
+                 "num_spec_tokens": cfg.num_spec_tokens, "spec_batch_tokens": cfg.spec_batch_tokens,
+                 "piecewise_graphs": cfg.piecewise_graphs, "max_num_batched_tokens": cfg.max_num_batched_tokens}
         p = next(model.parameters())
         model_config = dataclasses.asdict(model.config) if dataclasses.is_dataclass(model.config) else vars(model.config)
         fields = key_fields(model_config, type(model).__name__, p.dtype, p.device, sizes)

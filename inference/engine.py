@@ -27,6 +27,7 @@ from glassbox.errors import GlassboxError
 from glassbox.inference.block_manager import BlockManager
 from glassbox.inference.compile_cache import compile_cache_for
 from glassbox.inference.model_runner import ModelRunner, graph_batch_sizes, kv_bytes_per_block
+from glassbox.inference.piecewise import piecewise_sizes
 from glassbox.inference.policy import POLICIES, make_policy
 from glassbox.inference.sampler import Sampler, Verified
 from glassbox.inference.sampling_params import MAX_SEED, SamplingParams, SamplingParamsError
@@ -50,6 +51,9 @@ class EngineConfig:
     CUDA graphs of decoding (about 1.7x faster per decode step on the H100), with dynamic shapes for everything
     else, every batch structure compiled before the first request. It costs start-up time (about 3 minutes on the
     H100 for a 350M model, 35 s on a 2-core CPU for a 7M one), so it is off by default; dense models only.
+    `piecewise_graphs` runs the steps the decode graphs do not take (prompts, prompts beside decodes) as graphs
+    captured at padded token counts up to `max_num_batched_tokens`, cut at attention, which runs eagerly between
+    them (glassbox.inference.piecewise); dense, unsharded, non-SwiftKV models. Off until measured on a GPU.
     `max_n` caps the samples one request may ask for (n), so that one request cannot occupy the engine for long.
 
     Speculative decoding: `proposer` names a registered proposer (`suffix`, or `none`), `spec_options` its own
@@ -78,6 +82,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     cuda_graphs: bool = True
+    piecewise_graphs: bool = False
     compile: bool = False
     compile_cache: bool = True
     compile_cache_dir: str | None = None
@@ -112,6 +117,9 @@ class EngineConfig:
         if self.tensor_parallel_size > 1 and self.compile:
             raise ConfigError("engine.compile: not supported with tensor_parallel_size > 1 (the all-reduces between "
                               "the compiled parts are not captured yet); serve with one of the two")
+        if self.tensor_parallel_size > 1 and self.piecewise_graphs is True:
+            raise ConfigError("engine.piecewise_graphs: not supported with tensor_parallel_size > 1 (the all-reduces "
+                              "between the pieces are not captured yet); serve with one of the two")
         if self.compile_cache_dir is not None and not isinstance(self.compile_cache_dir, str):
             raise bad("compile_cache_dir", "a directory path or None (the default location)")
         if not _is_int(self.seed, 0, MAX_SEED):
@@ -120,7 +128,8 @@ class EngineConfig:
             raise bad("gpu_memory_utilization", "a fraction in (0, 1]")
         if not _is_real(self.cpu_kv_cache_gb) or self.cpu_kv_cache_gb <= 0:
             raise bad("cpu_kv_cache_gb", "a positive number")
-        for name in ("enable_prefix_caching", "enable_chunked_prefill", "cuda_graphs", "compile", "compile_cache"):
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "cuda_graphs", "piecewise_graphs", "compile",
+                     "compile_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
         for name, known in (("policy", POLICIES), ("proposer", PROPOSERS), ("dtype", DTYPES)):
@@ -321,7 +330,9 @@ class LLMEngine:
         with compile_cache_for(cfg, model, num_blocks, self.max_model_len) as self.startup:
             # CUDA graphs stay off under tensor parallelism until capturing the all-reduces is measured.
             self.runner = ModelRunner(model, num_blocks, cfg.block_size, self.max_model_len, cfg.max_num_seqs,
-                                      cfg.cuda_graphs and self.tp is None, cfg.compile, self._verification_rows())
+                                      cfg.cuda_graphs and self.tp is None, cfg.compile, self._verification_rows(),
+                                      piecewise=piecewise_sizes(cfg.max_num_batched_tokens)
+                                      if cfg.piecewise_graphs else None)
         if self.tp is not None and self.tp.rank == 0:
             self.runner = LeaderRunner(self.runner, self.tp)
         self.sampler = Sampler(cfg.seed)

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from glassbox.errors import GlassboxError
 from glassbox.inference.attention import VarlenBatch, cache_slots, choose_kernel, pack, varlen_attend
 from glassbox.inference.block_manager import BlockManager
+from glassbox.inference.piecewise import PiecewiseGraphs
 from glassbox.inference.scheduler import SchedulerOutput
 from glassbox.inference.speculative.draft import EMPTY, Draft
 from glassbox.inference.tensor_parallel import local_kv_heads
@@ -271,15 +272,18 @@ def _dynamic_shapes():
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, max_model_len: int,
                  max_num_seqs: int, cuda_graphs: bool = True, compile: bool = False,
-                 tree_rows: dict[int, int] | None = None, attention: str = "auto"):
+                 tree_rows: dict[int, int] | None = None, attention: str = "auto",
+                 piecewise: list[int] | None = None):
         """`tree_rows` maps graph batch sizes to the rows per sequence of their verification graphs (the last
         token plus the most draft nodes a sequence gets at that size); None or empty: no verification graphs.
         `attention` picks the kernel of eager steps with prompts in them (glassbox.inference.attention): `auto`
         the varlen flash kernel where it runs and passes its check (CUDA, bf16 / fp16), else the dense masked
-        path; `dense`, `varlen` (flash or an error) or `reference` (the varlen layout in plain torch) to insist."""
+        path; `dense`, `varlen` (flash or an error) or `reference` (the varlen layout in plain torch) to insist.
+        `piecewise`: token counts at which steps the decode graphs do not take run as piecewise graphs
+        (glassbox.inference.piecewise; captured on CUDA, run uncaptured elsewhere); None: those steps run eagerly."""
         self._args = dict(model=model, num_blocks=num_blocks, block_size=block_size, max_model_len=max_model_len,
                           max_num_seqs=max_num_seqs, cuda_graphs=cuda_graphs, compile=compile, tree_rows=tree_rows,
-                          attention=attention)
+                          attention=attention, piecewise=piecewise)
         self.model = model.eval()
         cfg = model.config
         p = next(model.parameters())
@@ -328,6 +332,14 @@ class ModelRunner:
             self._capture(graph_batch_sizes(max_num_seqs), -(-max_model_len // block_size), dict(tree_rows or {}))
             if tree_rows:
                 self._capture_move(max(b * (t - 1) for b, t in tree_rows.items()))
+        self.piecewise: PiecewiseGraphs | None = None
+        if piecewise:
+            if self.swiftkv is not None or local_kv_heads(model) != cfg.num_kv_heads:
+                raise GlassboxError("piecewise graphs: SwiftKV models and tensor-parallel shards run their eager "
+                                    "steps without them (other rows above layer l; uncaptured all-reduces); serve "
+                                    "them without piecewise_graphs")
+            self.piecewise = PiecewiseGraphs(model, piecewise, capture=cuda_graphs and self.device.type == "cuda",
+                                             compile=compile)
         if compile:
             self._compile_eager_structures()
 
@@ -336,7 +348,7 @@ class ModelRunner:
         paths inside one engine: `engine.runner = engine.runner.replaced(attention="dense")`). This runner's KV
         pool and graphs are released first, so both never hold memory together; what its cache held is lost."""
         self.k_cache, self.v_cache = [], []
-        self.graphs, self.tree_graphs, self._move = {}, {}, None
+        self.graphs, self.tree_graphs, self._move, self.piecewise = {}, {}, None, None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return ModelRunner(**{**self._args, **changes})
@@ -513,7 +525,27 @@ class ModelRunner:
             return self._replay(batch, blocks)
         if self.verification_shape(batch) is not None:
             return self.run_tree_group(batch, blocks)
+        if self.piecewise is not None and self.piecewise.size_for(sum(s.num_tokens for s in batch.scheduled)) is not None:
+            return self._run_piecewise(self.prepare(batch, blocks))
         return self._run_eager(self.prepare(batch, blocks))
+
+    def _run_piecewise(self, inputs: BatchInputs) -> torch.Tensor:
+        """A batch through the piecewise graphs: each layer's cache writes and attention run eagerly between the
+        captured pieces, exactly as `paged_attention` does them; logits as `_forward` computes them."""
+        mask = group_mask(inputs, self.block_size) if inputs.decode_lens is not None else None
+
+        def attention(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kc, vc = self.k_cache[self.cache_of_layer[i]], self.v_cache[self.cache_of_layer[i]]
+            kc.index_copy_(0, inputs.slots, k)
+            vc.index_copy_(0, inputs.slots, v)
+            return attend(q, k, v, kc, vc, inputs, mask, self.block_size)
+
+        with sdpa_kernel(EAGER_ATTENTION):
+            x = self.piecewise.run(inputs.input_ids, inputs.positions, attention)
+        if inputs.logit_rows is not None:
+            x = x[inputs.logit_rows]
+        m = self.model
+        return m.lm_head(m.norm(x)).float()
 
     def _run_eager(self, inputs: BatchInputs) -> torch.Tensor:
         """A batch the graphs do not take, through the eager (or dynamically compiled) layer; callers run in

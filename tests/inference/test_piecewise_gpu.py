@@ -1,0 +1,43 @@
+"""On a CUDA device: steps replayed as piecewise graphs (prompts, chunks, prefix hits, prompts beside decodes)
+give the eager path's greedy tokens, on the dense and the varlen attention paths, with and without compile; the
+graphs are captured at start (none during serving) and a compiled runner compiles nothing after its start."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_varlen_attention import _prompts, _serve
+from test_varlen_gpu import _model
+
+from glassbox.inference.engine import EngineConfig, LLMEngine
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("attention", ["dense", "auto"])
+@pytest.mark.parametrize("compile", [False, True])
+def test_piecewise_graphs_equal_the_eager_path(attention, compile):
+    from torch._dynamo.utils import counters
+
+    model = _model()
+    prompts = _prompts(200)
+    outs = {}
+    for pieces in (False, True):
+        cfg = EngineConfig(device="cuda", dtype="bfloat16", block_size=4, num_kv_blocks=160,
+                           max_num_batched_tokens=24, max_num_seqs=8, piecewise_graphs=pieces,
+                           compile=compile and pieces)
+        eng = LLMEngine(model, config=cfg)
+        if attention == "dense":
+            eng.runner = eng.runner.replaced(attention="dense")
+        if pieces:
+            assert sorted(eng.runner.piecewise.graphs) == [16, 24]
+            assert all(len(g) == 3 for g in eng.runner.piecewise.graphs.values())   # L + 1 pieces
+        compiled = counters["stats"]["unique_graphs"]
+        outs[pieces] = _serve(eng, prompts, max_tokens=12)
+        assert eng.blocks.prefix_hits > 0
+        if pieces and compile:
+            assert compiled > 0 and counters["stats"]["unique_graphs"] == compiled
+    for a, b in zip(outs[False], outs[True]):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert x.logprob == pytest.approx(y.logprob, abs=0.1)
