@@ -334,12 +334,11 @@ class ModelRunner:
                 self._capture_move(max(b * (t - 1) for b, t in tree_rows.items()))
         self.piecewise: PiecewiseGraphs | None = None
         if piecewise:
-            if self.swiftkv is not None or local_kv_heads(model) != cfg.num_kv_heads:
-                raise GlassboxError("piecewise graphs: SwiftKV models and tensor-parallel shards run their eager "
-                                    "steps without them (other rows above layer l; uncaptured all-reduces); serve "
-                                    "them without piecewise_graphs")
+            if local_kv_heads(model) != cfg.num_kv_heads:
+                raise GlassboxError("piecewise graphs: a tensor-parallel shard's all-reduces are not captured yet; "
+                                    "serve it without piecewise_graphs")
             self.piecewise = PiecewiseGraphs(model, piecewise, capture=cuda_graphs and self.device.type == "cuda",
-                                             compile=compile)
+                                             compile=compile, layers=self.swiftkv.layer if self.swiftkv else None)
         if compile:
             self._compile_eager_structures()
 
@@ -531,7 +530,8 @@ class ModelRunner:
 
     def _run_piecewise(self, inputs: BatchInputs) -> torch.Tensor:
         """A batch through the piecewise graphs: each layer's cache writes and attention run eagerly between the
-        captured pieces, exactly as `paged_attention` does them; logits as `_forward` computes them."""
+        captured pieces, exactly as `paged_attention` does them; logits as `_forward` computes them. A SwiftKV
+        model's pieces stop at layer l, and its bulk KV write and upper layers follow as in `_forward_swiftkv`."""
         mask = group_mask(inputs, self.block_size) if inputs.decode_lens is not None else None
 
         def attention(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -542,6 +542,10 @@ class ModelRunner:
 
         with sdpa_kernel(EAGER_ATTENTION):
             x = self.piecewise.run(inputs.input_ids, inputs.positions, attention)
+            if self.swiftkv is not None:
+                n = x.shape[0]
+                return self._swiftkv_upper(inputs, x, self.piecewise.cos[:n], self.piecewise.sin[:n], mask,
+                                           self._eager_upper)
         if inputs.logit_rows is not None:
             x = x[inputs.logit_rows]
         m = self.model
@@ -578,6 +582,13 @@ class ModelRunner:
         m, path, bs = self.model, self.swiftkv, self.block_size
         for j in range(path.layer):
             x = block(m.layers[j], x, cos, sin, self.k_cache[j], self.v_cache[j], inputs, mask, bs)
+        return self._swiftkv_upper(inputs, x, cos, sin, mask, upper_block)
+
+    def _swiftkv_upper(self, inputs: BatchInputs, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       mask: torch.Tensor | None, upper_block: Callable) -> torch.Tensor:
+        """SwiftKV from h_l = `x`: the bulk KV write of every layer >= l, then those layers over the rows that
+        need logits."""
+        m, path, bs = self.model, self.swiftkv, self.block_size
         path.write_kv(x, cos, sin, inputs.slots, self.k_cache[path.layer:], self.v_cache[path.layer:])
         up = inputs.upper
         if up is None:

@@ -13,9 +13,10 @@ per layer instead of the ~45 eager kernels per layer that bound mixed steps (thi
 graphs). Padding rows (token 0 at position 0) pass through the pieces but never through attention, so they write
 no cache slot; rows do not mix outside attention, so padding cannot reach a real row.
 
-Dense, unsharded models only: MoE routing reads expert counts on the host (no graph can hold it), a SwiftKV model
-runs its upper layers on other rows than its lower ones, and the all-reduces of a tensor-parallel shard are not
-captured yet. Without CUDA (tests) the same pieces run uncaptured on the same padded buffers, which checks the cut
+Dense, unsharded models only: MoE routing reads expert counts on the host (no graph can hold it), and the
+all-reduces of a tensor-parallel shard are not captured yet. For a SwiftKV model the pieces cover layers 0..l-1,
+the part that runs over every prompt token; the bulk KV write and the upper layers, over the few rows that need
+logits, follow eagerly. Without CUDA (tests) the same pieces run uncaptured on the same padded buffers, which checks the cut
 and the padding against the eager path.
 """
 
@@ -80,9 +81,11 @@ def layer_piece(prev: Block, nxt: Block | None, x: torch.Tensor, o: torch.Tensor
 class PiecewiseGraphs:
     """The pieces of one model at padded token counts `sizes`, with the fixed buffers they read and write; on CUDA
     captured as graphs (after a warm-up each), elsewhere run directly. `compile` runs each piece through
-    torch.compile with dynamic shapes first: one compile per piece kind, whatever the sizes."""
+    torch.compile with dynamic shapes first: one compile per piece kind, whatever the sizes. `layers`: how many of
+    the model's layers the pieces cover (all by default; SwiftKV's l)."""
 
-    def __init__(self, model: Transformer, sizes: list[int], capture: bool, compile: bool = False):
+    def __init__(self, model: Transformer, sizes: list[int], capture: bool, compile: bool = False,
+                 layers: int | None = None):
         cfg = model.config
         if cfg.is_moe:
             raise GlassboxError("piecewise graphs: MoE routing reads expert counts on the host, which no graph can "
@@ -90,6 +93,9 @@ class PiecewiseGraphs:
         if not sizes or min(sizes) < 2:
             raise GlassboxError(f"piecewise graphs: token counts must be >= 2, got {sizes}")
         self.model = model
+        self.num_layers = len(model.layers) if layers is None else layers
+        if not 1 <= self.num_layers <= len(model.layers):
+            raise GlassboxError(f"piecewise graphs: layers must be in [1, {len(model.layers)}], got {layers}")
         self.sizes = sorted(set(sizes))
         p = next(model.parameters())
         dev, dt = p.device, p.dtype
@@ -120,7 +126,7 @@ class PiecewiseGraphs:
 
     def _pieces(self, n: int) -> list[Callable[[], None]]:
         """The L + 1 pieces over the first n rows of the buffers, as closures with their arguments bound."""
-        m, L = self.model, len(self.model.layers)
+        m, L = self.model, self.num_layers
         x, o, cos, sin = self.x[:n], self.o[:n], self.cos[:n], self.sin[:n]
         q, k, v = self.q[:n], self.k[:n], self.v[:n]
         pieces = [lambda: self._embed(m, m.layers[0], self.ids[:n], self.positions[:n], x, cos, sin, q, k, v)]
@@ -161,9 +167,9 @@ class PiecewiseGraphs:
         return pool
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, attention: LayerAttention) -> torch.Tensor:
-        """The hidden states after the last layer [n, hidden] (a view of the fixed buffer, valid until the next
-        run) for a step of n = len(ids) <= max(sizes) tokens; `attention` does each layer's cache writes and
-        attention over the real rows."""
+        """The hidden states after the last layer covered [n, hidden] (a view of the fixed buffer, valid until the
+        next run; so are `cos` and `sin`) for a step of n = len(ids) <= max(sizes) tokens; `attention` does each
+        layer's cache writes and attention over the real rows."""
         n = ids.numel()
         size = self.size_for(n)
         if size is None:
@@ -175,7 +181,7 @@ class PiecewiseGraphs:
         self.positions[n:size].zero_()
         graphs = self.graphs.get(size)
         pieces = [g.replay for g in graphs] if graphs else self._pieces(size)
-        L = len(self.model.layers)
+        L = self.num_layers
         for i, piece in enumerate(pieces):
             piece()
             if i < L:

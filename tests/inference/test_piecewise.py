@@ -78,6 +78,22 @@ def test_draft_trees_run_in_pieces():
     assert [o.token_ids for o in outs[True]] == [o.token_ids for o in plain]
 
 
+@pytest.mark.parametrize("group", [1, 2])
+def test_swiftkv_lower_layers_run_in_pieces(group):
+    """The pieces cover layers < l over every row; the bulk KV write and the upper layers follow eagerly."""
+    torch.manual_seed(3)
+    base = Transformer(ModelConfig(vocab_size=200, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
+                                   intermediate_size=128, max_seq_len=128, init_std=0.1)).eval()
+    model = swiftkv_from_base(base, SwiftKVConfig(2, group)).eval()
+    prompts = _prompts(200, lens=(5, 22, 14, 31))
+    eager = _serve(_engine(model, "reference"), prompts)
+    eng = _engine(model, "reference", piecewise_graphs=True)
+    assert eng.runner.piecewise.num_layers == 2
+    runs = _CountingRuns(eng.runner.piecewise)
+    _assert_same(eager, _serve(eng, prompts))
+    assert runs.steps == eng.num_steps
+
+
 def test_steps_past_the_largest_size_run_eagerly():
     model = tiny_transformer()
     prompts = _prompts(200, lens=(40, 33, 26))
@@ -94,9 +110,6 @@ def test_models_the_pieces_cannot_hold_are_refused():
                                   intermediate_size=128, max_seq_len=128, num_experts=4, experts_per_token=2)).eval()
     with pytest.raises(GlassboxError, match="MoE"):
         LLMEngine(moe, config=EngineConfig(num_kv_blocks=64, piecewise_graphs=True))
-    swift = swiftkv_from_base(tiny_transformer(), SwiftKVConfig(1, 1)).eval()
-    with pytest.raises(GlassboxError, match="SwiftKV"):
-        LLMEngine(swift, config=EngineConfig(num_kv_blocks=64, piecewise_graphs=True))
     with pytest.raises(ConfigError, match="piecewise_graphs"):
         EngineConfig(tensor_parallel_size=2, piecewise_graphs=True)
     with pytest.raises(ConfigError, match="piecewise_graphs"):

@@ -10,6 +10,7 @@ from test_varlen_attention import _prompts, _serve
 from test_varlen_gpu import _model
 
 from glassbox.inference.engine import EngineConfig, LLMEngine
+from glassbox.models.transformer import ModelConfig, Transformer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -41,3 +42,21 @@ def test_piecewise_graphs_equal_the_eager_path(attention, compile):
         assert a.token_ids == b.token_ids
         for x, y in zip(a.logprobs, b.logprobs):
             assert x.logprob == pytest.approx(y.logprob, abs=0.1)
+
+
+def test_swiftkv_lower_layers_in_graphs_equal_the_eager_path():
+    from glassbox.models.swiftkv import SwiftKVConfig, swiftkv_from_base
+
+    torch.manual_seed(3)
+    base = Transformer(ModelConfig(vocab_size=200, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                                   intermediate_size=256, max_seq_len=128, init_std=0.1))
+    model = swiftkv_from_base(base, SwiftKVConfig(2, 2)).cuda().to(torch.bfloat16).eval()
+    prompts = _prompts(200, lens=(5, 22, 14, 31))
+    outs = {}
+    for pieces in (False, True):
+        cfg = EngineConfig(device="cuda", dtype="bfloat16", block_size=4, num_kv_blocks=160,
+                           max_num_batched_tokens=24, max_num_seqs=8, piecewise_graphs=pieces)
+        eng = LLMEngine(model, config=cfg)
+        assert not pieces or len(eng.runner.piecewise.graphs[24]) == 3      # layers 0, 1 and their finish
+        outs[pieces] = _serve(eng, prompts, max_tokens=12)
+    assert [o.token_ids for o in outs[False]] == [o.token_ids for o in outs[True]]

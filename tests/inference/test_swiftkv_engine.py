@@ -136,6 +136,7 @@ def test_across_kv_layers_share_one_cache(dirs):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graphs_decode_matches_transformers(dirs, reference):
     """On CUDA the decodes replay captured graphs, through the same SwiftKV path."""
     token_prompts, expected = reference
