@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from glassbox.inference.engine import EngineConfig, LLMEngine
+from glassbox.inference.piecewise import piecewise_sizes
 from glassbox.inference.model_runner import kv_bytes_per_block
 from glassbox.inference.sampling_params import SamplingParams
 from glassbox.models.swiftkv import SwiftKVConfig, SwiftKVTransformer, swiftkv_from_base
@@ -118,21 +119,26 @@ def prefill(models: dict[str, Transformer], args, sizes: dict) -> dict:
                            max_num_batched_tokens=max(lens), max_model_len=max(lens) + 8, max_num_seqs=4,
                            num_kv_blocks=-(-(max(lens) + 16) // 16) * 2)
         engine = LLMEngine(model, config=cfg)
-        row: dict = {}
-        for n in lens:
-            prompt = [rng.randrange(vocab) for _ in range(n)]
-            # FLOPs are counted on the dense attention path, which computes the same: the varlen kernel the
-            # engine times on CUDA takes packed tensors whose sequence lengths are values, which no FLOP formula
-            # (shapes only) can see.
-            engine.runner = engine.runner.replaced(attention="dense")
+        prompts = {n: [rng.randrange(vocab) for _ in range(n)] for n in lens}
+        # FLOPs are counted on the dense attention path, eagerly, which computes the same: the varlen kernel the
+        # engine times on CUDA takes packed tensors whose sequence lengths are values, which no FLOP formula
+        # (shapes only) can see, and a graph replay shows the counter nothing.
+        engine.runner = engine.runner.replaced(attention="dense")
+        flops = {}
+        for n, prompt in prompts.items():
             with FlopCounterMode(display=False, custom_mapping=_sdpa_mapping()) as counter:
                 run_one(engine, prompt)
-            engine.runner = engine.runner.replaced(attention="auto")
+            flops[n] = counter.get_total_flops() / n
+        timed = dict(attention="auto")
+        if args.piecewise:
+            timed.update(cuda_graphs=True, piecewise=piecewise_sizes(max(lens)))
+        engine.runner = engine.runner.replaced(**timed)
+        row: dict = {}
+        for n, prompt in prompts.items():
             run_one(engine, prompt)                         # warm-up at this shape
             times = [run_one(engine, prompt) for _ in range(sizes["repeats"])]
             ttft = statistics.median(times)
-            row[n] = {"flops_per_token": counter.get_total_flops() / n, "ttft_s": ttft,
-                      "prefill_tok_s": n / ttft}
+            row[n] = {"flops_per_token": flops[n], "ttft_s": ttft, "prefill_tok_s": n / ttft}
         out[name] = row
         del engine
         free(args.device)
@@ -154,7 +160,8 @@ def long_prompt(models: dict[str, Transformer], args, sizes: dict) -> dict:
     for name, model in models.items():
         blocks = sum(-(-(len(p) + m) // 16) for _, p, m in reqs) + 16
         cfg = EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=64, max_num_batched_tokens=4096,
-                           max_model_len=longest + hi + 8, num_kv_blocks=blocks, enable_prefix_caching=False)
+                           max_model_len=longest + hi + 8, num_kv_blocks=blocks, enable_prefix_caching=False,
+                           piecewise_graphs=args.piecewise)
         engine = LLMEngine(model, config=cfg)
         run_one(engine, reqs[0][1][:256], 4)                  # warm-up
         pending = list(enumerate(reqs))
@@ -375,7 +382,8 @@ def markdown(result: dict) -> str:
     r = result
     lines = [f"# SwiftKV ({r['machine']}, {r['dtype']})", "",
              f"Prefill model: random-init Llama, {r['prefill_model']['num_layers']} layers, "
-             f"{r['prefill_model']['params'] / 1e6:.0f}M parameters.", "",
+             f"{r['prefill_model']['params'] / 1e6:.0f}M parameters; prompt steps "
+             f"{'as piecewise graphs' if r.get('piecewise_graphs') else 'eager'}.", "",
              "| model | prompt tokens | FLOPs / prompt token (counted) | TTFT ms | prefill tok/s |", "|---|---|---|---|---|"]
     for name, rows in r["prefill"].items():
         for n, row in rows.items():
@@ -419,6 +427,8 @@ def main() -> None:
                          "SmolLM2's MSE starts ~50x the KL term; on the CPU, 30 steps: held-out loss +23.8%% "
                          "over the teacher at 0 vs +26.8%% at 1)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--piecewise", action="store_true",
+                    help="time prefill and the long-prompt load with piecewise graphs (CUDA: prompt steps as graphs)")
     ap.add_argument("--out-name", default=None, help="results file stem (default swiftkv, or swiftkv_cpu on CPU)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -449,7 +459,7 @@ def main() -> None:
     machine = (torch.cuda.get_device_name(args.device) if cuda else
                f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, load average "
                f"{os.getloadavg()[0]:.1f} at the end")
-    result = {"machine": machine, "device": args.device, "dtype": args.dtype,
+    result = {"machine": machine, "device": args.device, "dtype": args.dtype, "piecewise_graphs": args.piecewise,
               "prefill_model": {**shape, "params": ModelConfig(**shape).num_params()},
               "prefill": pre, "long_prompt": lp, "kv_capacity": kv, "quality": q,
               "seconds": time.perf_counter() - t0}
