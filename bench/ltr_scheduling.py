@@ -185,7 +185,7 @@ def serve(engine, requests: list[list[int]], offsets: list[float], max_tokens: i
             "mean_ttft_s": statistics.fmean(ttft) if ttft else None,
             "p90_ttft_s": percentile(ttft, 0.9) if ttft else None,
             "ltr_score_ms_per_request": stats.get("ltr_score_ms_per_request"),
-            "ltr_wait_ms_total": stats.get("ltr_wait_ms_total"),
+            "ltr_score_ms_total": stats.get("ltr_score_ms_total"),
             "promotions": stats.get("policy_promotions")}
 
 

@@ -36,8 +36,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="dense models: torch.compile the decoder layer (decode graphs and eager batches; about 1.7x "
                         "faster decoding on the H100, at minutes of start-up)")
-    p.add_argument("--piecewise-graphs", action="store_true",
-                   help="CUDA: run prompt and mixed steps as graphs cut at attention (dense, unsharded models)")
+    p.add_argument("--no-piecewise-graphs", action="store_true",
+                   help="run prompt and mixed steps eagerly (by default, on CUDA, as graphs cut at attention)")
     p.add_argument("--compile-cache-dir", default=None,
                    help="with --compile: where compiled graphs are kept for the next start of the same model and "
                         "sizes (default: $GLASSBOX_COMPILE_CACHE or ~/.cache/glassbox/compile)")
@@ -102,7 +102,7 @@ def _engine_config(args: argparse.Namespace):
                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, policy=args.policy,
                         enable_prefix_caching=not args.no_prefix_caching, compile=args.compile,
-                        piecewise_graphs=args.piecewise_graphs,
+                        piecewise_graphs=False if args.no_piecewise_graphs else None,
                         compile_cache=not args.no_compile_cache, compile_cache_dir=args.compile_cache_dir,
                         tensor_parallel_size=args.tensor_parallel_size,
                         proposer=args.speculative, num_spec_tokens=num_spec, spec_options=options,

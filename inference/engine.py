@@ -53,7 +53,9 @@ class EngineConfig:
     H100 for a 350M model, 35 s on a 2-core CPU for a 7M one), so it is off by default; dense models only.
     `piecewise_graphs` runs the steps the decode graphs do not take (prompts, prompts beside decodes) as graphs
     captured at padded token counts up to `max_num_batched_tokens`, cut at attention, which runs eagerly between
-    them (glassbox.inference.piecewise); dense, unsharded, non-SwiftKV models. Off until measured on a GPU.
+    them (glassbox.inference.piecewise): on the H200, 1.9x the output rate under load of the eager steps. None
+    (the default) turns them on where they apply (CUDA with cuda_graphs, dense, one rank); True insists (an
+    error where they cannot run; uncaptured on a CPU, which tests use); False turns them off.
     `max_n` caps the samples one request may ask for (n), so that one request cannot occupy the engine for long.
 
     Speculative decoding: `proposer` names a registered proposer (`suffix`, or `none`), `spec_options` its own
@@ -82,7 +84,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     cuda_graphs: bool = True
-    piecewise_graphs: bool = False
+    piecewise_graphs: bool | None = None
     compile: bool = False
     compile_cache: bool = True
     compile_cache_dir: str | None = None
@@ -128,8 +130,9 @@ class EngineConfig:
             raise bad("gpu_memory_utilization", "a fraction in (0, 1]")
         if not _is_real(self.cpu_kv_cache_gb) or self.cpu_kv_cache_gb <= 0:
             raise bad("cpu_kv_cache_gb", "a positive number")
-        for name in ("enable_prefix_caching", "enable_chunked_prefill", "cuda_graphs", "piecewise_graphs", "compile",
-                     "compile_cache"):
+        if self.piecewise_graphs is not None and not isinstance(self.piecewise_graphs, bool):
+            raise bad("piecewise_graphs", "true, false or None (on where they apply)")
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "cuda_graphs", "compile", "compile_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
         for name, known in (("policy", POLICIES), ("proposer", PROPOSERS), ("dtype", DTYPES)):
@@ -331,8 +334,7 @@ class LLMEngine:
             # CUDA graphs stay off under tensor parallelism until capturing the all-reduces is measured.
             self.runner = ModelRunner(model, num_blocks, cfg.block_size, self.max_model_len, cfg.max_num_seqs,
                                       cfg.cuda_graphs and self.tp is None, cfg.compile, self._verification_rows(),
-                                      piecewise=piecewise_sizes(cfg.max_num_batched_tokens)
-                                      if cfg.piecewise_graphs else None)
+                                      piecewise=self._piecewise_sizes())
         if self.tp is not None and self.tp.rank == 0:
             self.runner = LeaderRunner(self.runner, self.tp)
         self.sampler = Sampler(cfg.seed)
@@ -341,6 +343,15 @@ class LLMEngine:
         self.num_failed_requests = 0
         self.spec = SpecCounters()
         self.extensions: list[EngineExtension] = []
+
+    def _piecewise_sizes(self) -> list[int] | None:
+        """The token counts of the piecewise graphs, or None without them (see EngineConfig.piecewise_graphs)."""
+        cfg = self.config
+        wanted = cfg.piecewise_graphs
+        if wanted is None:
+            wanted = (torch.device(cfg.device).type == "cuda" and cfg.cuda_graphs and self.tp is None
+                      and not self.model.config.is_moe)
+        return piecewise_sizes(cfg.max_num_batched_tokens) if wanted else None
 
     def _verification_rows(self) -> dict[int, int]:
         """Rows per sequence of the verification graph at each decode-graph size: the last token plus the most

@@ -116,6 +116,8 @@ class Policy:
     (`starvation_steps` None) unless a subclass or the options turn it on."""
 
     name = "base"
+    # The most sequences the scheduler running this policy admits at once (it sets this); None: unknown.
+    max_num_seqs: int | None = None
 
     def __init__(self, starvation_steps: int | None = None, promote_steps: int = DEFAULT_PROMOTE_STEPS):
         self.guard = StarvationGuard(starvation_steps, promote_steps)

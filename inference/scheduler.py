@@ -95,6 +95,7 @@ class Scheduler:
     ):
         self.blocks = blocks
         self.policy = policy
+        policy.max_num_seqs = max_num_seqs
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill

@@ -185,7 +185,7 @@ def test_collect_train_eval_then_serve_with_the_ranker(llama_dir, tmp_path):
                 "score_ms_per_prompt"):
         assert key in result
 
-    # Served with the ranker: prompts are scored on the scorer's thread, and requests are served.
+    # Served with the ranker: five requests for two slots contend, so all are scored (one batch) and served.
     engine = LLMEngine.from_model_dir(llama_dir, EngineConfig(policy="ltr", max_num_seqs=2,
                                                               policy_options={"ranker": str(run / "ranker")}))
     for e in examples[:5]:

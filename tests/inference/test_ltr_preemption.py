@@ -175,3 +175,54 @@ def test_oracle_sjf_beats_fcfs_in_mean_latency_with_the_same_outputs(model):
         assert latency < 0.8 * fcfs, (mode, latency, fcfs)
     assert results["never"][2].num_preemptions == 0
     assert 0 < results["remaining"][2].num_rank_preemptions <= results["always"][2].num_rank_preemptions
+
+
+class _CostlyLengths(LengthScorer):
+    """The oracle's lengths, scored as a ranker is (not on arrival), recording each batch it is asked for."""
+
+    inline = False
+
+    def __init__(self, fn):
+        super().__init__(fn)
+        self.batches: list[int] = []
+
+    def score(self, prompts):
+        self.batches.append(len(prompts))
+        return super().score(prompts)
+
+
+def test_a_ranker_scores_only_where_the_order_decides_and_in_one_batch():
+    lengths: dict[tuple[int, ...], int] = {}
+    scorer = _CostlyLengths(lambda p: lengths[tuple(p)])
+    policy = LTRPolicy(scorer, starvation_steps=None)
+    sched = Scheduler(BlockManager(64, 4), policy, max_num_seqs=2, max_num_batched_tokens=64)
+    assert policy.max_num_seqs == 2
+
+    def add(name: str, length: int) -> Sequence:
+        prompt = [len(lengths) + 1, 2, 3]
+        lengths[tuple(prompt)] = length
+        seq = Sequence(name, prompt, SamplingParams(temperature=0))
+        sched.add(seq)
+        return seq
+
+    def step():
+        out = sched.schedule()
+        for s in out.scheduled:
+            s.seq.verified([7]) if s.samples else s.seq.computed(s.num_tokens)
+        return out
+
+    # Below capacity: admitted at once, as FCFS would, and nothing is scored.
+    a = add("a", 30)
+    out = step()
+    assert [s.seq for s in out.scheduled] == [a] and scorer.batches == []
+    # Three arrivals for one free slot: every unscored candidate (the running one too) is scored in one batch,
+    # and the shortest takes the slot.
+    add("b", 20)
+    c = add("c", 2)
+    add("d", 9)
+    out = step()
+    assert scorer.batches == [4] and policy.num_scored == 4
+    assert c in [s.seq for s in out.scheduled] and policy.stats()["ltr_score_ms_total"] > 0
+    # Scored once: later steps rank from the stored scores.
+    step()
+    assert scorer.batches == [4]

@@ -105,6 +105,12 @@ def test_steps_past_the_largest_size_run_eagerly():
     assert 0 < runs.steps < eng.num_steps and runs.largest <= 16
 
 
+def test_by_default_pieces_run_only_where_they_are_captured():
+    """None (the default) means on with CUDA graphs, dense, one rank: on a CPU the eager path runs."""
+    assert EngineConfig().piecewise_graphs is None
+    assert LLMEngine(tiny_transformer(), config=EngineConfig(num_kv_blocks=64)).runner.piecewise is None
+
+
 def test_models_the_pieces_cannot_hold_are_refused():
     moe = Transformer(ModelConfig(vocab_size=200, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                                   intermediate_size=128, max_seq_len=128, num_experts=4, experts_per_token=2)).eval()

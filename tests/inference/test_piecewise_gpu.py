@@ -60,3 +60,12 @@ def test_swiftkv_lower_layers_in_graphs_equal_the_eager_path():
         assert not pieces or len(eng.runner.piecewise.graphs[24]) == 3      # layers 0, 1 and their finish
         outs[pieces] = _serve(eng, prompts, max_tokens=12)
     assert [o.token_ids for o in outs[False]] == [o.token_ids for o in outs[True]]
+
+
+def test_pieces_are_on_by_default_for_dense_models_only():
+    cfg = dict(device="cuda", dtype="bfloat16", block_size=4, num_kv_blocks=160, max_num_batched_tokens=24)
+    assert LLMEngine(_model(), config=EngineConfig(**cfg)).runner.piecewise is not None
+    assert LLMEngine(_model(), config=EngineConfig(**cfg, cuda_graphs=False)).runner.piecewise is None
+    moe = Transformer(ModelConfig(vocab_size=200, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                                  intermediate_size=256, max_seq_len=128, num_experts=4)).cuda().to(torch.bfloat16)
+    assert LLMEngine(moe.eval(), config=EngineConfig(**cfg)).runner.piecewise is None
