@@ -162,7 +162,7 @@ class PolluxAgent(Callback):
         self.nodes = nodes_of_world(world.world_size)
         self.plan.dp_size = world.dp_size
         self.meter = GradientNoiseMeter(trainer.state.model, trainer.state.optimizer, world.dp_group, world.dp_size,
-                                        self.cfg.precondition_every, pair_steps=not self.cfg.measure_every)
+                                        self.cfg.precondition_every, consecutive_steps=not self.cfg.measure_every)
 
     def on_train_start(self, state) -> None:
         self._started_at = state.step

@@ -7,9 +7,12 @@ estimates of both terms,
     tr(Sigma) = (|g_small|^2 - |g_big|^2) / (1 / B_small - 1 / B_big).
 A step of several micro-batches per rank already has both: each rank's gradient accumulated over its first k
 micro-batches (k * m samples; the trainer's `GradientStats.local_tensor_sq_norms`, taken before the reduction, one
-fused norm kernel per micro-batch), and the all-reduced gradient of the whole global batch. A step of one
-micro-batch per rank is paired with the step before it (two batches of B and their mean, a batch of 2B), which
-costs one kept copy of the gradient and no extra forward/backward. Nothing hooks the backward per parameter
+fused norm kernel per micro-batch), and the all-reduced gradient of the whole global batch. Steps of one
+micro-batch per rank are taken three at a time, consecutive and of one batch size B: the noise of independent
+batches makes the second difference D = g_1 - 2 g_2 + g_3 have E|D|^2 = 6 tr(Sigma) / B, while the weights' motion
+between the steps cancels to first order (a difference of two consecutive steps would carry B |G_2 - G_1|^2 / 2
+into tr(Sigma): on the H200 that read the noise scale 2.2x high, and Pollux grew the batch 4x too far). It costs
+one kept buffer of the gradient's size and no extra forward/backward. Nothing hooks the backward per parameter
 (AdaptDL's hooks made backward 2.6x slower, its issue #120), and nothing waits for the device: the overhead is a
 few fused norm kernels per step and, with several ranks, a small all-reduce (bench/pollux_gns.py measures it).
 
@@ -137,14 +140,13 @@ class GradientNoiseMeter:
     Two sources of a second batch size, neither an extra forward/backward:
     - a step of several micro-batches per rank: each rank's gradient after its first k micro-batches (k * m
       samples) against the reduced gradient of the global batch B;
-    - steps of one micro-batch per rank (`pair_steps`): the reduced gradients of two consecutive steps of the
-      same batch B, each a batch of B, and their mean, a batch of 2B; steps pair up without overlapping (1-2,
-      3-4, ...), so each pair is an independent estimate and a step's gradient is copied or combined, not both.
-      The weights moved by one optimizer step between the two, which adds B |G_t - G_{t-1}|^2 / 2 to the trace
-      estimate: small while one step changes the true gradient by less than the per-step gradient noise
-      (bench/pollux_gns.py compares the running estimate with a direct one). It keeps one copy of the gradient
-      (the local shard under FSDP2) between the two steps of a pair: a pass over the gradient's memory to copy
-      it, two to combine, which a GPU does in well under a millisecond for 100M parameters.
+    - steps of one micro-batch per rank (`consecutive_steps`): the reduced gradients of three consecutive steps of
+      one batch B (1-2-3, 4-5-6, ..., not overlapping, so each triple is an independent estimate), whose mean
+      squared norm is |G|^2 + tr(Sigma) / B and whose second difference D = g_1 - 2 g_2 + g_3 has
+      E|D|^2 = 6 tr(Sigma) / B plus only the change of the weights' drift (the drift itself cancels). As a
+      Measurement: |g_B|^2 = that mean at B, and |G|^2 + tr(Sigma) / 2B = mean - |D|^2 / 12 at 2B. One buffer
+      (the local shard under FSDP2) accumulates D in place: a pass over the gradient's memory to copy, then one
+      per later step, which a GPU does in well under a millisecond for 100M parameters.
     Splitting a single micro-batch in two instead (measure_every) needs no copy but costs a second pass per
     measured step, which on a GPU, where a small model's pass is mostly fixed cost, nearly doubles that step.
 
@@ -154,22 +156,23 @@ class GradientNoiseMeter:
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dp_group, dp_size: int,
-                 refresh_every: int = 10, pair_steps: bool = True):
+                 refresh_every: int = 10, consecutive_steps: bool = True):
         self.model = model
         self.optimizer = optimizer
         self.dp_group = dp_group
         self.dp_size = dp_size
         self.refresh_every = refresh_every
-        self.pair_steps = pair_steps
+        self.consecutive_steps = consecutive_steps
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.sharded = [_is_sharded(p) for p in self.params]
         self._weights: torch.Tensor | None = None
         self._weights_step = -1
         self._constants: dict[str, torch.Tensor] = {}
-        # The previous single-micro-batch step's reduced gradient, its per-tensor squared norms, step and batch.
-        self._prev_grads: list[torch.Tensor] | None = None
-        self._prev_norms: torch.Tensor | None = None
-        self._prev_step: tuple[int, int] | None = None
+        # The triple of single-micro-batch steps being measured: D accumulated so far (g_1, then g_1 - 2 g_2), the
+        # sum of its steps' per-tensor squared norms, and (first step, batch, steps so far).
+        self._diff: list[torch.Tensor] | None = None
+        self._norm_sum: torch.Tensor | None = None
+        self._run: tuple[int, int, int] | None = None
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.dp_size > 1:
@@ -232,7 +235,7 @@ class GradientNoiseMeter:
         """The step's pairs, preconditioned; None without a pair (or before Adam's first step)."""
         grads = [_local(p.grad) for p in self.params]
         if local_tensor_sq_norms:
-            self._prev_step = None      # a step of several micro-batches: no consecutive-step pair across it
+            self._run = None            # a step of several micro-batches: no consecutive triple across it
             weights = self.preconditioner(step)
             if weights is None:
                 return None
@@ -244,24 +247,29 @@ class GradientNoiseMeter:
             small = self._all_reduce(small) / self.dp_size
             return Measurement(torch.cat([small, (weights * big).sum().reshape(1)]),
                                [k * micro_batch for k in range(1, n)], global_batch)
-        if not self.pair_steps:
+        if not self.consecutive_steps:
             return None
-        big = self._full_sq_norms(grads)
-        if self._prev_step == (step - 1, global_batch):
+        norms = self._full_sq_norms(grads)
+        run = self._run
+        if run is not None and run[0] + run[2] == step and run[1] == global_batch:
+            if run[2] == 1:                                   # the second step: D = g_1 - 2 g_2
+                torch._foreach_add_(self._diff, grads, alpha=-2.0)
+                self._norm_sum = self._norm_sum + norms
+                self._run = (run[0], run[1], 2)
+                return None
             weights = self.preconditioner(step)
-            if weights is not None:
-                torch._foreach_add_(self._prev_grads, grads)      # g_{t-1} + g_t, in the kept copy's memory
-                both = self._full_sq_norms(self._prev_grads)
-                small = (weights * (big + self._prev_norms)).sum() / 2      # the mean |g_B|^2 of the two steps
-                mean = (weights * both).sum() / 4                           # |(g_{t-1} + g_t) / 2|^2, batch 2B
-                self._prev_step = None      # pairs do not overlap: the next step starts the next pair
-                return Measurement(torch.stack([small, mean]), [global_batch], 2 * global_batch)
-        # This step opens a pair: its gradient is kept (the optimizer and zero_grad are about to consume it).
-        if self._prev_grads is None:
-            self._prev_grads = [g.detach().clone() for g in grads]
+            if weights is not None:                           # the third: D = g_1 - 2 g_2 + g_3
+                torch._foreach_add_(self._diff, grads)
+                second = (weights * self._full_sq_norms(self._diff)).sum()
+                mean = (weights * (self._norm_sum + norms)).sum() / 3
+                self._run = None      # triples do not overlap: the next step starts the next one
+                return Measurement(torch.stack([mean, mean - second / 12]), [global_batch], 2 * global_batch)
+        # This step opens a triple: its gradient is kept (the optimizer and zero_grad are about to consume it).
+        if self._diff is None:
+            self._diff = [g.detach().clone() for g in grads]
         else:
-            torch._foreach_copy_(self._prev_grads, grads)
-        self._prev_norms, self._prev_step = big, (step, global_batch)
+            torch._foreach_copy_(self._diff, grads)
+        self._norm_sum, self._run = norms, (step, global_batch, 1)
         return None
 
 

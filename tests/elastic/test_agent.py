@@ -160,7 +160,7 @@ def count_host_reads(agent: PolluxAgent, hooks: tuple[str, ...]) -> dict[str, li
 
 
 def test_agent_reads_nothing_while_a_step_is_queued_and_decides_every_n_steps(prepared_data, tmp_path):
-    # One micro-batch per step: the noise scale comes from consecutive-step pairs, no step is split, and the
+    # One micro-batch per step: the noise scale comes from consecutive-step triples, no step is split, and the
     # hooks that run while a step is being queued (the device busy with the one before) read no device value:
     # on a GPU every read there stalls the queue (a float() of fused AdamW's step count per parameter did).
     elastic = ElasticConfig(decide_every=5, warmup_steps=5, max_micro_batch=32, max_batch=32, precondition_every=3,
@@ -177,14 +177,16 @@ def test_agent_reads_nothing_while_a_step_is_queued_and_decides_every_n_steps(pr
     rows = read_metrics(tmp_path / "run")
     steps = [r for r in rows if "loss" in r]
     assert all(r["micro_batch_size"] == r["batch_size"] for r in steps)     # nothing split to measure
-    # Consecutive steps of one batch size pair up, without overlapping, from step 1 on.
-    pairs, opened = 0, None
+    # Consecutive steps of one batch size make triples, without overlapping, from step 1 on.
+    triples, run = 0, None
     for r in steps:
-        if opened == (r["step"] - 1, r["batch_size"]):
-            pairs, opened = pairs + 1, None
+        if run is not None and run[0] + run[2] == r["step"] and run[1] == r["batch_size"]:
+            run = (run[0], run[1], run[2] + 1)
+            if run[2] == 3:
+                triples, run = triples + 1, None
         else:
-            opened = (r["step"], r["batch_size"])
-    assert agent.ema.count == pairs >= 8
+            run = (r["step"], r["batch_size"], 1)
+    assert agent.ema.count == triples >= 5
     assert [r["step"] for r in rows if r.get("event") == "pollux"] == [5, 10, 15, 20]
 
 

@@ -95,11 +95,11 @@ def test_meter_measures_the_preconditioned_noise_scale_of_a_real_accumulated_ste
     assert ema.noise_scale == pytest.approx(truth, rel=0.15)
 
 
-def test_consecutive_single_micro_batch_steps_pair_into_the_noise_scale():
+def test_consecutive_single_micro_batch_steps_make_the_noise_scale():
     model, opt, meter, sample, truth = linear_problem()
     ema = NoiseScaleEMA(init_batch=16, smoothing=0.995)
     batch, measured = 16, 0
-    for step in range(2, 402):
+    for step in range(2, 602):
         model(*sample(batch)).backward()
         measurement = meter.measure(step, [], batch, batch)
         if measurement is not None:
@@ -107,7 +107,39 @@ def test_consecutive_single_micro_batch_steps_pair_into_the_noise_scale():
             ema.update(*estimate_from_pairs(measurement.pairs(measurement.values.tolist())), batch=batch)
             measured += 1
         opt.zero_grad()
-    assert measured == 200                      # steps pair up without overlapping: 2-3, 4-5, ..., 400-401
+    assert measured == 200                      # triples without overlap: 2-3-4, 5-6-7, ..., 599-600-601
+    assert ema.noise_scale == pytest.approx(truth, rel=0.15)
+
+
+def test_the_weights_moving_between_steps_does_not_inflate_the_noise_scale():
+    """The mean gradient turns a little every step (as training moves the weights): a difference of two
+    consecutive steps would read that motion as noise and double the noise scale; the second difference of three
+    cancels it."""
+    model, opt, meter, sample, truth = linear_problem()
+    wa, wb = meter.preconditioner(1).tolist()
+    sa, sb, ga, gb, r, batch = 0.5, 0.1, 0.2, 1.0, 5.0, 16
+    trace = wa * 16 * sa**2 + wb * 4 * sb**2
+    theta = math.sqrt(2 * trace / (batch * wa)) / r   # a pair's drift term B |dG|^2 / 2 equals tr(Sigma)
+    truth = trace / (wa * (14 * ga**2 + r**2) + wb * 4 * gb**2)
+    gen = torch.Generator().manual_seed(2)
+    ema = NoiseScaleEMA(init_batch=16, smoothing=0.995)
+    grads, pair_traces = [], []
+    for step in range(2, 902):
+        mean_a = torch.full((16,), ga)
+        mean_a[0], mean_a[1] = r * math.cos(theta * step), r * math.sin(theta * step)
+        x = mean_a + sa * torch.randn(batch, 16, generator=gen)
+        y = gb + sb * torch.randn(batch, 4, generator=gen)
+        model(x, y).backward()
+        grads.append((model.a.grad.clone(), model.b.grad.clone()))
+        measurement = meter.measure(step, [], batch, batch)
+        if measurement is not None:
+            ema.update(*estimate_from_pairs(measurement.pairs(measurement.values.tolist())), batch=batch)
+        opt.zero_grad()
+    for (a1, b1), (a2, b2) in zip(grads[::2], grads[1::2]):     # what pairs of consecutive steps would say
+        small = (wa * (a1.square().sum() + a2.square().sum()) + wb * (b1.square().sum() + b2.square().sum())) / 2
+        mean = wa * ((a1 + a2) / 2).square().sum() + wb * ((b1 + b2) / 2).square().sum()
+        pair_traces.append(two_batch_estimates(batch, float(small), 2 * batch, float(mean))[1])
+    assert sum(pair_traces) / len(pair_traces) > 1.7 * trace
     assert ema.noise_scale == pytest.approx(truth, rel=0.15)
 
 
@@ -115,13 +147,15 @@ def test_meter_waits_for_adam_and_for_two_batch_sizes():
     model = Linear()
     opt = torch.optim.AdamW(model.parameters())
     meter = GradientNoiseMeter(model, opt, None, 1)
-    splitting = GradientNoiseMeter(model, opt, None, 1, pair_steps=False)
+    splitting = GradientNoiseMeter(model, opt, None, 1, consecutive_steps=False)
     model(torch.ones(2, 16), torch.ones(2, 4)).backward()
     assert meter.measure(1, [local_grad_sq_norms(model)], 1, 2) is None    # no second moment yet
     opt.step()
-    assert meter.measure(2, [], 2, 2) is None                              # one micro-batch, no step before it
-    assert meter.measure(3, [], 2, 2) is not None                          # ... paired with step 2
-    assert meter.measure(4, [], 2, 2) is None                              # opens the next pair
-    assert meter.measure(6, [], 2, 2) is None                              # not consecutive: opens another
-    assert meter.measure(7, [], 4, 4) is None                              # another batch size
+    assert meter.measure(2, [], 2, 2) is None                              # one micro-batch: opens a triple
+    assert meter.measure(3, [], 2, 2) is None                              # its second step
+    assert meter.measure(4, [], 2, 2) is not None                          # ... and its third
+    assert meter.measure(5, [], 2, 2) is None                              # opens the next
+    assert meter.measure(7, [], 2, 2) is None                              # not consecutive: opens another
+    assert meter.measure(8, [], 4, 4) is None                              # another batch size: another
+    assert meter.measure(9, [], 4, 4) is None and meter.measure(10, [], 4, 4) is not None
     assert splitting.measure(3, [], 2, 2) is None and splitting.measure(4, [], 2, 2) is None
