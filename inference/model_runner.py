@@ -333,12 +333,20 @@ class ModelRunner:
             if tree_rows:
                 self._capture_move(max(b * (t - 1) for b, t in tree_rows.items()))
         self.piecewise: PiecewiseGraphs | None = None
+        self.upper_pieces: PiecewiseGraphs | None = None     # SwiftKV's layers >= l over the sampling rows
         if piecewise:
             if local_kv_heads(model) != cfg.num_kv_heads:
                 raise GlassboxError("piecewise graphs: a tensor-parallel shard's all-reduces are not captured yet; "
                                     "serve it without piecewise_graphs")
-            self.piecewise = PiecewiseGraphs(model, piecewise, capture=cuda_graphs and self.device.type == "cuda",
-                                             compile=compile, layers=self.swiftkv.layer if self.swiftkv else None)
+            capture = cuda_graphs and self.device.type == "cuda"
+            if self.swiftkv is None:
+                self.piecewise = PiecewiseGraphs(model, piecewise, capture, compile)
+            else:
+                l, L = self.swiftkv.layer, cfg.num_layers
+                self.piecewise = PiecewiseGraphs(model, piecewise, capture, compile, layers=(0, l))
+                if l < L:     # the rows that sample, as many as the decode graphs take
+                    self.upper_pieces = PiecewiseGraphs(model, graph_batch_sizes(max_num_seqs), capture, compile,
+                                                        layers=(l, L), q_projs=self.swiftkv.q_proj)
         if compile:
             self._compile_eager_structures()
 
@@ -347,7 +355,7 @@ class ModelRunner:
         paths inside one engine: `engine.runner = engine.runner.replaced(attention="dense")`). This runner's KV
         pool and graphs are released first, so both never hold memory together; what its cache held is lost."""
         self.k_cache, self.v_cache = [], []
-        self.graphs, self.tree_graphs, self._move, self.piecewise = {}, {}, None, None
+        self.graphs, self.tree_graphs, self._move, self.piecewise, self.upper_pieces = {}, {}, None, None, None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return ModelRunner(**{**self._args, **changes})
@@ -598,6 +606,13 @@ class ModelRunner:
                 return torch.empty(0, m.config.vocab_size, device=x.device)
             x, cos, sin = x[inputs.upper_rows], cos[inputs.upper_rows], sin[inputs.upper_rows]
             up_mask = group_mask(up, bs) if up.decode_lens is not None else None
+        pieces = self.upper_pieces
+        if pieces is not None and pieces.size_for(x.shape[0]) is not None:
+            def attention(j: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                c = self.cache_of_layer[j]
+                return attend(q, None, None, self.k_cache[c], self.v_cache[c], up, up_mask, bs)
+
+            return m.lm_head(m.norm(pieces.run_hidden(x, cos, sin, attention))).float()
         for j in range(path.layer, m.config.num_layers):
             c = self.cache_of_layer[j]
             x = upper_block(m.layers[j], path.q_proj[j], x, cos, sin, self.k_cache[c], self.v_cache[c], up, up_mask,

@@ -14,9 +14,10 @@ graphs). Padding rows (token 0 at position 0) pass through the pieces but never 
 no cache slot; rows do not mix outside attention, so padding cannot reach a real row.
 
 Dense, unsharded models only: MoE routing reads expert counts on the host (no graph can hold it), and the
-all-reduces of a tensor-parallel shard are not captured yet. For a SwiftKV model the pieces cover layers 0..l-1,
-the part that runs over every prompt token; the bulk KV write and the upper layers, over the few rows that need
-logits, follow eagerly. Without CUDA (tests) the same pieces run uncaptured on the same padded buffers, which checks the cut
+all-reduces of a tensor-parallel shard are not captured yet. A SwiftKV model gets two sets: layers 0..l-1 over
+every token of the step, from the embeddings, and layers l..L-1 over the few rows that need logits, from h_l and
+with the SwiftKV query projections only (their keys and values are in the cache already, written in bulk),
+captured at the decode graphs' row counts. Without CUDA (tests) the same pieces run uncaptured on the same padded buffers, which checks the cut
 and the padding against the eager path.
 """
 
@@ -26,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 import torch.fx.experimental._config
+from torch import nn
 from tqdm.auto import tqdm
 
 from glassbox.errors import GlassboxError
@@ -44,13 +46,17 @@ def piecewise_sizes(max_tokens: int, smallest: int = 16) -> list[int]:
     return sizes + [max_tokens]
 
 
-def qkv_into(layer: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q: torch.Tensor,
-             k: torch.Tensor, v: torch.Tensor) -> None:
-    """Layer's input norm, Q/K/V projections and rotary over rows x, into the buffers q, k, v."""
+def qkv_into(layer: Block, q_proj: nn.Linear | None, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Layer's input norm, Q/K/V projections and rotary over rows x, into the buffers q, k, v; with `q_proj`
+    (SwiftKV's upper layers) only the queries, through it."""
     attn = layer.self_attn
     h = layer.input_layernorm(x)
     N, hd = x.shape[0], attn.head_dim
     cos, sin = cos[:, None, :], sin[:, None, :]
+    if q_proj is not None:
+        q.copy_(apply_rotary(q_proj(h).view(N, -1, hd), cos, sin))
+        return
     q.copy_(apply_rotary(attn.q_proj(h).view(N, -1, hd), cos, sin))
     k.copy_(apply_rotary(attn.k_proj(h).view(N, -1, hd), cos, sin))
     v.copy_(attn.v_proj(h).view(N, -1, hd))
@@ -64,38 +70,48 @@ def embed_piece(model: Transformer, first: Block, ids: torch.Tensor, positions: 
     x.copy_(h)
     cos.copy_(c)
     sin.copy_(s)
-    qkv_into(first, h, c, s, q, k, v)
+    qkv_into(first, None, h, c, s, q, k, v)
 
 
-def layer_piece(prev: Block, nxt: Block | None, x: torch.Tensor, o: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def entry_piece(first: Block, q_proj: nn.Linear | None, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Piece 0 of a stack that starts mid-model (SwiftKV's upper layers): the first layer's queries from x."""
+    qkv_into(first, q_proj, x, cos, sin, q, k, v)
+
+
+def layer_piece(prev: Block, nxt: Block | None, q_proj: nn.Linear | None, x: torch.Tensor, o: torch.Tensor,
+                cos: torch.Tensor, sin: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Piece i: layer i-1 after its attention (output projection of `o`, residual, MLP, residual) into x; then
     layer i's queries, keys and values (none after the last layer). The residual structure is Block.forward's."""
     h = x + prev.self_attn.o_proj(o.flatten(1))
     h = h + prev.mlp(prev.post_attention_layernorm(h))
     x.copy_(h)
     if nxt is not None:
-        qkv_into(nxt, h, cos, sin, q, k, v)
+        qkv_into(nxt, q_proj, h, cos, sin, q, k, v)
 
 
 class PiecewiseGraphs:
     """The pieces of one model at padded token counts `sizes`, with the fixed buffers they read and write; on CUDA
     captured as graphs (after a warm-up each), elsewhere run directly. `compile` runs each piece through
-    torch.compile with dynamic shapes first: one compile per piece kind, whatever the sizes. `layers`: how many of
-    the model's layers the pieces cover (all by default; SwiftKV's l)."""
+    torch.compile with dynamic shapes first: one compile per piece kind, whatever the sizes. `layers`: the
+    model's layers [first, stop) the pieces cover (all by default); a stack from a later first layer starts from
+    hidden states (`run_hidden`), not tokens, and with `q_projs` (layer -> query projection) computes queries
+    only, through those projections."""
 
     def __init__(self, model: Transformer, sizes: list[int], capture: bool, compile: bool = False,
-                 layers: int | None = None):
+                 layers: tuple[int, int] | None = None, q_projs: dict[int, nn.Linear] | None = None):
         cfg = model.config
         if cfg.is_moe:
             raise GlassboxError("piecewise graphs: MoE routing reads expert counts on the host, which no graph can "
                                 "hold; serve MoE models without piecewise_graphs")
-        if not sizes or min(sizes) < 2:
-            raise GlassboxError(f"piecewise graphs: token counts must be >= 2, got {sizes}")
+        if not sizes or min(sizes) < 1:
+            raise GlassboxError(f"piecewise graphs: token counts must be >= 1, got {sizes}")
         self.model = model
-        self.num_layers = len(model.layers) if layers is None else layers
-        if not 1 <= self.num_layers <= len(model.layers):
-            raise GlassboxError(f"piecewise graphs: layers must be in [1, {len(model.layers)}], got {layers}")
+        self.first, self.stop = layers or (0, len(model.layers))
+        if not 0 <= self.first < self.stop <= len(model.layers):
+            raise GlassboxError(f"piecewise graphs: layers must be a range within [0, {len(model.layers)}), got "
+                                f"{layers}")
+        self.q_projs = q_projs or {}
         self.sizes = sorted(set(sizes))
         p = next(model.parameters())
         dev, dt = p.device, p.dtype
@@ -112,9 +128,11 @@ class PiecewiseGraphs:
         self.v = torch.zeros(N, kv_heads, hd, dtype=dt, device=dev)
         self.o = torch.zeros(N, heads, hd, dtype=dt, device=dev)
         self._embed: Callable = embed_piece
+        self._entry: Callable = entry_piece
         self._layer: Callable = layer_piece
         if compile:
             self._embed = torch.compile(embed_piece, dynamic=True)
+            self._entry = torch.compile(entry_piece, dynamic=True)
             self._layer = torch.compile(layer_piece, dynamic=True)
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         if capture:
@@ -125,14 +143,19 @@ class PiecewiseGraphs:
         return next((s for s in self.sizes if s >= n), None)
 
     def _pieces(self, n: int) -> list[Callable[[], None]]:
-        """The L + 1 pieces over the first n rows of the buffers, as closures with their arguments bound."""
-        m, L = self.model, self.num_layers
+        """The pieces over the first n rows of the buffers (one per layer covered, plus one), as closures with their
+        arguments bound."""
+        m, a, b, qp = self.model, self.first, self.stop, self.q_projs
         x, o, cos, sin = self.x[:n], self.o[:n], self.cos[:n], self.sin[:n]
         q, k, v = self.q[:n], self.k[:n], self.v[:n]
-        pieces = [lambda: self._embed(m, m.layers[0], self.ids[:n], self.positions[:n], x, cos, sin, q, k, v)]
-        for i in range(1, L + 1):
-            nxt = m.layers[i] if i < L else None
-            pieces.append(lambda prev=m.layers[i - 1], nxt=nxt: self._layer(prev, nxt, x, o, cos, sin, q, k, v))
+        if a == 0:
+            pieces = [lambda: self._embed(m, m.layers[0], self.ids[:n], self.positions[:n], x, cos, sin, q, k, v)]
+        else:
+            pieces = [lambda: self._entry(m.layers[a], qp.get(a), x, cos, sin, q, k, v)]
+        for i in range(a + 1, b + 1):
+            nxt = m.layers[i] if i < b else None
+            pieces.append(lambda prev=m.layers[i - 1], nxt=nxt, proj=qp.get(i):
+                          self._layer(prev, nxt, proj, x, o, cos, sin, q, k, v))
         return pieces
 
     @torch.inference_mode()
@@ -170,20 +193,40 @@ class PiecewiseGraphs:
         """The hidden states after the last layer covered [n, hidden] (a view of the fixed buffer, valid until the
         next run; so are `cos` and `sin`) for a step of n = len(ids) <= max(sizes) tokens; `attention` does each
         layer's cache writes and attention over the real rows."""
+        if self.first != 0:
+            raise GlassboxError("piecewise graphs: a stack that starts mid-model runs from hidden states (run_hidden)")
         n = ids.numel()
-        size = self.size_for(n)
-        if size is None:
-            raise GlassboxError(f"piecewise graphs: a step of {n} tokens exceeds the largest size "
-                                f"({self.sizes[-1]})")
+        size = self._size(n)
         self.ids[:n].copy_(ids)
         self.positions[:n].copy_(positions)
         self.ids[n:size].zero_()
         self.positions[n:size].zero_()
+        return self._replay(n, size, attention)
+
+    def run_hidden(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   attention: LayerAttention) -> torch.Tensor:
+        """As `run`, for a stack from a later layer: from hidden states x [n, hidden] and their rotary tables."""
+        n = x.shape[0]
+        size = self._size(n)
+        self.x[:n].copy_(x)
+        self.cos[:n].copy_(cos)
+        self.sin[:n].copy_(sin)
+        return self._replay(n, size, attention)
+
+    def _size(self, n: int) -> int:
+        size = self.size_for(n)
+        if size is None:
+            raise GlassboxError(f"piecewise graphs: a step of {n} tokens exceeds the largest size "
+                                f"({self.sizes[-1]})")
+        return size
+
+    def _replay(self, n: int, size: int, attention: LayerAttention) -> torch.Tensor:
+        """Run the pieces at `size` (replayed where captured) with each layer's attention between them; padding
+        rows hold finite values from earlier steps (or zeros), which no real row reads."""
         graphs = self.graphs.get(size)
         pieces = [g.replay for g in graphs] if graphs else self._pieces(size)
-        L = self.num_layers
-        for i, piece in enumerate(pieces):
+        for layer, piece in zip(range(self.first, self.stop + 1), pieces):
             piece()
-            if i < L:
-                self.o[:n].copy_(attention(i, self.q[:n], self.k[:n], self.v[:n]))
+            if layer < self.stop:
+                self.o[:n].copy_(attention(layer, self.q[:n], self.k[:n], self.v[:n]))
         return self.x[:n]

@@ -79,8 +79,9 @@ def test_draft_trees_run_in_pieces():
 
 
 @pytest.mark.parametrize("group", [1, 2])
-def test_swiftkv_lower_layers_run_in_pieces(group):
-    """The pieces cover layers < l over every row; the bulk KV write and the upper layers follow eagerly."""
+def test_swiftkv_layers_run_in_pieces(group):
+    """Layers < l in pieces over every row, the bulk KV write, then layers >= l in pieces of their own over the
+    sampling rows (queries only)."""
     torch.manual_seed(3)
     base = Transformer(ModelConfig(vocab_size=200, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
                                    intermediate_size=128, max_seq_len=128, init_std=0.1)).eval()
@@ -88,10 +89,14 @@ def test_swiftkv_lower_layers_run_in_pieces(group):
     prompts = _prompts(200, lens=(5, 22, 14, 31))
     eager = _serve(_engine(model, "reference"), prompts)
     eng = _engine(model, "reference", piecewise_graphs=True)
-    assert eng.runner.piecewise.num_layers == 2
+    assert (eng.runner.piecewise.first, eng.runner.piecewise.stop) == (0, 2)
+    assert (eng.runner.upper_pieces.first, eng.runner.upper_pieces.stop) == (2, 4)
     runs = _CountingRuns(eng.runner.piecewise)
+    upper = eng.runner.upper_pieces
+    upper_runs, run_hidden = [0], upper.run_hidden
+    upper.run_hidden = lambda *a: upper_runs.__setitem__(0, upper_runs[0] + 1) or run_hidden(*a)
     _assert_same(eager, _serve(eng, prompts))
-    assert runs.steps == eng.num_steps
+    assert runs.steps == eng.num_steps and upper_runs[0] > 0
 
 
 def test_steps_past_the_largest_size_run_eagerly():
@@ -120,5 +125,7 @@ def test_models_the_pieces_cannot_hold_are_refused():
         EngineConfig(tensor_parallel_size=2, piecewise_graphs=True)
     with pytest.raises(ConfigError, match="piecewise_graphs"):
         EngineConfig(piecewise_graphs="yes")
-    with pytest.raises(GlassboxError, match=">= 2"):
-        PiecewiseGraphs(tiny_transformer(), [1], capture=False)
+    with pytest.raises(GlassboxError, match=">= 1"):
+        PiecewiseGraphs(tiny_transformer(), [0], capture=False)
+    with pytest.raises(GlassboxError, match="range"):
+        PiecewiseGraphs(tiny_transformer(), [4], capture=False, layers=(1, 1))

@@ -44,7 +44,7 @@ def test_piecewise_graphs_equal_the_eager_path(attention, compile):
             assert x.logprob == pytest.approx(y.logprob, abs=0.1)
 
 
-def test_swiftkv_lower_layers_in_graphs_equal_the_eager_path():
+def test_swiftkv_layers_in_graphs_equal_the_eager_path():
     from glassbox.models.swiftkv import SwiftKVConfig, swiftkv_from_base
 
     torch.manual_seed(3)
@@ -57,7 +57,10 @@ def test_swiftkv_lower_layers_in_graphs_equal_the_eager_path():
         cfg = EngineConfig(device="cuda", dtype="bfloat16", block_size=4, num_kv_blocks=160,
                            max_num_batched_tokens=24, max_num_seqs=8, piecewise_graphs=pieces)
         eng = LLMEngine(model, config=cfg)
-        assert not pieces or len(eng.runner.piecewise.graphs[24]) == 3      # layers 0, 1 and their finish
+        if pieces:
+            assert len(eng.runner.piecewise.graphs[24]) == 3                  # layers 0, 1 and their finish
+            assert sorted(eng.runner.upper_pieces.graphs) == [1, 2, 4, 8]     # the sampling rows' sizes
+            assert all(len(g) == 3 for g in eng.runner.upper_pieces.graphs.values())
         outs[pieces] = _serve(eng, prompts, max_tokens=12)
     assert [o.token_ids for o in outs[False]] == [o.token_ids for o in outs[True]]
 
