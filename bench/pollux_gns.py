@@ -1,7 +1,7 @@
 """The gradient noise scale: what measuring it costs per step, and how it compares with a direct estimate.
 
 Overhead: the same fixed-batch training (by default one micro-batch per step, `--accum` for more) with the
-whole Pollux agent (adapt_batch off so the shape stays: the noise scale every step, from consecutive-step pairs
+whole Pollux agent (adapt_batch off so the shape stays: the noise scale every step, from consecutive-step triples
 in one micro-batch or the local per-parameter norms with accumulation, the preconditioner, the EMA, and a
 throughput fit and goodput decision every 10 steps) and without it; mean step times (a median would leave out
 the decision steps), rounds interleaved.
@@ -157,18 +157,20 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from glassbox.elastic.config import ElasticConfig
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--model", default="tiny", choices=sorted(MODELS))
     p.add_argument("--data", type=Path)
     p.add_argument("--val-samples", type=int, default=16)
-    p.add_argument("--accum", type=int, default=1, help="micro-batches per step (1: consecutive-step pairs)")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per step (1: consecutive-step triples)")
     p.add_argument("--steps", type=int, default=150, help="training steps before the direct estimate")
     p.add_argument("--overhead-steps", type=int, default=0,
                    help="steps per overhead run (0: 200 on the CPU, where contention is noisy, 60 on a GPU)")
     p.add_argument("--rounds", type=int, default=0, help="interleaved overhead rounds (0: 5 on the CPU, 3 on a GPU)")
     p.add_argument("--direct-batches", type=int, default=128)
-    p.add_argument("--smoothing", type=float, default=0.99)
+    p.add_argument("--smoothing", type=float, default=ElasticConfig().gns_smoothing)
     args = p.parse_args(argv)
     args.overhead_steps = args.overhead_steps or (200 if args.device == "cpu" else 60)
     args.rounds = args.rounds or (5 if args.device == "cpu" else 3)

@@ -252,7 +252,7 @@ class PolluxAgent(Callback):
             measurement, values, ready = measured
             if ready is not None:
                 ready.synchronize()     # already done: the trainer has read this step's metrics, queued after it
-            self.ema.update(*estimate_from_pairs(measurement.pairs(values.tolist())), batch=measurement.big_batch)
+            self.ema.update(*estimate_from_pairs(measurement.pairs(values.tolist())), batch=measurement.samples)
         micro, accum = self._shapes.pop(step)
         # The first steps after a (re)start compile and warm allocators: not the shape's speed.
         if step > self._started_at + 2 and "val_loss" not in state.metrics:

@@ -25,11 +25,13 @@ class ElasticConfig:
                                     # batch.micro_batch_size on CPU (no memory wall to find there)
     decide_every: int = 10          # steps between goodput decisions
     warmup_steps: int = 5           # steps before the first decision (Adam's second moment, first timings)
-    gns_smoothing: float = 0.99     # EMA decay per M0 samples of gradient statistics (one-step estimates are
-                                    # noise-dominated when phi >> the batch: average ~100 of them)
+    gns_smoothing: float = 0.95     # EMA decay per M0 samples of gradient statistics: a window of ~20 M0 samples
+                                    # (one-step estimates are noisy, but phi rises several-fold within a short
+                                    # run, and 0.99 lagged it: 1.55x the best fixed batch's time on the CPU bench
+                                    # against 0.98-1.01x at 0.95)
     precondition_every: int = 10    # steps between refreshes of the Adam preconditioner
-    measure_every: int = 0          # 0: a step with one micro-batch per rank is paired with the step before for
-                                    # the noise scale's two batch sizes (one kept gradient copy, no extra pass);
+    measure_every: int = 0          # 0: steps with one micro-batch per rank give the noise scale three at a time
+                                    # (mean norm and second difference; one kept gradient buffer, no extra pass);
                                     # N: such a step is split in two every N steps instead (a second pass each)
     explore_steps: int = 4          # with adapt_batch, while one micro-batch size has been timed: this many
                                     # early steps of one micro-batch per rank run as two half-size ones, so the

@@ -121,12 +121,14 @@ def _is_sharded(t: torch.Tensor) -> bool:
 class Measurement:
     """One step's preconditioned squared gradient norms, still on the device, and the batch sizes they belong to:
     `values` = [|g_small,1|^2, ..., |g_small,k|^2, |g_big|^2], the i-th small one at `small_batches[i]` samples,
-    the big one at `big_batch`. The agent copies `values` to the host without waiting (it is read once the step
-    has finished, when the trainer has read the step's own metrics anyway)."""
+    the big one at `big_batch`; `samples`, the samples the measurement spans (the moving average's window counts
+    them: a triple of steps spans three batches). The agent copies `values` to the host without waiting (it is
+    read once the step has finished, when the trainer has read the step's own metrics anyway)."""
 
     values: torch.Tensor
     small_batches: list[int]
     big_batch: int
+    samples: int
 
     def pairs(self, host_values: list[float]) -> list[tuple[int, float, int, float]]:
         """(B_small, |g_small|^2, B_big, |g_big|^2) for each small batch of the step."""
@@ -246,7 +248,7 @@ class GradientNoiseMeter:
                                  for k, v in enumerate(local_tensor_sq_norms, start=1)])
             small = self._all_reduce(small) / self.dp_size
             return Measurement(torch.cat([small, (weights * big).sum().reshape(1)]),
-                               [k * micro_batch for k in range(1, n)], global_batch)
+                               [k * micro_batch for k in range(1, n)], global_batch, global_batch)
         if not self.consecutive_steps:
             return None
         norms = self._full_sq_norms(grads)
@@ -263,7 +265,8 @@ class GradientNoiseMeter:
                 second = (weights * self._full_sq_norms(self._diff)).sum()
                 mean = (weights * (self._norm_sum + norms)).sum() / 3
                 self._run = None      # triples do not overlap: the next step starts the next one
-                return Measurement(torch.stack([mean, mean - second / 12]), [global_batch], 2 * global_batch)
+                return Measurement(torch.stack([mean, mean - second / 12]), [global_batch], 2 * global_batch,
+                                   3 * global_batch)
         # This step opens a triple: its gradient is kept (the optimizer and zero_grad are about to consume it).
         if self._diff is None:
             self._diff = [g.detach().clone() for g in grads]

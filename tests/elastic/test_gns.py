@@ -103,8 +103,9 @@ def test_consecutive_single_micro_batch_steps_make_the_noise_scale():
         model(*sample(batch)).backward()
         measurement = meter.measure(step, [], batch, batch)
         if measurement is not None:
-            assert (measurement.small_batches, measurement.big_batch) == ([batch], 2 * batch)
-            ema.update(*estimate_from_pairs(measurement.pairs(measurement.values.tolist())), batch=batch)
+            shape = (measurement.small_batches, measurement.big_batch, measurement.samples)
+            assert shape == ([batch], 2 * batch, 3 * batch)
+            ema.update(*estimate_from_pairs(measurement.pairs(measurement.values.tolist())), batch=measurement.samples)
             measured += 1
         opt.zero_grad()
     assert measured == 200                      # triples without overlap: 2-3-4, 5-6-7, ..., 599-600-601
@@ -133,7 +134,7 @@ def test_the_weights_moving_between_steps_does_not_inflate_the_noise_scale():
         grads.append((model.a.grad.clone(), model.b.grad.clone()))
         measurement = meter.measure(step, [], batch, batch)
         if measurement is not None:
-            ema.update(*estimate_from_pairs(measurement.pairs(measurement.values.tolist())), batch=batch)
+            ema.update(*estimate_from_pairs(measurement.pairs(measurement.values.tolist())), batch=measurement.samples)
         opt.zero_grad()
     for (a1, b1), (a2, b2) in zip(grads[::2], grads[1::2]):     # what pairs of consecutive steps would say
         small = (wa * (a1.square().sum() + a2.square().sum()) + wb * (b1.square().sum() + b2.square().sum())) / 2
