@@ -16,7 +16,10 @@ which removes the per-kernel launch cost that dominates decoding small models. P
 block past the pool and are dropped. MoE models run eagerly: their routing reads expert counts on the host.
 With `compile`, the decoder layer (one plain function for all layers) is compiled by `torch.compile`: at each
 captured size, so each graph replays Inductor's fused kernels instead of the ~45 eager kernels per layer, and with
-dynamic shapes for eager batches, whose every structure is compiled at start-up on synthetic batches.
+dynamic shapes for eager batches, whose every structure is compiled at start-up on synthetic batches. Steps with
+prompts run as piecewise graphs where the runner has them (glassbox.inference.piecewise: the layer stack cut at
+attention, captured per padded token count); their pieces are what `compile` then compiles, and the eager path,
+a rare fallback, stays uncompiled.
 
 A SwiftKV model (glassbox.models.swiftkv) runs layers < l for every token, then writes the KV of every layer >= l
 from norm(h_l) in one matmul, and runs layers >= l only for the rows that need logits (a second, smaller batch
@@ -131,6 +134,9 @@ EAGER_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, S
 # with decodes or without, dims of size 1 specialised).
 _compiles_allowed = 8
 EAGER_STRUCTURES = 24
+# Compiles one runner's pieces may need per code object (glassbox.inference.piecewise): a layer piece with a next
+# layer, with its SwiftKV query projection and without a next layer, each possibly specialised at one row.
+PIECE_KINDS = 8
 
 
 def cache_of_layer(model: Transformer) -> list[int]:
@@ -300,14 +306,17 @@ class ModelRunner:
         # Eager batches (prefills, mixed steps, decodes beyond the graphs) run the layer compiled for dynamic
         # shapes: one compile per batch structure (prompts alone or beside decodes, of one length or several),
         # not per size. Dynamo counts compiles per code object over the whole process, so its limit grows with
-        # every runner's graphs and structures; it is only ever raised.
+        # every runner's graphs and structures; it is only ever raised. With piecewise graphs, which take every
+        # step up to the token budget, the eager path is a rare fallback (a step past the budget, more sampling
+        # rows than the graphs hold) and stays uncompiled: start-up compiles only the pieces and the decode graphs.
         self._eager_block: Callable = decoder_layer
         self._eager_upper: Callable = upper_decoder_layer
         if compile:
             global _compiles_allowed
             graphs = len(graph_batch_sizes(max_num_seqs)) + len(tree_rows or {}) if self.use_graphs else 0
-            _compiles_allowed += EAGER_STRUCTURES + graphs
+            _compiles_allowed += (PIECE_KINDS if piecewise else EAGER_STRUCTURES) + graphs
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _compiles_allowed)
+        if compile and not piecewise:
             # Not fullgraph: a structure nobody foresaw must run (split, or eagerly past the limit), never fail.
             self._eager_block = torch.compile(decoder_layer, dynamic=True)
             self._eager_upper = torch.compile(upper_decoder_layer, dynamic=True)
@@ -347,7 +356,7 @@ class ModelRunner:
                 if l < L:     # the rows that sample, as many as the decode graphs take
                     self.upper_pieces = PiecewiseGraphs(model, graph_batch_sizes(max_num_seqs), capture, compile,
                                                         layers=(l, L), q_projs=self.swiftkv.q_proj)
-        if compile:
+        if compile and not piecewise:
             self._compile_eager_structures()
 
     def replaced(self, **changes) -> ModelRunner:
@@ -532,7 +541,8 @@ class ModelRunner:
             return self._replay(batch, blocks)
         if self.verification_shape(batch) is not None:
             return self.run_tree_group(batch, blocks)
-        if self.piecewise is not None and self.piecewise.size_for(sum(s.num_tokens for s in batch.scheduled)) is not None:
+        tokens = sum(s.num_tokens for s in batch.scheduled)
+        if self.piecewise is not None and self.piecewise.size_for(tokens) is not None:
             return self._run_piecewise(self.prepare(batch, blocks))
         return self._run_eager(self.prepare(batch, blocks))
 

@@ -17,8 +17,8 @@ Dense, unsharded models only: MoE routing reads expert counts on the host (no gr
 all-reduces of a tensor-parallel shard are not captured yet. A SwiftKV model gets two sets: layers 0..l-1 over
 every token of the step, from the embeddings, and layers l..L-1 over the few rows that need logits, from h_l and
 with the SwiftKV query projections only (their keys and values are in the cache already, written in bulk),
-captured at the decode graphs' row counts. Without CUDA (tests) the same pieces run uncaptured on the same padded buffers, which checks the cut
-and the padding against the eager path.
+captured at the decode graphs' row counts. Without CUDA (tests) the same pieces run uncaptured on the same
+padded buffers, which checks the cut and the padding against the eager path.
 """
 
 from __future__ import annotations
@@ -136,7 +136,17 @@ class PiecewiseGraphs:
             self._layer = torch.compile(layer_piece, dynamic=True)
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         if capture:
-            self._capture()
+            self._capture()            # its warm-ups compile the pieces
+        elif compile:
+            self._warm_up()
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """Run the pieces once at every size, so that compiling happens before serving, not in a request's step."""
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            for n in self.sizes:
+                for piece in self._pieces(n):
+                    piece()
 
     def size_for(self, n: int) -> int | None:
         """The smallest token count captured that holds n rows, or None when the step is larger."""

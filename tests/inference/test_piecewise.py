@@ -6,6 +6,8 @@ are refused with a reason. Captured graphs on CUDA: tests/inference/test_piecewi
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from infer_helpers import ScriptedTreeProposer, tiny_transformer
@@ -14,6 +16,7 @@ from test_varlen_attention import _assert_same, _engine, _prompts, _serve
 from glassbox.config import ConfigError
 from glassbox.errors import GlassboxError
 from glassbox.inference.engine import EngineConfig, LLMEngine
+from glassbox.inference.model_runner import decoder_layer
 from glassbox.inference.piecewise import PiecewiseGraphs, piecewise_sizes
 from glassbox.models.swiftkv import SwiftKVConfig, swiftkv_from_base
 from glassbox.models.transformer import ModelConfig, Transformer
@@ -129,3 +132,22 @@ def test_models_the_pieces_cannot_hold_are_refused():
         PiecewiseGraphs(tiny_transformer(), [0], capture=False)
     with pytest.raises(GlassboxError, match="range"):
         PiecewiseGraphs(tiny_transformer(), [4], capture=False, layers=(1, 1))
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_pieces_compile_at_start_only_and_the_eager_structures_not_at_all():
+    from torch._dynamo.utils import counters
+
+    model = _model()
+    prompts = _prompts(200)
+    eager = _serve(_engine(model, "reference"), prompts)
+    before = counters["stats"]["unique_graphs"]
+    eng = _engine(model, "reference", piecewise_graphs=True, compile=True)
+    compiled = counters["stats"]["unique_graphs"]
+    # The embedding piece and the layer piece, with and without a next layer (about three compiles, each at
+    # dynamic sizes), where the eager path alone compiles about nine structures; no graph breaks.
+    assert 0 < compiled - before <= 4 and not counters["graph_break"]
+    assert eng.runner._eager_block is decoder_layer            # the fallback stays uncompiled
+    _assert_same(eager, _serve(eng, prompts))
+    assert counters["stats"]["unique_graphs"] == compiled     # serving compiled nothing new
