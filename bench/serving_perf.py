@@ -11,9 +11,11 @@ names them):
   built straight on the device, no files), its median decode step time; the bytes a step must read (every
   weight but the embedding table, plus the KV of the context) over that time, as a fraction of the card's
   bandwidth measured in the same run by a large device-to-device copy.
-- load vs decode: under Poisson arrivals at --load-rate, the achieved output tok/s and TTFT p50, and the mean
-  number of running sequences; then the pure decode rate at that concurrency (that many sequences decoding
-  together, prefill excluded). The fraction is load / pure decode. With several --attention modes (`auto`: the
+- load vs decode: under Poisson arrivals at --load-rate, the achieved output tok/s beside the offered rate
+  (what the arrivals ask for), TTFT p50, and the mean number of running sequences; then the pure decode rate at
+  that concurrency (that many sequences decoding together, prefill excluded). The batch cap must hold the load:
+  at 128 req/s of ~128 output tokens the steady state runs ~128 x latency sequences, which a cap of 64 cannot
+  hold (the queue then grows for the whole run and TTFT measures it, not the engine), hence 256 on CUDA. The fraction is load / pure decode. With several --attention modes (`auto`: the
   varlen kernel where the runner has it; `dense`: the masked path; either with `+piecewise`: steps with prompts
   replayed as graphs cut at attention), one run each, the first giving the summary.
 
@@ -157,6 +159,7 @@ def bench_load(args, model_dir: Path, vocab: int, attention: str) -> dict:
     running: list[int] = []
     outs, wall = it.drive(engine, arrivals, on_step=lambda e: running.append(len(e.scheduler.running)))
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    offered = sum(a[3] for a in arrivals) / arrivals[-1][0]      # output tok/s the arrivals ask for
     ttft = [o.latency()[0] for o in outs]
     concurrency = max(1, round(statistics.mean(running)))
     # Pure decoding at that concurrency: every sequence prefilled first, then only decode steps are timed.
@@ -174,7 +177,8 @@ def bench_load(args, model_dir: Path, vocab: int, attention: str) -> dict:
     it.sync(args.device)
     decode_tok_s = decoded / (time.perf_counter() - t0)
     row = {"attention": attention, "varlen": engine.runner.varlen is not None, "rate": args.load_rate,
-           "requests": len(ttft), "output_tok_s": tokens / wall,
+           "requests": len(ttft), "output_tok_s": tokens / wall, "offered_tok_s": offered,
+           "max_num_seqs": args.max_num_seqs,
            "ttft_p50_ms": 1e3 * it.percentile(ttft, 0.5), "ttft_p99_ms": 1e3 * it.percentile(ttft, 0.99),
            "mean_running": statistics.mean(running), "decode_tok_s_at_concurrency": decode_tok_s,
            "fraction_of_decode": tokens / wall / decode_tok_s}
@@ -198,7 +202,7 @@ def main() -> int:
     p.add_argument("--decode-tokens", type=int, default=None, help="roofline decode steps (default: 16 CPU, 128 CUDA)")
     p.add_argument("--load-rate", type=float, default=None, help="req/s (default: 4 on CPU, 128 on CUDA)")
     p.add_argument("--num-requests", type=int, default=None, help="default: 16 on CPU, 512 on CUDA")
-    p.add_argument("--max-num-seqs", type=int, default=None, help="default: 8 on CPU, 64 on CUDA")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="default: 8 on CPU, 256 on CUDA")
     p.add_argument("--compile", action="store_true", help="roofline and load with compile (start-up always is)")
     modes = ["auto", "dense", "varlen", "reference"]
     p.add_argument("--attention", nargs="+", default=["auto"], choices=modes + [f"{m}+piecewise" for m in modes],
@@ -213,7 +217,7 @@ def main() -> int:
     args.decode_tokens = args.decode_tokens or (128 if gpu else 16)
     args.load_rate = args.load_rate or (128.0 if gpu else 4.0)
     args.num_requests = args.num_requests or (512 if gpu else 16)
-    args.max_num_seqs = args.max_num_seqs or (64 if gpu else 8)
+    args.max_num_seqs = args.max_num_seqs or (256 if gpu else 8)
     args.max_model_len = int(1.5 * args.prompt_len) + int(1.5 * args.max_tokens) + 2
     sizes = args.roofline_sizes or (["1b", "7b"] if gpu else ["tiny"])
     if not gpu:
@@ -264,7 +268,8 @@ def main() -> int:
         path = ("varlen kernel" if r["varlen"] else "dense masked path") + (
             ", piecewise graphs" if r["attention"].endswith("+piecewise") else "")
         lines += [f"Poisson load at {r['rate']:g} req/s ({r['requests']} requests), attention {r['attention']} "
-                  f"({path}): {r['output_tok_s']:.0f} output tok/s, "
+                  f"({path}, cap {r['max_num_seqs']} sequences): {r['output_tok_s']:.0f} output tok/s of "
+                  f"{r['offered_tok_s']:.0f} offered, "
                   f"TTFT p50 {r['ttft_p50_ms']:.1f} ms / p99 {r['ttft_p99_ms']:.1f} ms, {r['mean_running']:.1f} "
                   f"sequences running on average; pure decoding at that concurrency: "
                   f"{r['decode_tok_s_at_concurrency']:.0f} tok/s; load / decode = {r['fraction_of_decode']:.1%}.", ""]
