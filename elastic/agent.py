@@ -312,7 +312,8 @@ class PolluxAgent(Callback):
         phi = self.ema.noise_scale
         row: dict[str, Any] = {"event": "pollux", "step": step, "noise_scale": None if math.isnan(phi) else phi,
                                "grad_sqr": self.ema.grad_sqr, "grad_var": self.ema.grad_var,
-                               "max_micro_batch": self.max_micro, "replicas": self.replicas, "nodes": self.nodes}
+                               "max_micro_batch": self.max_micro, "replicas": self.replicas, "nodes": self.nodes,
+                               "init_batch": self.init_batch, "max_batch": self.max_batch}
         shape, switched, resize = current, False, None
         if model is not None:
             row["throughput_params"] = self.params.to_dict()

@@ -8,7 +8,12 @@ and releases them when it ends. On GPUs the slots are Ray's `num_gpus`; on this 
 slot is one gloo rank. A Kubernetes or Slurm backend would replace `TrainProcess` placement and nothing else (see
 docs/elastic_scheduling.md).
 
-A job run is one `glassbox train --nproc K` process tree inside its actor. Resizing a job stops that run (the
+A job run is one `glassbox train --nproc K` process tree inside its actor, or for an adaptive job one
+`glassbox elastic run --nproc K` (the Pollux agent choosing batch, micro-batch and learning rate at the world size
+the scheduler gives it; the scheduler, not the agent, resizes it). An adaptive job's agent reports its models in
+metrics.jsonl (the "pollux" rows: fitted throughput parameters, gradient statistics, batch limits), and
+`observed_speedup` turns the latest into the goodput table PolluxSched ranks allocations by, as Pollux's agents
+report theirs to its scheduler; a plain job gets a throughput-only table fitted to its step times. Resizing a job stops that run (the
 whole process group; checkpoints are committed by rename, so nothing half-written is ever resumed) and starts a
 new one at the new world size with `--resume auto`: it continues from its latest checkpoint, with the same global
 sample order (the data order does not depend on world size), so the run's metrics.jsonl is continuous.
@@ -47,13 +52,19 @@ class JobRequest:
     checkpoint_every: int = 2       # a resize resumes from the latest of these
     arrival: float = 0.0            # seconds after the executor starts
     overrides: list[str] = field(default_factory=list)
+    adaptive: bool = False          # train under the Pollux agent (`glassbox elastic run`), which reports goodput
+    elastic_overrides: list[str] = field(default_factory=list)     # the agent's --elastic-set KEY=VALUE
 
     def command(self, world_size: int) -> list[str]:
-        cmd = [sys.executable, "-m", "glassbox.cli", "train", "--config", self.config, "--run-dir",
+        launcher = ["elastic", "run"] if self.adaptive else ["train"]
+        cmd = [sys.executable, "-m", "glassbox.cli", *launcher, "--config", self.config, "--run-dir",
                str(self.run_dir), "--steps", str(self.steps), "--nproc", str(world_size), "--resume", "auto",
                "--set", f"checkpoint.every={self.checkpoint_every}"]
         for override in self.overrides:
             cmd += ["--set", override]
+        if self.adaptive:               # the world size is the scheduler's to choose, never the agent's
+            for override in [*self.elastic_overrides, "resize=false"]:
+                cmd += ["--elastic-set", override]
         return cmd
 
 
@@ -228,15 +239,27 @@ class RayExecutor:
 
 
 def observed_speedup(job: JobRequest, slots: int, fair: int):
-    """A job's speedup table from its own run: the agent's throughput model fitted to the step times in its
-    metrics.jsonl (every world size it has run at), at the job's fixed batch; None before it has stepped."""
+    """A job's speedup table (goodput on r slots over goodput on its fair share) from its own run; None before it
+    has stepped. An adaptive job's is its agent's latest report (its throughput model and gradient statistics,
+    the batch range it may choose in): goodput, so a job whose noise scale has grown is worth more slots. A plain
+    job's is the agent's throughput model fitted here to the step times in its metrics.jsonl (every world size
+    it has run at), at its fixed batch: throughput alone."""
     import numpy as np
 
     from glassbox.elastic.sched.speedup import JobShape, goodput_table
-    from glassbox.elastic.throughput import StepObservation, fit_throughput
+    from glassbox.elastic.throughput import StepObservation, ThroughputParams, fit_throughput
     from glassbox.train.metrics_log import read_metrics
 
-    rows = [r for r in read_metrics(job.run_dir) if r.get("step_time") and r.get("world_size")]
+    metrics = read_metrics(job.run_dir)
+    reports = [r for r in metrics if r.get("event") == "pollux" and r.get("throughput_params")]
+    if reports:
+        r = reports[-1]
+        shape = JobShape(int(r["init_batch"]), int(r["max_batch"]), 1, int(r["max_micro_batch"]))
+        table = goodput_table(ThroughputParams.from_dict(r["throughput_params"]), float(r["grad_sqr"]),
+                              float(r["grad_var"]), shape, slots, 1)
+        base = table[1, min(fair, slots)]
+        return table / base if base > 0 else None
+    rows = [r for r in metrics if r.get("step_time") and r.get("world_size")]
     if not rows:
         return None
     seen: dict[tuple[int, int, int], list[float]] = {}

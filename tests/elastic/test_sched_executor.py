@@ -1,5 +1,6 @@
 """The executor on a real local Ray cluster: two real glassbox training jobs, one resized from 2 gloo ranks to 1
-from its latest checkpoint while the other starts in the freed slot."""
+from its latest checkpoint while the other starts in the freed slot; and PolluxSched driving two adaptive jobs
+from their agents' own goodput reports."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import time
 import pytest
 import yaml
 
-from glassbox.elastic.sched.executor import ExecutorError, JobRequest, RayExecutor, observed_speedup
+from glassbox.elastic.goodput import GoodputModel
+from glassbox.elastic.sched.executor import ExecutorError, JobRequest, RayExecutor, observed_speedup, schedule
+from glassbox.elastic.sched.pollux import PolluxPolicy
+from glassbox.elastic.throughput import ThroughputParams
 from glassbox.train.metrics_log import read_metrics
 
 STEPS = 8
@@ -68,3 +72,34 @@ def test_a_request_larger_than_the_cluster_is_refused(tmp_path):
     ex = RayExecutor(slots=2)
     with pytest.raises(ExecutorError, match="job 'big' asks for 4 workers but the cluster has 2"):
         ex.submit(JobRequest("big", "tiny", tmp_path / "big", steps=1, replicas=4))
+
+
+@pytest.mark.slow
+def test_pollux_schedules_adaptive_jobs_from_their_agents_reports(prepared_data, tmp_path):
+    config = tiny_config(tmp_path / "tiny.yaml", prepared_data)
+    steps = 2 * STEPS               # room for the agent to time steps and report after a resize's warm-up
+    agent = ["warmup_steps=2", "decide_every=2", "max_batch=16"]
+    jobs = [JobRequest(name, config, tmp_path / name, steps=steps, checkpoint_every=2, arrival=arrival,
+                       adaptive=True, elastic_overrides=agent) for name, arrival in (("a", 0.0), ("b", 4.0))]
+    with RayExecutor(slots=2) as ex:
+        result = schedule(ex, jobs, PolluxPolicy(population=16, generations=5, seed=0), interval=3.0, timeout=600)
+    assert set(result["finished"]) == {"a", "b"}
+    # Never more than the cluster; both jobs running side by side once b has arrived (a job given nothing has
+    # speedup 0, which the power mean at p = -1 never accepts while a slot is free). A job is first allocated one
+    # round after it arrives: PolluxSched's restart factor is 0 at age 0.
+    rounds = result["rounds"]
+    assert all(sum(r["allocations"].values()) <= 2 for r in rounds)
+    assert any(r["allocations"] == {"a": 1, "b": 1} for r in rounds), rounds
+    for job in jobs:
+        done = {r["step"] for r in read_metrics(job.run_dir, required=True) if "loss" in r}
+        assert sorted(done) == list(range(1, steps + 1))      # every step, across any resize
+    # What the scheduler ranked allocations by: the agent's latest report as a goodput table, the agent's own
+    # GoodputModel.best relative to the fair share.
+    reports = [r for r in read_metrics(jobs[0].run_dir) if r.get("event") == "pollux" and r.get("throughput_params")]
+    assert reports, "the agent never reported a goodput model"
+    last = reports[-1]
+    model = GoodputModel(ThroughputParams.from_dict(last["throughput_params"]), last["grad_sqr"], last["grad_var"],
+                         last["init_batch"])
+    best = [model.best(1, r, last["max_batch"], (1, last["max_micro_batch"])).goodput for r in (1, 2)]
+    table = observed_speedup(jobs[0], slots=2, fair=1)
+    assert table[1, 1:] == pytest.approx([b / best[0] for b in best])
