@@ -8,21 +8,22 @@ reasoning-gym worked solutions (configs/dynasor-sft.yaml; glassbox dynasor data)
   self-consistency (n samples, majority) vs Dynasor-SC over initial samples and certainty thresholds; the savings
   are those of the cheapest Dynasor setting whose accuracy is within 1 point of the plain program's;
 - online: self-consistency programs arriving by Poisson at several rates, plain (fixed n, FCFS) vs Dynasor
-  (certainty stopping, program policy), the two engines side by side at each rate: the share of programs within a
-  latency SLO (a multiple of one plain program's latency alone) and the highest rate holding 90% of them. The
-  rates are multiples of the plain batch run's throughput in programs per second, so they straddle what the
-  machine sustains whatever it is;
+  (certainty stopping, at most two rounds, program policy), the two engines side by side at each rate: the share
+  of programs within a latency SLO (2, 4 and 8 times one plain program's latency alone) and the sustained rate,
+  where that share crosses 90% (slo.sustained_rate). The rates are multiples of the plain batch run's throughput
+  in programs per second, so they straddle what the machine sustains whatever it is;
 - probe overhead: the same greedy generations with probes that never stop them and without, timed side by side.
 
-    python bench/dynasor.py --device cuda --base DIR      # the GPU run: fine-tune included, ~4 min on one H200
-    python bench/dynasor.py --device cuda --train-only    # or in two calls: the fine-tune (~2 min) ...
-    python bench/dynasor.py --device cuda --model /tmp/dynasor_bench/model     # ... then the measurement (~2 min)
+    python bench/dynasor.py --device cuda --train-only    # the GPU run in three calls: the fine-tune (~4 min) ...
+    python bench/dynasor.py --device cuda --model /tmp/dynasor_bench/model --only batch     # ... batch (~4 min)
+    python bench/dynasor.py --device cuda --model /tmp/dynasor_bench/model --only online    # ... online (~8 min)
     python bench/dynasor.py --size small                  # a CPU smoke run of the whole pipeline (numbers mean little)
 Writes bench/results/dynasor[_<size>].json (summary: token_savings_sc, token_savings_cot, accuracy_delta_sc,
 accuracy_delta_cot, greedy_cot_accuracy, sc8_accuracy, sustained_rate_ratio), a markdown table and plots. While
 it runs, bench/results/dynasor[_<size>].partial.json holds every stage finished so far (with the summary figures
-they give), so a run cut short keeps them; the complete run replaces it. The online sweep starts no new rate past
---budget-s seconds from the start (default 250 on CUDA), so the whole run stays within a 5-minute slot.
+they give), so a run cut short keeps them; `--only online` continues that file, and the run that completes it
+replaces it. The online sweep starts no new rate past --budget-s seconds from the start of its call (default on
+CUDA: 480 with --only online, else 250), and none past the first rate that neither engine holds at any SLO.
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ from pathlib import Path
 import torch
 
 from glassbox import atomic
-from glassbox.inference.dynasor.answers import ANSWER_CUE
 from glassbox.inference.dynasor.controller import ProgramController, run_programs
 from glassbox.inference.dynasor.programs import ChainOfThought, ProgramLimits, SelfConsistency
-from glassbox.inference.dynasor.tasks import Problem, eval_problems, write_training_data
+from glassbox.inference.dynasor.slo import attainment, rate_ratio, sustained_rate
+from glassbox.inference.dynasor.tasks import PROBE_CUE, Problem, eval_problems, write_training_data
 from glassbox.inference.engine import EngineConfig, LLMEngine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,16 +68,27 @@ class Size:
     val_samples: int
 
 
+# max_tokens 512: the worked solutions run 180 to 430 tokens (median about 340). 48 online programs a load (64
+# before), to fit the eight loads in one call: the lightest, 0.25, alone spans 48 / (0.25 x capacity) seconds an
+# engine.
 SIZES = {
-    "full": Size(20000, 400, 32, 128, 8, 192, 64, (0.5, 1, 2, 4, 8), 256, 64),
+    "full": Size(20000, 400, 32, 128, 8, 512, 48, (0.25, 0.5, 1, 1.5, 2, 3, 4, 8), 256, 64),
     "small": Size(400, 2, 4, 4, 4, 96, 4, (1, 4), 32, 2),
 }
-# Every engine's KV pool: max_num_seqs sequences of this many tokens (prompt, 192 generated, a probe's cue), so
-# the two online engines fit side by side and none waits to allocate most of the GPU's memory.
-KV_TOKENS_PER_SEQ = 512
+# Every engine's KV pool: max_num_seqs sequences of max_tokens and this many more (the prompt, a probe's cue and
+# tokens), so the two online engines fit side by side and none waits to allocate most of the GPU's memory.
+KV_MARGIN_TOKENS = 128
 SC_SWEEP = [(2, 1.0), (3, 1.0), (4, 1.0), (4, 0.7)]         # (initial samples, certainty threshold)
-COT_SWEEP = [(16, 2), (16, 3), (32, 2), (32, 3)]                       # (probe interval, probe window)
-SLO_FACTOR = 4.0                                                       # SLO = this x one plain program alone
+# (probe interval, probe window): the answer is first stated about a quarter of the way into a solution, so the
+# earliest stop is one window of probes past it.
+COT_SWEEP = [(16, 2), (16, 3), (24, 2), (24, 3), (32, 2), (32, 3)]
+# Self-consistency samples at 0.6, as the probes: at 0.7 SC-8 did no better than one sample (the H200 run of the
+# short chains); whether 0.6 does on the long ones is the next run's to say.
+SC_TEMPERATURE = 0.6
+# Online Dynasor starts 4 samples, so that agreeing programs end at the second of them to finish, the others cut.
+ONLINE_INITIAL = 4
+SLO_FACTORS = (2.0, 4.0, 8.0)                                          # SLO = this x one plain program alone
+SLO_FACTOR = 4.0                                                       # the summary's sustained_rate_ratio
 ATTAINMENT = 0.9
 
 
@@ -163,7 +175,8 @@ def engine_for(model_dir: Path, device: str, policy: str, size: Size) -> LLMEngi
     cuda = device.startswith("cuda")
     cfg = EngineConfig(device=device, dtype="bfloat16" if cuda else "float32", policy=policy,
                        max_num_seqs=size.max_num_seqs, max_num_batched_tokens=8192 if cuda else 2048,
-                       num_kv_blocks=size.max_num_seqs * -(-KV_TOKENS_PER_SEQ // 16), max_n=size.sc_n)
+                       num_kv_blocks=size.max_num_seqs * -(-(size.max_tokens + KV_MARGIN_TOKENS) // 16),
+                       max_n=size.sc_n)
     engine = LLMEngine.from_model_dir(model_dir, cfg)
     ProgramController.of(engine, ProgramLimits(max_samples=size.sc_n))
     return engine
@@ -183,16 +196,17 @@ def prompt_ids(engine: LLMEngine, problems: list[Problem]) -> list[list[int]]:
 def sc_spec(ids: list[int], problem: Problem, i: int, size: Size, adaptive: bool, initial: int = 2,
             threshold: float = 1.0) -> SelfConsistency:
     """Answers are clustered by the task's own scorer (TaskComparer)."""
-    return SelfConsistency(ids, max_samples=size.sc_n, max_tokens=size.max_tokens, temperature=0.7, top_p=0.95,
-                           seed=1000 * i, adaptive=adaptive, initial_samples=min(initial, size.sc_n),
+    return SelfConsistency(ids, max_samples=size.sc_n, max_tokens=size.max_tokens, temperature=SC_TEMPERATURE,
+                           top_p=0.95, seed=1000 * i, adaptive=adaptive, initial_samples=min(initial, size.sc_n),
                            samples_per_round=2, min_answers=2, certainty_threshold=threshold,
                            comparer=problem.comparer())
 
 
 def cot_spec(ids: list[int], problem: Problem, size: Size, probes: bool, interval: int = 32,
              window: int = 2) -> ChainOfThought:
+    """Probes ask with the model's own closing format (PROBE_CUE)."""
     return ChainOfThought(ids, max_tokens=size.max_tokens, temperature=0.0, probes=probes, probe_interval=interval,
-                          probe_window=window, seed=0, comparer=problem.comparer())
+                          probe_window=window, cue=PROBE_CUE, seed=0, comparer=problem.comparer())
 
 
 def log(message: str) -> None:
@@ -202,7 +216,7 @@ def log(message: str) -> None:
 def measure(engine: LLMEngine, problems: list[Problem], specs: list, label: str) -> dict:
     """Accuracy and tokens; `decoded_tokens` leaves out the probes' cue tokens (computed in one parallel prefill
     row each, not decoded one by one)."""
-    cue = len(engine.tokenizer.encode(ANSWER_CUE))
+    cue = len(engine.tokenizer.encode(PROBE_CUE))
     t = time.perf_counter()
     steps = engine.num_steps
     results = run_programs(engine, specs)
@@ -275,7 +289,7 @@ def poisson_run(engine: LLMEngine, ids: list[list[int]], problems: list[Problem]
         now = time.monotonic() - start
         while i < len(arrivals) and arrivals[i] <= now:
             j = i % len(ids)
-            spec = sc_spec(ids[j], problems[j], i, size, adaptive=dynasor, initial=2, threshold=1.0)
+            spec = sc_spec(ids[j], problems[j], i, size, adaptive=dynasor, initial=ONLINE_INITIAL, threshold=1.0)
             name = f"online-{rate}-{int(dynasor)}-{i}"
             controller.submit(name, spec, arrival_time=start + arrivals[i])
             names.append(name)
@@ -287,31 +301,54 @@ def poisson_run(engine: LLMEngine, ids: list[list[int]], problems: list[Problem]
     return [controller.results.pop(n) for n in names]
 
 
+def measure_capacity(model_dir: Path, device: str, problems: list[Problem], size: Size) -> float:
+    """Programs per second of plain self-consistency over `problems` in one batch, on an engine of its own: the
+    online loads' unit when no batch stage of this report measured it."""
+    engine = engine_for(model_dir, device, "fcfs", size)
+    ids = prompt_ids(engine, problems)
+    seconds = measure(engine, problems, [sc_spec(x, p, i, size, adaptive=False)
+                                         for i, (x, p) in enumerate(zip(ids, problems))], "capacity")["seconds"]
+    engine.extensions.clear()
+    del engine
+    free_device_memory()
+    return len(problems) / seconds
+
+
+def online_row(results: list, load: float, rate: float, alone_s: float) -> dict:
+    """One engine at one load: attainment at each SLO factor (x `alone_s`), latencies, tokens."""
+    lat = [r.latency for r in results]
+    by_slo = {str(f): attainment(lat, f * alone_s) for f in SLO_FACTORS}
+    return {"load": load, "rate": rate, "attainment": by_slo[str(SLO_FACTOR)], "attainment_by_slo": by_slo,
+            "mean_latency_s": statistics.mean(lat), "p90_latency_s": sorted(lat)[int(0.9 * (len(lat) - 1))],
+            "tokens": sum(r.total_tokens for r in results)}
+
+
 def online_eval(model_dir: Path, device: str, problems: list[Problem], size: Size, capacity: float,
                 deadline: float, out: dict, saved) -> None:
     """Fill `out`: the SLO from one plain program alone, then at each load (x `capacity`, the plain batch run's
     programs per second) the plain and the Dynasor engine one after the other, both built first and fresh (no
-    prefix cache from the batch runs). No new load starts past `deadline` (time.perf_counter); `saved()` after
-    each."""
+    prefix cache from the batch runs). No new load starts past `deadline` (time.perf_counter), nor once the
+    sweep is `settled`; `saved()` after each."""
     engines = {mode: engine_for(model_dir, device, policy, size) for mode, policy in (("plain", "fcfs"),
                                                                                      ("dynasor", "dynasor"))}
     ids = prompt_ids(engines["plain"], problems)
-    alone = [run_programs(engines["plain"], [sc_spec(ids[j], problems[j], j, size, adaptive=False)])[0].latency
-             for j in range(3)]
-    out.update(capacity_programs_per_s=capacity, alone_latency_s=statistics.median(alone),
-               slo_s=SLO_FACTOR * statistics.median(alone), plain=[], dynasor=[], skipped_loads=[])
+    alone = statistics.median(run_programs(engines["plain"], [sc_spec(ids[j], problems[j], j, size,
+                                                                      adaptive=False)])[0].latency
+                              for j in range(3))
+    out.update(capacity_programs_per_s=capacity, alone_latency_s=alone, slo_s=SLO_FACTOR * alone, plain=[],
+               dynasor=[], skipped_loads=[], unneeded_loads=[])
     log(f"online: SLO {out['slo_s']:.2f} s, capacity {capacity:.2f} programs/s")
     for load in size.load:
+        if settled(out):
+            out["unneeded_loads"].append(load)
+            continue
         if time.perf_counter() > deadline:
             out["skipped_loads"].append(load)
             continue
         rate = load * capacity
         for mode in ("plain", "dynasor"):
             results = poisson_run(engines[mode], ids, problems, size, rate, mode == "dynasor", seed=int(load * 100))
-            lat = [r.latency for r in results]
-            row = {"load": load, "rate": rate, "attainment": sum(x <= out["slo_s"] for x in lat) / len(lat),
-                   "mean_latency_s": statistics.mean(lat), "p90_latency_s": sorted(lat)[int(0.9 * (len(lat) - 1))],
-                   "tokens": sum(r.total_tokens for r in results)}
+            row = online_row(results, load, rate, alone)
             out[mode].append(row)
             log(f"online {mode} at {rate:.2f}/s ({load} x capacity): {100 * row['attainment']:.0f}% within SLO, "
                 f"mean latency {row['mean_latency_s']:.2f} s")
@@ -325,14 +362,24 @@ def online_eval(model_dir: Path, device: str, problems: list[Problem], size: Siz
     free_device_memory()
 
 
+def settled(out: dict) -> bool:
+    """Whether both engines have missed the target at every SLO factor at some load: a sustained rate is read
+    below the first load it misses, so no higher load can change one."""
+    return all(any(r["attainment_by_slo"][str(f)] < ATTAINMENT for r in out[mode])
+               for mode in ("plain", "dynasor") for f in SLO_FACTORS)
+
+
 def sustained(out: dict) -> None:
-    """The highest rate each mode held at the SLO for 90% of its programs, and their ratio."""
-    for mode in ("plain", "dynasor"):
-        held = [r["rate"] for r in out[mode] if r["attainment"] >= ATTAINMENT]
-        out[f"{mode}_sustained_rate"] = max(held) if held else 0.0
-    p, d = out["plain_sustained_rate"], out["dynasor_sustained_rate"]
-    # None where plain held none of the rates (the ratio is then unbounded by this sweep; the rows say more).
-    out["sustained_rate_ratio"] = d / p if p else (None if d else 1.0)
+    """Each engine's sustained rate at each SLO factor (where 90% attainment is crossed, every lower rate held)
+    and Dynasor's over plain's; the SLO_FACTOR ones also as `sustained_rate_ratio`."""
+    out["sustained_by_slo"] = {}
+    for f in map(str, SLO_FACTORS):
+        rates = {mode: sustained_rate([(r["rate"], r["attainment_by_slo"][f]) for r in out[mode]], ATTAINMENT)
+                 for mode in ("plain", "dynasor")}
+        out["sustained_by_slo"][f] = {**rates, "ratio": rate_ratio(rates["dynasor"], rates["plain"])}
+    main_slo = out["sustained_by_slo"][str(SLO_FACTOR)]
+    out["plain_sustained_rate"], out["dynasor_sustained_rate"] = main_slo["plain"], main_slo["dynasor"]
+    out["sustained_rate_ratio"] = main_slo["ratio"]
 
 
 def probe_overhead(engine: LLMEngine, problems: list[Problem], size: Size) -> dict:
@@ -409,20 +456,33 @@ def markdown(report: dict) -> str:
               f"{b['plain_sc']['samples']} | {timing(b['plain_sc'])} |"]
     lines += [f"| start {r['initial_samples']}, certainty >= {r['certainty_threshold']} | {100 * r['accuracy']:.1f}% | "
               f"{r['tokens']} | {r['samples']} | {timing(r)} |" for r in b["sc_sweep"]]
-    lines += ["", f"## Online (SLO {o['slo_s']:.2f} s = {SLO_FACTOR} x one plain program alone; load 1 = "
-              f"{o['capacity_programs_per_s']:.2f} programs/s, the plain batch run's rate)", "",
-              "| load | rate (programs/s) | plain within SLO | Dynasor within SLO | plain mean latency "
-              "| Dynasor mean latency |",
-              "|---|---|---|---|---|---|"]
-    for a, d in zip(o["plain"], o["dynasor"]):
-        lines.append(f"| {a['load']} | {a['rate']:.2f} | {100 * a['attainment']:.0f}% | {100 * d['attainment']:.0f}% | "
-                     f"{a['mean_latency_s']:.2f} s | {d['mean_latency_s']:.2f} s |")
-    if o["skipped_loads"]:
-        lines += ["", f"Loads {o['skipped_loads']} were not run: the run had reached its time budget."]
+    lines += online_markdown(o)
     lines += ["", "## Probe overhead", "", f"{p['probes']} probes: {p['probe_tokens_per_probe']:.1f} tokens and "
               f"{1000 * p['seconds_per_probe']:.2f} ms each; generations unchanged: {p['generations_unchanged']}; "
               f"forks shared {p['fork_shared_blocks']} blocks and copied {p['fork_copied_tokens']} tokens of KV."]
     return "\n".join(lines) + "\n"
+
+
+def online_markdown(o: dict) -> list[str]:
+    lines = ["", f"## Online (SLO {o['slo_s']:.2f} s = {SLO_FACTOR} x one plain program alone; load 1 = "
+             f"{o['capacity_programs_per_s']:.2f} programs/s, the plain batch run's rate)", "",
+             "| load | rate (programs/s) | plain within SLO | Dynasor within SLO | plain mean latency "
+             "| Dynasor mean latency |",
+             "|---|---|---|---|---|---|"]
+    for a, d in zip(o["plain"], o["dynasor"]):
+        lines.append(f"| {a['load']} | {a['rate']:.2f} | {100 * a['attainment']:.0f}% | {100 * d['attainment']:.0f}% | "
+                     f"{a['mean_latency_s']:.2f} s | {d['mean_latency_s']:.2f} s |")
+    lines += ["", "Sustained rate (programs/s; 90% within the SLO, interpolated, every lower rate held):", "",
+              "| SLO | plain | Dynasor | Dynasor / plain |", "|---|---|---|---|"]
+    for f, r in o.get("sustained_by_slo", {}).items():
+        ratio = "unbounded" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        lines.append(f"| {float(f):g} x alone = {float(f) * o['alone_latency_s']:.2f} s | {r['plain']:.2f} | "
+                     f"{r['dynasor']:.2f} | {ratio} |")
+    if o["skipped_loads"]:
+        lines += ["", f"Loads {o['skipped_loads']} were not run: the run had reached its time budget."]
+    if o["unneeded_loads"]:
+        lines += ["", f"Loads {o['unneeded_loads']} were not run: both engines had missed every SLO below them."]
+    return lines
 
 
 def summary_of(report: dict) -> dict:
@@ -437,13 +497,14 @@ def summary_of(report: dict) -> dict:
         "sc8_accuracy": batch.get("plain_sc", {}).get("accuracy"),
         "single_sample_accuracy": batch.get("single_sample_accuracy"),
         "sustained_rate_ratio": online.get("sustained_rate_ratio"),
+        **{f"sustained_rate_ratio_slo{float(f):g}": r["ratio"] for f, r in online.get("sustained_by_slo", {}).items()},
         "equal_accuracy_sc": sc.get("equal_accuracy"), "equal_accuracy_cot": cot.get("equal_accuracy"),
         "probe_tokens_per_probe": overhead.get("probe_tokens_per_probe"),
         "probe_ms_per_probe": 1000 * overhead["seconds_per_probe"] if overhead else None,
     }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", choices=sorted(SIZES), default=None, help="default: full on cuda, small on cpu")
@@ -454,48 +515,39 @@ def main() -> None:
                     help="the GGUF's parts (bench/suffix_e2e.py pack), joined and imported")
     ap.add_argument("--model", type=Path, default=None, help="an already fine-tuned model directory: skip training")
     ap.add_argument("--train-only", action="store_true", help="fine-tune and export, then stop (a first call)")
+    ap.add_argument("--only", choices=("batch", "online"), default=None,
+                    help="batch: the batch and probe stages, then stop; online: the online sweep alone, continuing "
+                         "the partial results of an earlier --only batch (its capacity), which it completes")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dynasor_bench"))
     ap.add_argument("--out-name", default=None)
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="no online load starts this many seconds after the start (default: 250 on cuda, none on cpu)")
+                    help="no online load starts this many seconds after the call's start (default on cuda: 480 with "
+                         "--only online, else 250; none on cpu)")
     args = ap.parse_args()
-    torch.set_num_threads(1 if args.device == "cpu" else torch.get_num_threads())
-    size_name = args.size or ("full" if args.device.startswith("cuda") else "small")
-    size = SIZES[size_name]
-    budget = args.budget_s if args.budget_s is not None else (250.0 if args.device.startswith("cuda") else None)
-    args.work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    name = args.out_name or ("dynasor" if size_name == "full" else f"dynasor_{size_name}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    partial = RESULTS / f"{name}.partial.json"
-    report = {"summary": {}, "complete": False, "machine": machine(args.device), "device": args.device,
-              "size": size_name, "model": str(args.model), "sc_n": size.sc_n, "eval_problems": size.eval_problems,
-              "train": {}, "batch": {}, "probe_overhead": {}, "online": {}}
+    if args.only == "online" and args.model is None:
+        ap.error("--only online measures a fine-tuned model: give --model")
+    return args
 
-    def saved() -> None:
-        report["summary"] = summary_of(report)
-        report["seconds"] = time.perf_counter() - t0
-        atomic.write_text(partial, json.dumps(report, indent=1, default=str) + "\n")
 
-    release = None
-    model_dir = args.model
-    if model_dir is None:
-        model_dir, report["train"], release = fine_tune(args, size, args.work)
-        train = report["train"]
-        saved()
-        if args.train_only:
-            finish_release(release, train, args.work)
-            atomic.write_text(args.work / "train.json", json.dumps(train, indent=1) + "\n")
-            log(f"fine-tuned model at {model_dir}; measure it with --model {model_dir}")
-            return
-    elif (args.model.parent / "train.json").is_file():
-        report["train"] = json.loads((args.model.parent / "train.json").read_text())
-    if report["train"]:
-        t = report["train"]
-        report["model"] = (f"{t['base']} fine-tuned by glassbox for {t['steps']} steps on {t['train_documents']} "
-                           "worked solutions (configs/dynasor-sft.yaml)")
-    problems = eval_problems(size.eval_problems)
-    engine = engine_for(model_dir, args.device, "dynasor", size)
+def default_budget(args: argparse.Namespace) -> float | None:
+    """Seconds into the call after which no online load starts: an online-only call has the whole of a 10-minute
+    slot less start-up and its last load; a call that also ran the batch stages has what they left of 5 minutes."""
+    if args.budget_s is not None:
+        return args.budget_s
+    if not args.device.startswith("cuda"):
+        return None
+    return 480.0 if args.only == "online" else 250.0
+
+
+def new_report(args: argparse.Namespace, size_name: str, size: Size) -> dict:
+    return {"summary": {}, "complete": False, "machine": machine(args.device), "device": args.device,
+            "size": size_name, "model": str(args.model), "sc_n": size.sc_n, "eval_problems": size.eval_problems,
+            "train": {}, "batch": {}, "probe_overhead": {}, "online": {}}
+
+
+def batch_stages(model_dir: Path, device: str, problems: list[Problem], size: Size, report: dict, saved) -> None:
+    """The batch sweeps and the probe overhead on one engine, freed after."""
+    engine = engine_for(model_dir, device, "dynasor", size)
     log(f"engine built, {len(problems)} held-out problems")
     batch_eval(engine, problems, size, report["batch"], saved)
     report["probe_overhead"] = probe_overhead(engine, problems[:max(2, len(problems) // 4)], size)
@@ -505,12 +557,16 @@ def main() -> None:
     engine.extensions.clear()
     del engine
     free_device_memory()
-    capacity = len(problems) / report["batch"]["plain_sc"]["seconds"]
-    online_eval(model_dir, args.device, problems, size, capacity, t0 + budget if budget else float("inf"),
-                report["online"], saved)
+
+
+def end_release(release: subprocess.Popen | None, report: dict, work: Path) -> None:
     if release is not None:
-        finish_release(release, report["train"], args.work)
-        atomic.write_text(args.work / "train.json", json.dumps(report["train"], indent=1) + "\n")
+        finish_release(release, report["train"], work)
+        atomic.write_text(work / "train.json", json.dumps(report["train"], indent=1) + "\n")
+
+
+def finalize(report: dict, name: str, partial: Path, saved) -> None:
+    """The complete report: JSON, markdown and plots replace the partial file."""
     report["complete"] = True
     report["plot"] = plots(report["batch"], report["online"], RESULTS / f"{name}.png")
     saved()
@@ -518,6 +574,65 @@ def main() -> None:
     atomic.write_text(RESULTS / f"{name}.md", markdown(report))
     partial.unlink()
     print(markdown(report))
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(1 if args.device == "cpu" else torch.get_num_threads())
+    size_name = args.size or ("full" if args.device.startswith("cuda") else "small")
+    size = SIZES[size_name]
+    budget = default_budget(args)
+    args.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    name = args.out_name or ("dynasor" if size_name == "full" else f"dynasor_{size_name}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    partial = RESULTS / f"{name}.partial.json"
+    continuing = args.only == "online" and partial.is_file()
+    report = json.loads(partial.read_text()) if continuing else new_report(args, size_name, size)
+    if report["size"] != size_name:
+        raise SystemExit(f"{partial} is a --size {report['size']} run, this is --size {size_name}")
+    earlier_s = report.get("seconds", 0.0)                # the calls this one continues
+
+    def saved() -> None:
+        report["summary"] = summary_of(report)
+        report["seconds"] = earlier_s + time.perf_counter() - t0
+        atomic.write_text(partial, json.dumps(report, indent=1, default=str) + "\n")
+
+    release = None
+    model_dir = args.model
+    if model_dir is None:
+        model_dir, report["train"], release = fine_tune(args, size, args.work)
+        saved()
+        if args.train_only:
+            end_release(release, report, args.work)
+            log(f"fine-tuned model at {model_dir}; measure it with --model {model_dir}")
+            return
+    elif (args.model.parent / "train.json").is_file():
+        report["train"] = json.loads((args.model.parent / "train.json").read_text())
+    if report["train"]:
+        t = report["train"]
+        report["model"] = (f"{t['base']} fine-tuned by glassbox for {t['steps']} steps on {t['train_documents']} "
+                           "worked solutions (configs/dynasor-sft.yaml)")
+    problems = eval_problems(size.eval_problems)
+    if args.only != "online":
+        batch_stages(model_dir, args.device, problems, size, report, saved)
+    if args.only == "batch":
+        end_release(release, report, args.work)
+        saved()
+        log(f"batch stages in {partial}; the online sweep: --model {model_dir} --only online")
+        return
+    if report["batch"].get("plain_sc"):
+        capacity = len(problems) / report["batch"]["plain_sc"]["seconds"]
+    else:
+        capacity = measure_capacity(model_dir, args.device, problems, size)
+    online_eval(model_dir, args.device, problems, size, capacity, t0 + budget if budget else float("inf"),
+                report["online"], saved)
+    end_release(release, report, args.work)
+    if report["probe_overhead"]:
+        finalize(report, name, partial, saved)
+    else:
+        saved()
+        log(f"online sweep in {partial}; no batch stages to complete the report with")
 
 
 if __name__ == "__main__":

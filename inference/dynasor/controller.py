@@ -19,7 +19,7 @@ from typing import Callable
 
 from glassbox.errors import GlassboxError
 from glassbox.inference.dynasor.answers import extract_boxed, probe_answer
-from glassbox.inference.dynasor.certaindex import ProbeResult, certainty, majority, probes_agree
+from glassbox.inference.dynasor.certaindex import ProbeResult, certainty, clusters, majority, probes_agree
 from glassbox.inference.dynasor.programs import (ChainOfThought, Program, ProgramError, ProgramLimits,
                                                  ProgramResult, SelfConsistency)
 from glassbox.inference.engine import LLMEngine, RequestOutput
@@ -88,15 +88,35 @@ class _SelfConsistencyRun(_Run):
         s = self.spec
         if s.token_budget is not None and self.tokens() >= s.token_budget:
             return "budget"
-        if (s.adaptive and len(self.answers) >= s.min_answers
-                and certainty(self.answers, s.comparer) >= s.certainty_threshold):
-            return "certain"
-        if self.live:
-            return None
-        if s.adaptive and self.launched < s.max_samples:
-            self.launch(controller, engine, min(s.samples_per_round, s.max_samples - self.launched))
-            return None
-        return "completed"
+        if s.adaptive and len(self.answers) >= s.min_answers:
+            if certainty(self.answers, s.comparer) >= s.certainty_threshold:
+                return "certain"
+            if self.decided():
+                return "decided"
+        more = self.next_round() if s.adaptive else 0
+        if more:
+            self.launch(controller, engine, more)
+        return None if self.live else "completed"
+
+    def decided(self) -> bool:
+        """Whether the vote is settled: the leading answer's lead over the runner-up is more than the samples
+        still to come (running or not yet started), so waiting for them cannot change the majority."""
+        to_come = len(self.live) + self.spec.max_samples - self.launched
+        sizes = sorted((len(g) for g in clusters(self.answers, self.spec.comparer)
+                        if self.answers[g[0]] is not None), reverse=True) + [0, 0]
+        return to_come > 0 and sizes[0] > sizes[1] + to_come
+
+    def next_round(self) -> int:
+        """How many samples to start now. Escalating, once `min_answers` have finished without certainty (the
+        caller checked it) every remaining sample starts at once, without waiting for the stragglers: a program
+        takes at most two rounds, where rounds of `samples_per_round` took up to max_samples / samples_per_round
+        serial generations, the latency floor that kept Dynasor from any online SLO. Otherwise a round of
+        `samples_per_round` starts when no sample is running."""
+        s = self.spec
+        left = s.max_samples - self.launched
+        if s.escalate and len(self.answers) >= s.min_answers:
+            return left
+        return 0 if self.live else min(s.samples_per_round, left)
 
     def result(self, reason: str, now: float, error: str | None) -> ProgramResult:
         s = self.spec
@@ -230,10 +250,12 @@ class ProgramController:
         engine = self.engine
         if engine.tokenizer is None:
             raise GlassboxError("reasoning programs read answers from text: the model has no tokenizer.json")
+        engine.validate_prompt(spec.prompt_ids, SamplingParams(max_tokens=spec.max_tokens))
         cap = engine.config.max_num_seqs
         together = 1
         if isinstance(spec, SelfConsistency):
-            together = max(spec.initial_samples, spec.samples_per_round) if spec.adaptive else spec.max_samples
+            rounds = spec.adaptive and not spec.escalate
+            together = max(spec.initial_samples, spec.samples_per_round) if rounds else spec.max_samples
             if together > cap:
                 raise ProgramError("max_samples", f"{together} samples would be admitted together, more than the "
                                    f"engine's max_num_seqs = {cap}")
@@ -243,7 +265,6 @@ class ProgramController:
             raise ProgramError("max_samples" if together > 1 else "max_tokens",
                                f"{together} x {len(spec.prompt_ids)} + {spec.max_tokens} tokens would need {blocks} "
                                f"KV blocks together, the engine has {engine.blocks.num_blocks}")
-        engine.validate_prompt(spec.prompt_ids, SamplingParams(max_tokens=spec.max_tokens))
 
     def submit(self, program_id: str, spec: Program, on_done: OnDone | None = None,
                arrival_time: float | None = None) -> None:

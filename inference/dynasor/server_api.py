@@ -43,6 +43,7 @@ class ProgramOptions(BaseModel):
     adaptive: bool = True
     initial_samples: int = 2
     samples_per_round: int = 2
+    escalate: bool = True
     min_answers: int = 2
     certainty_threshold: float = 1.0
     probes: bool = True
@@ -87,7 +88,8 @@ def build_program(options: ProgramOptions, prompt_ids: list[int], n: int, max_to
     if options.type == "self_consistency":
         return SelfConsistency(**common, max_samples=options.max_samples or n, adaptive=options.adaptive,
                                initial_samples=options.initial_samples, samples_per_round=options.samples_per_round,
-                               min_answers=options.min_answers, certainty_threshold=options.certainty_threshold)
+                               escalate=options.escalate, min_answers=options.min_answers,
+                               certainty_threshold=options.certainty_threshold)
     cot = dict(probes=options.probes, probe_interval=options.probe_interval, probe_tokens=options.probe_tokens,
                probe_window=options.probe_window, probe_temperature=options.probe_temperature,
                probe_top_p=options.probe_top_p)

@@ -1,9 +1,13 @@
 """The reasoning tasks Dynasor's model is trained and measured on: reasoning-gym's seeded generators, each with
-an exact scorer, written out as worked solutions that end in the answer cue's format.
+an exact scorer, written out as worked solutions that close in the probe cue's format (`PROBE_CUE`).
 
-A worked solution computes the answer step by step, states it, then checks it by redoing the work before the
-final box, as reasoning models do: the check rarely changes the answer, which is what probes exploit (a probe
-after the first pass already answers right, so the check's tokens can be saved).
+A worked solution computes the answer once, states it, then checks it twice more by other routes (another order
+of the terms, another split of the factors) before the final box, as reasoning models do. The checks never change
+the answer, which is what probes exploit: a probe after the first pass already answers right, so the checks'
+tokens can be saved. The first pass is about a quarter of a solution of 180 to 430 SmolLM2 tokens (median about
+340), so a probe every 16 to 32 tokens (each about 8 tokens: a 4-token cue, the answer, its brace) can stop a
+generation with most of it unwritten; on the earlier solutions of about 90 tokens the probes cost more than they
+saved.
 
 Splits are held out two ways: the evaluation split draws from other seeds than any training shard, and its
 prompts use a template no training prompt uses; training questions that also occur in the evaluation split are
@@ -19,60 +23,128 @@ from typing import Any, Callable
 
 from glassbox.atomic import write_text
 from glassbox.errors import GlassboxError
-from glassbox.inference.dynasor.answers import TaskComparer
+from glassbox.inference.dynasor.answers import BOXED, TaskComparer
 
 TRAIN_TEMPLATES = ("Question: {q}\nAnswer:", "Problem: {q}\nSolution:", "Task: {q}\nWorking:")
 EVAL_TEMPLATES = ("Exercise: {q}\nAnswer:",)
 # Dataset seeds: training shards count up from TRAIN_SEED, the evaluation split has its own.
 TRAIN_SEED = 1000
 EVAL_SEED = 7
-FINAL = "**Final Answer** \\boxed{"
+# The model closes with " \boxed{N}", so a probe asks with the same 4 SmolLM2 tokens (the reference's "... **Final
+# Answer** \boxed{" is 9: most of the 12.7 tokens a probe cost on the H200).
+PROBE_CUE = " " + BOXED
 
 
-def _terms(expression: str) -> tuple[list[int], list[str]]:
+@dataclass(frozen=True)
+class Pass:
+    """One route through the computation: how it goes (`how`, a phrase), its steps, and the value they reach."""
+
+    how: str
+    steps: list[str]
+    value: int
+
+
+def _signed_terms(expression: str) -> list[int]:
+    """ "55 - 98 + 93" -> [55, -98, 93]."""
     parts = expression.split()
-    return [int(p) for p in parts[0::2]], parts[1::2]
+    terms = [int(parts[0])]
+    for op, n in zip(parts[1::2], parts[2::2]):
+        terms.append(int(n) if op == "+" else -int(n))
+    return terms
 
 
-def chain_sum_steps(expression: str) -> tuple[list[str], int]:
-    """Left to right: "55 - 98 = -43", "-43 + 93 = 50", ..."""
-    numbers, ops = _terms(expression)
-    value, steps = numbers[0], []
-    for op, n in zip(ops, numbers[1:]):
-        new = value + n if op == "+" else value - n
-        steps.append(f"{value} {op} {n} = {new}")
+def _accumulate(terms: list[int]) -> tuple[list[str], int]:
+    """Signed terms added one at a time: [55, -98, 93] -> "55 - 98 = -43", "-43 + 93 = 50"."""
+    value, steps = terms[0], []
+    for n in terms[1:]:
+        new = value + n
+        steps.append(f"{value} {'+' if n >= 0 else '-'} {abs(n)} = {new}")
         value = new
     return steps, value
 
 
-def products_steps(expression: str) -> tuple[list[str], int]:
-    """By place value of the second factor: "98 * 93 = 98 * 90 + 98 * 3", "= 8820 + 294", "= 9114"."""
-    numbers, _ = _terms(expression)
-    value = numbers[0]
-    steps = []
-    for n in numbers[1:]:
-        digits = str(abs(n))
-        parts = [int(d) * 10 ** (len(digits) - 1 - i) for i, d in enumerate(digits) if d != "0"] or [0]
-        sign = -1 if n < 0 else 1
-        if len(parts) == 1:
-            steps.append(f"{value} * {n} = {value * n}")
-        else:
-            steps.append(f"{value} * {n} = " + " + ".join(f"{value} * {sign * p}" for p in parts))
-            steps.append("= " + " + ".join(str(value * sign * p) for p in parts) + f" = {value * n}")
+def chain_sum_steps(expression: str) -> tuple[list[str], int]:
+    """Left to right: "55 - 98 = -43", "-43 + 93 = 50", ..."""
+    return _accumulate(_signed_terms(expression))
+
+
+def chain_sum_passes(expression: str) -> list[Pass]:
+    """Left to right; then right to left; then the positive and the negative terms apart."""
+    terms = _signed_terms(expression)
+    steps, value = chain_sum_steps(expression)
+    back, _ = _accumulate(terms[::-1])
+    return [Pass("from the first term to the last", steps, value),
+            Pass("from the last term back to the first", back, value),
+            Pass("with the positive and the negative terms apart", _by_sign(terms), value)]
+
+
+def _by_sign(terms: list[int]) -> list[str]:
+    """The positive terms' sum, the negative terms' sum, their difference (all three as steps)."""
+    plus, minus = [t for t in terms if t >= 0], [-t for t in terms if t < 0]
+    plus_steps, plus_sum = _accumulate(plus) if plus else ([], 0)
+    if not minus:
+        return [*plus_steps, f"every term is added, so the total is {plus_sum}"]
+    minus_steps, minus_sum = _accumulate(minus)
+    return [*plus_steps, f"the positive terms make {plus_sum}", *minus_steps,
+            f"the negative terms make {minus_sum}", f"{plus_sum} - {minus_sum} = {plus_sum - minus_sum}"]
+
+
+def _place_parts(n: int) -> list[int]:
+    """The place values of `n`'s nonzero digits, signed: 93 -> [90, 3], -40 -> [-40]; 0 -> [0]."""
+    digits, sign = str(abs(n)), -1 if n < 0 else 1
+    return [sign * int(d) * 10 ** (len(digits) - 1 - i) for i, d in enumerate(digits) if d != "0"] or [0]
+
+
+def _times(value: int, n: int, split_first: bool) -> list[str]:
+    """`value * n` by the place values of one factor, `n` or `value`: "98 * 93 = 98 * 90 + 98 * 3 = 8820 + 294 =
+    9114"; more than two partial products are then added one at a time, as steps of their own."""
+    pairs = [(a, n) for a in _place_parts(value)] if split_first else [(value, b) for b in _place_parts(n)]
+    if len(pairs) == 1:
+        return [f"{value} * {n} = {value * n}"]
+    partials = [a * b for a, b in pairs]
+    split = f"{value} * {n} = " + " + ".join(f"{a} * {b}" for a, b in pairs) + " = " + " + ".join(map(str, partials))
+    if len(partials) == 2:
+        return [f"{split} = {value * n}"]
+    return [split, *_accumulate(partials)[0]]
+
+
+def _product(factors: list[int], split_first: bool) -> tuple[list[str], int]:
+    value, steps = factors[0], []
+    for n in factors[1:]:
+        steps += _times(value, n, split_first)
         value *= n
     return steps, value
 
 
+def products_steps(expression: str) -> tuple[list[str], int]:
+    """By place value of each next factor: "98 * 93 = 98 * 90 + 98 * 3 = 8820 + 294 = 9114"."""
+    return _product([int(p) for p in expression.split()[0::2]], split_first=False)
+
+
+def products_passes(expression: str) -> list[Pass]:
+    """Splitting each next factor by place value; the factors in reverse order; splitting the product so far."""
+    factors = [int(p) for p in expression.split()[0::2]]
+    steps, value = _product(factors, split_first=False)
+    return [Pass("splitting each next factor by place value", steps, value),
+            Pass("with the factors in reverse order", _product(factors[::-1], split_first=False)[0], value),
+            Pass("splitting the product so far by place value", _product(factors, split_first=True)[0], value)]
+
+
 @dataclass(frozen=True)
 class Task:
+    """A reasoning-gym dataset, its generator options, and the routes of its worked solutions (the first
+    computes the answer, the others check it)."""
+
     name: str
     options: dict[str, Any]
-    steps: Callable[[str], tuple[list[str], int]]
+    passes: Callable[[str], list[Pass]]
 
 
+# Long enough chains that the checks are most of a solution (tests/inference/test_dynasor_tasks.py holds the
+# lengths): 5 to 8 terms; three two-digit factors.
 TASKS = {
-    "chain_sum": Task("chain_sum", dict(min_terms=3, max_terms=5, min_digits=1, max_digits=2), chain_sum_steps),
-    "products": Task("products", dict(min_terms=2, max_terms=2, min_digits=1, max_digits=2), products_steps),
+    "chain_sum": Task("chain_sum", dict(min_terms=5, max_terms=8, min_digits=1, max_digits=2), chain_sum_passes),
+    "products": Task("products", dict(min_terms=3, max_terms=3, min_digits=2, max_digits=2), products_passes),
 }
 
 
@@ -97,11 +169,14 @@ class Problem:
 
 
 def worked_solution(task: Task, expression: str) -> str:
-    """The training target: steps, the answer stated, the check, the final box."""
-    steps, value = task.steps(expression)
-    first = ". ".join(steps)
-    return (f" {first}. So the answer is {value}. Let me check it again: {', '.join(steps)}. "
-            f"Yes, it is {value}. {FINAL}{value}}}")
+    """The training target: the first pass, the answer stated, the checks, the final box in the probe's format."""
+    first, *checks = task.passes(expression)
+    value = first.value
+    text = f" {first.how[0].upper()}{first.how[1:]}: {'. '.join(first.steps)}. So the answer is {value}."
+    for i, check in enumerate(checks):
+        opening = "Let me check it again" if i == 0 else "And once more"
+        text += f" {opening}, {check.how}: {', '.join(check.steps)}."
+    return f"{text} Yes, it is {value}.{PROBE_CUE}{value}}}"
 
 
 def _dataset(task: Task, size: int, seed: int):
