@@ -5,17 +5,20 @@ validation loss and next-token accuracy on the data directory's validation split
 reasoning-gym arithmetic problems (bench/stun_corpus.py; greedy, scored by reasoning-gym's scorer when it is
 installed, else by exact match of the answer, which is what that scorer gives 1.0 for). STUN runs once more per
 sparsity with each --compare-similarity distance (default: the paper's plain co-selection, as `stun_coselect`),
-so the default distance and the paper's are measured on the same model and windows. Then the cost of stage 1
-(wall time and forward passes) for the model and for a 2x-experts copy of it (each expert duplicated with a little
-noise, router rows too): the passes do not grow with the expert count. Then serving through the engine, dense vs
-pruned at one sparsity: weight memory and decode throughput. Expert pruning removes whole experts, so the weights
-shrink and each routed token's work is unchanged; unstructured sparsity stores zeros in dense tensors, so it saves
-neither memory nor time with dense kernels, and this bench measures exactly that rather than assuming it.
+so the default distance and the paper's are measured on the same model and windows; with --owl, STUN and Wanda
+once more with OWL's per-layer ratios (`stun_owl`, `unstructured_owl`). STUN's fraction of experts kept is chosen
+per model and sparsity by `--experts-keep auto` (glassbox.pruning.auto_keep; the default `--stun-expert-share
+auto`), or fixed at 1 - share x S with a number. Then the cost of stage 1 (wall time and forward passes, and the
+auto search's) for the model and for a 2x-experts copy of it (each expert duplicated with a little noise, router
+rows too): the passes do not grow with the expert count. Then serving through the engine, dense vs pruned at one
+sparsity: weight memory and decode throughput. Expert pruning removes whole experts, so the weights shrink and
+each routed token's work is unchanged; unstructured sparsity stores zeros in dense tensors, so it saves neither
+memory nor time with dense kernels, and this bench measures exactly that rather than assuming it.
 
-    python bench/stun.py --model-dir HF_DIR --data DATA_DIR [--device cuda] [--out-name stun_h200]
+    python bench/stun.py --model-dir HF_DIR --data DATA_DIR [--device cuda] [--owl] [--out-name NAME]
 
 Writes bench/results/<out-name>.json (summary: val_loss keyed by sparsity "0.2".."0.6" and method, plus dense),
-.md and .png.
+.md and .png; the out name defaults to `stun` on a GPU and `stun_cpu` on the CPU.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ from glassbox.models.transformer import Transformer  # noqa: E402
 from glassbox.pruning.calibration import token_windows  # noqa: E402
 from glassbox.pruning.expert_drop import drop_experts  # noqa: E402
 from glassbox.pruning.output import write_pruned_dir  # noqa: E402
-from glassbox.pruning.prune import METHODS, SIMILARITIES, PruneOptions, cluster_experts, prune  # noqa: E402
+from glassbox.pruning.prune import (  # noqa: E402
+    METHODS, SIMILARITIES, ExpertsKeep, PruneOptions, auto_experts_keep, cluster_experts, prune)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -118,8 +122,10 @@ def upcycled(model: Transformer, factor: int, seed: int) -> Transformer:
     return big
 
 
-def stage1_cost(model: Transformer, calib: torch.Tensor, keep: float, device: torch.device) -> dict:
-    """Wall time and forward passes of stage 1, co-selection and router-weight variants."""
+def stage1_cost(model: Transformer, calib: torch.Tensor, keep: float, device: torch.device,
+                auto_sparsity: float | None) -> dict:
+    """Wall time and forward passes of stage 1, co-selection and router-weight variants; and, given a sparsity,
+    of the auto search for the expert fraction there (its co-selection pass, Wanda passes and loss evaluations)."""
     out = {}
     for similarity in ("coselect-output", "router"):
         opts = PruneOptions("stun", 1.0 - keep, experts_keep=keep, similarity=similarity)
@@ -131,6 +137,10 @@ def stage1_cost(model: Transformer, calib: torch.Tensor, keep: float, device: to
             torch.cuda.synchronize(device)
         out[similarity] = {"seconds": time.perf_counter() - started, "forward_passes": cost["forward_passes"],
                            "search_iterations": cost["search_iterations"]}
+    if auto_sparsity is not None:
+        _, search = auto_experts_keep(model, calib, PruneOptions("stun", auto_sparsity, experts_keep="auto"))
+        out["auto"] = {"seconds": search["seconds"], "forward_passes": search["forward_passes"],
+                       "candidates": len(search["candidates"]), "chosen": search["chosen"]}
     return out
 
 
@@ -187,8 +197,7 @@ def run(args: argparse.Namespace) -> dict:
     items = load_tasks(args.task_items)
     scorer_name, score = scorer()
     sparsities = [float(s) for s in args.sparsities.split(",")]
-    # STUN once more per sparsity with each --compare-similarity distance, as method "stun_<distance>".
-    variants = {"stun": args.similarity} | {f"stun_{sim}": sim for sim in args.compare_similarity}
+    specs = variants(args)
 
     def evaluate(model: Transformer) -> dict:
         loss, acc = val_metrics(model, val, args.batch)
@@ -199,24 +208,24 @@ def run(args: argparse.Namespace) -> dict:
         layer.mlp.num_experts for layer in dense.layers)}]
     print(json.dumps(rows[-1]), flush=True)
     for s in sparsities:
-        for method in columns(args):
-            base_method = "stun" if method in variants else method
-            keep = 1.0 - args.stun_expert_share * s if base_method == "stun" else None
-            opts = PruneOptions(base_method, s, experts_keep=keep, similarity=variants.get(method, args.similarity),
-                                router=args.router, seed=args.seed, batch_size=args.batch)
+        for method, spec in specs.items():
             t0 = time.perf_counter()
-            pruned, report = prune(dense, calib, opts)
+            pruned, report = prune(dense, calib, options(args, spec, s))
             prune_s = time.perf_counter() - t0
+            search = report.stage1.get("keep_search")
             rows.append({"method": method, "sparsity": s, "achieved_sparsity": report.sparsity,
-                         "experts": sum(report.experts_after), "experts_keep": keep, "prune_seconds": prune_s,
-                         **evaluate(pruned)})
+                         "experts": sum(report.experts_after), "experts_keep": report.experts_keep,
+                         "prune_seconds": prune_s, **evaluate(pruned),
+                         **({"keep_search": {f"{c['keep']:g}": c["heldout_loss"] for c in search["candidates"]}}
+                            if search else {})})
             print(json.dumps(rows[-1]), flush=True)
             del pruned
 
-    keep = 1.0 - args.stun_expert_share * args.serve_sparsity
-    cost = {"experts_keep": keep, str(cfg.num_experts): stage1_cost(dense, calib, keep, device)}
+    keep = serve_keep(args, rows, dense, calib)
+    auto_sparsity = args.serve_sparsity if args.stun_expert_share == "auto" else None
+    cost = {"experts_keep": keep, str(cfg.num_experts): stage1_cost(dense, calib, keep, device, auto_sparsity)}
     big = upcycled(dense, 2, seed=0)
-    cost[str(2 * cfg.num_experts)] = stage1_cost(big, calib, keep, device)
+    cost[str(2 * cfg.num_experts)] = stage1_cost(big, calib, keep, device, auto_sparsity)
     del big
 
     prompts = [w[:32].tolist() for w in val[:args.serve_batch]]
@@ -225,10 +234,8 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {"dense": Path(args.model_dir)}
         for method in ("stun", "unstructured", "expert_only"):
-            k = keep if method == "stun" else None
-            pruned, report = prune(dense, calib, PruneOptions(method, args.serve_sparsity, experts_keep=k,
-                                                                similarity=args.similarity, router=args.router,
-                                                                seed=args.seed, batch_size=args.batch))
+            opts = options(args, specs[method], args.serve_sparsity, keep if method == "stun" else None)
+            pruned, report = prune(dense, calib, opts)
             dirs[method] = write_pruned_dir(pruned, Path(args.model_dir), Path(tmp) / method, report.to_dict())
             del pruned
         del dense
@@ -251,6 +258,7 @@ def run(args: argparse.Namespace) -> dict:
     summary = {
         "val_loss": val_loss,
         "task_accuracy": task,
+        "stun_experts_keep": {f"{r['sparsity']:g}": r["experts_keep"] for r in rows if r["method"] == "stun"},
         "stun_beats_unstructured_at_every_sparsity_ge_0.4": all(
             val_loss[k]["stun"] < val_loss[k]["unstructured"] for k in high),
         "stun_0.4_val_loss_vs_dense": (val_loss["0.4"]["stun"] / val_loss["dense"] - 1.0) if "0.4" in val_loss
@@ -274,13 +282,66 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def variants(args: argparse.Namespace) -> dict[str, dict]:
+    """The columns of the tables and how each prunes: the four methods, then STUN once more with each
+    --compare-similarity distance (`stun_<distance>`), then with --owl STUN and Wanda with OWL's ratios."""
+    specs = {m: {"method": m, "similarity": args.similarity, "owl": False} for m in METHODS}
+    specs |= {f"stun_{sim}": {"method": "stun", "similarity": sim, "owl": False} for sim in args.compare_similarity}
+    if getattr(args, "owl", False):
+        specs |= {f"{m}_owl": {"method": m, "similarity": args.similarity, "owl": True}
+                  for m in ("stun", "unstructured")}
+    return specs
+
+
 def columns(args: argparse.Namespace) -> list[str]:
-    """The methods of the tables: the four, then STUN with each compared distance."""
-    return [*METHODS, *(f"stun_{sim}" for sim in args.compare_similarity)]
+    return list(variants(args))
+
+
+def stun_keep(args: argparse.Namespace, sparsity: float) -> ExpertsKeep:
+    """STUN's --experts-keep at `sparsity`: auto, or 1 - share x S for a numeric --stun-expert-share."""
+    return "auto" if args.stun_expert_share == "auto" else 1.0 - args.stun_expert_share * sparsity
+
+
+def options(args: argparse.Namespace, spec: dict, sparsity: float, keep: float | None = None) -> PruneOptions:
+    """A column's pruning options at `sparsity`; `keep` fixes STUN's expert fraction (else stun_keep's)."""
+    experts_keep = (keep if keep is not None else stun_keep(args, sparsity)) if spec["method"] == "stun" else None
+    return PruneOptions(spec["method"], sparsity, experts_keep=experts_keep, similarity=spec["similarity"],
+                        router=args.router, owl=spec["owl"], seed=args.seed, batch_size=args.batch)
+
+
+def serve_keep(args: argparse.Namespace, rows: list[dict], dense: Transformer, calib: torch.Tensor) -> float:
+    """STUN's expert fraction at the serving sparsity: its table row's (with auto, the one chosen there), else
+    pruned once to find it."""
+    for r in rows:
+        if r["method"] == "stun" and r["sparsity"] == args.serve_sparsity:
+            return r["experts_keep"]
+    opts = options(args, variants(args)["stun"], args.serve_sparsity)
+    return prune(dense, calib, opts)[1].experts_keep
+
+
+def share_text(share: float | str) -> str:
+    if share == "auto":
+        return ("STUN's fraction of experts kept is chosen per sparsity by --experts-keep auto (the candidate in "
+                "[1 - S, 1], 1 = Wanda alone, with the lowest loss on a held-out quarter of the calibration windows)")
+    return f"STUN drops {share:g} x S of the experts, then Wanda takes the rest"
+
+
+def keep_table(rows: list[dict]) -> list[str]:
+    """The auto search per sparsity: the fraction STUN kept and each candidate's held-out loss."""
+    searched = [r for r in rows if r["method"] == "stun" and "keep_search" in r]
+    if not searched:
+        return []
+    lines = ["", "STUN's expert fraction by the auto search (held-out calibration loss per candidate fraction):", "",
+             "| sparsity | kept | experts | candidates |", "|---:|---:|---:|---|"]
+    for r in searched:
+        candidates = ", ".join(f"{k}: {v:.5f}" for k, v in r["keep_search"].items())
+        lines.append(f"| {r['sparsity']:g} | {r['experts_keep']:g} | {r['experts']} | {candidates} |")
+    return lines
 
 
 def markdown(result: dict) -> str:
     s = result["summary"]
+    auto = result["settings"]["stun_expert_share"] == "auto"
     methods = columns(argparse.Namespace(**result["settings"]))
     sparsities = [k for k in s["val_loss"] if k != "dense"]
     lines = [
@@ -292,10 +353,10 @@ def markdown(result: dict) -> str:
         f"Model: {result['model']['params'] / 1e6:.1f}M parameters "
         f"({result['model']['active_params'] / 1e6:.1f}M active), {result['model']['layers']} layers x "
         f"{result['model']['experts']} experts, top-{result['model']['top_k']}. Sparsity counts expert weights "
-        f"(dropped experts plus zeros in kept ones). STUN drops "
-        f"{result['settings']['stun_expert_share']:g} x S of the experts, then Wanda takes the rest; expert "
-        f"distance: {result['settings']['similarity']}, router rows: {result['settings']['router']}"
-        + "".join(f"; {m}: STUN with distance {m[len('stun_'):]}" for m in methods if m.startswith("stun_"))
+        f"(dropped experts plus zeros in kept ones). {share_text(result['settings']['stun_expert_share'])}; "
+        f"expert distance: {result['settings']['similarity']}, router rows: {result['settings']['router']}"
+        + "".join(f"; stun_{sim}: STUN with distance {sim}" for sim in result["settings"]["compare_similarity"])
+        + ("; stun_owl, unstructured_owl: with OWL's per-layer ratios" if result["settings"].get("owl") else "")
         + ". "
         f"Task: {result['task']['name']} ({result['task']['items']} held-out problems, scorer "
         f"{result['task']['scorer']}).",
@@ -307,6 +368,7 @@ def markdown(result: dict) -> str:
     ]
     for k in sparsities:
         lines.append(f"| {k} | " + " | ".join(f"{s['val_loss'][k][m]:.5f}" for m in methods) + " |")
+    lines += keep_table(result["rows"])
     lines += ["", f"Task accuracy (dense {s['task_accuracy']['dense']:.3f}):", "",
               "| sparsity | " + " | ".join(methods) + " |", "|---:|" + "---:|" * len(methods)]
     for k in sparsities:
@@ -315,14 +377,17 @@ def markdown(result: dict) -> str:
                   f"{s['stun_beats_unstructured_at_every_sparsity_ge_0.4']}; STUN at 0.4 vs dense loss: "
                   + (f"{100 * s['stun_0.4_val_loss_vs_dense']:+.2f}%" if s["stun_0.4_val_loss_vs_dense"] is not None
                      else "n/a"),
-              "", f"Stage 1 cost (keeping {result['stage1_cost']['experts_keep']:g} of the experts):", "",
-              "| experts per layer | co-selection pass s | forward passes | router-weight s | forward passes |",
-              "|---:|---:|---:|---:|---:|"]
+              "", f"Stage 1 cost (keeping {result['stage1_cost']['experts_keep']:g} of the experts"
+                  + (f"; the auto search at S = {s['serving_sparsity']:g}" if auto else "") + "):", "",
+              "| experts per layer | co-selection pass s | forward passes | router-weight s | forward passes |"
+              + (" auto search s | forward passes |" if auto else ""),
+              "|---:|---:|---:|---:|---:|" + ("---:|---:|" if auto else "")]
     for e, c in result["stage1_cost"].items():
         if e == "experts_keep":
             continue
         lines.append(f"| {e} | {c['coselect-output']['seconds']:.2f} | {c['coselect-output']['forward_passes']} | "
-                     f"{c['router']['seconds']:.3f} | {c['router']['forward_passes']} |")
+                     f"{c['router']['seconds']:.3f} | {c['router']['forward_passes']} |"
+                     + (f" {c['auto']['seconds']:.2f} | {c['auto']['forward_passes']} |" if auto else ""))
     lines += ["", f"Serving at sparsity {s['serving_sparsity']:g} through the engine (greedy decode, "
                   f"{result['settings']['serve_batch']} sequences x {result['settings']['new_tokens']} tokens, median "
                   f"of {result['settings']['serve_repeats']} interleaved rounds, "
@@ -361,20 +426,36 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def expert_share(text: str) -> float | str:
+    """--stun-expert-share: 'auto' or a share in [0, 1]."""
+    if text == "auto":
+        return text
+    try:
+        share = float(text)
+    except ValueError:
+        share = float("nan")
+    if not 0.0 <= share <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a share in [0, 1] or 'auto'")
+    return share
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", type=Path, required=True, help="the trained MoE (HF directory, with tokenizer)")
     p.add_argument("--data", type=Path, required=True, help="its prepared data directory (train and valid splits)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--sparsities", default="0.2,0.3,0.4,0.5,0.6")
-    p.add_argument("--stun-expert-share", type=float, default=0.25,
-                   help="STUN removes this share of the target sparsity as whole experts (experts_keep = 1 - x S)")
+    p.add_argument("--stun-expert-share", type=expert_share, default="auto",
+                   help="STUN removes this share of the target sparsity as whole experts (experts_keep = 1 - x S), "
+                        "or 'auto': --experts-keep auto chooses the fraction per sparsity (default: auto)")
     p.add_argument("--similarity", choices=SIMILARITIES, default="coselect-output",
                    help="stage 1's expert distance for stun and expert_only (default: coselect-output)")
     p.add_argument("--compare-similarity", type=lambda v: [x for x in v.split(",") if x], default=["coselect"],
                    help="comma-separated distances to run STUN with as well, as methods stun_<distance> "
                         "(default: coselect, the paper's plain co-selection; '' for none)")
     p.add_argument("--router", choices=["keep", "mean"], default="keep")
+    p.add_argument("--owl", action="store_true",
+                   help="also STUN and Wanda with OWL's per-layer ratios, as methods stun_owl and unstructured_owl")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--val-windows", type=int, default=128)
@@ -386,8 +467,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: a shared box)")
-    p.add_argument("--out-name", default="stun")
+    p.add_argument("--out-name", default=None, help="results name (default: stun on a GPU, stun_cpu on the CPU)")
     args = p.parse_args(argv)
+    if args.out_name is None:
+        args.out_name = "stun_cpu" if torch.device(args.device).type == "cpu" else "stun"
     torch.set_num_threads(args.threads)
     result = run(args)
     RESULTS.mkdir(exist_ok=True)

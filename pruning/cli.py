@@ -1,4 +1,8 @@
-"""`glassbox prune stun|unstructured|expert-only|random MODEL_DIR --sparsity S --calib DATA --out DIR`."""
+"""`glassbox prune stun|unstructured|expert-only|random MODEL_DIR --sparsity S --calib DATA --out DIR`.
+
+The printed summary carries `experts_keep`, the fraction of experts kept; for stun's `--experts-keep auto` it is
+the chosen one, with every candidate's held-out loss beside it (`keep_search`).
+"""
 
 from __future__ import annotations
 
@@ -25,8 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         m.add_argument("--sparsity", type=float, required=True,
                        help="fraction of the expert weights to remove, in [0, 1)")
         if name == "stun":
-            m.add_argument("--experts-keep", type=float, required=True,
-                           help="fraction of all experts stage 1 keeps, in (0, 1] and at least 1 - sparsity")
+            m.add_argument("--experts-keep", default="auto",
+                           help="fraction of all experts stage 1 keeps, in (0, 1] and at least 1 - sparsity; or "
+                                "'auto': the candidate in [1 - sparsity, 1] (1 = Wanda alone) with the lowest loss "
+                                "on a held-out quarter of the calibration windows (default: auto)")
         if name in ("stun", "expert-only"):
             m.add_argument("--similarity", choices=["coselect-output", "coselect", "router"],
                            default="coselect-output",
@@ -54,12 +60,13 @@ def _prune(args: argparse.Namespace) -> int:
     from glassbox.checkpoints.hf_format import load_hf_model_dir
     from glassbox.pruning.calibration import token_windows
     from glassbox.pruning.output import write_pruned_dir
-    from glassbox.pruning.prune import PruneOptions, check_options, prune
+    from glassbox.pruning.prune import PruneOptions, check_options, parse_experts_keep, prune
 
     torch.manual_seed(args.seed)
+    experts_keep = parse_experts_keep(args.experts_keep) if args.method == "stun" else None
     model, cfg = load_hf_model_dir(args.model_dir, dtype=torch.float32, device=args.device)
     opts = PruneOptions(method=_METHODS[args.method], sparsity=args.sparsity,
-                        experts_keep=getattr(args, "experts_keep", None),
+                        experts_keep=experts_keep,
                         similarity=getattr(args, "similarity", "coselect-output"),
                         router=getattr(args, "router", "keep"),
                         owl=getattr(args, "owl", False), seed=args.seed)
@@ -71,6 +78,10 @@ def _prune(args: argparse.Namespace) -> int:
         windows = torch.zeros(0, 1, dtype=torch.long)
     pruned, report = prune(model, windows, opts)
     write_pruned_dir(pruned, args.model_dir, args.out, report.to_dict())
-    summary = {k: report.to_dict()[k] for k in ("method", "sparsity", "experts_before", "experts_after")}
+    summary = {k: report.to_dict()[k]
+               for k in ("method", "sparsity", "experts_before", "experts_after", "experts_keep")}
+    if "keep_search" in report.stage1:                  # auto: each candidate fraction's held-out loss
+        candidates = report.stage1["keep_search"]["candidates"]
+        summary["keep_search"] = {f"{c['keep']:g}": c["heldout_loss"] for c in candidates}
     print(json.dumps({"out": str(args.out), **summary}))
     return 0

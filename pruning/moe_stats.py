@@ -2,8 +2,15 @@
 
 Forward pre-hooks on each MoE layer see exactly the hidden states the layer routes, so the statistics come from
 the model's own forward, not a re-implementation of it. Co-selection: C[i, j] = tokens whose top-k holds both i
-and j (C[i, i]: tokens routed to i). Wanda's input norms: per expert, the sum over its routed tokens of the squared
-input of gate/up (the hidden state) and of down (silu(gate) * up), so each expert is scored on its own traffic.
+and j (C[i, i]: tokens routed to i).
+
+Wanda's input norms: per expert, over its routed tokens, the sum of w^2 x (input)^2, where w is the token's routing
+weight for that expert, the input of gate/up is the hidden state h and that of down is act = silu(gate h) * up h.
+The layer adds w x expert(h) to the residual stream, so what a weight of the expert is worth to the output scales
+with w: for down, w x down(act) = down(w x act) exactly, so its input is w x act; for up (and gate, to first
+order) zeroing W_ij moves the output by w x (...) x h_j. Wanda's ||X_j|| is therefore the norm of w x h_j (of
+w x act_j) over the tokens. Unweighted, a token the expert barely serves (w near 0) would count as much as one it
+serves alone, and weights that only matter to such tokens would be kept at the expense of ones that matter.
 Contribution: per expert, the sum over its tokens of routing weight x the norm of its output, what the layer's
 output would lose without it: it weights the co-selection distance (glassbox.pruning.expert_similarity) and breaks
 stage 1's ties between experts its distances cannot tell apart.
@@ -23,8 +30,8 @@ from glassbox.models.transformer import MoE, Transformer
 class LayerStats:
     coselect: torch.Tensor              # [E, E] float64 co-selection counts
     contribution: torch.Tensor          # [E] float64 sum of routing weight x output norm
-    input_sq: torch.Tensor | None       # [E, hidden] sum of squared gate/up inputs per expert
-    hidden_sq: torch.Tensor | None      # [E, intermediate] sum of squared down inputs per expert
+    input_sq: torch.Tensor | None       # [E, hidden] sum of w^2 x squared gate/up inputs per expert
+    hidden_sq: torch.Tensor | None      # [E, intermediate] sum of w^2 x squared down inputs per expert
     tokens: int = 0                     # calibration tokens the layer routed
 
 
@@ -66,8 +73,9 @@ def collect_stats(model: Transformer, windows: torch.Tensor, batch_size: int = 8
                 w = (weights * hit).sum(dim=-1)[idx].double()
                 stats[i].contribution[e] += (w * out.double().norm(dim=-1)).sum()
                 if activations:
-                    stats[i].input_sq[e] += h.double().pow(2).sum(0)
-                    stats[i].hidden_sq[e] += act.double().pow(2).sum(0)
+                    w2 = w.pow(2)[:, None]
+                    stats[i].input_sq[e] += (w2 * h.double().pow(2)).sum(0)
+                    stats[i].hidden_sq[e] += (w2 * act.double().pow(2)).sum(0)
         return hook
 
     handles = [moe.register_forward_pre_hook(hook_for(i, moe)) for i, moe in enumerate(_moe_layers(model))]

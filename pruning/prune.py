@@ -6,6 +6,9 @@ Attention, router, norms and embeddings are never pruned, so every method is com
 
 - stun: stage 1 keeps `experts_keep` of all experts (clustering, glassbox.pruning.expert_clustering), stage 2
   Wanda-prunes the survivors to whatever is left of the target: s2 = 1 - (1 - S) / (fraction of experts kept).
+  `experts_keep="auto"` chooses the fraction per model (glassbox.pruning.auto_keep): a few candidates in
+  [1 - S, 1], 1.0 (plain Wanda) among them, each pruned on 3/4 of the calibration windows and scored by its loss on
+  the rest; the lowest loss wins, and the model is then pruned at that fraction on all the windows.
 - unstructured: Wanda on every expert at S (no expert removed).
 - expert_only: stage 1 alone, keeping 1 - S of the experts.
 - random: 1 - S of each layer's experts, drawn uniformly with the seed.
@@ -16,7 +19,8 @@ distance each cluster keeps the member that leaves the least output behind when 
 to it (expert_clustering.cheapest_keeper); with the others, the member nearest the centroid.
 
 Forward passes: co-selection needs one calibration pass (the router variant none); Wanda needs one more, over
-the model it prunes (after stage 1 the routing has changed). Neither grows with the expert count.
+the model it prunes (after stage 1 the routing has changed). `auto` adds one co-selection pass plus, per
+candidate, one Wanda pass and one loss evaluation. None of these grows with the expert count.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 
 from glassbox.errors import GlassboxError
 from glassbox.models.transformer import Transformer
+from glassbox.pruning.auto_keep import candidate_keeps, choose_keep, split_windows
 from glassbox.pruning.expert_clustering import cheapest_keeper, global_clusters, representative
 from glassbox.pruning.expert_drop import RouterMode, drop_experts
 from glassbox.pruning.expert_similarity import coselection_distance, output_weighted_distance, router_distance
@@ -39,13 +44,14 @@ Method = Literal["stun", "unstructured", "expert_only", "random"]
 Similarity = Literal["coselect-output", "coselect", "router"]
 SIMILARITIES: tuple[Similarity, ...] = ("coselect-output", "coselect", "router")
 METHODS: tuple[Method, ...] = ("stun", "unstructured", "expert_only", "random")
+ExpertsKeep = float | Literal["auto"]
 
 
 @dataclass
 class PruneOptions:
     method: Method
     sparsity: float
-    experts_keep: float | None = None                      # stun: the fraction of experts stage 1 keeps
+    experts_keep: ExpertsKeep | None = None                # stun: the fraction of experts stage 1 keeps, or "auto"
     similarity: Similarity = "coselect-output"
     router: RouterMode = "keep"
     owl: bool = False
@@ -60,12 +66,26 @@ class PruneReport:
     sparsity: float                     # achieved, over the original expert weights
     experts_before: list[int]
     experts_after: list[int]
+    experts_keep: float | None          # the fraction of experts stage 1 aimed at (stun: given or chosen by auto)
     kept: list[list[int]]               # per layer, the original ids of the experts kept
     stage1: dict = field(default_factory=dict)
     stage2: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def parse_experts_keep(text: str) -> ExpertsKeep:
+    """`--experts-keep`'s value: 'auto' or a number in (0, 1]."""
+    if text == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 1.0:
+        raise GlassboxError(f"--experts-keep {text!r}: must be a number in (0, 1] or 'auto'")
+    return value
 
 
 def check_options(model: Transformer, opts: PruneOptions) -> None:
@@ -76,9 +96,9 @@ def check_options(model: Transformer, opts: PruneOptions) -> None:
         raise GlassboxError(f"pruning: unknown method {opts.method!r} (one of {', '.join(METHODS)})")
     if not 0.0 <= opts.sparsity < 1.0:
         raise GlassboxError(f"--sparsity {opts.sparsity}: must be in [0, 1)")
-    if opts.method == "stun":
-        if opts.experts_keep is None or not 0.0 < opts.experts_keep <= 1.0:
-            raise GlassboxError(f"--experts-keep {opts.experts_keep}: must be in (0, 1] for stun")
+    if opts.method == "stun" and opts.experts_keep != "auto":
+        if not isinstance(opts.experts_keep, (int, float)) or not 0.0 < opts.experts_keep <= 1.0:
+            raise GlassboxError(f"--experts-keep {opts.experts_keep!r}: must be a number in (0, 1] or 'auto' for stun")
         if opts.experts_keep < 1.0 - opts.sparsity:
             raise GlassboxError(f"--experts-keep {opts.experts_keep} removes more experts than --sparsity "
                                 f"{opts.sparsity} allows (keep at least {1.0 - opts.sparsity:g})")
@@ -87,7 +107,7 @@ def check_options(model: Transformer, opts: PruneOptions) -> None:
     if opts.router not in ("keep", "mean"):
         raise GlassboxError(f"--router {opts.router!r}: keep or mean")
     keep = _structured_keep_fraction(opts)
-    if keep is not None:
+    if keep not in (None, "auto"):
         total = sum(cfg.experts_in_layer(i) for i in range(cfg.num_layers))
         floor = sum(cfg.top_k_in_layer(i) for i in range(cfg.num_layers))
         target = round(keep * total)
@@ -96,7 +116,7 @@ def check_options(model: Transformer, opts: PruneOptions) -> None:
                                 f"(at least {floor}: each layer routes each token to its top-k experts)")
 
 
-def _structured_keep_fraction(opts: PruneOptions) -> float | None:
+def _structured_keep_fraction(opts: PruneOptions) -> ExpertsKeep | None:
     return {"stun": opts.experts_keep, "expert_only": 1.0 - opts.sparsity, "random": 1.0 - opts.sparsity}.get(
         opts.method)
 
@@ -110,35 +130,56 @@ def _nonzero_expert_weights(model: Transformer) -> int:
                for p in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj))
 
 
-def cluster_experts(model: Transformer, windows: torch.Tensor, keep: float, opts: PruneOptions
-                    ) -> tuple[list[list[int]], list[list[list[int]]], dict]:
-    """Stage 1: per layer the kept expert ids and, aligned, the cluster each stands for; plus its cost."""
-    cfg = model.config
+@dataclass
+class ExpertDistances:
+    """Stage 1's input, from at most one calibration pass: per layer the distances the clustering cuts, and what
+    picks each cluster's keeper (plain co-selection distances and contributions; None for router distance)."""
+    dists: list[torch.Tensor]
+    cosine: list[torch.Tensor] | None
+    contribution: list[torch.Tensor] | None
+    forward_passes: int
+    seconds: float
+
+
+def expert_distances(model: Transformer, windows: torch.Tensor, opts: PruneOptions) -> ExpertDistances:
     started = time.perf_counter()
-    passes = 0
-    contribution = None
     if opts.similarity == "router":
         dists = [router_distance(layer.mlp.router.weight.detach()).cpu() for layer in model.layers]
-    else:
-        stats = collect_stats(model, windows, opts.batch_size, activations=False)
-        passes = 1
-        contribution = [s.contribution.cpu() for s in stats]
-        cosine = [coselection_distance(s.coselect).cpu() for s in stats]
-        dists = cosine if opts.similarity == "coselect" else [
-            output_weighted_distance(s.coselect, s.contribution, s.tokens).cpu() for s in stats]
-    total = sum(d.shape[0] for d in dists)
-    target = round(keep * total)
-    result = global_clusters(dists, target, [cfg.top_k_in_layer(i) for i in range(cfg.num_layers)])
+        return ExpertDistances(dists, None, None, 0, time.perf_counter() - started)
+    stats = collect_stats(model, windows, opts.batch_size, activations=False)
+    contribution = [s.contribution.cpu() for s in stats]
+    cosine = [coselection_distance(s.coselect).cpu() for s in stats]
+    dists = cosine if opts.similarity == "coselect" else [
+        output_weighted_distance(s.coselect, s.contribution, s.tokens).cpu() for s in stats]
+    return ExpertDistances(dists, cosine, contribution, 1, time.perf_counter() - started)
+
+
+def clusters_at(model: Transformer, distances: ExpertDistances, keep: float, opts: PruneOptions
+                ) -> tuple[list[list[int]], list[list[list[int]]], dict]:
+    """Stage 1 from `distances`: per layer the kept expert ids and, aligned, the cluster each stands for; plus
+    its cost (the distances' pass included)."""
+    cfg = model.config
+    started = time.perf_counter()
+    target = round(keep * sum(d.shape[0] for d in distances.dists))
+    result = global_clusters(distances.dists, target, [cfg.top_k_in_layer(i) for i in range(cfg.num_layers)])
     kept = []
     for i, clusters in enumerate(result.clusters):
         if opts.similarity == "coselect-output":
-            kept.append([cheapest_keeper(c, cosine[i], contribution[i]) for c in clusters])
+            kept.append([cheapest_keeper(c, distances.cosine[i], distances.contribution[i]) for c in clusters])
         else:
-            kept.append([representative(c, dists[i], contribution[i] if contribution else None) for c in clusters])
-    cost = {"seconds": time.perf_counter() - started, "forward_passes": passes, "similarity": opts.similarity,
+            gain = distances.contribution[i] if distances.contribution else None
+            kept.append([representative(c, distances.dists[i], gain) for c in clusters])
+    cost = {"seconds": distances.seconds + time.perf_counter() - started,
+            "forward_passes": distances.forward_passes, "similarity": opts.similarity,
             "threshold": result.threshold, "search_iterations": result.search_iterations,
             "tie_merges": result.tie_merges, "clusters": result.clusters, "router": opts.router}
     return kept, result.clusters, cost
+
+
+def cluster_experts(model: Transformer, windows: torch.Tensor, keep: float, opts: PruneOptions
+                    ) -> tuple[list[list[int]], list[list[list[int]]], dict]:
+    """Stage 1: per layer the kept expert ids and, aligned, the cluster each stands for; plus its cost."""
+    return clusters_at(model, expert_distances(model, windows, opts), keep, opts)
 
 
 def random_experts(model: Transformer, keep: float, seed: int) -> list[list[int]]:
@@ -167,13 +208,42 @@ def wanda_stage(model: Transformer, windows: torch.Tensor, sparsity: float, opts
             "layer_sparsity": ratios, "owl": opts.owl, "zeroed": zeroed}
 
 
+def _stage2_sparsity(model: Transformer, pruned: Transformer, sparsity: float) -> float:
+    """Wanda's sparsity inside what stage 1 left, so that the total over the original expert weights is `sparsity`."""
+    remaining = _expert_weights(pruned) / _expert_weights(model)
+    return max(0.0, 1.0 - (1.0 - sparsity) / remaining)
+
+
+def auto_experts_keep(model: Transformer, windows: torch.Tensor, opts: PruneOptions) -> tuple[float, dict]:
+    """`--experts-keep auto` (glassbox.pruning.auto_keep): the candidate fraction whose STUN model, pruned on the
+    fit windows, has the lowest loss on the held-out ones; and the search's record."""
+    cfg = model.config
+    fit, held_out = split_windows(windows)
+    distances = expert_distances(model, fit, opts)
+    keeps = candidate_keeps(opts.sparsity, sum(cfg.experts_in_layer(i) for i in range(cfg.num_layers)),
+                            sum(cfg.top_k_in_layer(i) for i in range(cfg.num_layers)))
+
+    def prune_at(keep: float) -> Transformer:
+        kept, clusters, _ = clusters_at(model, distances, keep, opts)
+        pruned = drop_experts(model, kept, clusters, opts.router)
+        wanda_stage(pruned, fit, _stage2_sparsity(model, pruned, opts.sparsity), opts)
+        return pruned
+
+    keep, search = choose_keep(prune_at, held_out, keeps, opts.batch_size)
+    search["forward_passes"] = distances.forward_passes + 2 * len(keeps)
+    search["seconds"] += distances.seconds
+    return keep, search
+
+
 def prune(model: Transformer, windows: torch.Tensor, opts: PruneOptions) -> tuple[Transformer, PruneReport]:
     """Prune `model` (left untouched) by `opts.method`; the pruned copy and what was done."""
     check_options(model, opts)
     before = [layer.mlp.num_experts for layer in model.layers]
     original_weights = _expert_weights(model)
-    stage1, stage2 = {}, {}
+    stage1, stage2, search = {}, {}, None
     keep = _structured_keep_fraction(opts)
+    if keep == "auto":
+        keep, search = auto_experts_keep(model, windows, opts)
     if opts.method in ("stun", "expert_only"):
         kept, clusters, stage1 = cluster_experts(model, windows, keep, opts)
         pruned = drop_experts(model, kept, clusters, opts.router)
@@ -184,12 +254,12 @@ def prune(model: Transformer, windows: torch.Tensor, opts: PruneOptions) -> tupl
     else:
         kept = [list(range(n)) for n in before]
         pruned = drop_experts(model, kept)
+    if search is not None:
+        stage1["keep_search"] = search
     if opts.method in ("stun", "unstructured"):
-        remaining = _expert_weights(pruned) / original_weights
-        s2 = max(0.0, 1.0 - (1.0 - opts.sparsity) / remaining)
-        stage2 = wanda_stage(pruned, windows, s2, opts)
+        stage2 = wanda_stage(pruned, windows, _stage2_sparsity(model, pruned, opts.sparsity), opts)
     achieved = 1.0 - _nonzero_expert_weights(pruned) / original_weights
     report = PruneReport(method=opts.method, target_sparsity=opts.sparsity, sparsity=achieved,
-                         experts_before=before, experts_after=[len(k) for k in kept], kept=kept,
+                         experts_before=before, experts_after=[len(k) for k in kept], experts_keep=keep, kept=kept,
                          stage1=stage1, stage2=stage2)
     return pruned, report

@@ -4,7 +4,11 @@ Wanda (Sun et al., 2023) compares weights within one output row, weighting each 
 it multiplies over the calibration tokens, so a small weight on a loud feature survives a large one on a silent
 feature. Each expert is scored on the tokens routed to it (glassbox.pruning.moe_stats). OWL (Yin et al., 2023),
 optionally, gives layers with more outlier scores (> M x the layer's mean score) a lower sparsity, spreading the
-ratios over [s - lambda, s + lambda] with the same mean.
+ratios over [s - lambda, s + lambda] with the same mean. A ratio must stay in [0, MAX_SPARSITY]; clamping alone
+would move the mean (at a small s, the layers pushed below 0 lose their share of the pruning and the model ends
+up denser than asked), so the spread ratios are shifted by one common offset, found by bisection, until the
+clamped ratios have the mean again. The shift keeps the layers' order, and the mean is exact whenever s itself
+is in range.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import torch
 from glassbox.errors import GlassboxError
 from glassbox.models.transformer import Transformer
 from glassbox.pruning.moe_stats import LayerStats
+
+MAX_SPARSITY = 0.99                     # an OWL ratio's ceiling: every row keeps some weights
 
 
 def row_mask(weight: torch.Tensor, input_norm: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -56,13 +62,37 @@ def owl_ratios(model: Transformer, stats: list[LayerStats], sparsity: float, lam
         score = torch.cat(scores)
         outliers[i] = int((score > outlier_m * score.mean()).sum())
         sizes[i] = score.numel()
-    d = torch.tensor([o / n for o, n in zip(outliers, sizes)], dtype=torch.float64)
+    return owl_spread([o / n for o, n in zip(outliers, sizes)], sizes, sparsity, lam)
+
+
+def owl_spread(outlier_ratios: list[float], sizes: list[int], sparsity: float, lam: float) -> list[float]:
+    """OWL's per-layer sparsities from each layer's outlier ratio: linear in it over a 2 x `lam` range (more
+    outliers, lower sparsity), each in [0, MAX_SPARSITY], with size-weighted mean `sparsity`."""
+    d = torch.tensor(outlier_ratios, dtype=torch.float64)
     if float(d.max() - d.min()) == 0.0:
-        return [sparsity] * len(outliers)
+        return [sparsity] * len(outlier_ratios)
     spread = (d - d.min()) / (d.max() - d.min()) * 2 * lam
     weight = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
-    layer_sparsity = sparsity - (spread - (spread * weight).sum())
-    return [min(max(float(s), 0.0), 0.99) for s in layer_sparsity]
+    return mean_preserving_clamp(sparsity - spread, weight, sparsity).tolist()
+
+
+def mean_preserving_clamp(values: torch.Tensor, weight: torch.Tensor, mean: float,
+                          iterations: int = 100) -> torch.Tensor:
+    """clamp(values + c, 0, MAX_SPARSITY) with the offset c that makes its `weight`-weighted mean `mean`.
+
+    The clamped mean is continuous and non-decreasing in c, so bisection over c finds it; c spans
+    [-1 - max, 1 - min], where every value is clamped to 0 at one end and to MAX_SPARSITY at the other."""
+    def clamped(c: float) -> torch.Tensor:
+        return (values + c).clamp(0.0, MAX_SPARSITY)
+
+    lo, hi = -1.0 - float(values.max()), 1.0 - float(values.min())
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if float((clamped(mid) * weight).sum()) < mean:
+            lo = mid
+        else:
+            hi = mid
+    return clamped((lo + hi) / 2)
 
 
 @torch.no_grad()

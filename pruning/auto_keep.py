@@ -1,0 +1,88 @@
+"""`--experts-keep auto`: STUN's fraction of experts to keep, chosen per model on held-out calibration tokens.
+
+How much of the target sparsity S should go as whole experts is a property of the model, not a constant: on the
+H200 MoE, keeping 1 - 0.25 x S of the experts (a share tuned on another model) lost to Wanda alone at S = 0.4,
+because the experts it dropped cost more than the Wanda sparsity they saved, and won at 0.5 and 0.6. Any
+prediction of that trade from proxies (merge distances against sums of |W| x ||X|| scores) has to put an expert's
+rerouted output and a weight's output perturbation on one scale, and their effect on the loss differs from layer
+to layer (the first layer's token specialists), so the rule here measures the loss instead.
+
+The rule: the calibration windows are split into a fit part (3/4) and a held-out part (every fourth window, at
+least one). Candidate fractions are keep = 1 - share x S for share in CANDIDATE_SHARES, which spans
+[1 - S, 1]: share 0 is keep = 1.0, plain Wanda at S, so "drop no expert" is always a possible answer, and share 1
+is expert pruning alone. Candidates with the same expert count are scored once, and those below the layers' top-k
+total are skipped. Each candidate is pruned by STUN in full (stage 1 from one shared co-selection pass over the fit
+part, then Wanda calibrated on the fit part) and scored by its next-token loss on the held-out part; the lowest
+loss wins, ties going to the larger fraction (fewer experts dropped). The caller then prunes at the chosen
+fraction with all the windows. Forward passes: the shared stage-1 pass, plus per candidate one Wanda pass and one
+loss evaluation: a fixed number, whatever the expert count.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from glassbox.errors import GlassboxError
+from glassbox.models.transformer import Transformer
+
+# Shares of the target sparsity taken as whole experts; denser near 0, where the measured optima lie.
+CANDIDATE_SHARES = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0)
+HELD_OUT_EVERY = 4                      # a quarter of the calibration windows scores the candidates
+
+
+def split_windows(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, held out): every HELD_OUT_EVERY-th window, counting back from the last, is held out (at least one).
+    Interleaved rather than a tail, since the windows are in corpus order and a corpus's sources come in runs."""
+    n = windows.shape[0]
+    if n < 2:
+        raise GlassboxError(f"--experts-keep auto: needs at least 2 calibration windows (one to fit, one to score), "
+                            f"got {n}")
+    held = torch.zeros(n, dtype=torch.bool)
+    held[torch.arange(n - 1, -1, -HELD_OUT_EVERY)] = True
+    return windows[~held], windows[held]
+
+
+def candidate_keeps(sparsity: float, total: int, floor: int) -> list[float]:
+    """The candidate fractions, largest first, one per distinct expert count, none below `floor` experts."""
+    keeps, counts = [], set()
+    for share in CANDIDATE_SHARES:
+        keep = 1.0 - share * sparsity
+        count = round(keep * total)
+        if count >= floor and count not in counts:
+            keeps.append(keep)
+            counts.add(count)
+    return keeps
+
+
+@torch.no_grad()
+def heldout_loss(model: Transformer, windows: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token loss (nats) of `model` over `windows`."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, windows.shape[0], batch_size):
+        x = windows[start:start + batch_size].to(device)
+        logits = model(x[:, :-1]).float()
+        total += float(F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum"))
+        count += x[:, 1:].numel()
+    return total / count
+
+
+def choose_keep(prune_at: Callable[[float], Transformer], held_out: torch.Tensor, keeps: list[float],
+                batch_size: int) -> tuple[float, dict]:
+    """The fraction in `keeps` whose model `prune_at(keep)` has the lowest loss on `held_out` (ties: the larger
+    fraction), and the search's record: each candidate's fraction, expert count and loss."""
+    started = time.perf_counter()
+    scored = []
+    for keep in keeps:
+        model = prune_at(keep)
+        scored.append({"keep": keep, "experts": sum(layer.mlp.num_experts for layer in model.layers),
+                       "heldout_loss": heldout_loss(model, held_out, batch_size)})
+        del model
+    best = min(scored, key=lambda c: (c["heldout_loss"], -c["keep"]))
+    return best["keep"], {"rule": "lowest held-out loss over candidate keep fractions", "chosen": best["keep"],
+                          "candidates": scored, "held_out_windows": int(held_out.shape[0]),
+                          "loss_evaluations": len(keeps), "seconds": time.perf_counter() - started}

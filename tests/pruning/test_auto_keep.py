@@ -1,0 +1,108 @@
+"""`--experts-keep auto`: the candidates span [1 - S, 1] with 1.0 (plain Wanda) among them, the held-out windows
+are disjoint from the fit ones, the lowest held-out loss wins (ties: the larger fraction), and STUN at the chosen
+fraction is what the report says and the CLI prints; keep 1.0 is exactly Wanda alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from glassbox.checkpoints.hf_format import load_hf_model_dir
+from glassbox.cli import main
+from glassbox.errors import GlassboxError
+from glassbox.pruning.auto_keep import candidate_keeps, choose_keep, heldout_loss, split_windows
+from glassbox.pruning.calibration import token_windows
+from glassbox.pruning.expert_drop import drop_experts
+from glassbox.pruning.prune import PruneOptions, parse_experts_keep, prune
+
+
+@pytest.fixture(scope="module")
+def model_and_calib(moe_dir, prepared_data):
+    model, cfg = load_hf_model_dir(moe_dir, dtype=torch.float32)
+    return model, token_windows(prepared_data, 16, 64, seed=0, vocab_size=cfg.vocab_size)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.2, 0.4, 0.6])
+def test_candidates_span_one_minus_s_to_one_with_distinct_counts(sparsity):
+    keeps = candidate_keeps(sparsity, total=128, floor=16)
+    assert keeps[0] == 1.0 and keeps == sorted(keeps, reverse=True)
+    assert all(1.0 - sparsity - 1e-12 <= k <= 1.0 for k in keeps)
+    counts = [round(k * 128) for k in keeps]
+    assert len(set(counts)) == len(counts)
+    assert (sparsity == 0.0) == (len(keeps) == 1)
+    assert min(keeps) == pytest.approx(1.0 - sparsity)
+
+
+def test_candidates_below_the_top_k_floor_are_skipped():
+    keeps = candidate_keeps(0.9, total=16, floor=4)
+    assert all(round(k * 16) >= 4 for k in keeps) and 1.0 in keeps and min(keeps) > 0.1
+
+
+@pytest.mark.parametrize("n", [2, 5, 16])
+def test_held_out_windows_are_an_interleaved_quarter_disjoint_from_the_fit(n):
+    windows = torch.arange(n)[:, None].repeat(1, 3)
+    fit, held = split_windows(windows)
+    assert sorted(fit[:, 0].tolist() + held[:, 0].tolist()) == list(range(n))
+    assert len(held) == max(1, -(-n // 4)) and n - 1 in held[:, 0].tolist()
+
+
+def test_auto_needs_two_windows():
+    with pytest.raises(GlassboxError, match="at least 2 calibration windows"):
+        split_windows(torch.zeros(1, 8, dtype=torch.long))
+
+
+def test_the_lowest_held_out_loss_wins_and_ties_go_to_the_larger_fraction(model_and_calib):
+    model, calib = model_and_calib
+    _, held = split_windows(calib)
+    half = drop_experts(model, [list(range(4)) for _ in model.layers])
+    loss = {"full": heldout_loss(model, held, 8), "half": heldout_loss(half, held, 8)}
+    assert loss["full"] != loss["half"]
+    for at_half, other in ((half, model), (model, half)):            # 0.75 and 1.0 always tie: 1.0 must win
+        keep, search = choose_keep(lambda k: at_half if k == 0.5 else other, held, [1.0, 0.75, 0.5], 8)
+        half_wins = heldout_loss(at_half, held, 8) < heldout_loss(other, held, 8)
+        assert keep == (0.5 if half_wins else 1.0) and search["chosen"] == keep
+        assert [c["keep"] for c in search["candidates"]] == [1.0, 0.75, 0.5]
+
+
+def test_stun_at_keep_one_is_wanda_alone(model_and_calib):
+    model, calib = model_and_calib
+    a, ra = prune(model, calib, PruneOptions("stun", 0.4, experts_keep=1.0))
+    b, _ = prune(model, calib, PruneOptions("unstructured", 0.4))
+    assert ra.experts_after == ra.experts_before
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_auto_prunes_at_the_candidate_with_the_lowest_held_out_loss(model_and_calib):
+    model, calib = model_and_calib
+    pruned, report = prune(model, calib, PruneOptions("stun", 0.5, experts_keep="auto"))
+    search = report.stage1["keep_search"]
+    losses = {c["keep"]: c["heldout_loss"] for c in search["candidates"]}
+    assert 1.0 in losses and report.experts_keep == min(losses, key=lambda k: (losses[k], -k))
+    assert search["forward_passes"] == 1 + 2 * len(losses)
+    assert sum(report.experts_after) == round(report.experts_keep * sum(report.experts_before))
+    assert report.sparsity == pytest.approx(0.5, abs=0.01)
+    fixed, _ = prune(model, calib, PruneOptions("stun", 0.5, experts_keep=report.experts_keep))
+    sa, sb = pruned.state_dict(), fixed.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_cli_auto_prints_the_chosen_fraction_and_candidates(moe_dir, prepared_data, tmp_path, capsys):
+    out = tmp_path / "auto"
+    assert main(["prune", "stun", str(moe_dir), "--experts-keep", "auto", "--sparsity", "0.4", "--calib",
+                 str(prepared_data), "--calib-samples", "8", "--calib-seq-len", "32", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert f"{summary['experts_keep']:g}" in summary["keep_search"] and "1" in summary["keep_search"]
+    assert json.loads((out / "pruning.json").read_text())["experts_keep"] == summary["experts_keep"]
+
+
+@pytest.mark.parametrize("bad", ["abc", "0", "1.5", "-0.2", "nan"])
+def test_bad_experts_keep_is_refused_by_name(bad, moe_dir, prepared_data, tmp_path, capsys):
+    with pytest.raises(GlassboxError, match="a number in \\(0, 1\\] or 'auto'"):
+        parse_experts_keep(bad)
+    assert main(["prune", "stun", str(moe_dir), "--experts-keep", bad, "--sparsity", "0.4",
+                 "--calib", str(prepared_data), "--out", str(tmp_path / "o")]) == 2
+    assert f"--experts-keep {bad!r}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
