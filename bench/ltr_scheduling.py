@@ -18,7 +18,9 @@ oracle without preemption (`never`), to show what preemption buys.
 
 `replay` runs a collection's lengths through the real scheduler without a model (time in decode steps, a
 prefill step costing --prefill-cost), for every preemption mode and the guard's old 200-step threshold: the
-scheduling side alone, free of device noise (bench/results/ltr_scheduling_replay.*).
+scheduling side alone, free of device noise (bench/results/ltr_scheduling_replay.*). With --ranker-run it
+also replays LTR with that ranker's scores on the held-out prompts: what its ranking is worth beside the
+oracle's, without its scoring cost or the device's timing.
 
 The batch cap (--max-num-seqs) is small on purpose: a 135M model's KV cache never runs out on one GPU, so without
 a cap every request would run at once and no queue (nothing to schedule) would form; the cap stands in for the KV
@@ -27,7 +29,7 @@ the output its label was measured on, and the oracle knows every length exactly.
 
     python bench/ltr_scheduling.py --model /work/scratch/smollm2-hf --device cpu      # CPU figures (small)
     python bench/ltr_scheduling.py --gguf /tmp/SmolLM2-135M-Instruct.Q4_1.gguf --device cuda    # the GPU run
-    python bench/ltr_scheduling.py replay --collection DIR                             # scheduler only
+    python bench/ltr_scheduling.py replay --collection DIR [--ranker-run RUN]          # scheduler only
 
 Writes bench/results/<out-name>.json (ltr_scheduling on the CPU, ltr_scheduling_gpu on CUDA; summary:
 kendall_tau, mean_latency_ratio_vs_fcfs and mean_latency_ratio_vs_oracle at the highest load,
@@ -250,8 +252,27 @@ def scheduler_at(commit: str):
         ltr.FunctionScorer(lambda p: -lengths[p[0]]))
 
 
+class ReplayedRanker:
+    """A trained ranker's scores and predicted lengths, computed once per replayed prompt (keyed by the index
+    the replay writes into each prompt's first token) and handed out the way the ranker would: lazily, in
+    batches, only where the order matters (the ranker's `inline = False`), so the replay schedules exactly as
+    serving with that ranker would, without its cost. Predicted lengths are scaled like the true ones."""
+
+    inline = False
+
+    def __init__(self, scores: list[float], lengths: list[float] | None):
+        self.by_index = {i: s for i, s in enumerate(scores)}
+        self.length_of = dict(zip(scores, lengths)) if lengths is not None else None
+
+    def score(self, prompts: list[list[int]]) -> list[float]:
+        return [self.by_index[p[0]] for p in prompts]
+
+    def lengths(self, scores: list[float]) -> list[float] | None:
+        return None if self.length_of is None else [self.length_of[s] for s in scores]
+
+
 def replay_run(lengths: list[int], prompts: list[list[int]], arrivals: list[float], cap: int, options: dict | None,
-               prefill_cost: float, code=None) -> dict:
+               prefill_cost: float, code=None, scorer=None) -> dict:
     """Replay one workload through the real Scheduler and BlockManager without a model: each step computes what
     was scheduled, a sampling sequence gets one token and finishes at its length. Time is in decode steps, a step
     that prefills anything costing `prefill_cost` of them (on the GPU such a step runs eagerly; a pure-decode
@@ -273,7 +294,8 @@ def replay_run(lengths: list[int], prompts: list[list[int]], arrivals: list[floa
         policy = fcfs() if options is None else oracle(lengths)
     else:
         scheduler = Today
-        policy = FCFS() if options is None else LTRPolicy(LengthScorer(lambda p: lengths[p[0]]), **options)
+        oracle = LengthScorer(lambda p: lengths[p[0]])
+        policy = FCFS() if options is None else LTRPolicy(scorer or oracle, **options)
     sched = scheduler(blocks, policy, cap, 2048)
     pending = sorted(range(len(seqs)), key=lambda i: arrivals[i])
     clock, finished = 0.0, {}
@@ -315,9 +337,24 @@ def replay(args) -> int:
     meta, examples = load_collection(args.collection)
     rng = random.Random(args.seed)
     n, cap, scale = args.requests or 96, args.max_num_seqs or 8, args.replay_scale
+    scorer, tau = None, None
+    if args.ranker_run is not None:            # held-out prompts only: the ranker never saw them in training
+        from glassbox.inference.ltr.listmle import kendall_tau
+        from glassbox.inference.ltr.ranker import Ranker
+        from glassbox.inference.ltr.train import TrainConfig, split
+
+        cfg = TrainConfig(collection=str(args.collection), model_dir=meta["model_dir"], run_dir=str(args.ranker_run),
+                          seed=args.seed)
+        examples = split(examples, cfg.seed, cfg.test_fraction, cfg.val_fraction)[2]
     picked = [rng.choice(examples) for _ in range(n)]
     lengths = [max(1, e.output_len * scale) for e in picked]
     prompts = [e.prompt_ids for e in picked]
+    if args.ranker_run is not None:
+        ranker = Ranker.load(args.ranker_run / "ranker", "cpu")
+        scores = ranker.score(prompts)
+        predicted = ranker.predicted_lengths(scores)
+        scorer = ReplayedRanker(scores, None if predicted is None else [x * scale for x in predicted])
+        tau = kendall_tau(scores, [-x for x in lengths])
     full = replay_run(lengths, prompts, [0.0] * n, cap, None, args.prefill_cost)
     capacity = n / full["makespan_steps"]
     before = scheduler_at(args.before) if args.before else None
@@ -331,19 +368,25 @@ def replay(args) -> int:
         for name, options in REPLAY_POLICIES.items():
             rows.append({"load": load, "policy": name,
                          **replay_run(lengths, prompts, arrivals, cap, options, args.prefill_cost)})
+        if scorer is not None:
+            rows.append({"load": load, "policy": "ltr",
+                         **replay_run(lengths, prompts, arrivals, cap, {}, args.prefill_cost, scorer=scorer)})
     top = max(r["load"] for r in rows)
     mean = {r["policy"]: r["mean_latency_steps"] for r in rows if r["load"] == top}
     result = {"summary": {f"{k}_mean_latency_ratio_vs_fcfs".replace(" ", "_"): v / mean["fcfs"]
                           for k, v in mean.items() if k != "fcfs"} | {"highest_load": top},
               "machine": f"scheduler only, no model ({machine_name('cpu')})", "collection": str(args.collection),
               "model": Path(meta["model_dir"]).name, "requests": n, "max_num_seqs": cap, "length_scale": scale,
-              "prefill_cost_steps": args.prefill_cost, "capacity_req_per_step": capacity, "rows": rows}
+              "prefill_cost_steps": args.prefill_cost, "capacity_req_per_step": capacity, "rows": rows,
+              "ranker_run": None if args.ranker_run is None else str(args.ranker_run), "ranker_kendall_tau": tau}
     lines = [f"# LTR scheduling replay: the scheduler alone, time in decode steps ({result['machine']})", "",
              f"{n} requests drawn from {args.collection.name} ({result['model']}'s output lengths x{scale}), batch "
              f"cap {cap}, Poisson arrivals at fractions of the capacity ({capacity:.4f} req/step, all at once under "
              f"FCFS); a step that prefills costs {args.prefill_cost:g} decode steps. Oracle SJF knows the lengths; "
              "its rows differ only in the LTR policy's preemption mode and starvation guard"
              + (f"; the rows 'at {args.before}' run that commit's scheduler and policies" if args.before else "")
+             + (f"; 'ltr' ranks by the trained ranker's scores (held-out prompts only, Kendall's tau {tau:.3f} on "
+                "the replayed requests), scored lazily as when serving" if tau is not None else "")
              + ".", "",
              "| load | policy | mean latency (steps) | p90 (steps) | makespan | prefill steps | preemptions (rank) | "
              "most of one request | recomputed tokens | promotions |",
@@ -353,8 +396,9 @@ def replay(args) -> int:
                      f"{r['makespan_steps']:.0f} | {r['prefill_steps']} | {r['preemptions']} ({r['rank_preemptions']}) "
                      f"| {r['max_preemptions_of_one_request']} | {r['recomputed_tokens']} | {r['promotions']} |")
     lines += ["", "Summary: " + ", ".join(f"{k} {v:.3f}" for k, v in result["summary"].items()) + "."]
-    atomic.write_json(RESULTS / "ltr_scheduling_replay.json", result)
-    atomic.write_text(RESULTS / "ltr_scheduling_replay.md", "\n".join(lines) + "\n")
+    name = args.out_name or "ltr_scheduling_replay"
+    atomic.write_json(RESULTS / f"{name}.json", result)
+    atomic.write_text(RESULTS / f"{name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
