@@ -14,13 +14,18 @@ All measured side by side in one process, base model against its SwiftKV transfo
 - quality: the teacher's answers to Python-stdlib prompts (glassbox's engine), SwiftKV l = L/2 distilled on them
   with `glassbox train`'s distillation objective, then on held-out answers: response-token loss (teacher vs
   student), greedy agreement (teacher-forced argmax), and three tasks scored by rule: capitals (the answer names
-  the city), yes/no questions answered with the right word alone, addition (the answer's last number). The model is --model-dir (SmolLM2-135M-Instruct on the GPU), else a random one.
+  the city), yes/no questions answered with the right word alone, addition (the answer's last number). The model
+  is --model-dir (SmolLM2-135M-Instruct on the GPU), else a random one.
+- init (--init-check, alone): the copy-init against the least-squares init of the K/V projections (`swiftkv
+  convert --init lsq`) at l = L/2 and 0.75 L of --model-dir, forward only: held-out KL(teacher || student), greedy
+  agreement and K/V reconstruction error before any distillation (results: swiftkv_init[_cpu]).
 
 Summary (fractions; task delta in points, negative is worse): prefill_speedup_4k, ttft_reduction_4k,
 throughput_ratio_long_prompt, kv_capacity_gain_g2, kv_capacity_gain_g4, loss_rel_delta, task_acc_delta_worst.
 
     python bench/swiftkv.py --device cpu                                           # small, ~3 minutes on 2 cores
     python bench/swiftkv.py --device cuda --model-dir /path/to/smollm2-hf          # one H200, ~4 minutes
+    python bench/swiftkv.py --init-check --threads 2 --model-dir /path/to/smollm2-hf  # 2 CPU cores, ~6 minutes
 """
 
 from __future__ import annotations
@@ -358,7 +363,155 @@ def random_model_dir(shape: dict, out: Path) -> Path:
     return save_hf_model_dir(model, out, tokenizer_json=data.out / "tokenizer.json")
 
 
+# Initialisation: copy vs least squares ---------------------------------------------------------------------
+
+
+INIT_SIZES = dict(teacher_prompts=64, teacher_tokens=96, calib_tokens=4096, seq_len=256, held_out_rows=6, batch=2)
+
+
+def kv_fits(base: Transformer, layers: list[int], calib: torch.Tensor,
+            batch: int) -> dict[tuple[int, str], SwiftKVTransformer]:
+    """(l, "copy" | "lsq") -> SwiftKV model at each l: the copy-init, and the copy-init with K/V fit by least
+    squares (models/swiftkv.py) on `calib`, all the fits fed by one pass of the teacher."""
+    from glassbox.models.swiftkv import DEFAULT_RIDGE, KVLeastSquares, teacher_layer_inputs
+
+    models = {(l, init): swiftkv_from_base(base, SwiftKVConfig(l)) for l in layers for init in ("copy", "lsq")}
+    fits = [KVLeastSquares(models[l, "lsq"]) for l in layers]
+    with torch.no_grad():
+        for ids in calib.split(batch):
+            for j, h in teacher_layer_inputs(base, ids):
+                for fit in fits:
+                    fit.observe(j, h)
+    for fit in fits:
+        fit.apply(DEFAULT_RIDGE)
+    return models
+
+
+@torch.no_grad()
+def teacher_agreement(base: Transformer, students: dict, held: torch.Tensor, marker: list[int], eod: int,
+                      batch: int) -> dict:
+    """Per student: KL(teacher || student) per token (T = 1) and teacher-forced greedy agreement, over all
+    held-out positions and over the response tokens alone; the teacher runs once per batch."""
+    import torch.nn.functional as F
+
+    from glassbox.train.distill import response_mask
+
+    sums = {name: {"kl_all": 0.0, "agree_all": 0.0, "kl_response": 0.0, "agree_response": 0.0} for name in students}
+    counts = {"all": 0, "response": 0}
+    for chunk in held.split(batch):
+        t = F.log_softmax(base(chunk[:, :-1]).float(), -1)
+        masks = {"all": torch.ones_like(chunk[:, 1:], dtype=torch.bool),
+                 "response": response_mask(chunk[:, 1:], marker, eod)}
+        for where, m in masks.items():
+            counts[where] += int(m.sum())
+        for name, model in students.items():
+            s = F.log_softmax(model(chunk[:, :-1]).float(), -1)
+            kl = (t.exp() * (t - s)).sum(-1)
+            agree = t.argmax(-1) == s.argmax(-1)
+            for where, m in masks.items():
+                sums[name][f"kl_{where}"] += float((kl * m).sum())
+                sums[name][f"agree_{where}"] += float((agree & m).sum())
+    return {name: {k: v / counts[k.split("_")[1]] for k, v in row.items()} | {"tokens": counts}
+            for name, row in sums.items()}
+
+
+def init_check(model_dir: Path, work: Path, args) -> dict:
+    """Copy-init vs LSQ-init of SwiftKV at l = L/2 and 0.75 L, forward only, before any distillation: the teacher's
+    answers to stdlib prompts (glassbox's engine), calibration on their train split, scores on the valid split
+    (other documents): KL(teacher || student), greedy agreement, K/V reconstruction error."""
+    from glassbox.checkpoints.hf_format import load_hf_model_dir
+    from glassbox.data.config import DataConfig
+    from glassbox.data.sampler import build_sampler
+    from glassbox.data.store import TokenStore
+    from glassbox.models.swiftkv import DEFAULT_RIDGE, kv_reconstruction_error
+    from glassbox.train.distill import marker_ids
+    from glassbox.data.calibration import calibration_tokens
+    from glassbox.train.distill_data import generate_teacher_data, stdlib_prompts
+
+    sizes, times = INIT_SIZES, {}
+    t0 = time.perf_counter()
+    data = generate_teacher_data(model_dir, stdlib_prompts(sizes["teacher_prompts"]), work / "data",
+                                 max_new_tokens=sizes["teacher_tokens"], valid_fraction=0.25,
+                                 engine_options={"device": args.device, "dtype": args.dtype, "max_num_seqs": 64})
+    times["teacher_data_s"] = time.perf_counter() - t0
+    free(args.device)
+    store = TokenStore(data.data_dir)
+    calib = calibration_tokens(str(data.data_dir), model_dir / "tokenizer.json", sizes["calib_tokens"],
+                               sizes["seq_len"])
+    valid = build_sampler(DataConfig(path=str(data.data_dir), seq_len=sizes["seq_len"], seed=0), "valid")
+    held = valid.samples(0, min(valid.epoch_size, sizes["held_out_rows"]))
+    base, cfg = load_hf_model_dir(model_dir, device=args.device)
+    layers = [cfg.num_layers // 2, 3 * cfg.num_layers // 4]
+    t0 = time.perf_counter()
+    models = kv_fits(base, layers, calib.to(args.device), sizes["batch"])
+    times["fit_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    marker = marker_ids(store.tokenizer(), data.response_marker)
+    scores = teacher_agreement(base, {f"l={l} {init}": m for (l, init), m in models.items()}, held.to(args.device),
+                               marker, store.eod_id, sizes["batch"])
+    for (l, init), m in models.items():
+        scores[f"l={l} {init}"]["kv_error"] = kv_reconstruction_error(m, held[:2, :-1].to(args.device))
+    times["score_s"] = time.perf_counter() - t0
+    return {"model": str(model_dir), "num_layers": cfg.num_layers, "layers": layers, "ridge": DEFAULT_RIDGE,
+            "calib": {"source": "teacher answers, train split", "tokens": calib.numel()},
+            "held_out": {"source": "teacher answers, valid split (other documents)", "samples": held.shape[0],
+                         "tokens": held.shape[0] * sizes["seq_len"]},
+            "teacher_docs": data.num_documents, "scores": scores, "seconds": times}
+
+
+def init_summary(r: dict) -> dict:
+    out = {}
+    for l in r["layers"]:
+        for init in ("copy", "lsq"):
+            m = r["scores"][f"l={l} {init}"]
+            out[f"kl_response_l{l}_{init}"] = m["kl_response"]
+            out[f"agreement_response_l{l}_{init}"] = m["agree_response"]
+        out[f"kl_ratio_l{l}"] = r["scores"][f"l={l} lsq"]["kl_response"] / r["scores"][f"l={l} copy"]["kl_response"]
+    return out
+
+
+def init_markdown(r: dict) -> str:
+    lines = [f"# SwiftKV initialisation, copy vs least squares ({r['machine']}, {r['dtype']})", "",
+             f"{r['model']} ({r['num_layers']} layers), forward only, before any distillation. Calibration: "
+             f"{r['calib']['tokens']} tokens of {r['calib']['source']} ({r['teacher_docs']} teacher answers to stdlib "
+             f"prompts); held out: {r['held_out']['tokens']} tokens of {r['held_out']['source']}. Ridge "
+             f"{r['ridge']:g}. KL(teacher || student) per token at T = 1; agreement: teacher-forced argmax; K/V "
+             "error: relative squared error of the pre-RoPE keys/values over layers >= l (2 held-out samples).", "",
+             "| l | init | KL, response tokens | KL, all tokens | agreement, response | agreement, all | K error | "
+             "V error |", "|---|---|---|---|---|---|---|---|"]
+    for name, m in r["scores"].items():
+        l, init = name.split()
+        lines.append(f"| {l[2:]} | {init} | {m['kl_response']:.4f} | {m['kl_all']:.4f} | {m['agree_response']:.1%} | "
+                     f"{m['agree_all']:.1%} | {m['kv_error']['k']:.3f} | {m['kv_error']['v']:.3f} |")
+    lines += ["", f"Response tokens: {next(iter(r['scores'].values()))['tokens']['response']} of "
+                  f"{next(iter(r['scores'].values()))['tokens']['all']}. Seconds: "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items()) + ".", "",
+              "Summary: " + ", ".join(f"{k} {v:.4f}" for k, v in r["summary"].items()), ""]
+    return "\n".join(lines)
+
+
+def run_init_check(args) -> None:
+    if not args.model_dir:
+        raise SystemExit("--init-check needs --model-dir (a Llama HF directory with its tokenizer)")
+    with tempfile.TemporaryDirectory() as tmp:
+        r = init_check(args.model_dir, Path(tmp), args)
+    r.update(machine=machine_name(args), device=args.device, dtype=args.dtype)
+    r["summary"] = init_summary(r)
+    stem = args.out_name or ("swiftkv_init" if args.device.startswith("cuda") else "swiftkv_init_cpu")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(r, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(init_markdown(r))
+    print(init_markdown(r))
+
+
 # Results ---------------------------------------------------------------------------------------------------
+
+
+def machine_name(args) -> str:
+    if args.device.startswith("cuda"):
+        return torch.cuda.get_device_name(args.device)
+    return (f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, load average "
+            f"{os.getloadavg()[0]:.1f} at the end")
 
 
 def summarize(pre: dict, lp: dict, kv: dict, q: dict | None) -> dict:
@@ -384,7 +537,8 @@ def markdown(result: dict) -> str:
              f"Prefill model: random-init Llama, {r['prefill_model']['num_layers']} layers, "
              f"{r['prefill_model']['params'] / 1e6:.0f}M parameters; prompt steps "
              f"{'as piecewise graphs' if r.get('piecewise_graphs') else 'eager'}.", "",
-             "| model | prompt tokens | FLOPs / prompt token (counted) | TTFT ms | prefill tok/s |", "|---|---|---|---|---|"]
+             "| model | prompt tokens | FLOPs / prompt token (counted) | TTFT ms | prefill tok/s |",
+             "|---|---|---|---|---|"]
     for name, rows in r["prefill"].items():
         for n, row in rows.items():
             lines.append(f"| {name} | {n} | {row['flops_per_token'] / 1e6:.1f}M | {row['ttft_s'] * 1e3:.1f} | "
@@ -401,7 +555,8 @@ def markdown(result: dict) -> str:
     if q:
         lines += ["", f"Quality: {q['model']}, l = {q['layer']}, {q['distill_steps']} distillation steps on "
                       f"{q['teacher_docs']} teacher answers ({q['teacher_tokens']} tokens), lr "
-                      f"{q.get('distill_lr', 2e-4):g}, hidden-state MSE weight {q.get('hidden_mse_weight', 1.0):g}.", "",
+                      f"{q.get('distill_lr', 2e-4):g}, hidden-state MSE weight "
+                      f"{q.get('hidden_mse_weight', 1.0):g}.", "",
                   "| held-out responses | teacher loss | student loss | greedy agreement |", "|---|---|---|---|"]
         for when in ("before_distill", "after_distill"):
             m = q[when]
@@ -430,10 +585,16 @@ def main() -> None:
     ap.add_argument("--piecewise", action="store_true",
                     help="time prefill and the long-prompt load with piecewise graphs (CUDA: prompt steps as graphs)")
     ap.add_argument("--out-name", default=None, help="results file stem (default swiftkv, or swiftkv_cpu on CPU)")
+    ap.add_argument("--init-check", action="store_true",
+                    help="only compare the copy and least-squares initialisations on --model-dir, forward only "
+                         "(results: swiftkv_init[_cpu])")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     args.dtype = "bfloat16" if cuda else "float32"
+    if args.init_check:
+        run_init_check(args)
+        return
     sizes = SIZES["cuda" if cuda else "cpu"]
     shape = PRESETS["gpu" if cuda else "cpu"]
     torch.manual_seed(0)
@@ -456,10 +617,8 @@ def main() -> None:
                                                            work / "model")
             q = quality(model_dir, work, args, sizes)
             q["model"] = str(args.model_dir) if args.model_dir else "random-init Llama (4 layers, CPU run)"
-    machine = (torch.cuda.get_device_name(args.device) if cuda else
-               f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, load average "
-               f"{os.getloadavg()[0]:.1f} at the end")
-    result = {"machine": machine, "device": args.device, "dtype": args.dtype, "piecewise_graphs": args.piecewise,
+    result = {"machine": machine_name(args), "device": args.device, "dtype": args.dtype,
+              "piecewise_graphs": args.piecewise,
               "prefill_model": {**shape, "params": ModelConfig(**shape).num_params()},
               "prefill": pre, "long_prompt": lp, "kv_capacity": kv, "quality": q,
               "seconds": time.perf_counter() - t0}

@@ -1,12 +1,13 @@
 """SwiftKV models as Hugging Face directories: their own `model_type`, registered with transformers.
 
 A SwiftKV directory is the base Llama directory plus the transform's tensors (`model.swiftkv_norm.weight`,
-`model.swiftkv_q_proj.<layer>.weight`, `model.swiftkv_{k,v}_proj.<group start>.weight`) and two config fields,
-`swiftkv_layer` and `swiftkv_group`, under model_type `glassbox_swiftkv`. `register()` (run when transformers
-is imported after `import glassbox`, glassbox/hf_models.py) adds the config and model classes to transformers'
-Auto mappings, so `AutoModelForCausalLM.from_pretrained(dir)` loads it without `trust_remote_code`. The model
-class is transformers' Llama with the upper layers' attention replaced; it computes the full sequence each call
-(no KV cache: glassbox's engine is the fast path), and with `swiftkv=False` the base model.
+`model.swiftkv_q_proj.<layer>.weight`, `model.swiftkv_{k,v}_proj.<group start>.weight`) and config fields
+`swiftkv_layer`, `swiftkv_group` and `swiftkv_init` (how `convert` initialised the new tensors, a record only),
+under model_type `glassbox_swiftkv`. `register()` (run when transformers is imported after `import glassbox`,
+glassbox/hf_models.py) adds the config and model classes to transformers' Auto mappings, so
+`AutoModelForCausalLM.from_pretrained(dir)` loads it without `trust_remote_code`. The model class is
+transformers' Llama with the upper layers' attention replaced; it computes the full sequence each call (no KV
+cache: glassbox's engine is the fast path), and with `swiftkv=False` the base model.
 """
 
 from __future__ import annotations
@@ -33,14 +34,24 @@ from glassbox.checkpoints.hf_format import (
     to_hf_state_dict,
 )
 from glassbox.errors import GlassboxError
-from glassbox.models.swiftkv import SwiftKVConfig, SwiftKVTransformer, swiftkv_from_base
+from glassbox.models.swiftkv import (
+    DEFAULT_RIDGE,
+    INIT_METHODS,
+    SwiftKVConfig,
+    SwiftKVTransformer,
+    lsq_init,
+    swiftkv_from_base,
+)
 from glassbox.models.transformer import ModelConfig
+from glassbox.data.calibration import DEFAULT_CALIB_TOKENS, calibration_tokens
 
 MODEL_TYPE = "glassbox_swiftkv"
 ARCHITECTURE = "GlassboxSwiftKVForCausalLM"
 # Files of the source directory a converted one keeps as they are (tokenizer, chat template, generation defaults).
 CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                  "generation_config.json")
+
+CALIB_BATCH = 8             # calibration rows per teacher forward
 
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -131,8 +142,8 @@ def is_swiftkv_dir(path: Path) -> bool:
 
 
 def _base_hf_config(raw: dict) -> LlamaConfig:
-    base = {k: v for k, v in raw.items() if k not in ("swiftkv_layer", "swiftkv_group", "model_type",
-                                                       "architectures", "transformers_version")}
+    base = {k: v for k, v in raw.items() if k not in ("swiftkv_layer", "swiftkv_group", "swiftkv_init",
+                                                       "model_type", "architectures", "transformers_version")}
     return LlamaConfig(**base)
 
 
@@ -174,10 +185,11 @@ def load_swiftkv_model_dir(path: Path, dtype: torch.dtype = torch.float32,
 
 
 def save_swiftkv_model_dir(model: SwiftKVTransformer, out: Path, source_dir: Path, *,
-                           dtype: torch.dtype | None = None,
+                           dtype: torch.dtype | None = None, init: dict | None = None,
                            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write `model` as a SwiftKV directory, atomically; config fields, tokenizer and generation defaults are
-    the source directory's (the one it was converted from), plus the two SwiftKV fields."""
+    the source directory's (the one it was converted from), plus the SwiftKV fields; `init` (how convert
+    initialised the new tensors) is written as `swiftkv_init`, else the source's is kept (an export)."""
     out, source_dir = Path(out), Path(source_dir)
     if out.resolve() == source_dir.resolve():
         raise GlassboxError(f"--out {out} is the model directory being converted; choose another")
@@ -193,6 +205,8 @@ def save_swiftkv_model_dir(model: SwiftKVTransformer, out: Path, source_dir: Pat
     raw = json.loads((source_dir / "config.json").read_text())
     raw.update(model_type=MODEL_TYPE, architectures=[ARCHITECTURE], swiftkv_layer=skv.layer,
                swiftkv_group=skv.group, use_cache=False)
+    if init is not None:
+        raw["swiftkv_init"] = init
     with staged_dir(out, replace=True) as tmp:
         (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
         for name in CARRIED_FILES:
@@ -202,20 +216,44 @@ def save_swiftkv_model_dir(model: SwiftKVTransformer, out: Path, source_dir: Pat
     return out
 
 
-def convert(model_dir: Path, layer: int, group: int, out: Path) -> Path:
-    """`glassbox swiftkv convert`: a Llama directory -> its SwiftKV transform (initialised, not yet distilled)."""
+def convert(model_dir: Path, layer: int, group: int, out: Path, *, init: str = "copy", calib: str | None = None,
+            calib_tokens: int = DEFAULT_CALIB_TOKENS, ridge: float = DEFAULT_RIDGE) -> Path:
+    """`glassbox swiftkv convert`: a Llama directory -> its SwiftKV transform (initialised, not yet distilled).
+    `init` "copy" is the paper's initialisation; "lsq" then fits the K/V projections on `calib_tokens` tokens of
+    `calib` (glassbox.data.calibration). config.json records which, as `swiftkv_init`."""
     model_dir = Path(model_dir)
+    if init not in INIT_METHODS:
+        raise GlassboxError(f"swiftkv --init {init!r}: expected one of {', '.join(INIT_METHODS)}")
+    if init == "copy" and calib:
+        raise GlassboxError("swiftkv --calib is for --init lsq (the copy initialisation reads no data)")
     if is_swiftkv_dir(model_dir):
         raise GlassboxError(f"{model_dir} is a SwiftKV model already; convert its base model instead")
     raw = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
     if raw.get("model_type") not in (None, "llama"):
         raise GlassboxError(f"{model_dir}: model_type {raw.get('model_type')!r} is not supported by swiftkv "
                             "(a dense Llama-style model: model_type llama)")
+    tokens = lsq_calibration(model_dir, calib, calib_tokens) if init == "lsq" else None
     base, cfg = load_hf_model_dir(model_dir)      # in fp32, so that AcrossKV's group means are exact
     skv = SwiftKVConfig(layer, group)
     skv.validate(cfg.num_layers)
     dtype = WEIGHT_DTYPES.get(raw.get("dtype") or raw.get("torch_dtype") or "float32", torch.float32)
-    return save_swiftkv_model_dir(swiftkv_from_base(base, skv), out, model_dir, dtype=dtype)
+    model = swiftkv_from_base(base, skv)
+    record: dict = {"method": "copy"}
+    if tokens is not None:
+        used = lsq_init(model, tokens.split(CALIB_BATCH), ridge)
+        record = {"method": "lsq", "fitted": ["k_proj", "v_proj"], "calib": str(calib), "calib_tokens": used,
+                  "ridge": ridge}
+    return save_swiftkv_model_dir(model, out, model_dir, dtype=dtype, init=record)
+
+
+def lsq_calibration(model_dir: Path, calib: str | None, count: int) -> torch.Tensor:
+    """The calibration tokens of `--init lsq`, read before the model is: a bad source fails at once."""
+    if not calib:
+        raise GlassboxError("swiftkv --init lsq needs --calib: a DATA_DIR from `glassbox swiftkv teacher-data` "
+                            "(the distillation's data), or stdlib, or .txt/.jsonl/.parquet files")
+    if not (model_dir / "tokenizer.json").is_file():
+        raise GlassboxError(f"{model_dir} has no tokenizer.json: --calib text is tokenized with it")
+    return calibration_tokens(calib, model_dir / "tokenizer.json", count)
 
 
 def export_swiftkv_checkpoint(checkpoint: Path, like: Path, out: Path) -> Path:

@@ -255,7 +255,7 @@ class PolluxAgent(Callback):
             self.ema.update(*estimate_from_pairs(measurement.pairs(values.tolist())), batch=measurement.samples)
         micro, accum = self._shapes.pop(step)
         # The first steps after a (re)start compile and warm allocators: not the shape's speed.
-        if step > self._started_at + 2 and "val_loss" not in state.metrics:
+        if step > self._started_at + 2 and "val_loss" not in state.metrics and "val_kl" not in state.metrics:
             times = self.times.setdefault((self.nodes, self.replicas, micro, accum), [])
             times.append(float(state.metrics["step_time"]))
             del times[:-OBSERVATIONS_KEPT]

@@ -122,6 +122,8 @@ def summary(state) -> str:
     text = f"trained {state.step} steps ({state.tokens:,} tokens) into {state.run_dir}: loss {m.get('loss', 0):.4f}"
     if "val_loss" in m:
         text += f", validation loss {m['val_loss']:.4f}"
+    if "val_kl" in m:                   # a distillation run: the held-out KL to its teacher
+        text += f", validation KL {m['val_kl']:.4f}"
     return text
 
 

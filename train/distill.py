@@ -84,16 +84,37 @@ def distill_losses(model: SwiftKVTransformer, chunk: torch.Tensor, mask: torch.T
 
 
 class DistillObjective:
-    """The trainer's objective for a distillation run: chunk [B, T + 1] -> the loss to minimise."""
+    """The trainer's objective for a distillation run: chunk [B, T + 1] -> the loss to minimise. It also keeps
+    the step's two terms apart (`step_terms`) and scores held-out samples by their KL (`validation_sums`), the
+    metric a distillation is after; the student's cross-entropy on all tokens says little about it."""
 
     def __init__(self, cfg: DistillConfig, marker: list[int], eod_id: int,
                  autocast: Callable[[], contextlib.AbstractContextManager]):
         self.cfg, self.marker, self.eod_id, self.autocast = cfg, marker, eod_id, autocast
+        self._terms: torch.Tensor | None = None     # sum over the step's micro-batches of [kl, mse] x rows
+        self._rows = 0
 
     def __call__(self, model: nn.Module, chunk: torch.Tensor) -> torch.Tensor:
         mask = response_mask(chunk[:, 1:], self.marker, self.eod_id)    # the positions whose next token is scored
         kl, mse = distill_losses(unwrap_swiftkv(model), chunk, mask, self.cfg, self.autocast)
+        terms = torch.stack([kl.detach(), mse.detach()]) * chunk.shape[0]
+        self._terms = terms if self._terms is None else self._terms + terms
+        self._rows += chunk.shape[0]
         return self.cfg.kl_weight * kl + self.cfg.hidden_mse_weight * mse
+
+    def step_terms(self) -> torch.Tensor:
+        """[KL term (T^2 x KL), hidden-state MSE] of the micro-batches since the last call, weighted by their rows
+        as the step's loss is, on the device (no sync); the trainer takes them once a step, for metrics."""
+        if self._terms is None:
+            raise GlassboxError("distill: step_terms called before any micro-batch of the step")
+        terms, self._terms = self._terms / self._rows, None
+        self._rows = 0
+        return terms
+
+    def validation_sums(self, model: nn.Module, tokens: torch.Tensor, batch: int) -> torch.Tensor:
+        """[summed KL(teacher || student) at T = 1, response-token count] over held-out samples [N, T + 1] on
+        the model's device (float64, no sync): the validation metric of a distillation run."""
+        return kl_sums(unwrap_swiftkv(model), tokens, self.marker, self.eod_id, self.autocast, batch=batch)
 
 
 def unwrap_swiftkv(model: nn.Module) -> SwiftKVTransformer:
@@ -128,17 +149,27 @@ def marker_ids(tokenizer, marker: str) -> list[int]:
 
 
 @torch.no_grad()
+def kl_sums(model: SwiftKVTransformer, tokens: torch.Tensor, marker: list[int], eod_id: int,
+            autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+            temperature: float = 1.0, batch: int = 8) -> torch.Tensor:
+    """[summed KL(teacher || student) per response token at `temperature`, response-token count] over samples
+    [N, T + 1], float64 on the model's device."""
+    device = model.embed_tokens.weight.device
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    cfg = DistillConfig(temperature=temperature)
+    for chunk in tokens.split(batch):
+        chunk = chunk.to(device)
+        mask = response_mask(chunk[:, 1:], marker, eod_id)
+        kl, _ = distill_losses(model, chunk, mask, cfg, autocast)
+        n = mask.sum()
+        total += torch.stack([kl.double() / (temperature * temperature) * n, n.double()])
+    return total
+
+
 def heldout_kl(model: SwiftKVTransformer, tokens: torch.Tensor, marker: list[int], eod_id: int,
                temperature: float = 1.0, batch: int = 8) -> float:
     """Mean KL(teacher || student) per response token over held-out samples [N, T + 1] (T = 1: the plain KL)."""
-    total, count = 0.0, 0
-    cfg = DistillConfig(temperature=temperature)
-    for chunk in tokens.split(batch):
-        mask = response_mask(chunk[:, 1:], marker, eod_id)
-        kl, _ = distill_losses(model, chunk, mask, cfg, contextlib.nullcontext)
-        n = int(mask.sum())
-        total += kl.item() / (temperature * temperature) * n
-        count += n
+    total, count = kl_sums(model, tokens, marker, eod_id, temperature=temperature, batch=batch).tolist()
     if count == 0:
         raise GlassboxError("heldout_kl: no response tokens in the held-out samples (is response_marker right?)")
     return total / count

@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from glassbox.models.swiftkv import DEFAULT_RIDGE, INIT_METHODS
+from glassbox.data.calibration import DEFAULT_CALIB_TOKENS
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("swiftkv", help="SwiftKV: convert a model, make its distillation data, export the result")
@@ -23,6 +26,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--group", type=int, default=1,
                    help="AcrossKV: this many consecutive layers >= l share one KV cache (default 1: none)")
     c.add_argument("--out", type=Path, required=True, help="the SwiftKV model directory to write")
+    c.add_argument("--init", choices=INIT_METHODS, default="copy",
+                   help="copy: the new projections are copies of the layers' own (the paper's); lsq: the K/V "
+                        "projections are then fit by least squares to the teacher's keys and values on --calib")
+    c.add_argument("--calib", metavar="DATA_DIR|SOURCE",
+                   help="--init lsq's calibration text: a DATA_DIR from teacher-data (its train split: the "
+                        "distillation's own data, best), or stdlib, or .txt/.jsonl/.parquet files")
+    c.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS,
+                   help=f"calibration tokens to fit on (default {DEFAULT_CALIB_TOKENS}; at least the hidden size)")
+    c.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
+                   help=f"the fit's ridge, relative to the mean diagonal of its normal matrix (default "
+                        f"{DEFAULT_RIDGE:g})")
     c.set_defaults(handler=run_convert)
 
     t = actions.add_parser("teacher-data", help="answer prompts with the base model (glassbox's engine) and "
@@ -51,8 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_convert(args: argparse.Namespace) -> int:
     from glassbox.checkpoints.hf_swiftkv import convert
 
-    out = convert(args.model_dir, args.layer, args.group, args.out)
-    print(f"SwiftKV model (layer {args.layer}, group {args.group}) written to {out}")
+    out = convert(args.model_dir, args.layer, args.group, args.out, init=args.init, calib=args.calib,
+                  calib_tokens=args.calib_tokens, ridge=args.ridge)
+    print(f"SwiftKV model (layer {args.layer}, group {args.group}, init {args.init}) written to {out}")
     return 0
 
 

@@ -26,6 +26,8 @@ class ProgressBar(Callback):
         postfix = {"loss": f"{m['loss']:.4f}", "lr": f"{m['lr']:.2e}", "tok/s": f"{m['tokens_per_s']:.0f}"}
         if "val_loss" in m:
             postfix["val"] = f"{m['val_loss']:.4f}"
+        if "val_kl" in m:
+            postfix["val_kl"] = f"{m['val_kl']:.4f}"
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(1)
 

@@ -69,7 +69,8 @@ class QueuedStep:
     queue_s: float                      # time to queue it (on a CPU: all of its work)
     scalars: torch.Tensor               # [loss, grad_norm] (+ MoE aux loss), on the device
     expert_load: torch.Tensor | None    # MoE: tokens per expert over the mean (1.0 = balanced)
-    val_sums: torch.Tensor | None       # on validation steps: [loss sum, token count]
+    val_sums: torch.Tensor | None       # on validation steps: [loss sum, token count] (distillation: KL sum)
+    distill_terms: torch.Tensor | None  # distillation: the step's [KL term, hidden-state MSE]
 
 
 CLOSING_HOOKS = ("on_step_end", "on_train_end")
@@ -329,6 +330,7 @@ class Trainer:
         self.dispatch("on_optimizer_step", spec)
         val_every = cfg.logging.val_every
         val = self._validation_sums() if (val_every and step % val_every == 0) or step == cfg.schedule.steps else None
+        terms = self._dp_mean(self.objective.step_terms()) if cfg.distill.enabled else None
 
         # The device has the step's work queued: the host's bookkeeping runs while it computes.
         if self.order_log is not None:
@@ -350,7 +352,7 @@ class Trainer:
         self._queued += 1
         return QueuedStep(spec=spec, lr=lr, started=started, queue_s=time.perf_counter() - started,
                           scalars=torch.stack(scalars),
-                          expert_load=load_sum, val_sums=val)
+                          expert_load=load_sum, val_sums=val, distill_terms=terms)
 
     def finish_step(self, queued: QueuedStep) -> dict:
         """Wait for a queued step, then count it done: its metrics row (one device-to-host read) goes to
@@ -383,9 +385,11 @@ class Trainer:
         if queued.expert_load is not None:
             load = queued.expert_load.flatten().tolist()
             row.update(moe_aux_loss=values[2], expert_load_max=max(load), expert_load_min=min(load))
+        if queued.distill_terms is not None:
+            row["kl"], row["hidden_mse"] = queued.distill_terms.tolist()
         if queued.val_sums is not None:
             total, count = queued.val_sums.tolist()
-            row["val_loss"] = total / count
+            row["val_kl" if cfg.distill.enabled else "val_loss"] = total / count
         s.metrics = row
         if world.is_main:
             self.metrics_log.append(row)
@@ -404,19 +408,23 @@ class Trainer:
 
     def _validation_sums(self) -> torch.Tensor:
         """[summed next-token loss, token count] over the fixed validation samples (each data-parallel rank an
-        equal share, summed over ranks), left on the device."""
+        equal share, summed over ranks), left on the device; a distillation's objective scores them by their
+        KL to the teacher instead."""
         model = self.state.model
         was_training = model.training
         model.eval()
         total = torch.zeros(2, device=self.world.device, dtype=torch.float64)
-        with torch.no_grad():
-            for chunk in self.val_tokens.split(self.cfg.batch.micro_batch_size):
-                chunk = chunk.to(self.world.device)
-                with self._autocast():
-                    logits = model(chunk[:, :-1])
-                loss = next_token_loss(logits, chunk[:, 1:], reduction="sum")
-                total[0] += loss.double()
-                total[1] += chunk[:, 1:].numel()
+        if self.cfg.distill.enabled:
+            total += self.objective.validation_sums(model, self.val_tokens, self.cfg.batch.micro_batch_size)
+        else:
+            with torch.no_grad():
+                for chunk in self.val_tokens.split(self.cfg.batch.micro_batch_size):
+                    chunk = chunk.to(self.world.device)
+                    with self._autocast():
+                        logits = model(chunk[:, :-1])
+                    loss = next_token_loss(logits, chunk[:, 1:], reduction="sum")
+                    total[0] += loss.double()
+                    total[1] += chunk[:, 1:].numel()
         if self.world.dp_size > 1:
             dist.all_reduce(total, group=self.world.dp_group)
         model.train(was_training)

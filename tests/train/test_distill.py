@@ -3,6 +3,7 @@ KL falls, a resumed run is bit-identical, and the checkpoint exports as a SwiftK
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -15,9 +16,17 @@ from glassbox.cli import main
 from glassbox.config import ConfigError
 from glassbox.data.sampler import build_sampler
 from glassbox.data.store import TokenStore
+from glassbox.errors import GlassboxError
 from glassbox.models.transformer import ModelConfig, Transformer
 from glassbox.train.config import run_config_from_dict
-from glassbox.train.distill import heldout_kl, marker_ids, response_mask
+from glassbox.train.distill import (
+    DistillConfig,
+    DistillObjective,
+    distill_losses,
+    heldout_kl,
+    marker_ids,
+    response_mask,
+)
 from glassbox.train.distill_data import generate_teacher_data, stdlib_prompts
 from glassbox.train.trainer import Trainer
 
@@ -81,6 +90,32 @@ def test_marker_ids_drop_trailing_whitespace_that_a_bpe_merges_with_the_response
     assert tok.decode([t for t, k in zip(doc, mask[0].tolist()) if k]).endswith("return x")
 
 
+def test_objective_keeps_its_terms_apart_and_scores_held_out_kl(setup):
+    """The step's KL and MSE terms are the row-weighted means the loss combines; the validation sums are the
+    held-out KL at T = 1 over response tokens."""
+    base_dir, data, skv_dir = setup
+    model, _ = load_swiftkv_model_dir(skv_dir)
+    store = TokenStore(data.data_dir)
+    marker = marker_ids(store.tokenizer(), data.response_marker)
+    cfg = DistillConfig(enabled=True, hidden_mse_weight=0.5, response_marker=data.response_marker)
+    objective = DistillObjective(cfg, marker, store.eod_id, contextlib.nullcontext)
+    samples = build_sampler(run_config_from_dict(distill_dict(setup, Path("unused"))).data, "train").samples(0, 6)
+    chunks = [samples[:4], samples[4:]]
+    losses = [objective(model, c) for c in chunks]
+    terms = [distill_losses(model, c, response_mask(c[:, 1:], marker, store.eod_id), cfg, contextlib.nullcontext)
+             for c in chunks]
+    want = sum(torch.stack(t) * c.shape[0] for t, c in zip(terms, chunks)) / 6
+    torch.testing.assert_close(objective.step_terms(), want)
+    for loss, (kl, mse) in zip(losses, terms):
+        torch.testing.assert_close(loss, kl + 0.5 * mse)
+    with pytest.raises(GlassboxError, match="step_terms called before any micro-batch"):
+        objective.step_terms()
+    held_out = build_sampler(run_config_from_dict(distill_dict(setup, Path("unused"))).data, "valid").samples(0, 8)
+    total, count = objective.validation_sums(model, held_out, batch=3).tolist()
+    assert count == int(response_mask(held_out[:, 1:], marker, store.eod_id).sum()) > 0
+    assert total / count == pytest.approx(heldout_kl(model, held_out, marker, store.eod_id), rel=1e-9)
+
+
 def test_distillation_trains_only_the_new_tensors_and_lowers_heldout_kl(setup, tmp_path):
     base_dir, data, skv_dir = setup
     cfg = run_config_from_dict(distill_dict(setup, tmp_path / "run"))
@@ -94,6 +129,13 @@ def test_distillation_trains_only_the_new_tensors_and_lowers_heldout_kl(setup, t
     after = trainer.state.model.eval()
     kl_after = heldout_kl(after, held_out, marker, store.eod_id)
     assert kl_after < 0.8 * kl_before, (kl_before, kl_after)
+    # Metrics: both terms of every step's loss, and the held-out KL (T = 1) as the validation metric.
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert row["loss"] == pytest.approx(row["kl"] + cfg.distill.hidden_mse_weight * row["hidden_mse"])
+    assert [r["step"] for r in rows if "val_kl" in r] == [4, 8, 12, 16]
+    assert not any("val_loss" in r for r in rows)
+    assert rows[-1]["val_kl"] == pytest.approx(heldout_kl(after, trainer.val_tokens, marker, store.eod_id))
     for name, p in before.state_dict().items():
         same = torch.equal(p, after.state_dict()[name])
         assert same != name.startswith("swiftkv_"), name
@@ -126,7 +168,8 @@ def test_resumed_distillation_is_bit_identical(setup, tmp_path):
     resumed.fit()
 
     def losses(run):
-        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["loss"], r["kl"], r["hidden_mse"], r.get("val_kl")) for r in rows]
 
     assert losses(tmp_path / "b") == losses(tmp_path / "a") and len(losses(tmp_path / "a")) == 16
     for (name, x), y in zip(straight.state.model.named_parameters(), resumed.state.model.parameters()):
