@@ -313,7 +313,10 @@ def quality(model_dir: Path, work: Path, args, sizes: dict) -> dict:
     teacher_s = time.perf_counter() - t0
     free(args.device)                 # the teacher's engine and its KV pool
     n_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
-    skv_dir = convert(model_dir, n_layers // 2, 1, work / "skv")
+    # The student starts from --init: "lsq" fits its K/V projections on the teacher data's train split (the
+    # distribution it is then distilled on), "copy" is the paper's initialisation.
+    calib = str(data.data_dir) if args.init == "lsq" else None
+    skv_dir = convert(model_dir, n_layers // 2, 1, work / "skv", init=args.init, calib=calib)
     cfg = run_config_from_dict({
         "init_from": str(skv_dir), "model": {"max_seq_len": sizes["seq_len"]},
         "data": {"path": str(data.data_dir), "seq_len": sizes["seq_len"], "seed": 1},
@@ -345,7 +348,7 @@ def quality(model_dir: Path, work: Path, args, sizes: dict) -> dict:
     acc = {"base": task_accuracy(model_dir, items, args), "swiftkv": task_accuracy(trained, items, args)}
     deltas = {t: 100 * (acc["swiftkv"][t] - acc["base"][t]) for t in items}
     return {"teacher_docs": data.num_documents, "teacher_tokens": data.response_tokens, "teacher_s": teacher_s,
-            "distill_steps": sizes["distill_steps"], "distill_s": distill_s, "layer": n_layers // 2,
+            "distill_steps": sizes["distill_steps"], "distill_s": distill_s, "layer": n_layers // 2, "init": args.init,
             "distill_lr": cfg.optimizer.lr, "hidden_mse_weight": cfg.distill.hidden_mse_weight,
             "before_distill": before, "after_distill": after, "task_accuracy": acc, "task_delta_points": deltas,
             "loss_rel_delta": after["student_loss"] / after["teacher_loss"] - 1}
@@ -556,7 +559,7 @@ def markdown(result: dict) -> str:
         lines += ["", f"Quality: {q['model']}, l = {q['layer']}, {q['distill_steps']} distillation steps on "
                       f"{q['teacher_docs']} teacher answers ({q['teacher_tokens']} tokens), lr "
                       f"{q.get('distill_lr', 2e-4):g}, hidden-state MSE weight "
-                      f"{q.get('hidden_mse_weight', 1.0):g}.", "",
+                      f"{q.get('hidden_mse_weight', 1.0):g}, K/V init {q.get('init', 'copy')}.", "",
                   "| held-out responses | teacher loss | student loss | greedy agreement |", "|---|---|---|---|"]
         for when in ("before_distill", "after_distill"):
             m = q[when]
@@ -576,6 +579,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model-dir", type=Path, help="a Llama HF directory for the quality part (SmolLM2 on GPU)")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--init", choices=["lsq", "copy"], default="lsq",
+                    help="quality: the student's K/V initialisation before distillation (default lsq)")
     ap.add_argument("--distill-lr", type=float, default=None, help="default 2e-4 on CUDA (Snowflake's), 1e-3 on CPU")
     ap.add_argument("--hidden-mse-weight", type=float, default=0.0,
                     help="weight of the hidden-state MSE beside T^2 x KL (default 0, as Snowflake's Llama recipes: "
