@@ -5,6 +5,13 @@
 # WHEELS (default .whl/). Results land in bench/results/ and, when OUT is set, the files each part wrote are
 # copied there as it finishes.
 #
+# The carried folders are git-ignored, so a fresh checkout rebuilds them with `nice -n 19 bash bench/gpu_prepare.sh`
+# (skips what exists; about 1.5 min from nothing): .whl/, build/rg312 and build/rg312b (reasoning-gym, for Dynasor
+# and STUN: WHEELS=".whl build/rg312 build/rg312b"), build/whl, build/gpu-data (the Pollux and STUN data dirs),
+# build/pollux-artifact (cpu16 with ARTIFACT=build/pollux-artifact) and .smol/part0, part1. It ends with each one's
+# size and the carry sets: call 1 [.whl, build/rg312, build/rg312b, build/whl, build/gpu-data], then one call per
+# GGUF part (64 MiB a call, the working tree counted in).
+#
 #     bash bench/gpu_session.sh tests        # tests/gpu, and the inference bench on the second GPU meanwhile
 #     bash bench/gpu_session.sh inference    # tests/inference GPU tests, then the inference bench (one GPU)
 #     bash bench/gpu_session.sh train        # bench/train_mfu.py: 4 systems x 3 sizes, then 1B on 2 GPUs
