@@ -8,9 +8,10 @@ was not in the artifact). The summary holds workload 6 at 1.0x load, the one the
 mean_jct per policy, reduction_vs_tiresias = 1 - pollux/tiresias, reduction_vs_optimus = 1 - pollux/optimus,
 next to the artifact's and the issue's targets (32% and 48%).
 
-Tiresias, Optimus and FIFO take a few seconds per workload; Pollux (a genetic algorithm every 60 s and a
-throughput-model fit at every new step shape) one to a few core-minutes at 1.0x load (84-145 s per workload on the
-2-core box), and more with the load: a cell's rounds and its jobs running at once both grow (workload 6 took
+Tiresias, Optimus and FIFO take a few seconds per workload; Pollux (a genetic algorithm every 60 s, at the
+artifact's budget of 100 x 100 generations, and a throughput-model fit at every new step shape) a few
+core-minutes at 1.0x load (146-261 s per workload on the 2-core box; 84-145 s at 64 x 40, which cost workload 6
+0.6% in mean JCT), and more with the load: a cell's rounds and its jobs running at once both grow (workload 6 took
 0.3x / 1x / 1.9x its 1.0x time at 0.5x / 1.0x / 1.5x). Cells run at once over --jobs processes, one core each.
 
     python bench/pollux_sim.py                                   # workload 6, 1.0x, four policies (~4 min, 2 cores)
@@ -155,8 +156,9 @@ def main() -> int:
     ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     ap.add_argument("--jobs", "--workers", dest="workers", type=int, default=min(2, os.cpu_count() or 1),
                     help="cells simulated at once, one process each (a process pool)")
-    ap.add_argument("--population", type=int, default=64, help="Pollux GA population")
-    ap.add_argument("--generations", type=int, default=40, help="Pollux GA generations per 60 s round")
+    # The artifact's NSGA-II budget (adaptdl_sched's PolluxPolicy: population 100, 100 generations per round).
+    ap.add_argument("--population", type=int, default=100, help="Pollux GA population")
+    ap.add_argument("--generations", type=int, default=100, help="Pollux GA generations per 60 s round")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS / "pollux_sim")
     ap.add_argument("--resume", action="store_true", help="keep the cells already in --out's JSON (same settings)")
