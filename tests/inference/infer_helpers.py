@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 from typing import Iterator
 
+import pytest
 import torch
 
 from glassbox.inference.sequence import Sequence
 from glassbox.inference.speculative import Draft
 from glassbox.models.transformer import ModelConfig, Transformer
+
+# torch.compile on a CPU builds C++ kernels: tests that compile skip where no compiler is installed.
+needs_cxx_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                                        reason="torch.compile on CPU needs a C++ compiler")
 
 
 @contextlib.contextmanager

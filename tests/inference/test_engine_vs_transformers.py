@@ -4,12 +4,11 @@ or in a batch, through chunked prefill, prefix-cache hits and preemption."""
 from __future__ import annotations
 
 import gc
-import shutil
 import weakref
 
 import pytest
 import torch
-from infer_helpers import one_thread
+from infer_helpers import needs_cxx_compiler, one_thread
 
 from glassbox.inference.engine import EngineConfig, LLMEngine
 from glassbox.inference.llm import LLM
@@ -111,8 +110,7 @@ def test_logprobs_match_transformers_logits(llama_dir, llama_reference):
         assert [t for t, _ in lp.top] == top_ids
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
-                    reason="torch.compile on CPU needs a C++ compiler")
+@needs_cxx_compiler
 def test_compiled_engine_matches_transformers_and_compiles_only_at_start(llama_dir, llama_reference):
     from torch._dynamo.utils import counters
 

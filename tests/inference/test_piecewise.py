@@ -6,11 +6,10 @@ are refused with a reason. Captured graphs on CUDA: tests/inference/test_piecewi
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
-from infer_helpers import ScriptedTreeProposer, tiny_transformer
+from infer_helpers import ScriptedTreeProposer, needs_cxx_compiler, tiny_transformer
 from test_varlen_attention import _assert_same, _engine, _prompts, _serve
 
 from glassbox.config import ConfigError
@@ -134,8 +133,7 @@ def test_models_the_pieces_cannot_hold_are_refused():
         PiecewiseGraphs(tiny_transformer(), [4], capture=False, layers=(1, 1))
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
-                    reason="torch.compile on CPU needs a C++ compiler")
+@needs_cxx_compiler
 def test_compiled_pieces_compile_at_start_only_and_the_eager_structures_not_at_all():
     from torch._dynamo.utils import counters
 

@@ -6,12 +6,11 @@ prompts, grouped and full K/V heads, and SwiftKV's upper layers with AcrossKV.""
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
-from infer_helpers import ScriptedTreeProposer, tiny_transformer
+from infer_helpers import ScriptedTreeProposer, needs_cxx_compiler, tiny_transformer
 
 from glassbox.errors import GlassboxError
 from glassbox.inference.attention import choose_kernel, pack, probe, reference_varlen
@@ -177,8 +176,7 @@ def test_swiftkv_upper_layers_and_acrosskv_equal_the_dense_path(group):
     assert eng.runner.varlen.calls > 0
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
-                    reason="torch.compile on CPU needs a C++ compiler")
+@needs_cxx_compiler
 def test_compiled_packed_steps_compile_only_at_start():
     from torch._dynamo.utils import counters
 
