@@ -255,10 +255,9 @@ def observed_speedup(job: JobRequest, slots: int, fair: int):
     if reports:
         r = reports[-1]
         shape = JobShape(int(r["init_batch"]), int(r["max_batch"]), 1, int(r["max_micro_batch"]))
-        table = goodput_table(ThroughputParams.from_dict(r["throughput_params"]), float(r["grad_sqr"]),
-                              float(r["grad_var"]), shape, slots, 1)
-        base = table[1, min(fair, slots)]
-        return table / base if base > 0 else None
+        return _relative_to_fair_share(goodput_table(ThroughputParams.from_dict(r["throughput_params"]),
+                                                     float(r["grad_sqr"]), float(r["grad_var"]), shape, slots, 1),
+                                       fair, slots)
     rows = [r for r in metrics if r.get("step_time") and r.get("world_size")]
     if not rows:
         return None
@@ -269,10 +268,14 @@ def observed_speedup(job: JobRequest, slots: int, fair: int):
         seen.setdefault((world, micro, batch // (world * micro)), []).append(float(r["step_time"]))
     params = fit_throughput([StepObservation(1, w, m, a, float(np.median(t))) for (w, m, a), t in seen.items()])
     batch = int(rows[-1]["batch_size"])
-    micro = int(rows[-1]["micro_batch_size"])
-    table = goodput_table(params, 1.0, 0.0, JobShape(batch, batch, 1, batch), slots, 1)
+    return _relative_to_fair_share(goodput_table(params, 1.0, 0.0, JobShape(batch, batch, 1, batch), slots, 1),
+                                   fair, slots)
+
+
+def _relative_to_fair_share(table, fair: int, slots: int):
+    """A goodput table over the job's goodput on its fair share (one node), or None where that is 0."""
     base = table[1, min(fair, slots)]
-    return np.where(table > 0, table / base, 0.0) if base > 0 else None
+    return table / base if base > 0 else None
 
 
 def schedule(executor: RayExecutor, jobs: list[JobRequest], policy, interval: float, timeout: float) -> dict:
