@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from infer_helpers import ScriptedTreeProposer, needs_cxx_compiler, tiny_transformer
-from test_varlen_attention import _assert_same, _engine, _prompts, _serve
+from test_varlen_attention import _assert_same, _engine, _prompts, _serve, _tree_draft_setup
 
 from glassbox.config import ConfigError
 from glassbox.errors import GlassboxError
@@ -67,9 +67,7 @@ def test_pieces_equal_the_eager_path(attention):
 
 def test_draft_trees_run_in_pieces():
     model = _model()
-    prompts = _prompts(200, lens=(6, 19, 11, 30))
-    plain = _serve(_engine(model, "dense"), prompts, max_tokens=12)
-    refs = {tuple(p): o.token_ids for p, o in zip(prompts, plain)}
+    prompts, plain, refs = _tree_draft_setup(model)
     outs = {}
     for pieces in (False, True):
         eng = _engine(model, "reference", proposer=ScriptedTreeProposer(refs, vocab=200), num_spec_tokens=6,

@@ -147,11 +147,17 @@ def test_packed_steps_equal_the_dense_path(kv_heads):
     assert eng.blocks.prefix_hits > 0 and eng.runner.varlen.calls > 0
 
 
-def test_draft_trees_beside_prompts_keep_the_dense_mask():
-    model = tiny_transformer()
+def _tree_draft_setup(model):
+    """Prompts, their plain greedy outputs on the dense path (12 tokens), and those outputs keyed by prompt: the
+    references a ScriptedTreeProposer drafts token trees from."""
     prompts = _prompts(200, lens=(6, 19, 11, 30))
     plain = _serve(_engine(model, "dense"), prompts, max_tokens=12)
-    refs = {tuple(p): o.token_ids for p, o in zip(prompts, plain)}
+    return prompts, plain, {tuple(p): o.token_ids for p, o in zip(prompts, plain)}
+
+
+def test_draft_trees_beside_prompts_keep_the_dense_mask():
+    model = tiny_transformer()
+    prompts, plain, refs = _tree_draft_setup(model)
     outs = {}
     for mode in ("dense", "reference"):
         proposer = ScriptedTreeProposer(refs, vocab=200)
