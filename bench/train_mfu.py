@@ -145,7 +145,8 @@ def build_glassbox_core(shape: Shape, device, args):
     from glassbox.train.config import ParallelConfig
     from glassbox.train.model_init import build_model
     from glassbox.train.parallel import clip_gradients, grad_sq_norm, init_world, param_groups
-    from glassbox.train.trainer import ATTENTION_KERNELS, next_token_loss
+    from glassbox.models.loss import next_token_loss
+    from glassbox.train.trainer import ATTENTION_KERNELS
     from torch.nn.attention import sdpa_kernel
 
     pcfg = ParallelConfig(device=device.type, precision="bf16", compile=not args.no_compile,

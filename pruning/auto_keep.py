@@ -24,9 +24,9 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from glassbox.errors import GlassboxError
+from glassbox.models.loss import mean_next_token_loss
 from glassbox.models.transformer import Transformer
 
 # Shares of the target sparsity taken as whole experts; denser near 0, where the measured optima lie.
@@ -58,19 +58,6 @@ def candidate_keeps(sparsity: float, total: int, floor: int) -> list[float]:
     return keeps
 
 
-@torch.no_grad()
-def heldout_loss(model: Transformer, windows: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token loss (nats) of `model` over `windows`."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, windows.shape[0], batch_size):
-        x = windows[start:start + batch_size].to(device)
-        logits = model(x[:, :-1]).float()
-        total += float(F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum"))
-        count += x[:, 1:].numel()
-    return total / count
-
-
 def choose_keep(prune_at: Callable[[float], Transformer], held_out: torch.Tensor, keeps: list[float],
                 batch_size: int) -> tuple[float, dict]:
     """The fraction in `keeps` whose model `prune_at(keep)` has the lowest loss on `held_out` (ties: the larger
@@ -80,7 +67,7 @@ def choose_keep(prune_at: Callable[[float], Transformer], held_out: torch.Tensor
     for keep in keeps:
         model = prune_at(keep)
         scored.append({"keep": keep, "experts": sum(layer.mlp.num_experts for layer in model.layers),
-                       "heldout_loss": heldout_loss(model, held_out, batch_size)})
+                       "heldout_loss": mean_next_token_loss(model, held_out, batch_size)})
         del model
     best = min(scored, key=lambda c: (c["heldout_loss"], -c["keep"]))
     return best["keep"], {"rule": "lowest held-out loss over candidate keep fractions", "chosen": best["keep"],

@@ -40,8 +40,8 @@ def _measure(layout: ReleaseLayout, index: dict, opts: AnalyzeOptions) -> dict[s
     from tqdm import tqdm
 
     from glassbox.checkpoints.hf_format import load_hf_model_dir
-    from glassbox.release.evaluate import (draw_memorization_sequences, layer_weight_norms, memorization_scores,
-                                           validation_loss)
+    from glassbox.models.loss import mean_next_token_loss
+    from glassbox.release.evaluate import draw_memorization_sequences, layer_weight_norms, memorization_scores
     from glassbox.release.probe import load_transformers_model
 
     val = torch.from_numpy(np.load(layout.dataset / "validation.npy").astype(np.int64))
@@ -54,7 +54,7 @@ def _measure(layout: ReleaseLayout, index: dict, opts: AnalyzeOptions) -> dict[s
     for b in tqdm(index["branches"], desc="analyze", unit="ckpt"):
         model, _ = load_hf_model_dir(layout.branch(b["branch"]))
         steps.append(b["step"])
-        ppl.append(math.exp(validation_loss(model, val)))
+        ppl.append(math.exp(mean_next_token_loss(model, val)))
         scores = memorization_scores(load_transformers_model(layout.branch(b["branch"])), sequences, opts.prompt_len)
         mem_each.append(scores.numpy())
         mem.append(float(scores.mean()))

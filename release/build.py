@@ -156,7 +156,7 @@ def _export_branches(info: RunInfo, tmp: Path, val: Any, probe_ids: list[int]) -
     from glassbox.checkpoints.hf_format import load_hf_model_dir
     from glassbox.checkpoints.consolidate import consolidate
     from glassbox.checkpoints.loading import checkpoint_view
-    from glassbox.release.evaluate import validation_loss
+    from glassbox.models.loss import mean_next_token_loss
     from glassbox.release.probe import load_transformers_model, probe_summary
 
     branches = []
@@ -170,7 +170,7 @@ def _export_branches(info: RunInfo, tmp: Path, val: Any, probe_ids: list[int]) -
         export_checkpoint(ckpt, out)
         consolidate(view, out / L.TRAINING_STATE)      # self-contained, even if its tensors were spread
         model, _ = load_hf_model_dir(out)
-        loss = validation_loss(model, val)
+        loss = mean_next_token_loss(model, val)
         row = info.order_log.row(step)
         tokens = (int(row["cursor_start"]) + int(row["batch_size"])) * seq_len
         probe = probe_summary(load_transformers_model(out), probe_ids)

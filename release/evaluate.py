@@ -12,18 +12,6 @@ import numpy as np
 import torch
 
 from glassbox.errors import GlassboxError
-from glassbox.train.trainer import next_token_loss
-
-
-@torch.no_grad()
-def validation_loss(model: torch.nn.Module, samples: torch.Tensor, batch_size: int = 8) -> float:
-    """Mean next-token cross-entropy over `samples` ([n, seq_len + 1] token ids), every token weighted equally."""
-    total, count = 0.0, 0
-    for i in range(0, samples.shape[0], batch_size):
-        batch = samples[i:i + batch_size]
-        total += next_token_loss(model(batch[:, :-1]), batch[:, 1:], reduction="sum").item()
-        count += batch[:, 1:].numel()
-    return total / count
 
 
 @torch.no_grad()

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from glassbox.atomic import sha256_file, write_text
@@ -42,6 +41,7 @@ from glassbox.train.lr_schedule import build_lr_schedule
 from glassbox.train.manifest import write_run_manifest
 from glassbox.train.metrics_log import MetricsLog
 from glassbox.train.model_init import build_model
+from glassbox.models.loss import next_token_loss
 from glassbox.models.transformer import unwrap
 from glassbox.train.parallel import (
     World,
@@ -91,11 +91,6 @@ def default_callbacks(cfg: RunConfig) -> list[Callback]:
 # SDPA kernels in order of preference on CUDA: cuDNN attention is faster than flash attention on Hopper.
 ATTENTION_KERNELS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                      SDPBackend.MATH]
-
-
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy (mean, or "sum"), in fp32, of logits [B, T, vocab] against next-token targets [B, T]."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
 
 
 def seed_everything(seed: int) -> None:

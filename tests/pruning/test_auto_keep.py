@@ -12,7 +12,8 @@ import torch
 from glassbox.checkpoints.hf_format import load_hf_model_dir
 from glassbox.cli import main
 from glassbox.errors import GlassboxError
-from glassbox.pruning.auto_keep import candidate_keeps, choose_keep, heldout_loss, split_windows
+from glassbox.models.loss import mean_next_token_loss
+from glassbox.pruning.auto_keep import candidate_keeps, choose_keep, split_windows
 from glassbox.pruning.calibration import token_windows
 from glassbox.pruning.expert_drop import drop_experts
 from glassbox.pruning.prune import PruneOptions, parse_experts_keep, prune
@@ -57,11 +58,11 @@ def test_the_lowest_held_out_loss_wins_and_ties_go_to_the_larger_fraction(model_
     model, calib = model_and_calib
     _, held = split_windows(calib)
     half = drop_experts(model, [list(range(4)) for _ in model.layers])
-    loss = {"full": heldout_loss(model, held, 8), "half": heldout_loss(half, held, 8)}
+    loss = {"full": mean_next_token_loss(model, held, 8), "half": mean_next_token_loss(half, held, 8)}
     assert loss["full"] != loss["half"]
     for at_half, other in ((half, model), (model, half)):            # 0.75 and 1.0 always tie: 1.0 must win
         keep, search = choose_keep(lambda k: at_half if k == 0.5 else other, held, [1.0, 0.75, 0.5], 8)
-        half_wins = heldout_loss(at_half, held, 8) < heldout_loss(other, held, 8)
+        half_wins = mean_next_token_loss(at_half, held, 8) < mean_next_token_loss(other, held, 8)
         assert keep == (0.5 if half_wins else 1.0) and search["chosen"] == keep
         assert [c["keep"] for c in search["candidates"]] == [1.0, 0.75, 0.5]
 

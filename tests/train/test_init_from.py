@@ -11,9 +11,10 @@ import torch
 from glassbox.checkpoints.hf_format import load_hf_model_dir, save_hf_model_dir
 from glassbox.config import ConfigError
 from glassbox.errors import GlassboxError
+from glassbox.models.loss import next_token_loss
 from glassbox.models.transformer import ModelConfig, Transformer
 from glassbox.train.config import run_config_from_dict
-from glassbox.train.trainer import Trainer, next_token_loss
+from glassbox.train.trainer import Trainer
 from train_testlib import tiny_dict
 
 SHAPE = dict(vocab_size=512, hidden_size=48, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=96,
