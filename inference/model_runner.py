@@ -337,12 +337,13 @@ class ModelRunner:
         self._tree_inputs: GraphInputs | None = None
         self._move: tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor] | None = None
         self._move_max = 0
+        # Before the decode graphs' capture: a SwiftKV step reads upper_pieces (None there: the graphs hold it all).
+        self.piecewise: PiecewiseGraphs | None = None
+        self.upper_pieces: PiecewiseGraphs | None = None     # SwiftKV's layers >= l over the sampling rows
         if self.use_graphs:
             self._capture(graph_batch_sizes(max_num_seqs), -(-max_model_len // block_size), dict(tree_rows or {}))
             if tree_rows:
                 self._capture_move(max(b * (t - 1) for b, t in tree_rows.items()))
-        self.piecewise: PiecewiseGraphs | None = None
-        self.upper_pieces: PiecewiseGraphs | None = None     # SwiftKV's layers >= l over the sampling rows
         if piecewise:
             if local_kv_heads(model) != cfg.num_kv_heads:
                 raise GlassboxError("piecewise graphs: a tensor-parallel shard's all-reduces are not captured yet; "

@@ -211,4 +211,4 @@ def test_agent_hooks_never_sync_the_gpu(prepared_data, tmp_path):
                 torch.cuda.set_sync_debug_mode("default")
         setattr(agent, hook, strict)
     Trainer(cfg, callbacks=[agent], plan=plan).fit()
-    assert agent.ema.count > 10
+    assert agent.ema.count >= 5      # estimates from triples of steps: about one in three of the 20 (H200: 8)

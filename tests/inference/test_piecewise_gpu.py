@@ -20,11 +20,14 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_piecewise_graphs_equal_the_eager_path(attention, compile):
     from torch._dynamo.utils import counters
 
-    model = _model()
+    # Compiled pieces fuse bf16 arithmetic differently from eager kernels, and a random model's near-ties then flip
+    # (H200: the 9th token of one prompt); in fp32 (TF32 off) any difference is an error, not rounding.
+    dtype = "float32" if compile else "bfloat16"
+    model = _model() if not compile else _model().float()
     prompts = _prompts(200)
     outs = {}
     for pieces in (False, True):
-        cfg = EngineConfig(device="cuda", dtype="bfloat16", block_size=4, num_kv_blocks=160,
+        cfg = EngineConfig(device="cuda", dtype=dtype, block_size=4, num_kv_blocks=160,
                            max_num_batched_tokens=24, max_num_seqs=8, piecewise_graphs=pieces,
                            compile=compile and pieces)
         eng = LLMEngine(model, config=cfg)
