@@ -162,7 +162,11 @@ seeds)
             echo "[$(date +%T)] start $stem (limit $secs s, cpus $2)"
             (cd /tmp && ROOT=$ROOT timeout "$secs" $pin bash -c "$cmd" < /dev/null > "${OUT:-/tmp}/$stem.log" 2>&1)
             echo "[$(date +%T)] end $stem rc=$?"
-            [ -n "$OUT" ] && for f in "$ROOT"/bench/results/"$stem".*; do [ -e "$f" ] && cp -f "$f" "$OUT"/; done
+            # Not STEM.log: that is the stream's own log in OUT, and a results log of that name in the checkout
+            # (an older run's, committed) would overwrite it (2026-12-02: pollux_adaptive's and pollux_gns's were).
+            [ -n "$OUT" ] && for f in "$ROOT"/bench/results/"$stem".*; do
+                [ -e "$f" ] && [ "${f##*/}" != "$stem.log" ] && cp -f "$f" "$OUT"/
+            done
         done < "$1"
     }
     for stream in ${STREAMS:-}; do
