@@ -322,7 +322,8 @@ def serve_keep(args: argparse.Namespace, rows: list[dict], dense: Transformer, c
 def share_text(share: float | str) -> str:
     if share == "auto":
         return ("STUN's fraction of experts kept is chosen per sparsity by --experts-keep auto (the candidate in "
-                "[1 - S, 1], 1 = Wanda alone, with the lowest loss on a held-out quarter of the calibration windows)")
+                "[1 - S, 1], 1 = Wanda alone, with the lowest loss on a held-out quarter of the calibration windows "
+                "among 1 and those whose gain over 1 exceeds 2 paired standard errors over those windows)")
     return f"STUN drops {share:g} x S of the experts, then Wanda takes the rest"
 
 

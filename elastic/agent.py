@@ -275,6 +275,15 @@ class PolluxAgent(Callback):
         self.params = fit_throughput(obs, start=self.params)
         return GoodputModel(self.params, self.ema.grad_sqr, self.ema.grad_var, self.init_batch)
 
+    def micro_batch_range(self) -> tuple[int, int]:
+        """The micro-batches a decision may choose: up to max_micro, and up to max_micro_growth x the largest
+        one timed so far, where the throughput fit is an interpolation rather than a guess."""
+        top = self.max_micro
+        timed = [m for (_, _, m, _), t in self.times.items() if t]
+        if self.cfg.max_micro_growth and timed:
+            top = min(top, max(1, int(self.cfg.max_micro_growth * max(timed))))
+        return 1, top
+
     def _measurable(self, best) -> tuple[int, int]:
         """(batch, micro) of a chosen shape, one sample per rank smaller when it is a single odd micro-batch per
         rank that measure_every would have to split: an even one splits in halves (goodput differs by ~1/M)."""
@@ -307,12 +316,13 @@ class PolluxAgent(Callback):
     def _choose(self, step: int) -> dict[str, Any]:
         """Rank 0: the shape for the coming steps, its metrics row, and a resize request where one pays."""
         current = self.plan.shape
-        micro_range = (1, self.max_micro)
+        micro_range = self.micro_batch_range()
         model = self.goodput_model()
         phi = self.ema.noise_scale
         row: dict[str, Any] = {"event": "pollux", "step": step, "noise_scale": None if math.isnan(phi) else phi,
                                "grad_sqr": self.ema.grad_sqr, "grad_var": self.ema.grad_var,
-                               "max_micro_batch": self.max_micro, "replicas": self.replicas, "nodes": self.nodes,
+                               "max_micro_batch": self.max_micro, "trusted_micro_batch": micro_range[1],
+                               "replicas": self.replicas, "nodes": self.nodes,
                                "init_batch": self.init_batch, "max_batch": self.max_batch}
         shape, switched, resize = current, False, None
         if model is not None:
@@ -367,7 +377,7 @@ class PolluxAgent(Callback):
         split over the new ranks when there is no model yet."""
         model = self.goodput_model()
         if model is not None:
-            best = model.best(self.nodes, self.replicas, self.max_batch, (1, self.max_micro))
+            best = model.best(self.nodes, self.replicas, self.max_batch, self.micro_batch_range())
             shape = self._shape_for(*self._measurable(best))
         else:
             batch = max(self.init_batch, self.plan.shape.batch)

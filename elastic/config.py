@@ -37,6 +37,12 @@ class ElasticConfig:
                                     # early steps of one micro-batch per rank run as two half-size ones, so the
                                     # throughput fit can tell a pass's fixed cost from its per-sample cost
     switch_threshold: float = 0.05  # change the batch shape only when predicted goodput gains more than this
+    max_micro_growth: float = 2.0   # a decision tries micro-batches up to this many times the largest timed
+                                    # so far (0: no bound): the throughput fit is a line through the sizes run,
+                                    # and a GPU's pass time is nearly flat at small micro-batches, so the line
+                                    # through 16 and 32 predicted ~1.6x the H200's real throughput at 245 and
+                                    # the run took 2.05x the best fixed batch's time; larger sizes come a
+                                    # doubling at a time, each timed before the next is trusted
     resize: bool = False            # under `glassbox elastic run`: ask for another world size when it pays
     restart_penalty_s: float = 30.0  # what a restart costs, weighed against the time it saves
 
@@ -51,6 +57,9 @@ class ElasticConfig:
             raise ConfigError(f"elastic.warmup_steps: must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.gns_smoothing < 1.0:
             raise ConfigError(f"elastic.gns_smoothing: must be in [0, 1), got {self.gns_smoothing}")
+        if not (math.isfinite(self.max_micro_growth) and (self.max_micro_growth == 0 or self.max_micro_growth >= 1)):
+            raise ConfigError(f"elastic.max_micro_growth: must be 0 (no bound) or a finite number >= 1, got "
+                              f"{self.max_micro_growth}")
         if not (math.isfinite(self.switch_threshold) and self.switch_threshold >= 0):
             raise ConfigError(f"elastic.switch_threshold: must be a finite number >= 0, got {self.switch_threshold}")
         if not (math.isfinite(self.restart_penalty_s) and self.restart_penalty_s >= 0):

@@ -13,13 +13,20 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str 
 
 
 @torch.no_grad()
-def mean_next_token_loss(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8) -> float:
-    """Mean next-token loss (nats) of `model` over `windows` ([n, seq_len + 1] token ids), every token weighted
-    equally; the windows move to the model's device a batch at a time."""
+def window_next_token_losses(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Each window's mean next-token loss (nats), [n] float64 on the CPU, for `windows` ([n, seq_len + 1] token
+    ids); the windows move to the model's device a batch at a time. Per window, so that two models scored on the
+    same windows can be compared pair by pair (a difference and its standard error), not only in the mean."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    out = []
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start:start + batch_size].to(device)
-        total += next_token_loss(model(batch[:, :-1]), batch[:, 1:], reduction="sum").item()
-        count += batch[:, 1:].numel()
-    return total / count
+        loss = next_token_loss(model(batch[:, :-1]), batch[:, 1:], reduction="none").view(batch.shape[0], -1)
+        out.append(loss.double().mean(1).cpu())
+    return torch.cat(out)
+
+
+def mean_next_token_loss(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean next-token loss (nats) of `model` over `windows` ([n, seq_len + 1] token ids), every token weighted
+    equally (the windows are of one length)."""
+    return float(window_next_token_losses(model, windows, batch_size).mean())

@@ -126,6 +126,29 @@ def test_a_chosen_single_odd_micro_batch_is_made_even_so_it_splits_in_halves():
     assert unmeasured._measurable(Choice(31, 31, 1, 1.0)) == (31, 31)
 
 
+def test_decisions_trust_the_throughput_line_only_near_the_micro_batches_timed():
+    from glassbox.elastic.goodput import GoodputModel
+    from glassbox.elastic.throughput import fit_throughput
+
+    # The H200's pass times for micro-batches of 16 and 32 (bench/results/pollux_adaptive.md, 2026-12-02): nearly
+    # flat, so the line through them promises ~2x the throughput the card gave at 256 (222.9 ms a step).
+    agent = PolluxAgent(ElasticConfig(max_micro_batch=256), PolluxPlan(32, 32))
+    agent.replicas, agent.nodes = 1, 1
+    agent.times = {(1, 1, 16, 2): [0.1420], (1, 1, 32, 1): [0.0755]}
+    model = GoodputModel(fit_throughput(agent.observations()), grad_sqr=1.0, grad_var=250 / 32, init_batch=32)
+    unbounded = model.best(1, 1, 1024, (1, 256))
+    assert unbounded.micro_batch > 128                                  # the extrapolation the bound exists for
+    assert agent.micro_batch_range() == (1, 64)
+    bounded = model.best(1, 1, 1024, agent.micro_batch_range())
+    assert bounded.micro_batch <= 64 and bounded.accum_steps == 1     # accumulating a timed size never pays
+    agent.times[(1, 1, 64, 1)] = [0.0940]                               # once 64 is timed, 128 is in reach
+    assert agent.micro_batch_range() == (1, 128)
+    assert PolluxAgent(ElasticConfig(max_micro_batch=256, max_micro_growth=0), PolluxPlan(32, 32)) \
+        .micro_batch_range() == (1, 256)
+    with pytest.raises(GlassboxError, match="elastic.max_micro_growth"):
+        load_elastic_config(None, ["max_micro_growth=0.5"])
+
+
 class HostReads(TorchDispatchMode):
     """Counts the ops that read a tensor's value on the host (item/float/bool of a tensor, a copy off the device):
     on a GPU each waits for everything queued before it."""

@@ -54,17 +54,31 @@ def test_auto_needs_two_windows():
         split_windows(torch.zeros(1, 8, dtype=torch.long))
 
 
-def test_the_lowest_held_out_loss_wins_and_ties_go_to_the_larger_fraction(model_and_calib):
+def test_a_clearly_better_candidate_wins_and_ties_go_to_the_larger_fraction(model_and_calib):
     model, calib = model_and_calib
     _, held = split_windows(calib)
     half = drop_experts(model, [list(range(4)) for _ in model.layers])
-    loss = {"full": mean_next_token_loss(model, held, 8), "half": mean_next_token_loss(half, held, 8)}
-    assert loss["full"] != loss["half"]
-    for at_half, other in ((half, model), (model, half)):            # 0.75 and 1.0 always tie: 1.0 must win
+    assert mean_next_token_loss(half, held, 8) > mean_next_token_loss(model, held, 8)
+    # 0.75 and 1.0 always tie: 1.0 must win; the unpruned model offered as 0.5 is better on every window.
+    for at_half, other, chosen in ((half, model, 1.0), (model, half, 0.5)):
         keep, search = choose_keep(lambda k: at_half if k == 0.5 else other, held, [1.0, 0.75, 0.5], 8)
-        half_wins = mean_next_token_loss(at_half, held, 8) < mean_next_token_loss(other, held, 8)
-        assert keep == (0.5 if half_wins else 1.0) and search["chosen"] == keep
+        assert keep == chosen and search["chosen"] == keep
         assert [c["keep"] for c in search["candidates"]] == [1.0, 0.75, 0.5]
+        assert search["candidates"][1]["gain"] == 0.0
+
+
+def test_a_gain_within_the_noise_of_the_windows_keeps_every_expert():
+    from glassbox.pruning.auto_keep import significant_best
+
+    ref = torch.tensor([2.0, 2.4, 1.8, 2.2, 2.1, 1.9, 2.3, 2.0], dtype=torch.float64)
+    noisy = ref + torch.tensor([-0.02, 0.015, -0.018, 0.012, -0.01, 0.011, -0.016, 0.02], dtype=torch.float64)
+    steady = ref - 0.01
+    scored = [{"keep": 1.0, "heldout_loss": float(ref.mean())}, {"keep": 0.9, "heldout_loss": float(noisy.mean())}]
+    assert scored[1]["heldout_loss"] < scored[0]["heldout_loss"]                 # lower in the mean ...
+    assert significant_best(scored, [ref, noisy]) == 0                           # ... but not beyond its noise
+    assert scored[1]["gain"] == pytest.approx(0.00075) and scored[1]["gain"] < 2 * scored[1]["gain_se"]
+    scored.append({"keep": 0.8, "heldout_loss": float(steady.mean())})
+    assert significant_best(scored, [ref, noisy, steady]) == 2                   # 0.01 on every window
 
 
 def test_stun_at_keep_one_is_wanda_alone(model_and_calib):
@@ -81,7 +95,8 @@ def test_auto_prunes_at_the_candidate_with_the_lowest_held_out_loss(model_and_ca
     pruned, report = prune(model, calib, PruneOptions("stun", 0.5, experts_keep="auto"))
     search = report.stage1["keep_search"]
     losses = {c["keep"]: c["heldout_loss"] for c in search["candidates"]}
-    assert 1.0 in losses and report.experts_keep == min(losses, key=lambda k: (losses[k], -k))
+    allowed = [c["keep"] for c in search["candidates"] if c["keep"] == 1.0 or c["gain"] > 2 * c["gain_se"]]
+    assert 1.0 in losses and report.experts_keep == min(allowed, key=lambda k: (losses[k], -k))
     assert search["forward_passes"] == 1 + 2 * len(losses)
     assert sum(report.experts_after) == round(report.experts_keep * sum(report.experts_before))
     assert report.sparsity == pytest.approx(0.5, abs=0.01)
