@@ -40,7 +40,7 @@ class ElasticConfig:
     max_micro_growth: float = 2.0   # a decision tries micro-batches up to this many times the largest timed
                                     # so far (0: no bound): the throughput fit is a line through the sizes run,
                                     # and a GPU's pass time is nearly flat at small micro-batches, so the line
-                                    # through 16 and 32 predicted ~1.6x the H200's real throughput at 245 and
+                                    # through 16 and 32 predicted ~1.7x the H200's real throughput at 245 and
                                     # the run took 2.05x the best fixed batch's time; larger sizes come a
                                     # doubling at a time, each timed before the next is trusted
     resize: bool = False            # under `glassbox elastic run`: ask for another world size when it pays
