@@ -194,6 +194,14 @@ def teacher_layer_inputs(model: Transformer, input_ids: torch.Tensor) -> Iterato
         x = layer(x, cos, sin)
 
 
+def teacher_kv(model: Transformer, j: int, h: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The base model's own pre-RoPE keys and values at layer j ({"k", "v"}: [B, T, kv_heads x head_dim]) from `h`,
+    the hidden state entering it: what SwiftKV's projection for layer j's group is fitted to and scored against."""
+    attn = model.layers[j].self_attn
+    x = model.layers[j].input_layernorm(h)
+    return {"k": attn.k_proj(x), "v": attn.v_proj(x)}
+
+
 class KVLeastSquares:
     """The normal equations of SwiftKV's K/V projections as a least-squares fit to the teacher's, accumulated over
     calibration batches in float64 (memory independent of the token count).
@@ -234,11 +242,9 @@ class KVLeastSquares:
             self.gram += self._n.T @ self._n
             self.tokens += self._n.shape[0]
         if j >= skv.layer:
-            attn = self.model.layers[j].self_attn
-            x = self.model.layers[j].input_layernorm(h).flatten(0, 1)
             c = skv.group_start(j)
-            for kind, proj in (("k", attn.k_proj), ("v", attn.v_proj)):
-                self.cross[c, kind] += proj(x).double().T @ self._n / skv.group
+            for kind, y in teacher_kv(self.model, j, h).items():
+                self.cross[c, kind] += y.flatten(0, 1).double().T @ self._n / skv.group
 
     def solve(self, ridge: float) -> dict[tuple[int, str], torch.Tensor]:
         """(group start, "k" or "v") -> the fitted projection [kv_heads x head_dim, d], in float64."""
@@ -292,11 +298,10 @@ def kv_reconstruction_error(model: SwiftKVTransformer, input_ids: torch.Tensor) 
         if j == skv.layer:
             n = model.swiftkv_norm(h)
         if j >= skv.layer:
-            attn, c = model.layers[j].self_attn, str(skv.group_start(j))
-            x = model.layers[j].input_layernorm(h)
-            for kind, own, new in (("k", attn.k_proj, model.swiftkv_k_proj[c]),
-                                   ("v", attn.v_proj, model.swiftkv_v_proj[c])):
-                y = own(x).double()
-                err[kind] += float((new(n).double() - y).pow(2).sum())
+            c = str(skv.group_start(j))
+            new = {"k": model.swiftkv_k_proj[c], "v": model.swiftkv_v_proj[c]}
+            for kind, y in teacher_kv(model, j, h).items():
+                y = y.double()
+                err[kind] += float((new[kind](n).double() - y).pow(2).sum())
                 total[kind] += float(y.pow(2).sum())
     return {kind: err[kind] / total[kind] if total[kind] else 0.0 for kind in err}

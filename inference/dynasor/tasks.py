@@ -124,7 +124,7 @@ def products_steps(expression: str) -> tuple[list[str], int]:
 def products_passes(expression: str) -> list[Pass]:
     """Splitting each next factor by place value; the factors in reverse order; splitting the product so far."""
     factors = [int(p) for p in expression.split()[0::2]]
-    steps, value = _product(factors, split_first=False)
+    steps, value = products_steps(expression)
     return [Pass("splitting each next factor by place value", steps, value),
             Pass("with the factors in reverse order", _product(factors[::-1], split_first=False)[0], value),
             Pass("splitting the product so far by place value", _product(factors, split_first=True)[0], value)]
