@@ -43,6 +43,7 @@ from stun_corpus import EVAL, TASK, prompt  # noqa: E402
 
 from glassbox.checkpoints.hf_format import load_hf_model_dir  # noqa: E402
 from glassbox.models.transformer import Transformer  # noqa: E402
+from glassbox.pruning.auto_keep import candidate_losses  # noqa: E402
 from glassbox.pruning.calibration import token_windows  # noqa: E402
 from glassbox.pruning.expert_drop import drop_experts  # noqa: E402
 from glassbox.pruning.output import write_pruned_dir  # noqa: E402
@@ -216,8 +217,7 @@ def run(args: argparse.Namespace) -> dict:
             rows.append({"method": method, "sparsity": s, "achieved_sparsity": report.sparsity,
                          "experts": sum(report.experts_after), "experts_keep": report.experts_keep,
                          "prune_seconds": prune_s, **evaluate(pruned),
-                         **({"keep_search": {f"{c['keep']:g}": c["heldout_loss"] for c in search["candidates"]}}
-                            if search else {})})
+                         **({"keep_search": candidate_losses(search)} if search else {})})
             print(json.dumps(rows[-1]), flush=True)
             del pruned
 

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from glassbox import atomic
 from glassbox.inference.engine import EngineConfig, LLMEngine
 from glassbox.inference.piecewise import piecewise_sizes
 from glassbox.inference.model_runner import kv_bytes_per_block
@@ -502,8 +503,8 @@ def run_init_check(args) -> None:
     r["summary"] = init_summary(r)
     stem = args.out_name or ("swiftkv_init" if args.device.startswith("cuda") else "swiftkv_init_cpu")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(r, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(init_markdown(r))
+    atomic.write_text(RESULTS / f"{stem}.json", json.dumps(r, indent=2) + "\n")
+    atomic.write_text(RESULTS / f"{stem}.md", init_markdown(r))
     print(init_markdown(r))
 
 
@@ -630,8 +631,8 @@ def main() -> None:
     result["summary"] = summarize(pre, lp, kv, q)
     stem = args.out_name or ("swiftkv" if cuda else "swiftkv_cpu")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(result))
+    atomic.write_text(RESULTS / f"{stem}.json", json.dumps(result, indent=2, default=str) + "\n")
+    atomic.write_text(RESULTS / f"{stem}.md", markdown(result))
     print(markdown(result))
 
 

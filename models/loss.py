@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy (mean, or "sum"), in fp32, of logits [B, T, vocab] against next-token targets [B, T]."""
+    """Cross-entropy in fp32 of logits [B, T, vocab] against next-token targets [B, T]: "mean", "sum", or "none"
+    (one value per position, flattened to [B x T])."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
 
 

@@ -15,9 +15,8 @@ total are skipped. Each candidate is pruned by STUN in full (stage 1 from one sh
 part, then Wanda calibrated on the fit part) and scored by its next-token loss on each held-out window; a candidate
 can displace keep = 1 only by a gain over it larger than SIGNIFICANCE_Z paired standard errors, and among those
 and keep = 1 the lowest loss wins, ties going to the larger fraction (fewer experts dropped). The caller then
-prunes at the chosen
-fraction with all the windows. Forward passes: the shared stage-1 pass, plus per candidate one Wanda pass and one
-loss evaluation: a fixed number, whatever the expert count.
+prunes at the chosen fraction with all the windows. Forward passes: the shared stage-1 pass, plus per candidate
+one Wanda pass and one loss evaluation: a fixed number, whatever the expert count.
 """
 
 from __future__ import annotations
@@ -83,13 +82,19 @@ def choose_keep(prune_at: Callable[[float], Transformer], held_out: torch.Tensor
         "loss_evaluations": len(keeps), "seconds": time.perf_counter() - started}
 
 
+def candidate_losses(search: dict) -> dict[str, float]:
+    """A search record's held-out loss per candidate fraction, keyed by the fraction as text ("0.95")."""
+    return {f"{c['keep']:g}": c["heldout_loss"] for c in search["candidates"]}
+
+
 def significant_best(scored: list[dict], losses: list[torch.Tensor]) -> int:
     """The index of the chosen candidate. The reference is the largest fraction (fewest experts dropped: at 1.0,
     Wanda alone); another candidate can displace it only if its per-window gain over the reference, window by
     window on the same held-out windows, exceeds SIGNIFICANCE_Z standard errors of that mean gain. Among the
     reference and those, the lowest mean loss wins (ties: the larger fraction). On the H200 MoE at S = 0.4 the
-    plain lowest mean chose 0.95 over 1.0 by 0.01% of held-out loss, and lost to Wanda on validation by 0.02%:
-    a difference below what a quarter of the calibration windows can resolve. Each candidate's record gets its
+    plain lowest mean chose 0.95 over 1.0 by 0.01% of held-out loss, and lost to Wanda on validation by 0.02%;
+    on the CPU MoE it dropped experts at S = 0.2 and 0.3 on gains the validation split reversed. Each candidate's
+    record gets its
     `gain` and `gain_se` (nats; the reference's are 0)."""
     ref = max(range(len(scored)), key=lambda i: scored[i]["keep"])
     n = losses[ref].numel()

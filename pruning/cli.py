@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             m.add_argument("--experts-keep", default="auto",
                            help="fraction of all experts stage 1 keeps, in (0, 1] and at least 1 - sparsity; or "
                                 "'auto': the candidate in [1 - sparsity, 1] (1 = Wanda alone) with the lowest loss "
-                                "on a held-out quarter of the calibration windows (default: auto)")
+                                "on a held-out quarter of the calibration windows, among 1 and those that beat it "
+                                "by more than 2 paired standard errors (default: auto)")
         if name in ("stun", "expert-only"):
             m.add_argument("--similarity", choices=["coselect-output", "coselect", "router"],
                            default="coselect-output",
@@ -58,6 +59,7 @@ def _prune(args: argparse.Namespace) -> int:
     import torch
 
     from glassbox.checkpoints.hf_format import load_hf_model_dir
+    from glassbox.pruning.auto_keep import candidate_losses
     from glassbox.pruning.calibration import token_windows
     from glassbox.pruning.output import write_pruned_dir
     from glassbox.pruning.prune import PruneOptions, check_options, parse_experts_keep, prune
@@ -81,7 +83,6 @@ def _prune(args: argparse.Namespace) -> int:
     summary = {k: report.to_dict()[k]
                for k in ("method", "sparsity", "experts_before", "experts_after", "experts_keep")}
     if "keep_search" in report.stage1:                  # auto: each candidate fraction's held-out loss
-        candidates = report.stage1["keep_search"]["candidates"]
-        summary["keep_search"] = {f"{c['keep']:g}": c["heldout_loss"] for c in candidates}
+        summary["keep_search"] = candidate_losses(report.stage1["keep_search"])
     print(json.dumps({"out": str(args.out), **summary}))
     return 0

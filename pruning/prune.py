@@ -8,7 +8,8 @@ Attention, router, norms and embeddings are never pruned, so every method is com
   Wanda-prunes the survivors to whatever is left of the target: s2 = 1 - (1 - S) / (fraction of experts kept).
   `experts_keep="auto"` chooses the fraction per model (glassbox.pruning.auto_keep): a few candidates in
   [1 - S, 1], 1.0 (plain Wanda) among them, each pruned on 3/4 of the calibration windows and scored by its loss on
-  the rest; the lowest loss wins, and the model is then pruned at that fraction on all the windows.
+  each of the rest; a candidate displaces 1.0 only by a gain beyond 2 paired standard errors, the lowest loss among
+  those and 1.0 wins, and the model is then pruned at that fraction on all the windows.
 - unstructured: Wanda on every expert at S (no expert removed).
 - expert_only: stage 1 alone, keeping 1 - S of the experts.
 - random: 1 - S of each layer's experts, drawn uniformly with the seed.
@@ -215,8 +216,8 @@ def _stage2_sparsity(model: Transformer, pruned: Transformer, sparsity: float) -
 
 
 def auto_experts_keep(model: Transformer, windows: torch.Tensor, opts: PruneOptions) -> tuple[float, dict]:
-    """`--experts-keep auto` (glassbox.pruning.auto_keep): the candidate fraction whose STUN model, pruned on the
-    fit windows, has the lowest loss on the held-out ones; and the search's record."""
+    """`--experts-keep auto` (glassbox.pruning.auto_keep): the candidate fraction chosen by the held-out loss of
+    its STUN model pruned on the fit windows (auto_keep.significant_best); and the search's record."""
     cfg = model.config
     fit, held_out = split_windows(windows)
     distances = expert_distances(model, fit, opts)

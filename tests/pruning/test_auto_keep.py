@@ -90,7 +90,7 @@ def test_stun_at_keep_one_is_wanda_alone(model_and_calib):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_auto_prunes_at_the_candidate_with_the_lowest_held_out_loss(model_and_calib):
+def test_auto_prunes_at_the_significant_candidate_with_the_lowest_held_out_loss(model_and_calib):
     model, calib = model_and_calib
     pruned, report = prune(model, calib, PruneOptions("stun", 0.5, experts_keep="auto"))
     search = report.stage1["keep_search"]
