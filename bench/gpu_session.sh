@@ -179,6 +179,8 @@ detach)
     # call returns, until it goes back. Later calls can then carry what the streams wait for (the GGUF's parts, in
     # calls of their own: 64 MiB a call) and collect results, while the GPU works on. RUNS gets each stream's logs
     # and results, session.log the runner's, and `done` once every stream has ended.
+    # The machine goes back 30 s after a call ends, streams and all: make each next call (the parts, then collect)
+    # at once, nothing in between (2026-12-02: a 540 s collect waited on a fresh machine).
     # They run from a copy of the checkout: each later call re-sends the working tree, which must not change files
     # under a running bench.
     mkdir -p "$RUNS"
