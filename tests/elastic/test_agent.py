@@ -130,7 +130,7 @@ def test_decisions_trust_the_throughput_line_only_near_the_micro_batches_timed()
     from glassbox.elastic.goodput import GoodputModel
     from glassbox.elastic.throughput import fit_throughput
 
-    # The H200's pass times for micro-batches of 16 and 32 (bench/results/pollux_adaptive.md, 2026-12-02): nearly
+    # The H200's pass times for micro-batches of 16 and 32 (session 9's pollux_adaptive.md, 2026-12-02): nearly
     # flat, so the line through them promises far more throughput at 256 than the card gave (222.9 ms a step).
     agent = PolluxAgent(ElasticConfig(max_micro_batch=256), PolluxPlan(32, 32))
     agent.replicas, agent.nodes = 1, 1
