@@ -1,12 +1,12 @@
-"""Fault injection: a 2-rank run whose ranks are killed with SIGKILL at random moments, and resumed each time,
-ends with the weights of a run that was never interrupted, bit for bit."""
+"""Fault injection: a 2-rank run whose ranks are killed with SIGKILL at random moments of its training, and
+resumed each time, ends with the weights of a run that was never interrupted, bit for bit."""
 
 from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -17,8 +17,10 @@ import torch
 import yaml
 
 from glassbox.checkpoints.export import load_model_from_checkpoint
+from glassbox.train.metrics_log import read_metrics
 
-STEPS = 12
+STEPS = 16
+EVERY = 2                  # checkpoint interval
 KILLS = 2
 
 
@@ -32,7 +34,7 @@ def _config(path: Path, data: Path) -> Path:
         "batch": {"global_batch_size": 8, "micro_batch_size": 4},
         "logging": {"val_every": 0, "val_samples": 8, "progress": False, "wandb": {"mode": "disabled"}},
         "parallel": {"device": "cpu", "data_parallel": "fsdp"},
-        "checkpoint": {"every": 2},
+        "checkpoint": {"every": EVERY},
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -65,33 +67,51 @@ def _live_trainers(pid: int) -> list[psutil.Process]:
     return found
 
 
-def test_random_kills_of_a_rank_resume_to_the_uninterrupted_weights(prepared_data, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(prepared_data, data, ignore=shutil.ignore_patterns("cache"))
-    config = _config(tmp_path / "run.yaml", data)
+def _committed(run: Path) -> int:
+    """The step of the run's newest committed checkpoint (0 before the first); a checkpoint is renamed into place
+    whole, so its folder exists only once complete."""
+    steps = [int(p.name.removeprefix("step_")) for p in (run / "checkpoints").glob("step_*") if p.suffix != ".tmp"]
+    return max(steps, default=0)
 
-    started = time.perf_counter()
+
+def _kill_after(proc: subprocess.Popen, run: Path, target: int, delay: float, rng: random.Random) -> None:
+    """SIGKILL one of the launcher's ranks `delay` seconds after checkpoint `target` is committed: a moment inside
+    training, after a real checkpoint, rather than one inside the seconds of imports that precede every step."""
+    checkpoint = run / "checkpoints" / f"step_{target:06d}"
+    deadline = time.monotonic() + 240
+    while not checkpoint.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(delay)
+    workers = _live_trainers(proc.pid)
+    assert checkpoint.is_dir() and proc.poll() is None and workers, f"the run ended before its kill after {target}"
+    os.kill(rng.choice(workers).pid, signal.SIGKILL)
+
+
+def test_random_kills_of_a_rank_resume_to_the_uninterrupted_weights(indexed_data, tmp_path):
+    config = _config(tmp_path / "run.yaml", indexed_data)
     straight = _launch(config, tmp_path / "straight", resume=False)
     out = _finish(straight)
     assert straight.returncode == 0, out
-    duration = time.perf_counter() - started
+    # The first step also waits for the slower rank to start: the rest say how long a step takes.
+    rows = read_metrics(tmp_path / "straight", required=True)
+    step_time = statistics.median(r["step_time"] for r in rows if "step_time" in r and r["step"] > 1)
 
+    # Each kill comes after a random committed checkpoint newer than the one its launch resumes from, then at a
+    # random moment of the next EVERY steps (their checkpoint's write included). Every kill keeps 3 * EVERY steps
+    # for each one still to come (room for a launch that runs up to twice as fast as the straight one), so every
+    # launch but the last is killed, and the last resumes a run that was killed.
     rng = random.Random(20261201)
     run = tmp_path / "faulted"
-    kills = 0
-    while kills < KILLS:
+    for kill in range(KILLS):
+        target = rng.randrange(_committed(run) + EVERY, STEPS - 3 * EVERY * (KILLS - kill) + 1, EVERY)
         proc = _launch(config, run, resume=True)
-        time.sleep(rng.uniform(0.3, 1.0) * duration)
-        workers = _live_trainers(proc.pid)
-        if proc.poll() is not None or not workers:
-            _finish(proc)
-            continue                           # it finished (or had not started a rank) before the kill
-        os.kill(rng.choice(workers).pid, signal.SIGKILL)
-        kills += 1
+        _kill_after(proc, run, target, rng.uniform(0, EVERY * step_time), rng)
         _finish(proc)
+        assert proc.returncode != 0
     last = _launch(config, run, resume=True)
     out = _finish(last)
     assert last.returncode == 0, out
+    assert "[checkpoint] resumed from" in out, out
 
     a, _ = load_model_from_checkpoint(tmp_path / "straight" / "checkpoints" / f"step_{STEPS:06d}")
     b, _ = load_model_from_checkpoint(run / "checkpoints" / f"step_{STEPS:06d}")

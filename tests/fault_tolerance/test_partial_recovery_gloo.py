@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -105,13 +104,11 @@ def _reproduce(run: Path, step: int) -> str:
     return proc.stdout
 
 
-def test_kill9_recovers_partially_falls_back_past_a_corrupt_block_and_replays_bit_exactly(prepared_data, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(prepared_data, data, ignore=shutil.ignore_patterns("cache"))
+def test_kill9_recovers_partially_falls_back_past_a_corrupt_block_and_replays_bit_exactly(indexed_data, tmp_path):
     local = tmp_path / "shm"
     run = tmp_path / "run"
     corrupted: list[BlockId] = []
-    out = _train(_config(tmp_path, data, local), run, "rank=1,step=7",
+    out = _train(_config(tmp_path, indexed_data, local), run, "rank=1,step=7",
                  on_kill=lambda: corrupted.append(_corrupt_newest_block_of_rank1(run)))
 
     assert "[scar] injected failure: kill -9 of rank 1 at step 7" in out
@@ -147,11 +144,9 @@ def test_kill9_recovers_partially_falls_back_past_a_corrupt_block_and_replays_bi
     assert "bit-exact: replayed steps 5..8" in replay, replay
 
 
-def test_kill9_mid_partial_checkpoint_recovers_from_the_blocks_it_committed(prepared_data, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(prepared_data, data, ignore=shutil.ignore_patterns("cache"))
+def test_kill9_mid_partial_checkpoint_recovers_from_the_blocks_it_committed(indexed_data, tmp_path):
     run = tmp_path / "run"
-    out = _train(_config(tmp_path, data, tmp_path / "shm"), run, "rank=1,step=6,mid_save")
+    out = _train(_config(tmp_path, indexed_data, tmp_path / "shm"), run, "rank=1,step=6,mid_save")
 
     marker = json.loads((run / "scar" / "injected.json").read_text())
     assert marker["mid_save"] and "blocks of its partial checkpoint" in marker["where"]
