@@ -12,7 +12,7 @@ consecutive steps, fitting and deciding every 10 steps, adapt_batch off so the s
 without it, rounds interleaved.
 
     python bench/pollux_adaptive.py                                     # tiny model on the CPU (~6 min, 1 core)
-    python bench/pollux_adaptive.py --device cuda --model small         # ~95M parameters, one H200 (~3 min)
+    python bench/pollux_adaptive.py --device cuda --model small         # ~95M parameters, one H200 (~6 min)
 
 Writes bench/results/pollux_adaptive.{json,md,png} (CUDA) or pollux_adaptive_cpu.{json,md,png} (CPU); the
 summary holds time_ratio_vs_best_fixed, time_ratio_vs_median_fixed and gns_overhead.
@@ -43,11 +43,14 @@ MODELS = {
     # CPU a step's fixed cost (dispatch, optimizer, bookkeeping) is then several samples' compute, so larger
     # batches raise throughput as they do on a GPU, and a sample's gradient is noisy enough (phi in samples grows
     # as tokens per sample shrink) that the goodput-best batch moves above M0 as training goes on. At 64 tokens a
-    # CPU step costs ~per sample alone, and the agent rightly keeps M0 for the whole run.
+    # CPU step costs ~per sample alone, and the agent rightly keeps M0 for the whole run. The small model's
+    # budget is 65536 samples: at 32768 (session 10) the worst run, batch 256, had 128 steps, and its best loss,
+    # the target, was one that batch 32 passed at 13% of its samples, in the first 5 s of training: where the
+    # noise scale is smallest and the smallest batch always wins, not the training run Pollux adapts over.
     "tiny": ({"vocab_size": 4096, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
               "intermediate_size": 192, "max_seq_len": 64, "tie_embeddings": True}, 8, 12288, [8, 16, 32, 64], 3e-3),
     "small": ({"vocab_size": 4096, "hidden_size": 768, "num_layers": 12, "num_heads": 12, "num_kv_heads": 12,
-               "intermediate_size": 2304, "max_seq_len": 256, "tie_embeddings": True}, 256, 32768,
+               "intermediate_size": 2304, "max_seq_len": 256, "tie_embeddings": True}, 256, 65536,
               [32, 64, 128, 256], 6e-4),
 }
 
@@ -275,7 +278,9 @@ def markdown(result: dict) -> str:
               f"{o['median_step_s_without'] * 1e3:.2f} ms). The final validation loss is measured at each run's "
               f"last step.", "",
               f"The Pollux run to the target: {c['steps']} steps (median {c['median_step_s'] * 1e3:.1f} ms), "
-              f"{c['split_steps']} of them in two half-size micro-batches (exploration; {c['split_steps_s']:.2f} s), "
+              f"{c['explore_steps']} of them exploring for the throughput fit "
+              f"({', '.join(f'{b} in micro-batches of {m}' for b, m in c['explore_shapes']) or 'none'}; "
+              f"{c['explore_steps_s']:.2f} s), "
               f"{c['decisions']} decisions ({c['decide_s'] * 1e3:.0f} ms in all).", "",
               "## The Pollux run's batch size over steps", "",
               "| steps | samples from | batch | micro-batch |", "|---|---:|---:|---:|"]
@@ -344,12 +349,16 @@ def main(argv: list[str] | None = None) -> int:
     adaptive = table[-1]
     best = min(fixed, key=lambda row: row["time_to_target_s"])
     median_time = statistics.median(row["time_to_target_s"] for row in fixed)
-    # Where the adaptive run's time to target went: its steps, those split in two (exploration), its decisions.
+    # Where the adaptive run's time to target went: its steps, those before its first decision in another shape
+    # than M0's (exploration for the throughput fit), its decisions.
     before = [r for r in runs[-1]["rows"] if r["step"] <= adaptive["steps_to_target"]]
-    split = [r for r in before if r["micro_batch_size"] < r["batch_size"]]
+    first_decision = min((d["step"] for d in runs[-1]["decisions"]), default=0)
+    explored = [r for r in before
+                if r["step"] < first_decision and (r["batch_size"], r["micro_batch_size"]) != (m0, m0)]
     decided = [d for d in runs[-1]["decisions"] if d["step"] <= adaptive["steps_to_target"]]
-    adaptive_cost = {"steps": len(before), "split_steps": len(split),
-                     "split_steps_s": sum(r["step_time"] for r in split),
+    adaptive_cost = {"steps": len(before), "explore_steps": len(explored),
+                     "explore_shapes": sorted({(r["batch_size"], r["micro_batch_size"]) for r in explored}),
+                     "explore_steps_s": sum(r["step_time"] for r in explored),
                      "decisions": len(decided), "decide_s": sum(d.get("decide_s", 0.0) for d in decided),
                      "median_step_s": statistics.median(r["step_time"] for r in before)}
     overhead = gns_overhead(args, m0, agent)
@@ -362,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                     "adaptive_batch_sizes": [g["batch"] for g in batch_segments(runs[-1]["rows"])],
                     "adaptive_lr_scale_max": max((d["lr_scale"] for d in runs[-1]["decisions"]), default=1.0)},
         "machine": machine(), "device": args.device, "model": args.model, "budget_samples": budget,
-        "target": target, "runs": table, "gns_overhead": overhead, "adaptive_cost_to_target": adaptive_cost,
+        "target": target, "runs": table, "curves": {r["name"]: curve(r) for r in runs}, "gns_overhead": overhead,
+        "adaptive_cost_to_target": adaptive_cost,
         "adaptive_step_times": [[r["step"], r["batch_size"], r["micro_batch_size"], round(r["step_time"], 5)]
                                 for r in runs[-1]["rows"]],
         "adaptive_batches": batch_segments(runs[-1]["rows"]),

@@ -34,8 +34,9 @@ class ElasticConfig:
                                     # (mean norm and second difference; one kept gradient buffer, no extra pass);
                                     # N: such a step is split in two every N steps instead (a second pass each)
     explore_steps: int = 4          # with adapt_batch, while one micro-batch size has been timed: this many
-                                    # early steps of one micro-batch per rank run as two half-size ones, so the
-                                    # throughput fit can tell a pass's fixed cost from its per-sample cost
+                                    # early steps run micro-batches twice that size (two half-size ones where
+                                    # twice would not fit), so the throughput fit can tell a pass's fixed cost
+                                    # from its per-sample cost
     switch_threshold: float = 0.05  # change the batch shape only when predicted goodput gains more than this
     max_micro_growth: float = 2.0   # a decision tries micro-batches up to this many times the largest timed
                                     # so far (0: no bound): the throughput fit is a line through the sizes run,

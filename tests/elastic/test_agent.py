@@ -112,6 +112,21 @@ def test_a_measured_step_is_split_in_a_few_micro_batches_never_one_sample_each()
     assert plan._measured_micro(4, Shape(8, 2, 1.0, 1.0)) == 2                 # accumulating already: as it is
 
 
+def test_exploring_steps_run_micro_batches_twice_the_size_where_they_fit():
+    agent = PolluxAgent(ElasticConfig(max_micro_batch=64, max_batch=64), PolluxPlan(32, 32))
+    agent.replicas = 1
+    assert agent._explore_shape(Shape(32, 32, 1.3, 1.7)) == Shape(64, 64, 1.0, 1.0)   # doubled, at one M0 step
+    assert agent._explore_shape(Shape(32, 8, 1.3, 1.7)) == Shape(32, 16, 1.3, 1.7)    # same batch, fewer passes
+    assert agent._explore_shape(Shape(48, 48, 1.0, 1.0)) is None                      # 96 would not fit: split
+    agent.max_batch = 32
+    assert agent._explore_shape(Shape(32, 32, 1.0, 1.0)) is None                      # nor past max_batch
+    plan = agent.plan
+    plan.explore, plan.explore_shape = range(3, 5), Shape(64, 64, 1.0, 1.0)
+    specs = [plan.spec(s) for s in range(1, 7)]
+    assert [(s.global_batch, s.micro_batch) for s in specs] == [(32, 32), (32, 32), (64, 64), (64, 64), (32, 32),
+                                                                (32, 32)]
+
+
 def test_a_chosen_single_odd_micro_batch_is_made_even_so_it_splits_in_halves():
     from glassbox.elastic.goodput import Choice
 
