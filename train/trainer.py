@@ -136,7 +136,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, callbacks: list[Callback] | None = None, plan: StepPlan | None = None):
         from glassbox.data.sampler import build_sampler
-        from glassbox.data.store import TokenStore
+        from glassbox.data.store import TokenStore, megatron_datasets
 
         self.cfg = cfg
         self.world: World = init_world(cfg.parallel)
@@ -155,7 +155,9 @@ class Trainer:
             if store.vocab_size > cfg.model.vocab_size:
                 raise GlassboxError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the vocabulary of "
                                     f"{path} ({store.vocab_size})")
-        # Rank 0 builds the sampler's index files first so the other ranks only read them.
+        # Rank 0 builds the sampler's index files first so the other ranks only read them. megatron-core's import
+        # (seconds) is not part of that: every rank takes it before the barrier, side by side.
+        megatron_datasets()
         with self._rank0_first():
             sampler = build_sampler(cfg.data, "train")
             valid = build_sampler(cfg.data, "valid")

@@ -127,6 +127,24 @@ def test_exploring_steps_run_micro_batches_twice_the_size_where_they_fit():
                                                                 (32, 32)]
 
 
+def test_steps_are_split_for_the_noise_scale_where_a_split_costs_little_of_the_step():
+    from glassbox.elastic.throughput import ThroughputParams
+
+    # The H200's fit in session 12 (25 ms a pass, 0.66 ms a sample): a split adds one pass's fixed cost.
+    agent = PolluxAgent(ElasticConfig(decide_every=10, split_budget=0.02), PolluxPlan(32, 32))
+    agent.replicas, agent.nodes = 1, 1
+    agent.params = ThroughputParams(0.025, 0.00066, 0.004, 0.0005, 0.01, 0.001, 2.0)
+    period = {b: agent._split_period(Shape(b, b, 1.0, 1.0)) for b in (32, 105, 190, 1024)}
+    # 32: 25 ms more on a 46 ms step, every 28 steps at most: triples. 105 (thirds): two passes more, triples.
+    # 190: 25 ms on 150 ms, within 2% every 9 steps. 1024: every 2 steps.
+    assert period == {32: 0, 105: 0, 190: 9, 1024: 2}
+    assert agent._split_period(Shape(190, 95, 1.0, 1.0)) == 0      # accumulating: measures itself
+    agent.cfg = ElasticConfig(split_budget=0)
+    assert agent._split_period(Shape(1024, 1024, 1.0, 1.0)) == 0
+    agent.cfg = ElasticConfig(measure_every=3)
+    assert agent._split_period(Shape(32, 32, 1.0, 1.0)) == 3
+
+
 def test_a_chosen_single_odd_micro_batch_is_made_even_so_it_splits_in_halves():
     from glassbox.elastic.goodput import Choice
 
@@ -136,7 +154,7 @@ def test_a_chosen_single_odd_micro_batch_is_made_even_so_it_splits_in_halves():
     assert agent._measurable(Choice(30, 30, 1, 1.0)) == (30, 30)
     assert agent._measurable(Choice(31, 1, 31, 1.0)) == (31, 1)             # accumulates: nothing to split
     assert agent._measurable(Choice(9, 9, 1, 1.0)) == (8, 8)
-    unmeasured = PolluxAgent(ElasticConfig(measure_every=0), PolluxPlan(8, 2))
+    unmeasured = PolluxAgent(ElasticConfig(measure_every=0, split_budget=0), PolluxPlan(8, 2))
     unmeasured.replicas = 1
     assert unmeasured._measurable(Choice(31, 31, 1, 1.0)) == (31, 31)
 
@@ -202,7 +220,7 @@ def test_agent_reads_nothing_while_a_step_is_queued_and_decides_every_n_steps(pr
     # hooks that run while a step is being queued (the device busy with the one before) read no device value:
     # on a GPU every read there stalls the queue (a float() of fused AdamW's step count per parameter did).
     elastic = ElasticConfig(decide_every=5, warmup_steps=5, max_micro_batch=32, max_batch=32, precondition_every=3,
-                            explore_steps=0)
+                            explore_steps=0, split_budget=0)
     cfg = tiny_config(prepared_data, tmp_path / "run", "schedule.steps=20", "batch.global_batch_size=8",
                       "batch.micro_batch_size=8", "logging.val_every=0", "checkpoint.save_final=false")
     plan = PolluxPlan(8, 8, elastic.measure_every)
