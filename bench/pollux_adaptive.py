@@ -56,7 +56,7 @@ MODELS = {
 
 
 DECISION_KEYS = ("step", "samples", "batch", "micro_batch", "accum_steps", "lr_scale", "noise_scale", "switched",
-                 "efficiency", "predicted_goodput", "best", "decide_s", "throughput_params", "measure_every")
+                 "efficiency", "predicted_goodput", "best", "decide_s", "throughput_params")
 DECISION_STRIDE = 5
 
 
@@ -289,12 +289,10 @@ def markdown(result: dict) -> str:
     lines += ["", "## The Pollux run's decisions", "",
               f"Every shape change, and every {DECISION_STRIDE}th decision between them: the smoothed noise scale "
               "phi, the chosen batch (micro-batch x accumulation), the LR scale sqrt(r), the statistical efficiency "
-              "E(M), the predicted goodput (efficiency-weighted samples/s) of the shape it ran against the best "
-              "candidate's (a switch needs > 5% more), and where the noise scale comes from next (three consecutive "
-              "steps at a time, or a step split in two every N).", "",
-              "| step | samples | phi | batch | micro x accum | LR scale | E(M) | goodput: ran / best | switched | "
-              "noise from |",
-              "|---:|---:|---:|---:|---|---:|---:|---:|---|---|"]
+              "E(M), and the predicted goodput (efficiency-weighted samples/s) of the shape it ran against the best "
+              "candidate's (a switch needs > 5% more).", "",
+              "| step | samples | phi | batch | micro x accum | LR scale | E(M) | goodput: ran / best | switched |",
+              "|---:|---:|---:|---:|---|---:|---:|---:|---|"]
     decisions = result["decisions"]
     for i, d in enumerate(decisions):
         if not (d.get("switched") or i % DECISION_STRIDE == 0 or i == len(decisions) - 1):
@@ -304,8 +302,7 @@ def markdown(result: dict) -> str:
             f"{d['predicted_goodput']:.1f} / {d['best']['goodput']:.1f}"
         lines.append(f"| {d['step']} | {d.get('samples') or '-'} | {phi} | {d['batch']} | {d['micro_batch']} x "
                      f"{d.get('accum_steps', '-')} | {d['lr_scale']:.3f} | {d.get('efficiency', 1.0):.3f} | "
-                     f"{goodput} | {'yes' if d.get('switched') else ''} | "
-                     f"{f'split every {n}' if (n := d.get('measure_every')) else 'triples'} |")
+                     f"{goodput} | {'yes' if d.get('switched') else ''} |")
     lines.append("")
     return "\n".join(lines)
 

@@ -39,8 +39,7 @@ from glassbox.elastic.config import ElasticConfig
 from glassbox.elastic.gns import GradientNoiseMeter, Measurement, NoiseScaleEMA, estimate_from_pairs
 from glassbox.elastic.goodput import GoodputModel, should_switch
 from glassbox.elastic.lr_scaling import gain, lr_scale, progress_of_step
-from glassbox.elastic.throughput import (StepObservation, ThroughputParams, fit_throughput, predict_step_time,
-                                         probe_max_micro_batch)
+from glassbox.elastic.throughput import StepObservation, ThroughputParams, fit_throughput, probe_max_micro_batch
 from glassbox.errors import GlassboxError
 from glassbox.train.callbacks import Callback
 from glassbox.train.step_plan import StepPlan, StepSpec
@@ -70,27 +69,27 @@ class PolluxPlan(StepPlan):
         self.shape = Shape(base_batch, micro_batch, 1.0, 1.0)
         self.frozen: dict[int, Shape] = {}
         self.measure_every = measure_every
-        # Steps run for the throughput fit (PolluxAgent.on_train_start): in `explore_shape` (a micro-batch twice
-        # the size timed) where one is set, else split in two half-size micro-batches.
-        self.explore: range = range(0)
-        self.explore_shape: Shape | None = None
+        # Steps run for the throughput fit (PolluxAgent.on_train_start): step -> its shape (larger micro-batches
+        # than the one timed), or None (split in two half-size micro-batches).
+        self.explore: dict[int, Shape | None] = {}
         self.dp_size = 1
 
     def _measured_micro(self, step: int, shape: Shape) -> int:
         """A step of one micro-batch per rank is split into micro-batches half its size (a third, a quarter when
-        odd; split_divisor), same samples, same gradient, every `measure_every` steps (a second batch size for the
-        noise scale) and on the steps in `explore` (a second micro-batch size for the throughput fit)."""
+        odd), same samples, same gradient, every `measure_every` steps (a second batch size for the noise scale)
+        and on the steps `explore` maps to None (a second micro-batch size for the throughput fit). A size with no
+        divisor up to 4 is not split: a prime M would become M passes of one sample each."""
         per_rank = shape.batch // self.dp_size
         split = (self.measure_every and step % self.measure_every == 0) or \
-            (step in self.explore and self.explore_shape is None)
+            (step in self.explore and self.explore[step] is None)
         if not split or min(shape.micro_batch, per_rank) < per_rank:
             return shape.micro_batch
-        return per_rank // split_divisor(per_rank)
+        divisor = next((d for d in range(2, min(per_rank, MAX_SPLIT) + 1) if per_rank % d == 0), 1)
+        return per_rank // divisor
 
     def spec(self, step: int) -> StepSpec:
         if step not in self.frozen:
-            exploring = self.explore_shape is not None and step in self.explore
-            self.frozen[step] = self.explore_shape if exploring else self.shape
+            self.frozen[step] = self.explore.get(step) or self.shape
             for old in [s for s in self.frozen if s < step - 2]:
                 del self.frozen[old]
         shape = self.frozen[step]
@@ -105,21 +104,14 @@ class PolluxPlan(StepPlan):
         self.frozen = {s: v for s, v in self.frozen.items() if s <= after}
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "shape": asdict(self.shape), "measure_every": self.measure_every,
+        return {**super().state_dict(), "shape": asdict(self.shape),
                 "frozen": [[s, *asdict(v).values()] for s, v in sorted(self.frozen.items())]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.shape = Shape(**state["shape"])
-        self.measure_every = int(state["measure_every"])
         self.frozen = {int(row[0]): Shape(int(row[1]), int(row[2]), float(row[3]), float(row[4]))
                        for row in state["frozen"]}
-
-
-def split_divisor(per_rank: int) -> int:
-    """Into how many micro-batches a measured step of `per_rank` samples is split: its smallest divisor up to
-    MAX_SPLIT, or 1 (not split: a prime M would become M passes of one sample each)."""
-    return next((d for d in range(2, min(per_rank, MAX_SPLIT) + 1) if per_rank % d == 0), 1)
 
 
 def nodes_of_world(world_size: int) -> int:
@@ -181,7 +173,6 @@ class PolluxAgent(Callback):
             # Only a batch-choosing agent needs the memory wall; a measuring one (adapt_batch off) keeps its shape.
             probe = self.cfg.adapt_batch and self.trainer.world.device.type == "cuda" and self.replicas == 1
             self.max_micro = self._probe() if probe else self.plan.micro_batch
-        self.meter.consecutive_steps = not self.plan.measure_every
         if self.plan.shape.batch % self.replicas or not self._fits(self.plan.shape):
             # A restart at another world size: the last shape may not split over these ranks.
             self._reshape_for_world(state)
@@ -190,26 +181,30 @@ class PolluxAgent(Callback):
             # cost, and the prior's split (mostly per-sample) would keep a GPU run whose passes are mostly fixed
             # cost at M0. A few steps at a second size settle it, from the sixth step on: the first steps after a
             # start warm caches and allocators and run slower.
-            self.plan.explore = range(state.step + 6, state.step + 6 + self.cfg.explore_steps)
-            self.plan.explore_shape = self._explore_shape(self.plan.shape)
+            shapes = self._explore_shapes(self.plan.shape) or [None]
+            first, count = state.step + 6, self.cfg.explore_steps
+            self.plan.explore = {first + i * count + j: shape for i, shape in enumerate(shapes) for j in range(count)}
 
-    def _explore_shape(self, shape: Shape) -> Shape | None:
-        """The exploring steps' shape: micro-batches twice the size, where they fit, so that the throughput line
-        is drawn through the sizes decisions choose between, not below them. A GPU's pass time is nearly flat at
-        small micro-batches: on the H200 the line through 16 and 32 predicted 1340 samples/s at 63 where the card
-        gave 990, and the run grew its batch early. A step that accumulates keeps its batch in half as many
-        passes; a step of one micro-batch per rank doubles its batch, at the LR scale and progress of one M0 step
-        (the gain is not known yet, and 1 is its lower bound). None (split in halves instead) where twice the
-        micro-batch exceeds max_micro or twice the batch max_batch."""
+    def _explore_shapes(self, shape: Shape) -> list[Shape]:
+        """The exploring steps' shapes: micro-batches twice and four times the size, where they fit, so that the
+        throughput line is drawn through the sizes decisions choose between, not below them. A GPU's pass time
+        is nearly flat at small micro-batches: on the H200 the line through 16 and 32 predicted 1340 samples/s at
+        63 where the card gave 990, and the one through 32 and 64 1364 at 105 where it gave 1133; both runs grew
+        their batch on it. A step that accumulates keeps its batch in fewer passes; a step of one micro-batch per
+        rank grows its batch, at the LR scale and progress of one M0 step (the gain is not known yet, and 1 is
+        its lower bound). Empty (split in halves instead) where not even twice the micro-batch fits max_micro,
+        or twice the batch max_batch."""
         per_rank = shape.batch // self.replicas
         micro = min(shape.micro_batch, per_rank)
-        if 2 * micro > self.max_micro:
-            return None
-        if per_rank % (2 * micro) == 0:
-            return Shape(shape.batch, 2 * micro, shape.lr_scale, shape.gain)
-        if micro == per_rank and 2 * shape.batch <= self.max_batch:
-            return Shape(2 * shape.batch, 2 * micro, 1.0, 1.0)
-        return None
+        shapes = []
+        for factor in (2, 4):
+            if factor * micro > self.max_micro:
+                break
+            if per_rank % (factor * micro) == 0:
+                shapes.append(Shape(shape.batch, factor * micro, shape.lr_scale, shape.gain))
+            elif micro == per_rank and factor * shape.batch <= self.max_batch:
+                shapes.append(Shape(factor * shape.batch, factor * micro, 1.0, 1.0))
+        return shapes
 
     def _fits(self, shape: Shape) -> bool:
         per_rank = shape.batch // self.replicas
@@ -317,11 +312,9 @@ class PolluxAgent(Callback):
 
     def _measurable(self, best) -> tuple[int, int]:
         """(batch, micro) of a chosen shape, one sample per rank smaller when it is a single odd micro-batch per
-        rank that a measured step would split (measure_every, or split_budget's splits): an even one splits in
-        halves (goodput differs by ~1/M)."""
+        rank that measure_every would have to split: an even one splits in halves (goodput differs by ~1/M)."""
         per_rank = best.batch // self.replicas
-        splits = self.cfg.measure_every or self.cfg.split_budget
-        if splits and best.accum_steps == 1 and per_rank % 2 and \
+        if self.cfg.measure_every and best.accum_steps == 1 and per_rank % 2 and \
                 (per_rank - 1) * self.replicas >= self.init_batch:
             return (per_rank - 1) * self.replicas, per_rank - 1
         return best.batch, best.micro_batch
@@ -331,30 +324,10 @@ class PolluxAgent(Callback):
         return Shape(batch, micro, lr_scale("adam", r) if self.cfg.scale_lr else 1.0,
                      r if self.cfg.scale_lr else batch / self.init_batch)
 
-    def _split_period(self, shape: Shape) -> int:
-        """How the noise scale is measured in `shape`: a step split every N steps (N), or three consecutive steps
-        at a time (0). measure_every when set; else the smallest N whose splits cost at most split_budget of the
-        step time (their extra passes' fixed cost, from the throughput fit), where that N is at most 2 x
-        decide_every (a measurement or two per decision), and triples where it is not: at small batches, whose
-        passes are mostly fixed cost, and where the motion the triples misread as noise is small. A step that
-        accumulates measures itself (its first micro-batches against the whole)."""
-        if self.cfg.measure_every:
-            return self.cfg.measure_every
-        per_rank = shape.batch // self.replicas
-        divisor = split_divisor(per_rank)
-        if not self.cfg.split_budget or self.params is None or shape.micro_batch < per_rank or divisor == 1:
-            return 0
-        whole = predict_step_time(self.params, self.nodes, self.replicas, per_rank, 1)
-        split = predict_step_time(self.params, self.nodes, self.replicas, per_rank // divisor, divisor)
-        period = math.ceil((split - whole) / (self.cfg.split_budget * whole))
-        return period if period <= 2 * self.cfg.decide_every else 0
-
     def _decide(self, state) -> None:
         started = time.perf_counter()
         decision = rank0_decides(lambda: self._choose(state.step))
         self.plan.shape = Shape(**decision["shape"])
-        self.plan.measure_every = decision["row"]["measure_every"]
-        self.meter.consecutive_steps = not self.plan.measure_every
         self.decisions += 1
         if self.trainer.world.is_main:
             # What deciding cost the loop (the fit, the candidates, handing the decision to the other ranks): it
@@ -391,7 +364,7 @@ class PolluxAgent(Callback):
             else:
                 shape = self._shape_for(current.batch, current.micro_batch)
             resize = self._resize_request(model, now, step, micro_range)
-        row.update(batch=shape.batch, micro_batch=shape.micro_batch, measure_every=self._split_period(shape),
+        row.update(batch=shape.batch, micro_batch=shape.micro_batch,
                    accum_steps=shape.batch // self.replicas // min(shape.micro_batch, shape.batch // self.replicas),
                    lr_scale=shape.lr_scale, gain=shape.gain,
                    efficiency=shape.gain * self.init_batch / shape.batch, switched=switched)

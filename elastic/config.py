@@ -30,20 +30,13 @@ class ElasticConfig:
                                     # run, and 0.99 lagged it: 1.55x the best fixed batch's time on the CPU bench
                                     # against 0.98-1.01x at 0.95)
     precondition_every: int = 10    # steps between refreshes of the Adam preconditioner
-    measure_every: int = 0          # N: a step of one micro-batch per rank is split in two every N steps for the
-                                    # noise scale (a second pass each). 0: chosen per shape at each decision:
-                                    # steps taken three at a time (mean norm and second difference; one kept
-                                    # gradient buffer, no extra pass) while a split would cost more than
-                                    # split_budget, else a split every N steps, the smallest N within it
-    split_budget: float = 0.02      # with measure_every 0: the share of step time splits may cost, spread over at
-                                    # most 2 x decide_every steps (0: never split). Triples read the weights'
-                                    # motion as noise, B x |G_1 - 2 G_2 + G_3|^2 / 6 of it, growing with the batch
-                                    # and the LR scale: on the H200 they read phi ~2600 at batch 190 where the
-                                    # fixed-batch runs' sample counts put it near 100, and the batch grew on it
+    measure_every: int = 0          # 0: steps with one micro-batch per rank give the noise scale four at a time
+                                    # (mean norm and two second differences; two kept gradient buffers, no extra
+                                    # pass); N: such a step is split in two every N steps instead (a second pass)
     explore_steps: int = 4          # with adapt_batch, while one micro-batch size has been timed: this many
-                                    # early steps run micro-batches twice that size (two half-size ones where
-                                    # twice would not fit), so the throughput fit can tell a pass's fixed cost
-                                    # from its per-sample cost
+                                    # early steps run micro-batches twice that size, and as many four times it
+                                    # (two half-size ones where twice would not fit), so the throughput fit can
+                                    # tell a pass's fixed cost from its per-sample cost where decisions choose
     switch_threshold: float = 0.05  # change the batch shape only when predicted goodput gains more than this
     max_micro_growth: float = 2.0   # a decision tries micro-batches up to this many times the largest timed
                                     # so far (0: no bound): the throughput fit is a line through the sizes run,
@@ -68,8 +61,6 @@ class ElasticConfig:
         if not (math.isfinite(self.max_micro_growth) and (self.max_micro_growth == 0 or self.max_micro_growth >= 1)):
             raise ConfigError(f"elastic.max_micro_growth: must be 0 (no bound) or a finite number >= 1, got "
                               f"{self.max_micro_growth}")
-        if not (math.isfinite(self.split_budget) and 0 <= self.split_budget < 1):
-            raise ConfigError(f"elastic.split_budget: must be a number in [0, 1), got {self.split_budget}")
         if not (math.isfinite(self.switch_threshold) and self.switch_threshold >= 0):
             raise ConfigError(f"elastic.switch_threshold: must be a finite number >= 0, got {self.switch_threshold}")
         if not (math.isfinite(self.restart_penalty_s) and self.restart_penalty_s >= 0):

@@ -21,7 +21,8 @@ from glassbox.train.metrics_log import read_metrics  # noqa: E402
 from glassbox.train.trainer import Trainer, default_callbacks  # noqa: E402
 
 torch.set_num_threads(1)
-ELASTIC = ElasticConfig(decide_every=4, warmup_steps=4, max_micro_batch=8, max_batch=32, measure_every=2)
+ELASTIC = ElasticConfig(decide_every=4, warmup_steps=4, max_micro_batch=8, max_batch=32, measure_every=2,
+                        explore_steps=2)
 
 
 def pollux_trainer(data: Path, run: Path, *overrides: str, elastic: ElasticConfig = ELASTIC) -> Trainer:
@@ -107,42 +108,26 @@ def test_a_measured_step_is_split_in_a_few_micro_batches_never_one_sample_each()
     assert split == {8: 4, 12: 6, 9: 3, 31: 31, 25: 25}     # halves, thirds; a prime (or 5 x 5) is not split
     assert plan._measured_micro(5, Shape(8, 8, 1.0, 1.0)) == 8                 # only every measure_every steps
     plan = PolluxPlan(8, 8)
-    plan.explore = range(3, 7)      # what the agent sets at the start while it has timed one micro-batch size
+    plan.explore = dict.fromkeys(range(3, 7))   # the agent's exploration where no larger micro-batch fits
     assert [plan._measured_micro(s, Shape(8, 8, 1.0, 1.0)) for s in range(1, 9)] == [8, 8, 4, 4, 4, 4, 8, 8]
     assert plan._measured_micro(4, Shape(8, 2, 1.0, 1.0)) == 2                 # accumulating already: as it is
 
 
-def test_exploring_steps_run_micro_batches_twice_the_size_where_they_fit():
-    agent = PolluxAgent(ElasticConfig(max_micro_batch=64, max_batch=64), PolluxPlan(32, 32))
+def test_exploring_steps_run_micro_batches_twice_and_four_times_the_size_where_they_fit():
+    agent = PolluxAgent(ElasticConfig(max_micro_batch=128, max_batch=128), PolluxPlan(32, 32))
     agent.replicas = 1
-    assert agent._explore_shape(Shape(32, 32, 1.3, 1.7)) == Shape(64, 64, 1.0, 1.0)   # doubled, at one M0 step
-    assert agent._explore_shape(Shape(32, 8, 1.3, 1.7)) == Shape(32, 16, 1.3, 1.7)    # same batch, fewer passes
-    assert agent._explore_shape(Shape(48, 48, 1.0, 1.0)) is None                      # 96 would not fit: split
-    agent.max_batch = 32
-    assert agent._explore_shape(Shape(32, 32, 1.0, 1.0)) is None                      # nor past max_batch
+    grown = [Shape(64, 64, 1.0, 1.0), Shape(128, 128, 1.0, 1.0)]        # at the LR and progress of one M0 step
+    assert agent._explore_shapes(Shape(32, 32, 1.3, 1.7)) == grown
+    assert agent._explore_shapes(Shape(32, 8, 1.3, 1.7)) == [Shape(32, 16, 1.3, 1.7), Shape(32, 32, 1.3, 1.7)]
+    assert agent._explore_shapes(Shape(48, 48, 1.0, 1.0)) == [Shape(96, 96, 1.0, 1.0)]   # 192 would not fit
+    assert agent._explore_shapes(Shape(96, 96, 1.0, 1.0)) == []                           # nor 192: split
+    agent.max_batch = 64
+    assert agent._explore_shapes(Shape(32, 32, 1.0, 1.0)) == grown[:1]                   # nor past max_batch
     plan = agent.plan
-    plan.explore, plan.explore_shape = range(3, 5), Shape(64, 64, 1.0, 1.0)
-    specs = [plan.spec(s) for s in range(1, 7)]
-    assert [(s.global_batch, s.micro_batch) for s in specs] == [(32, 32), (32, 32), (64, 64), (64, 64), (32, 32),
-                                                                (32, 32)]
-
-
-def test_steps_are_split_for_the_noise_scale_where_a_split_costs_little_of_the_step():
-    from glassbox.elastic.throughput import ThroughputParams
-
-    # The H200's fit in session 12 (25 ms a pass, 0.66 ms a sample): a split adds one pass's fixed cost.
-    agent = PolluxAgent(ElasticConfig(decide_every=10, split_budget=0.02), PolluxPlan(32, 32))
-    agent.replicas, agent.nodes = 1, 1
-    agent.params = ThroughputParams(0.025, 0.00066, 0.004, 0.0005, 0.01, 0.001, 2.0)
-    period = {b: agent._split_period(Shape(b, b, 1.0, 1.0)) for b in (32, 105, 190, 1024)}
-    # 32: 25 ms more on a 46 ms step, every 28 steps at most: triples. 105 (thirds): two passes more, triples.
-    # 190: 25 ms on 150 ms, within 2% every 9 steps. 1024: every 2 steps.
-    assert period == {32: 0, 105: 0, 190: 9, 1024: 2}
-    assert agent._split_period(Shape(190, 95, 1.0, 1.0)) == 0      # accumulating: measures itself
-    agent.cfg = ElasticConfig(split_budget=0)
-    assert agent._split_period(Shape(1024, 1024, 1.0, 1.0)) == 0
-    agent.cfg = ElasticConfig(measure_every=3)
-    assert agent._split_period(Shape(32, 32, 1.0, 1.0)) == 3
+    plan.explore = {3: grown[0], 4: grown[0], 5: grown[1]}
+    specs = [plan.spec(s) for s in range(1, 8)]
+    assert [(s.global_batch, s.micro_batch) for s in specs] == [(32, 32), (32, 32), (64, 64), (64, 64), (128, 128),
+                                                                (32, 32), (32, 32)]
 
 
 def test_a_chosen_single_odd_micro_batch_is_made_even_so_it_splits_in_halves():
@@ -154,7 +139,7 @@ def test_a_chosen_single_odd_micro_batch_is_made_even_so_it_splits_in_halves():
     assert agent._measurable(Choice(30, 30, 1, 1.0)) == (30, 30)
     assert agent._measurable(Choice(31, 1, 31, 1.0)) == (31, 1)             # accumulates: nothing to split
     assert agent._measurable(Choice(9, 9, 1, 1.0)) == (8, 8)
-    unmeasured = PolluxAgent(ElasticConfig(measure_every=0, split_budget=0), PolluxPlan(8, 2))
+    unmeasured = PolluxAgent(ElasticConfig(measure_every=0), PolluxPlan(8, 2))
     unmeasured.replicas = 1
     assert unmeasured._measurable(Choice(31, 31, 1, 1.0)) == (31, 31)
 
@@ -220,7 +205,7 @@ def test_agent_reads_nothing_while_a_step_is_queued_and_decides_every_n_steps(pr
     # hooks that run while a step is being queued (the device busy with the one before) read no device value:
     # on a GPU every read there stalls the queue (a float() of fused AdamW's step count per parameter did).
     elastic = ElasticConfig(decide_every=5, warmup_steps=5, max_micro_batch=32, max_batch=32, precondition_every=3,
-                            explore_steps=0, split_budget=0)
+                            explore_steps=0)
     cfg = tiny_config(prepared_data, tmp_path / "run", "schedule.steps=20", "batch.global_batch_size=8",
                       "batch.micro_batch_size=8", "logging.val_every=0", "checkpoint.save_final=false")
     plan = PolluxPlan(8, 8, elastic.measure_every)
@@ -233,16 +218,16 @@ def test_agent_reads_nothing_while_a_step_is_queued_and_decides_every_n_steps(pr
     rows = read_metrics(tmp_path / "run")
     steps = [r for r in rows if "loss" in r]
     assert all(r["micro_batch_size"] == r["batch_size"] for r in steps)     # nothing split to measure
-    # Consecutive steps of one batch size make triples, without overlapping, from step 1 on.
-    triples, run = 0, None
+    # Consecutive steps of one batch size make quadruples, without overlapping, from step 1 on.
+    quadruples, run = 0, None
     for r in steps:
         if run is not None and run[0] + run[2] == r["step"] and run[1] == r["batch_size"]:
             run = (run[0], run[1], run[2] + 1)
-            if run[2] == 3:
-                triples, run = triples + 1, None
+            if run[2] == 4:
+                quadruples, run = quadruples + 1, None
         else:
             run = (r["step"], r["batch_size"], 1)
-    assert agent.ema.count == triples >= 5
+    assert agent.ema.count == quadruples >= 3
     assert [r["step"] for r in rows if r.get("event") == "pollux"] == [5, 10, 15, 20]
 
 
