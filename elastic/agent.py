@@ -69,19 +69,20 @@ class PolluxPlan(StepPlan):
         self.shape = Shape(base_batch, micro_batch, 1.0, 1.0)
         self.frozen: dict[int, Shape] = {}
         self.measure_every = measure_every
-        # Steps run for the throughput fit (PolluxAgent.on_train_start): step -> its shape (larger micro-batches
-        # than the one timed), or None (split in two half-size micro-batches).
-        self.explore: dict[int, Shape | None] = {}
+        # Steps run for the throughput fit (PolluxAgent.on_train_start): in `explore_shape` (a micro-batch twice
+        # the size timed) where one is set, else split in two half-size micro-batches.
+        self.explore: range = range(0)
+        self.explore_shape: Shape | None = None
         self.dp_size = 1
 
     def _measured_micro(self, step: int, shape: Shape) -> int:
         """A step of one micro-batch per rank is split into micro-batches half its size (a third, a quarter when
         odd), same samples, same gradient, every `measure_every` steps (a second batch size for the noise scale)
-        and on the steps `explore` maps to None (a second micro-batch size for the throughput fit). A size with no
-        divisor up to 4 is not split: a prime M would become M passes of one sample each."""
+        and on the steps in `explore` (a second micro-batch size for the throughput fit). A size with no divisor
+        up to 4 is not split: a prime M would become M passes of one sample each."""
         per_rank = shape.batch // self.dp_size
         split = (self.measure_every and step % self.measure_every == 0) or \
-            (step in self.explore and self.explore[step] is None)
+            (step in self.explore and self.explore_shape is None)
         if not split or min(shape.micro_batch, per_rank) < per_rank:
             return shape.micro_batch
         divisor = next((d for d in range(2, min(per_rank, MAX_SPLIT) + 1) if per_rank % d == 0), 1)
@@ -89,7 +90,8 @@ class PolluxPlan(StepPlan):
 
     def spec(self, step: int) -> StepSpec:
         if step not in self.frozen:
-            self.frozen[step] = self.explore.get(step) or self.shape
+            exploring = self.explore_shape is not None and step in self.explore
+            self.frozen[step] = self.explore_shape if exploring else self.shape
             for old in [s for s in self.frozen if s < step - 2]:
                 del self.frozen[old]
         shape = self.frozen[step]
@@ -181,30 +183,26 @@ class PolluxAgent(Callback):
             # cost, and the prior's split (mostly per-sample) would keep a GPU run whose passes are mostly fixed
             # cost at M0. A few steps at a second size settle it, from the sixth step on: the first steps after a
             # start warm caches and allocators and run slower.
-            shapes = self._explore_shapes(self.plan.shape) or [None]
-            first, count = state.step + 6, self.cfg.explore_steps
-            self.plan.explore = {first + i * count + j: shape for i, shape in enumerate(shapes) for j in range(count)}
+            self.plan.explore = range(state.step + 6, state.step + 6 + self.cfg.explore_steps)
+            self.plan.explore_shape = self._explore_shape(self.plan.shape)
 
-    def _explore_shapes(self, shape: Shape) -> list[Shape]:
-        """The exploring steps' shapes: micro-batches twice and four times the size, where they fit, so that the
-        throughput line is drawn through the sizes decisions choose between, not below them. A GPU's pass time
-        is nearly flat at small micro-batches: on the H200 the line through 16 and 32 predicted 1340 samples/s at
-        63 where the card gave 990, and the one through 32 and 64 1364 at 105 where it gave 1133; both runs grew
-        their batch on it. A step that accumulates keeps its batch in fewer passes; a step of one micro-batch per
-        rank grows its batch, at the LR scale and progress of one M0 step (the gain is not known yet, and 1 is
-        its lower bound). Empty (split in halves instead) where not even twice the micro-batch fits max_micro,
-        or twice the batch max_batch."""
+    def _explore_shape(self, shape: Shape) -> Shape | None:
+        """The exploring steps' shape: micro-batches twice the size, where they fit, so that the throughput line
+        is drawn through the sizes decisions choose between, not below them. A GPU's pass time is nearly flat at
+        small micro-batches: on the H200 the line through 16 and 32 predicted 1340 samples/s at 63 where the card
+        gave 990, and the run grew its batch early. A step that accumulates keeps its batch in half as many
+        passes; a step of one micro-batch per rank doubles its batch, at the LR scale and progress of one M0 step
+        (the gain is not known yet, and 1 is its lower bound). None (split in halves instead) where twice the
+        micro-batch exceeds max_micro or twice the batch max_batch."""
         per_rank = shape.batch // self.replicas
         micro = min(shape.micro_batch, per_rank)
-        shapes = []
-        for factor in (2, 4):
-            if factor * micro > self.max_micro:
-                break
-            if per_rank % (factor * micro) == 0:
-                shapes.append(Shape(shape.batch, factor * micro, shape.lr_scale, shape.gain))
-            elif micro == per_rank and factor * shape.batch <= self.max_batch:
-                shapes.append(Shape(factor * shape.batch, factor * micro, 1.0, 1.0))
-        return shapes
+        if 2 * micro > self.max_micro:
+            return None
+        if per_rank % (2 * micro) == 0:
+            return Shape(shape.batch, 2 * micro, shape.lr_scale, shape.gain)
+        if micro == per_rank and 2 * shape.batch <= self.max_batch:
+            return Shape(2 * shape.batch, 2 * micro, 1.0, 1.0)
+        return None
 
     def _fits(self, shape: Shape) -> bool:
         per_rank = shape.batch // self.replicas

@@ -30,13 +30,13 @@ class ElasticConfig:
                                     # run, and 0.99 lagged it: 1.55x the best fixed batch's time on the CPU bench
                                     # against 0.98-1.01x at 0.95)
     precondition_every: int = 10    # steps between refreshes of the Adam preconditioner
-    measure_every: int = 0          # 0: steps with one micro-batch per rank give the noise scale four at a time
-                                    # (mean norm and two second differences; two kept gradient buffers, no extra
-                                    # pass); N: such a step is split in two every N steps instead (a second pass)
+    measure_every: int = 0          # 0: steps with one micro-batch per rank give the noise scale three at a time
+                                    # (mean norm and second difference; one kept gradient buffer, no extra pass);
+                                    # N: such a step is split in two every N steps instead (a second pass each)
     explore_steps: int = 4          # with adapt_batch, while one micro-batch size has been timed: this many
-                                    # early steps run micro-batches twice that size, and as many four times it
-                                    # (two half-size ones where twice would not fit), so the throughput fit can
-                                    # tell a pass's fixed cost from its per-sample cost where decisions choose
+                                    # early steps run micro-batches twice that size (two half-size ones where
+                                    # twice would not fit), so the throughput fit can tell a pass's fixed cost
+                                    # from its per-sample cost
     switch_threshold: float = 0.05  # change the batch shape only when predicted goodput gains more than this
     max_micro_growth: float = 2.0   # a decision tries micro-batches up to this many times the largest timed
                                     # so far (0: no bound): the throughput fit is a line through the sizes run,

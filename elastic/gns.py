@@ -8,16 +8,11 @@ estimates of both terms,
 A step of several micro-batches per rank already has both: each rank's gradient accumulated over its first k
 micro-batches (k * m samples; the trainer's `GradientStats.local_tensor_sq_norms`, taken before the reduction, one
 fused norm kernel per micro-batch), and the all-reduced gradient of the whole global batch. Steps of one
-micro-batch per rank are taken four at a time, consecutive and of one batch size B: the noise of independent
-batches makes the second differences D_1 = g_1 - 2 g_2 + g_3 and D_2 = g_2 - 2 g_3 + g_4 have E|D_i|^2 = 6 tr(Sigma)
-/ B + |M|^2 and E<D_1, D_2> = -4 tr(Sigma) / B + |M|^2, where M, the second difference of the mean gradient along
-the weights' path, is the same for both when that path is smooth (Adam's momentum makes it so), so
-tr(Sigma) / B = (mean |D_i|^2 - <D_1, D_2>) / 10 whatever the motion's speed and acceleration. Motion is what
-fewer steps misread as noise: a difference of two consecutive steps carries B |G_2 - G_1|^2 / 2 into tr(Sigma)
-(on the H200 that read the noise scale 2.2x high, and Pollux grew the batch 4x too far), one second difference
-B |M|^2 / 6, which grows with the batch and the LR scale that grow on it: on the H200 triples read phi ~100 at
-batch 32, ~250 at 105 and ~2600 at 190, where the fixed-batch runs' sample counts put it near 100. It costs two
-kept buffers of the gradient's size and no extra forward/backward. Nothing hooks the backward per parameter
+micro-batch per rank are taken three at a time, consecutive and of one batch size B: the noise of independent
+batches makes the second difference D = g_1 - 2 g_2 + g_3 have E|D|^2 = 6 tr(Sigma) / B, while the weights' motion
+between the steps cancels to first order (a difference of two consecutive steps would carry B |G_2 - G_1|^2 / 2
+into tr(Sigma): on the H200 that read the noise scale 2.2x high, and Pollux grew the batch 4x too far). It costs
+one kept buffer of the gradient's size and no extra forward/backward. Nothing hooks the backward per parameter
 (AdaptDL's hooks made backward 2.6x slower, its issue #120), and nothing waits for the device: the overhead is a
 few fused norm kernels per step and, with several ranks, a small all-reduce (bench/pollux_gns.py measures it).
 
@@ -127,7 +122,7 @@ class Measurement:
     """One step's preconditioned squared gradient norms, still on the device, and the batch sizes they belong to:
     `values` = [|g_small,1|^2, ..., |g_small,k|^2, |g_big|^2], the i-th small one at `small_batches[i]` samples,
     the big one at `big_batch`; `samples`, the samples the measurement spans (the moving average's window counts
-    them: a quadruple of steps spans four batches). The agent copies `values` to the host without waiting (it is
+    them: a triple of steps spans three batches). The agent copies `values` to the host without waiting (it is
     read once the step has finished, when the trainer has read the step's own metrics anyway)."""
 
     values: torch.Tensor
@@ -147,13 +142,13 @@ class GradientNoiseMeter:
     Two sources of a second batch size, neither an extra forward/backward:
     - a step of several micro-batches per rank: each rank's gradient after its first k micro-batches (k * m
       samples) against the reduced gradient of the global batch B;
-    - steps of one micro-batch per rank (`consecutive_steps`): the reduced gradients of four consecutive steps of
-      one batch B (1-4, 5-8, ..., not overlapping, so each quadruple is an independent estimate), whose mean
-      squared norm is |G|^2 + tr(Sigma) / B and whose two second differences give S = tr(Sigma) / B =
-      (mean |D_i|^2 - <D_1, D_2>) / 10 (the module docstring says why). As a Measurement: |g_B|^2 = that mean at
-      B, and |G|^2 + tr(Sigma) / 2B = mean - S / 2 at 2B. Two buffers (local shards under FSDP2) accumulate D_1
-      and D_2 in place: a pass or two over the gradient's memory per step, which a GPU does in well under a
-      millisecond for 100M parameters.
+    - steps of one micro-batch per rank (`consecutive_steps`): the reduced gradients of three consecutive steps of
+      one batch B (1-2-3, 4-5-6, ..., not overlapping, so each triple is an independent estimate), whose mean
+      squared norm is |G|^2 + tr(Sigma) / B and whose second difference D = g_1 - 2 g_2 + g_3 has
+      E|D|^2 = 6 tr(Sigma) / B plus only the change of the weights' drift (the drift itself cancels). As a
+      Measurement: |g_B|^2 = that mean at B, and |G|^2 + tr(Sigma) / 2B = mean - |D|^2 / 12 at 2B. One buffer
+      (the local shard under FSDP2) accumulates D in place: a pass over the gradient's memory to copy, then one
+      per later step, which a GPU does in well under a millisecond for 100M parameters.
     Splitting a single micro-batch in two instead (measure_every) needs no copy but costs a second pass per
     measured step, which on a GPU, where a small model's pass is mostly fixed cost, nearly doubles that step.
 
@@ -175,10 +170,9 @@ class GradientNoiseMeter:
         self._weights: torch.Tensor | None = None
         self._weights_step = -1
         self._constants: dict[str, torch.Tensor] = {}
-        # The quadruple of single-micro-batch steps being measured: D_1 and D_2 accumulated so far, the sum of its
-        # steps' per-tensor squared norms, and (first step, batch, steps so far).
+        # The triple of single-micro-batch steps being measured: D accumulated so far (g_1, then g_1 - 2 g_2), the
+        # sum of its steps' per-tensor squared norms, and (first step, batch, steps so far).
         self._diff: list[torch.Tensor] | None = None
-        self._diff2: list[torch.Tensor] | None = None
         self._norm_sum: torch.Tensor | None = None
         self._run: tuple[int, int, int] | None = None
 
@@ -243,7 +237,7 @@ class GradientNoiseMeter:
         """The step's pairs, preconditioned; None without a pair (or before Adam's first step)."""
         grads = [_local(p.grad) for p in self.params]
         if local_tensor_sq_norms:
-            self._run = None            # a step of several micro-batches: no consecutive run across it
+            self._run = None            # a step of several micro-batches: no consecutive triple across it
             weights = self.preconditioner(step)
             if weights is None:
                 return None
@@ -260,33 +254,20 @@ class GradientNoiseMeter:
         norms = self._full_sq_norms(grads)
         run = self._run
         if run is not None and run[0] + run[2] == step and run[1] == global_batch:
-            seen = run[2]
-            if seen == 1:                                     # D_1 = g_1 - 2 g_2; D_2 = g_2
+            if run[2] == 1:                                   # the second step: D = g_1 - 2 g_2
                 torch._foreach_add_(self._diff, grads, alpha=-2.0)
-                if self._diff2 is None:
-                    self._diff2 = [g.detach().clone() for g in grads]
-                else:
-                    torch._foreach_copy_(self._diff2, grads)
-            elif seen == 2:                                   # D_1 = g_1 - 2 g_2 + g_3; D_2 = g_2 - 2 g_3
-                torch._foreach_add_(self._diff, grads)
-                torch._foreach_add_(self._diff2, grads, alpha=-2.0)
-            if seen < 3:
                 self._norm_sum = self._norm_sum + norms
-                self._run = (run[0], run[1], seen + 1)
+                self._run = (run[0], run[1], 2)
                 return None
             weights = self.preconditioner(step)
-            if weights is not None:                           # D_2 = g_2 - 2 g_3 + g_4
-                torch._foreach_add_(self._diff2, grads)
-                first = (weights * self._full_sq_norms(self._diff)).sum()
-                second = (weights * self._full_sq_norms(self._diff2)).sum()
-                torch._foreach_add_(self._diff, self._diff2)
-                inner = ((weights * self._full_sq_norms(self._diff)).sum() - first - second) / 2
-                noise = ((first + second) / 2 - inner) / 10   # tr(Sigma) / B
-                mean = (weights * (self._norm_sum + norms)).sum() / 4
-                self._run = None      # quadruples do not overlap: the next step starts the next one
-                return Measurement(torch.stack([mean, mean - noise / 2]), [global_batch], 2 * global_batch,
-                                   4 * global_batch)
-        # This step opens a quadruple: its gradient is kept (the optimizer and zero_grad are about to consume it).
+            if weights is not None:                           # the third: D = g_1 - 2 g_2 + g_3
+                torch._foreach_add_(self._diff, grads)
+                second = (weights * self._full_sq_norms(self._diff)).sum()
+                mean = (weights * (self._norm_sum + norms)).sum() / 3
+                self._run = None      # triples do not overlap: the next step starts the next one
+                return Measurement(torch.stack([mean, mean - second / 12]), [global_batch], 2 * global_batch,
+                                   3 * global_batch)
+        # This step opens a triple: its gradient is kept (the optimizer and zero_grad are about to consume it).
         if self._diff is None:
             self._diff = [g.detach().clone() for g in grads]
         else:

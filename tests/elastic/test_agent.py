@@ -21,8 +21,7 @@ from glassbox.train.metrics_log import read_metrics  # noqa: E402
 from glassbox.train.trainer import Trainer, default_callbacks  # noqa: E402
 
 torch.set_num_threads(1)
-ELASTIC = ElasticConfig(decide_every=4, warmup_steps=4, max_micro_batch=8, max_batch=32, measure_every=2,
-                        explore_steps=2)
+ELASTIC = ElasticConfig(decide_every=4, warmup_steps=4, max_micro_batch=8, max_batch=32, measure_every=2)
 
 
 def pollux_trainer(data: Path, run: Path, *overrides: str, elastic: ElasticConfig = ELASTIC) -> Trainer:
@@ -108,26 +107,24 @@ def test_a_measured_step_is_split_in_a_few_micro_batches_never_one_sample_each()
     assert split == {8: 4, 12: 6, 9: 3, 31: 31, 25: 25}     # halves, thirds; a prime (or 5 x 5) is not split
     assert plan._measured_micro(5, Shape(8, 8, 1.0, 1.0)) == 8                 # only every measure_every steps
     plan = PolluxPlan(8, 8)
-    plan.explore = dict.fromkeys(range(3, 7))   # the agent's exploration where no larger micro-batch fits
+    plan.explore = range(3, 7)      # what the agent sets at the start while it has timed one micro-batch size
     assert [plan._measured_micro(s, Shape(8, 8, 1.0, 1.0)) for s in range(1, 9)] == [8, 8, 4, 4, 4, 4, 8, 8]
     assert plan._measured_micro(4, Shape(8, 2, 1.0, 1.0)) == 2                 # accumulating already: as it is
 
 
-def test_exploring_steps_run_micro_batches_twice_and_four_times_the_size_where_they_fit():
-    agent = PolluxAgent(ElasticConfig(max_micro_batch=128, max_batch=128), PolluxPlan(32, 32))
+def test_exploring_steps_run_micro_batches_twice_the_size_where_they_fit():
+    agent = PolluxAgent(ElasticConfig(max_micro_batch=64, max_batch=64), PolluxPlan(32, 32))
     agent.replicas = 1
-    grown = [Shape(64, 64, 1.0, 1.0), Shape(128, 128, 1.0, 1.0)]        # at the LR and progress of one M0 step
-    assert agent._explore_shapes(Shape(32, 32, 1.3, 1.7)) == grown
-    assert agent._explore_shapes(Shape(32, 8, 1.3, 1.7)) == [Shape(32, 16, 1.3, 1.7), Shape(32, 32, 1.3, 1.7)]
-    assert agent._explore_shapes(Shape(48, 48, 1.0, 1.0)) == [Shape(96, 96, 1.0, 1.0)]   # 192 would not fit
-    assert agent._explore_shapes(Shape(96, 96, 1.0, 1.0)) == []                           # nor 192: split
-    agent.max_batch = 64
-    assert agent._explore_shapes(Shape(32, 32, 1.0, 1.0)) == grown[:1]                   # nor past max_batch
+    assert agent._explore_shape(Shape(32, 32, 1.3, 1.7)) == Shape(64, 64, 1.0, 1.0)   # doubled, at one M0 step
+    assert agent._explore_shape(Shape(32, 8, 1.3, 1.7)) == Shape(32, 16, 1.3, 1.7)    # same batch, fewer passes
+    assert agent._explore_shape(Shape(48, 48, 1.0, 1.0)) is None                      # 96 would not fit: split
+    agent.max_batch = 32
+    assert agent._explore_shape(Shape(32, 32, 1.0, 1.0)) is None                      # nor past max_batch
     plan = agent.plan
-    plan.explore = {3: grown[0], 4: grown[0], 5: grown[1]}
-    specs = [plan.spec(s) for s in range(1, 8)]
-    assert [(s.global_batch, s.micro_batch) for s in specs] == [(32, 32), (32, 32), (64, 64), (64, 64), (128, 128),
-                                                                (32, 32), (32, 32)]
+    plan.explore, plan.explore_shape = range(3, 5), Shape(64, 64, 1.0, 1.0)
+    specs = [plan.spec(s) for s in range(1, 7)]
+    assert [(s.global_batch, s.micro_batch) for s in specs] == [(32, 32), (32, 32), (64, 64), (64, 64), (32, 32),
+                                                                (32, 32)]
 
 
 def test_a_chosen_single_odd_micro_batch_is_made_even_so_it_splits_in_halves():
@@ -218,16 +215,16 @@ def test_agent_reads_nothing_while_a_step_is_queued_and_decides_every_n_steps(pr
     rows = read_metrics(tmp_path / "run")
     steps = [r for r in rows if "loss" in r]
     assert all(r["micro_batch_size"] == r["batch_size"] for r in steps)     # nothing split to measure
-    # Consecutive steps of one batch size make quadruples, without overlapping, from step 1 on.
-    quadruples, run = 0, None
+    # Consecutive steps of one batch size make triples, without overlapping, from step 1 on.
+    triples, run = 0, None
     for r in steps:
         if run is not None and run[0] + run[2] == r["step"] and run[1] == r["batch_size"]:
             run = (run[0], run[1], run[2] + 1)
-            if run[2] == 4:
-                quadruples, run = quadruples + 1, None
+            if run[2] == 3:
+                triples, run = triples + 1, None
         else:
             run = (r["step"], r["batch_size"], 1)
-    assert agent.ema.count == quadruples >= 3
+    assert agent.ema.count == triples >= 5
     assert [r["step"] for r in rows if r.get("event") == "pollux"] == [5, 10, 15, 20]
 
 
