@@ -1,7 +1,8 @@
-"""Serving performance beyond the ratios: start-up cold and warm, the HBM roofline at batch 1, and load vs decode.
+"""Serving performance: start-up cold and warm, the HBM roofline at batch 1, load vs decode, and the ratios to
+transformers.
 
-Three measurements, each its own section of bench/results/<out-name>.json (summary keys as the serving issue
-names them):
+Four measurements, each its own section of bench/results/<out-name>.json; its `summary` always carries the eight
+keys the serving issue names (null for a section not run), so one run of the default sections answers it all:
 
 - start-up: two fresh processes start the engine with `compile` on the same model, the first with an empty
   compile cache (cold), the second with the entry the first wrote (warm); each has its own empty inductor folder,
@@ -18,6 +19,10 @@ names them):
   hold (the queue then grows for the whole run and TTFT measures it, not the engine), hence 256 on CUDA. The fraction is load / pure decode. With several --attention modes (`auto`: the
   varlen kernel where the runner has it; `dense`: the masked path; either with `+piecewise`: steps with prompts
   replayed as graphs cut at attention), one run each, the first giving the summary.
+- ratios: output tok/s of the engine over transformers' greedy `generate` at --ratio-batch-sizes (summary:
+  batch 1 and 32), on the model directory start-up and load use, measured by bench/inference_throughput.py's
+  own function (same prompts, alternating medians), so its tables and this summary are one method. The engine
+  compiles on CUDA (--ratio-compile auto), as inference_throughput's does.
 
     python bench/serving_perf.py --device cpu --out-name serving_perf_cpu       # small sizes, minutes
     python bench/serving_perf.py --device cuda --out-name serving_perf_h200     # 350M start-up, 1B and 7B roofline
@@ -26,6 +31,7 @@ names them):
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -71,6 +77,7 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "runner_seconds": s.secon
 
 
 def machine(device: str) -> str:
+    """The device as the results name it, so a JSON or table says where its numbers came from."""
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name(0)} (torch {torch.__version__})"
     return f"{platform.machine()}, {os.cpu_count()} cores (torch {torch.__version__})"
@@ -189,12 +196,33 @@ def bench_load(args, model_dir: Path, vocab: int, attention: str) -> dict:
     return row
 
 
+def bench_ratios(args, model_dir: Path, vocab: int) -> dict:
+    """Engine vs transformers' `generate` at args.ratio_batch_sizes through inference_throughput.bench_throughput,
+    so the ratio here is measured exactly as that script's tables are (greedy, EOS ignored, equal-length random
+    prompts of args.prompt_len, args.max_tokens new tokens, median of args.ratio_repeats alternating runs)."""
+    opts = argparse.Namespace(device=args.device, dtype=args.dtype, batch_sizes=list(args.ratio_batch_sizes),
+                              prompt_len=args.prompt_len, max_tokens=args.max_tokens, repeats=args.ratio_repeats,
+                              gpu_memory_utilization=0.4, compile=args.ratio_compile)
+    rows = it.bench_throughput(opts, model_dir, vocab)
+    gc.collect()                      # the transformers model and the engine are gone: give their memory back
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {"batch_sizes": opts.batch_sizes, "prompt_len": opts.prompt_len, "max_tokens": opts.max_tokens,
+            "repeats": opts.repeats, "compile": opts.compile, "engine_startup_s": opts.engine_startup_s, "rows": rows}
+
+
+def ratio_summary(ratios: dict | None) -> dict[str, float | None]:
+    """The issue's ratio_b1 / ratio_b32 from a ratios section (None where that batch size was not measured)."""
+    by_batch = {r["batch"]: round(r["ratio"], 2) for r in (ratios or {}).get("rows", [])}
+    return {"ratio_b1": by_batch.get(1), "ratio_b32": by_batch.get(32)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--sections", nargs="+", default=["startup", "roofline", "load"],
-                   choices=["startup", "roofline", "load"])
+    p.add_argument("--sections", nargs="+", default=["startup", "roofline", "load", "ratios"],
+                   choices=["startup", "roofline", "load", "ratios"])
     p.add_argument("--roofline-sizes", nargs="+", default=None, choices=list(SIZES),
                    help="default: tiny on CPU, 1b 7b on CUDA")
     p.add_argument("--prompt-len", type=int, default=None, help="default: 32 on CPU, 128 on CUDA")
@@ -208,6 +236,11 @@ def main() -> int:
     p.add_argument("--attention", nargs="+", default=["auto"], choices=modes + [f"{m}+piecewise" for m in modes],
                    help="load runs, one per runner attention mode, `+piecewise` for piecewise graphs (the first "
                         "gives the summary)")
+    p.add_argument("--ratio-batch-sizes", type=int, nargs="+", default=[1, 32],
+                   help="ratios: batch sizes against transformers (the summary takes 1 and 32)")
+    p.add_argument("--ratio-repeats", type=int, default=3, help="ratios: timed runs each, the median kept")
+    p.add_argument("--ratio-compile", choices=["auto", "on", "off"], default="auto",
+                   help="ratios: the engine's compile (default auto: on with CUDA, as inference_throughput's)")
     p.add_argument("--out-name", default="serving_perf")
     args = p.parse_args()
     gpu = args.device.startswith("cuda")
@@ -218,6 +251,7 @@ def main() -> int:
     args.load_rate = args.load_rate or (128.0 if gpu else 4.0)
     args.num_requests = args.num_requests or (512 if gpu else 16)
     args.max_num_seqs = args.max_num_seqs or (256 if gpu else 8)
+    args.ratio_compile = args.ratio_compile == "on" or (args.ratio_compile == "auto" and gpu)
     args.max_model_len = int(1.5 * args.prompt_len) + int(1.5 * args.max_tokens) + 2
     sizes = args.roofline_sizes or (["1b", "7b"] if gpu else ["tiny"])
     if not gpu:
@@ -237,6 +271,8 @@ def main() -> int:
         if "load" in args.sections:
             result["load_by_attention"] = [bench_load(args, model_dir, vocab, mode) for mode in args.attention]
             result["load"] = result["load_by_attention"][0]
+        if "ratios" in args.sections:         # last: transformers' copy must not shrink the other engines' KV pools
+            result["ratios"] = bench_ratios(args, model_dir, vocab)
     roof = {r["size"]: round(r["roofline_fraction"], 3) for r in result.get("roofline", [])}
     others = result.get("load_by_attention", [])[1:]
     result["summary"] = {
@@ -245,10 +281,10 @@ def main() -> int:
         "load128_fraction_of_decode": round(result["load"]["fraction_of_decode"], 3) if "load" in result else None,
         "ttft_p50_ms_128": round(result["load"]["ttft_p50_ms"], 1) if "load" in result else None,
         "roofline_b1_1b": roof.get("1b"), "roofline_b1_7b": roof.get("7b"),
+        **ratio_summary(result.get("ratios")),
         # The further attention modes' load runs, beside the first's (the summary names above).
         **{f"load128_fraction_of_decode_{r['attention']}": round(r["fraction_of_decode"], 3) for r in others},
         **{f"ttft_p50_ms_128_{r['attention']}": round(r["ttft_p50_ms"], 1) for r in others},
-        # ratio_b1 / ratio_b32 (engine vs transformers) come from bench/inference_throughput.py's table.
     }
     RESULTS.mkdir(exist_ok=True)
     atomic.write_text(RESULTS / f"{args.out_name}.json", json.dumps(result, indent=1, default=str) + "\n")
@@ -273,6 +309,16 @@ def main() -> int:
                   f"TTFT p50 {r['ttft_p50_ms']:.1f} ms / p99 {r['ttft_p99_ms']:.1f} ms, {r['mean_running']:.1f} "
                   f"sequences running on average; pure decoding at that concurrency: "
                   f"{r['decode_tok_s_at_concurrency']:.0f} tok/s; load / decode = {r['fraction_of_decode']:.1%}.", ""]
+    if "ratios" in result:
+        r = result["ratios"]
+        lines += [f"Engine vs transformers' greedy `generate` on the same {result['preset']}-preset model (prompt "
+                  f"{r['prompt_len']}, {r['max_tokens']} new tokens, EOS ignored; median of {r['repeats']} alternating "
+                  f"runs; engine {'with' if r['compile'] else 'without'} `compile`, start-up "
+                  f"{r['engine_startup_s']:.1f} s):", "",
+                  "| batch | engine tok/s | transformers tok/s | engine / transformers |", "|---:|---:|---:|---:|"]
+        lines += [f"| {b['batch']} | {b['engine_tok_s']:.1f} | {b['transformers_tok_s']:.1f} | {b['ratio']:.2f}x |"
+                  for b in r["rows"]]
+        lines.append("")
     atomic.write_text(RESULTS / f"{args.out_name}.md", "\n".join(lines) + "\n")
     print(json.dumps(result["summary"]))
     return 0
