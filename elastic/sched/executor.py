@@ -121,6 +121,7 @@ class RayExecutor:
         self.jobs: dict[str, JobRequest] = {}
         self.runs: dict[str, list[Run]] = {}
         self.finished: dict[str, float] = {}
+        self.t0 = time.monotonic()      # restarted once the cluster is up
 
     def __enter__(self) -> "RayExecutor":
         import ray
@@ -197,8 +198,19 @@ class RayExecutor:
         for name in changing:
             self._stop(name)
         for name in changing:
-            if allocations.get(name, 0) > 0:
+            if self._trained(name):
+                self.finished[name] = self.now()
+            elif allocations.get(name, 0) > 0:
                 self._start(name, allocations[name])
+
+    def _trained(self, name: str) -> bool:
+        """Whether the job has committed the checkpoint of its last step: a run stopped after that (finishing up,
+        or exited between a poll and this round) has nothing left to train, and restarting it would cost a
+        process start and a checkpoint load to learn so (~25 s a job in the two-job test)."""
+        from glassbox.checkpoints.index import CheckpointIndex
+
+        steps = CheckpointIndex.of_run(self.jobs[name].run_dir).steps()
+        return bool(steps) and steps[-1] >= self.jobs[name].steps
 
     def poll(self) -> dict[str, str]:
         """Each job's state: pending, running or finished; a run that failed raises, naming the job's log."""

@@ -4,7 +4,9 @@ from their agents' own goodput reports."""
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -72,6 +74,23 @@ def test_a_request_larger_than_the_cluster_is_refused(tmp_path):
     ex = RayExecutor(slots=2)
     with pytest.raises(ExecutorError, match="job 'big' asks for 4 workers but the cluster has 2"):
         ex.submit(JobRequest("big", "tiny", tmp_path / "big", steps=1, replicas=4))
+
+
+def test_a_job_that_committed_its_last_step_is_finished_not_restarted(prepared_data, tmp_path):
+    # What a run stopped after its final checkpoint leaves (a resize landing as it finished): restarting it
+    # would only start a process and load that checkpoint to learn there is nothing left to train.
+    from glassbox.train.trainer import Trainer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+    from train_testlib import tiny_config as run_config
+
+    Trainer(run_config(prepared_data, tmp_path / "done", "schedule.steps=2", "logging.val_every=0")).fit()
+    ex = RayExecutor(slots=2)
+    ex.submit(JobRequest("done", "tiny", tmp_path / "done", steps=2, replicas=1))
+    ex.submit(JobRequest("more", "tiny", tmp_path / "done", steps=3, replicas=1))
+    assert ex._trained("done") and not ex._trained("more")
+    ex.apply({"done": 1})
+    assert ex.finished.keys() == {"done"} and ex.history()["done"] == []
 
 
 @pytest.mark.slow
