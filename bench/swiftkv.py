@@ -11,7 +11,8 @@ All measured side by side in one process, base model against its SwiftKV transfo
   makespan and the median TPOT; base vs l = L/2.
 - KV capacity: bytes per token and the pool the engine sizes from the same memory budget, in tokens; base vs
   l = L/2 with AcrossKV g = 1, 2, 4. The gain is capacity / base capacity - 1.
-- quality: the teacher's answers to Python-stdlib prompts (glassbox's engine), SwiftKV l = L/2 distilled on them
+- quality: the teacher's answers (glassbox's engine) to --teacher-prompts (default a mix of instructions and
+  Python-stdlib explanations: teacher_prompts()), SwiftKV l = L/2 distilled on them
   with `glassbox train`'s distillation objective, then on held-out answers: response-token loss (teacher vs
   student), greedy agreement (teacher-forced argmax), and three tasks scored by rule: capitals (the answer names
   the city), yes/no questions answered with the right word alone, addition (the answer's last number). The model
@@ -53,6 +54,9 @@ from glassbox.models.swiftkv import SwiftKVConfig, SwiftKVTransformer, swiftkv_f
 from glassbox.models.transformer import ModelConfig, Transformer
 
 RESULTS = Path(__file__).resolve().parent / "results"
+INSTRUCTION_PROMPTS = Path(__file__).resolve().parent / "traces" / "ltr_prompts.jsonl.gz"
+TEACHER_PROMPT_KINDS = {"stdlib": "requests to explain Python stdlib functions",
+                        "mix": "a mix of instructions (bench/traces/ltr_prompts.jsonl.gz) and stdlib explanations"}
 
 PRESETS = {
     "cpu": dict(vocab_size=4096, hidden_size=256, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=688,
@@ -298,17 +302,39 @@ def heldout_metrics(model: SwiftKVTransformer, tokens: torch.Tensor, marker: lis
             "greedy_agreement": sums["agree"] / count, "response_tokens": count}
 
 
+def teacher_prompts(kind: str, count: int, seed: int = 0) -> list[str]:
+    """The prompts the teacher answers for distillation. `stdlib`: requests to explain Python standard-library
+    functions, only. `mix`: half of them instructions from bench/traces/ltr_prompts.jsonl.gz (short, medium and
+    long answers, reasoning-gym tasks, HumanEval; none of the tasks' items), so the student is distilled on the kind
+    of requests it is scored on: distilled on explanations alone, the H200's student (session 6) kept capitals
+    (-3.3 points) but lost yes/no (30% -> 0%) and addition (14% -> 1%)."""
+    import gzip
+
+    from glassbox.train.distill_data import stdlib_prompts
+
+    if kind == "stdlib":
+        return stdlib_prompts(count, seed)
+    with gzip.open(INSTRUCTION_PROMPTS, "rt", encoding="utf-8") as f:
+        instructions = [json.loads(line)["text"] for line in f if line.strip()]
+    random.Random(seed).shuffle(instructions)
+    picked = instructions[:count // 2]
+    mixed = picked + stdlib_prompts(count - len(picked), seed)
+    random.Random(seed + 1).shuffle(mixed)
+    return mixed
+
+
 def quality(model_dir: Path, work: Path, args, sizes: dict) -> dict:
     from glassbox.checkpoints.hf_swiftkv import convert, export_swiftkv_checkpoint, load_swiftkv_model_dir
     from glassbox.data.sampler import build_sampler
     from glassbox.data.store import TokenStore
     from glassbox.train.config import run_config_from_dict
     from glassbox.train.distill import marker_ids
-    from glassbox.train.distill_data import generate_teacher_data, stdlib_prompts
+    from glassbox.train.distill_data import generate_teacher_data
     from glassbox.train.trainer import Trainer
 
     t0 = time.perf_counter()
-    data = generate_teacher_data(model_dir, stdlib_prompts(sizes["teacher_prompts"]), work / "data",
+    prompts = teacher_prompts(args.teacher_prompts, sizes["teacher_prompts"])
+    data = generate_teacher_data(model_dir, prompts, work / "data",
                                  max_new_tokens=sizes["teacher_tokens"], valid_fraction=0.1,
                                  engine_options={"device": args.device, "dtype": args.dtype, "max_num_seqs": 128})
     teacher_s = time.perf_counter() - t0
@@ -349,6 +375,7 @@ def quality(model_dir: Path, work: Path, args, sizes: dict) -> dict:
     acc = {"base": task_accuracy(model_dir, items, args), "swiftkv": task_accuracy(trained, items, args)}
     deltas = {t: 100 * (acc["swiftkv"][t] - acc["base"][t]) for t in items}
     return {"teacher_docs": data.num_documents, "teacher_tokens": data.response_tokens, "teacher_s": teacher_s,
+            "teacher_prompts": args.teacher_prompts,
             "distill_steps": sizes["distill_steps"], "distill_s": distill_s, "layer": n_layers // 2, "init": args.init,
             "distill_lr": cfg.optimizer.lr, "hidden_mse_weight": cfg.distill.hidden_mse_weight,
             "before_distill": before, "after_distill": after, "task_accuracy": acc, "task_delta_points": deltas,
@@ -558,7 +585,8 @@ def markdown(result: dict) -> str:
     q = r.get("quality")
     if q:
         lines += ["", f"Quality: {q['model']}, l = {q['layer']}, {q['distill_steps']} distillation steps on "
-                      f"{q['teacher_docs']} teacher answers ({q['teacher_tokens']} tokens), lr "
+                      f"{q['teacher_docs']} teacher answers ({q['teacher_tokens']} tokens) to "
+                      f"{TEACHER_PROMPT_KINDS[q.get('teacher_prompts', 'stdlib')]}, lr "
                       f"{q.get('distill_lr', 2e-4):g}, hidden-state MSE weight "
                       f"{q.get('hidden_mse_weight', 1.0):g}, K/V init {q.get('init', 'copy')}.", "",
                   "| held-out responses | teacher loss | student loss | greedy agreement |", "|---|---|---|---|"]
@@ -580,6 +608,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model-dir", type=Path, help="a Llama HF directory for the quality part (SmolLM2 on GPU)")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--teacher-prompts", choices=sorted(TEACHER_PROMPT_KINDS), default="mix",
+                    help="quality: what the teacher answers for distillation (teacher_prompts())")
+    ap.add_argument("--teacher-count", type=int, default=None, help="quality: prompts (default 160 CPU, 1200 GPU)")
+    ap.add_argument("--distill-steps", type=int, default=None, help="quality: steps (default 40 CPU, 240 GPU)")
     ap.add_argument("--init", choices=["lsq", "copy"], default="lsq",
                     help="quality: the student's K/V initialisation before distillation (default lsq)")
     ap.add_argument("--distill-lr", type=float, default=None, help="default 2e-4 on CUDA (Snowflake's), 1e-3 on CPU")
@@ -601,7 +633,9 @@ def main() -> None:
     if args.init_check:
         run_init_check(args)
         return
-    sizes = SIZES["cuda" if cuda else "cpu"]
+    sizes = dict(SIZES["cuda" if cuda else "cpu"])
+    sizes["teacher_prompts"] = args.teacher_count or sizes["teacher_prompts"]
+    sizes["distill_steps"] = args.distill_steps or sizes["distill_steps"]
     shape = PRESETS["gpu" if cuda else "cpu"]
     torch.manual_seed(0)
     with torch.device(args.device):
