@@ -308,14 +308,12 @@ def teacher_prompts(kind: str, count: int, seed: int = 0) -> list[str]:
     long answers, reasoning-gym tasks, HumanEval; none of the tasks' items), so the student is distilled on the kind
     of requests it is scored on: distilled on explanations alone, the H200's student (session 6) kept capitals
     (-3.3 points) but lost yes/no (30% -> 0%) and addition (14% -> 1%)."""
-    import gzip
-
+    from glassbox.inference.ltr.prompts import load_prompts
     from glassbox.train.distill_data import stdlib_prompts
 
     if kind == "stdlib":
         return stdlib_prompts(count, seed)
-    with gzip.open(INSTRUCTION_PROMPTS, "rt", encoding="utf-8") as f:
-        instructions = [json.loads(line)["text"] for line in f if line.strip()]
+    instructions = [p.text for p in load_prompts(INSTRUCTION_PROMPTS)]
     random.Random(seed).shuffle(instructions)
     picked = instructions[:count // 2]
     mixed = picked + stdlib_prompts(count - len(picked), seed)

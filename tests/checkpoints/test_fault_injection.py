@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from glassbox.checkpoints.export import load_model_from_checkpoint
+from glassbox.checkpoints.layout import checkpoints_root, list_checkpoints
 from glassbox.train.metrics_log import read_metrics
 
 STEPS = 16
@@ -68,10 +69,8 @@ def _live_trainers(pid: int) -> list[psutil.Process]:
 
 
 def _committed(run: Path) -> int:
-    """The step of the run's newest committed checkpoint (0 before the first); a checkpoint is renamed into place
-    whole, so its folder exists only once complete."""
-    steps = [int(p.name.removeprefix("step_")) for p in (run / "checkpoints").glob("step_*") if p.suffix != ".tmp"]
-    return max(steps, default=0)
+    """The step of the run's newest committed checkpoint (0 before the first)."""
+    return max((step for step, _ in list_checkpoints(checkpoints_root(run))), default=0)
 
 
 def _kill_after(proc: subprocess.Popen, run: Path, target: int, delay: float, rng: random.Random) -> None:
