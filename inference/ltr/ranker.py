@@ -33,6 +33,8 @@ from glassbox.errors import GlassboxError
 from glassbox.models.transformer import Block, ModelConfig, RotaryEmbedding, Transformer
 
 FORMAT = "glassbox-ltr-ranker/1"
+# Serving pads a scoring batch's prompt length to a multiple of this: a few shapes, reused call after call.
+SCORE_PAD = 64
 
 
 class Trunk(nn.Module):
@@ -60,16 +62,22 @@ class Trunk(nn.Module):
         return trunk.eval()
 
     @torch.inference_mode()
-    def features(self, prompts: list[list[int]], layers: list[int], max_tokens: int) -> dict[int, torch.Tensor]:
+    def features(self, prompts: list[list[int]], layers: list[int], max_tokens: int,
+                 pad_to: int | None = None) -> dict[int, torch.Tensor]:
         """{layer: [len(prompts), 2 x hidden]} float32 features after each of `layers` (1-based), each prompt cut
-        to its last `max_tokens` tokens (the question sits at the end of a chat prompt)."""
+        to its last `max_tokens` tokens (the question sits at the end of a chat prompt). `pad_to` rounds the
+        padded length up to a multiple of it, so that calls of varying prompt lengths repeat a few shapes (the
+        caching allocator and the kernels' choices are then reused; causal attention leaves the real positions
+        unchanged). The batch is built on the host and copied once."""
         device = self.embed_tokens.weight.device
         cut = [p[-max_tokens:] for p in prompts]
-        lengths = torch.tensor([len(p) for p in cut], device=device)
-        T = int(lengths.max())
-        ids = torch.zeros(len(cut), T, dtype=torch.long, device=device)
+        longest = max(len(p) for p in cut)
+        T = longest if pad_to is None else -(-longest // pad_to) * pad_to
+        host = torch.zeros(len(cut), T, dtype=torch.long)
         for i, p in enumerate(cut):
-            ids[i, :len(p)] = torch.tensor(p, device=device)
+            host[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        ids = host.to(device, non_blocking=True)
+        lengths = torch.tensor([len(p) for p in cut]).to(device, non_blocking=True)
         valid = (torch.arange(T, device=device)[None, :] < lengths[:, None]).unsqueeze(-1)
         x = self.embed_tokens(ids)
         cos, sin = self.rotary(torch.arange(T, device=device), x.dtype)
@@ -115,7 +123,8 @@ class Ranker:
         out = [0.0] * len(prompts)
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            feats = self.trunk.features([prompts[i] for i in chunk], [self.layers], self.max_prompt_tokens)
+            feats = self.trunk.features([prompts[i] for i in chunk], [self.layers], self.max_prompt_tokens,
+                                        pad_to=SCORE_PAD)
             for i, s in zip(chunk, self.head(feats[self.layers].to(self.head.mean.device)).tolist()):
                 out[i] = s
         return out
