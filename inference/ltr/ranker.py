@@ -65,19 +65,24 @@ class Trunk(nn.Module):
     def features(self, prompts: list[list[int]], layers: list[int], max_tokens: int,
                  pad_to: int | None = None) -> dict[int, torch.Tensor]:
         """{layer: [len(prompts), 2 x hidden]} float32 features after each of `layers` (1-based), each prompt cut
-        to its last `max_tokens` tokens (the question sits at the end of a chat prompt). `pad_to` rounds the
-        padded length up to a multiple of it, so that calls of varying prompt lengths repeat a few shapes (the
-        caching allocator and the kernels' choices are then reused; causal attention leaves the real positions
-        unchanged). The batch is built on the host and copied once."""
+        to its last `max_tokens` tokens (the question sits at the end of a chat prompt).
+
+        `pad_to` rounds the padded length up to a multiple of it and the batch up to a power of two (rows of one
+        token, dropped), so that calls of varying sizes repeat a few shapes: the caching allocator's blocks and
+        the kernels' choices are then reused (causal attention leaves the real positions unchanged). The batch
+        is built on the host and copied once."""
         device = self.embed_tokens.weight.device
+        n = len(prompts)
         cut = [p[-max_tokens:] for p in prompts]
         longest = max(len(p) for p in cut)
-        T = longest if pad_to is None else -(-longest // pad_to) * pad_to
-        host = torch.zeros(len(cut), T, dtype=torch.long)
+        T, rows = longest, n
+        if pad_to is not None:
+            T, rows = -(-longest // pad_to) * pad_to, 1 << (n - 1).bit_length()
+        host = torch.zeros(rows, T, dtype=torch.long)
         for i, p in enumerate(cut):
             host[i, :len(p)] = torch.tensor(p, dtype=torch.long)
         ids = host.to(device, non_blocking=True)
-        lengths = torch.tensor([len(p) for p in cut]).to(device, non_blocking=True)
+        lengths = torch.tensor([len(p) for p in cut] + [1] * (rows - n)).to(device, non_blocking=True)
         valid = (torch.arange(T, device=device)[None, :] < lengths[:, None]).unsqueeze(-1)
         x = self.embed_tokens(ids)
         cos, sin = self.rotary(torch.arange(T, device=device), x.dtype)
@@ -87,8 +92,8 @@ class Trunk(nn.Module):
             if i in layers:
                 h = x.float()
                 mean = (h * valid).sum(1) / lengths[:, None]
-                last = h[torch.arange(len(cut), device=device), lengths - 1]
-                out[i] = torch.cat([mean, last], dim=-1)
+                last = h[torch.arange(rows, device=device), lengths - 1]
+                out[i] = torch.cat([mean, last], dim=-1)[:n]
             if i >= max(layers):
                 break
         return out
