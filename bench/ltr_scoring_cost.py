@@ -5,9 +5,10 @@ request must wait.
 The H200 run of bench/ltr_scheduling.py (2026-12-03, 512-token outputs) spent 31 ms per scored request online
 (1.2 s of a 16 s run at half load, the engine step waiting), where a 4-layer forward of a 135M model should take
 about a millisecond. This separates the suspects, each a row: the forward alone on an idle card; beside an
-engine-sized allocation (the KV pool takes 0.85 of the card, so the caching allocator has little room for the
-ranker's ever-new shapes); and with prompt lengths padded to a multiple of --pad (shapes repeat, so the cached
-blocks and kernel choices do too). Median milliseconds per call over --calls calls at batch 1, 4 and 32.
+engine-sized allocation (an engine sized from memory holds 0.85 of the card, leaving the caching allocator little
+room for the ranker's ever-new shapes; the LTR bench's own pool is smaller); and with prompt lengths padded to a
+multiple of --pad (shapes repeat, so the cached blocks and kernel choices do too). Median milliseconds per call
+over --calls calls at batch 1, 4 and 32.
 
     python bench/ltr_scoring_cost.py --device cuda      # writes bench/results/ltr_scoring_cost.{json,md}
 """
@@ -18,23 +19,23 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from glassbox import atomic
+from glassbox.inference.ltr.collect import machine_name
 from glassbox.inference.ltr.ranker import Trunk
 from glassbox.models.transformer import ModelConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inference_throughput import sync  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 SMOLLM2 = ModelConfig(vocab_size=49152, hidden_size=576, num_layers=4, num_heads=9, num_kv_heads=3,
                       intermediate_size=1536, max_seq_len=2048, rope_theta=100000.0)
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def time_calls(trunk: Trunk, device: str, batch: int, calls: int, pad: int | None, rng: random.Random) -> float:
@@ -74,16 +75,15 @@ def main() -> int:
 
     measure("idle card", None)
     measure("idle card, padded", args.pad)
-    held = None
     if args.device.startswith("cuda"):
         free, total = torch.cuda.mem_get_info()
         held = torch.empty(int(free - (1 - args.fill) * total), dtype=torch.uint8, device=args.device)
         measure(f"beside {args.fill:.2f} of the card", None)
         measure(f"beside {args.fill:.2f}, padded", args.pad)
-    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+        print(f"held {held.numel() / 2**30:.1f} GiB of the card meanwhile", flush=True)
+    machine = machine_name(args.device)
     result = {"machine": machine, "dtype": str(dtype), "calls": args.calls, "rows": rows,
               "summary": {f"{r['setting']} b{r['batch']}": r["median_ms_per_call"] for r in rows}}
-    del held
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic.write_json(RESULTS / f"{args.out_name}.json", result)
     lines = [f"# LTR ranker scoring cost per call ({machine}, {dtype})", "",

@@ -33,7 +33,8 @@ from glassbox.errors import GlassboxError
 from glassbox.models.transformer import Block, ModelConfig, RotaryEmbedding, Transformer
 
 FORMAT = "glassbox-ltr-ranker/1"
-# Serving pads a scoring batch's prompt length to a multiple of this: a few shapes, reused call after call.
+# Scoring pads a batch's prompt length to a multiple of this (and its rows to a power of two): a few shapes,
+# reused call after call.
 SCORE_PAD = 64
 
 
@@ -69,8 +70,8 @@ class Trunk(nn.Module):
 
         `pad_to` rounds the padded length up to a multiple of it and the batch up to a power of two (rows of one
         token, dropped), so that calls of varying sizes repeat a few shapes: the caching allocator's blocks and
-        the kernels' choices are then reused (causal attention leaves the real positions unchanged). The batch
-        is built on the host and copied once."""
+        the kernels' choices are then reused (causal attention leaves the real positions unchanged). The ids
+        are built on the host and copied to the device in one transfer."""
         device = self.embed_tokens.weight.device
         n = len(prompts)
         cut = [p[-max_tokens:] for p in prompts]

@@ -208,15 +208,11 @@ def test_padded_scoring_batches_give_the_unpadded_features():
     """Serving pads a scoring batch (length to a multiple, rows to a power of two) so shapes repeat; the
     features of the real prompts must not change with it."""
     from glassbox.inference.ltr.ranker import Trunk
-    from glassbox.models.transformer import ModelConfig, Transformer
 
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                    intermediate_size=64, max_seq_len=64))
-    trunk = Trunk.from_model(model, 2)
+    trunk = Trunk.from_model(tiny_transformer(), 2)
     prompts = [[5, 9, 11], [7] * 20, [3, 1, 4, 1, 5, 9, 2]]
     plain = trunk.features(prompts, [1, 2], 64)
     padded = trunk.features(prompts, [1, 2], 64, pad_to=16)
     for layer in (1, 2):
-        assert padded[layer].shape == (3, 64)
+        assert padded[layer].shape == (3, 2 * 64)
         torch.testing.assert_close(padded[layer], plain[layer], rtol=1e-5, atol=1e-5)
