@@ -7,9 +7,10 @@ micro-batch, sqrt-AdaScale LR, the schedule following efficiency-weighted progre
 The target is the worst of the runs' best validation losses, so every run reaches it; the time (the sum of the
 run's own step times, validation included, as every run validates every ~1/32 of the budget) and the samples to
 reach it are interpolated between validations. Also the agent's overhead: the mean step time (decision steps
-included) of a fixed run at M0 in one micro-batch with the whole agent on (measuring the noise scale from
-consecutive steps, fitting and deciding every 10 steps, adapt_batch off so the shape stays) over the same run
-without it, rounds interleaved.
+included) of a fixed run at M0 in one micro-batch with the whole agent on (splitting steps within its budget to
+measure the noise scale, fitting and deciding every 10 steps, adapt_batch off so the shape stays) over the same
+run without it, rounds interleaved, from the first decision on (the denser splits before it, a once-per-run cost,
+are reported beside it).
 
     python bench/pollux_adaptive.py                                     # tiny model on the CPU (~6 min, 1 core)
     python bench/pollux_adaptive.py --device cuda --model small         # ~95M parameters, one H200 (~6 min)
@@ -56,7 +57,7 @@ MODELS = {
 
 
 DECISION_KEYS = ("step", "samples", "batch", "micro_batch", "accum_steps", "lr_scale", "noise_scale", "switched",
-                 "efficiency", "predicted_goodput", "best", "decide_s", "throughput_params")
+                 "efficiency", "predicted_goodput", "best", "decide_s", "throughput_params", "measure_every")
 DECISION_STRIDE = 5
 
 
@@ -198,24 +199,36 @@ def to_target(points: list[tuple[float, int, float]], target: float) -> tuple[fl
 
 
 def gns_overhead(args, m0: int, agent: dict) -> dict[str, Any]:
-    """Mean step time with the whole agent (measuring every step, fitting and deciding every `decide_every`
+    """Mean step time with the whole agent (measuring the noise scale, fitting and deciding every `decide_every`
     steps; adapt_batch off so both runs take the same steps) over without it, at M0 in one micro-batch, the
     shape the adaptive run starts in; rounds interleaved. The mean, not the median: a decision lands on one
-    step in ten, which a median would leave out."""
+    step in ten, and a split step on one in several, which a median would leave out. The steady state: steps
+    from the one the first decision shapes on; until then the agent splits every other step (the first fit
+    needs a few measurements), a once-per-run cost reported beside it."""
     with_agent, without, medians = [], [], {"with": [], "without": []}
     steps = args.overhead_steps
     measuring = {**agent, "adapt_batch": False, "scale_lr": False, "warmup_steps": 5}
+    decide_every = measuring["decide_every"]
+    steady_from = -(-measuring["warmup_steps"] // decide_every) * decide_every + 2
+    warmup_extra, split_counts = [], []
     for _ in range(args.overhead_rounds):
         for config, out, key in ((None, without, "without"), (measuring, with_agent, "with")):
             run = train(args, "overhead" + ("_agent" if config else ""), m0, m0, config, steps=steps)
-            times = [r["step_time"] for r in run["rows"][5:] if "val_loss" not in r]
+            rows = [r for r in run["rows"] if "val_loss" not in r and r["step"] > 5]
+            times = [r["step_time"] for r in rows if r["step"] >= steady_from]
             out.append(statistics.fmean(times))
             medians[key].append(statistics.median(times))
+            if config:
+                early = [r["step_time"] for r in rows if r["step"] < steady_from]
+                warmup_extra.append(sum(early) - len(early) * without[-1])
+                split_counts.append(sum(r["micro_batch_size"] < r["batch_size"] for r in rows
+                                        if r["step"] >= steady_from))
     base, measured = statistics.median(without), statistics.median(with_agent)
     return {"step_s_without": base, "step_s_with_gns": measured, "overhead": measured / base - 1.0,
             "median_step_s_without": statistics.median(medians["without"]),
             "median_step_s_with_gns": statistics.median(medians["with"]),
-            "decide_every": measuring["decide_every"], "rounds": args.overhead_rounds, "steps": steps,
+            "decide_every": decide_every, "rounds": args.overhead_rounds, "steps": steps, "steady_from": steady_from,
+            "split_steps_steady": statistics.median(split_counts), "warmup_extra_s": statistics.median(warmup_extra),
             "batch": m0, "micro_batch": m0}
 
 
@@ -271,17 +284,19 @@ def markdown(result: dict) -> str:
     o, c = result["gns_overhead"], result["adaptive_cost_to_target"]
     lines += ["", f"Adaptive / best fixed (time to target): **{s['time_ratio_vs_best_fixed']:.3f}** (best fixed: "
               f"{s['best_fixed']}); adaptive / median fixed: **{s['time_ratio_vs_median_fixed']:.3f}**.",
-              f"Agent overhead: mean step {o['step_s_with_gns'] * 1e3:.2f} ms with the whole agent (noise scale "
-              f"every step, a decision every {o['decide_every']} steps) vs {o['step_s_without'] * 1e3:.2f} ms "
-              f"without (batch {o['batch']} in one micro-batch, {o['rounds']} interleaved rounds of {o['steps']} "
-              f"steps): **{100 * s['gns_overhead']:.2f}%** (medians {o['median_step_s_with_gns'] * 1e3:.2f} vs "
-              f"{o['median_step_s_without'] * 1e3:.2f} ms). The final validation loss is measured at each run's "
-              f"last step.", "",
+              f"Agent overhead: mean step {o['step_s_with_gns'] * 1e3:.2f} ms with the whole agent (split steps "
+              f"for the noise scale, {o['split_steps_steady']:.0f} of the {o['steps'] - o['steady_from'] + 1} "
+              f"steps from step {o['steady_from']} on, a decision every {o['decide_every']} steps) vs "
+              f"{o['step_s_without'] * 1e3:.2f} ms without (batch {o['batch']} in one micro-batch, {o['rounds']} "
+              f"interleaved rounds of {o['steps']} steps): **{100 * s['gns_overhead']:.2f}%** (medians "
+              f"{o['median_step_s_with_gns'] * 1e3:.2f} vs {o['median_step_s_without'] * 1e3:.2f} ms); before "
+              f"the first decision, every other step split: {o['warmup_extra_s'] * 1e3:.0f} ms once per run. "
+              f"The final validation loss is measured at each run's last step.", "",
               f"The Pollux run to the target: {c['steps']} steps (median {c['median_step_s'] * 1e3:.1f} ms), "
               f"{c['explore_steps']} of them exploring for the throughput fit "
               f"({', '.join(f'{b} in micro-batches of {m}' for b, m in c['explore_shapes']) or 'none'}; "
-              f"{c['explore_steps_s']:.2f} s), "
-              f"{c['decisions']} decisions ({c['decide_s'] * 1e3:.0f} ms in all).", "",
+              f"{c['explore_steps_s']:.2f} s), {c['split_steps']} split to measure the noise scale "
+              f"({c['split_steps_s']:.2f} s), {c['decisions']} decisions ({c['decide_s'] * 1e3:.0f} ms in all).", "",
               "## The Pollux run's batch size over steps", "",
               "| steps | samples from | batch | micro-batch |", "|---|---:|---:|---:|"]
     lines += [f"| {g['first_step']}-{g['last_step']} | {g['samples_before']} | {g['batch']} | {g['micro_batch']} |"
@@ -290,9 +305,11 @@ def markdown(result: dict) -> str:
               f"Every shape change, and every {DECISION_STRIDE}th decision between them: the smoothed noise scale "
               "phi, the chosen batch (micro-batch x accumulation), the LR scale sqrt(r), the statistical efficiency "
               "E(M), and the predicted goodput (efficiency-weighted samples/s) of the shape it ran against the best "
-              "candidate's (a switch needs > 5% more).", "",
-              "| step | samples | phi | batch | micro x accum | LR scale | E(M) | goodput: ran / best | switched |",
-              "|---:|---:|---:|---:|---|---:|---:|---:|---|"]
+              "candidate's (a switch needs > 5% more), and the steps between split steps that keeps their cost "
+              "within the budget.", "",
+              "| step | samples | phi | batch | micro x accum | LR scale | E(M) | goodput: ran / best | switched | "
+              "split every |",
+              "|---:|---:|---:|---:|---|---:|---:|---:|---|---:|"]
     decisions = result["decisions"]
     for i, d in enumerate(decisions):
         if not (d.get("switched") or i % DECISION_STRIDE == 0 or i == len(decisions) - 1):
@@ -302,7 +319,7 @@ def markdown(result: dict) -> str:
             f"{d['predicted_goodput']:.1f} / {d['best']['goodput']:.1f}"
         lines.append(f"| {d['step']} | {d.get('samples') or '-'} | {phi} | {d['batch']} | {d['micro_batch']} x "
                      f"{d.get('accum_steps', '-')} | {d['lr_scale']:.3f} | {d.get('efficiency', 1.0):.3f} | "
-                     f"{goodput} | {'yes' if d.get('switched') else ''} |")
+                     f"{goodput} | {'yes' if d.get('switched') else ''} | {d.get('measure_every', '-')} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -314,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, help="prepared DATA_DIR (vocab 4096); default: prepared into the temp dir")
     p.add_argument("--samples", type=int, default=0, help="sample budget of every run (0: the model's default)")
     p.add_argument("--val-samples", type=int, default=64)
-    p.add_argument("--overhead-steps", type=int, default=40)
+    p.add_argument("--overhead-steps", type=int, default=100)
     p.add_argument("--overhead-rounds", type=int, default=4)
     args = p.parse_args(argv)
     if args.device == "cpu":
@@ -329,11 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     # A throwaway run first: the process's one-time costs (allocator, kernels, data cache) would otherwise land on
     # whichever timed run comes first.
     train(args, "warmup", m0, m0, steps=20)
-    # Pollux starts at M0 in one micro-batch, as fixed_M0 does: each step is paired with the one before for the
-    # noise scale (no step split into two passes, which on a GPU nearly doubles a small model's step); from its
-    # first decision on it picks the micro-batch itself. The first decision waits 30 steps: after ten, |G|^2 can
-    # still be a small positive number that the noise dwarfs, a phi in the thousands, and a jump to the largest
-    # batch.
+    # Pollux starts at M0 in one micro-batch, as fixed_M0 does, with the agent's defaults for the noise scale:
+    # every other step split in halves until the first decision, then as often as 3% of the step time pays for
+    # (on a GPU a split step of a small model costs ~1.5 steps). From its first decision on it picks the
+    # micro-batch itself. The first decision waits 30 steps, 15 measurements: one split of M0 = 32 reads |G|^2
+    # to within about its own size this early (bench/results/pollux_gns_trajectory_h200.md).
     agent = {"max_micro_batch": micro_cap, "max_batch": 8 * sweep[-1], "decide_every": 10, "warmup_steps": 30}
     adaptive = train(args, "pollux", m0, m0, agent, steps=budget // m0)
     runs = [train(args, f"fixed_{b}", b, min(b, micro_cap)) for b in sweep] + [adaptive]
@@ -353,12 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     # than M0's (exploration for the throughput fit), its decisions.
     before = [r for r in runs[-1]["rows"] if r["step"] <= adaptive["steps_to_target"]]
     first_decision = min((d["step"] for d in runs[-1]["decisions"]), default=0)
-    explored = [r for r in before
-                if r["step"] < first_decision and (r["batch_size"], r["micro_batch_size"]) != (m0, m0)]
+    explored = [r for r in before if r["step"] < first_decision and r["batch_size"] != m0]
+    split = [r for r in before if r["micro_batch_size"] < r["batch_size"] and r not in explored]
     decided = [d for d in runs[-1]["decisions"] if d["step"] <= adaptive["steps_to_target"]]
     adaptive_cost = {"steps": len(before), "explore_steps": len(explored),
                      "explore_shapes": sorted({(r["batch_size"], r["micro_batch_size"]) for r in explored}),
                      "explore_steps_s": sum(r["step_time"] for r in explored),
+                     "split_steps": len(split), "split_steps_s": sum(r["step_time"] for r in split),
                      "decisions": len(decided), "decide_s": sum(d.get("decide_s", 0.0) for d in decided),
                      "median_step_s": statistics.median(r["step_time"] for r in before)}
     overhead = gns_overhead(args, m0, agent)

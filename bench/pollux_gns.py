@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from glassbox.train.callbacks import Callback
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pollux_adaptive import MODELS, machine, prepare_data, run_config  # noqa: E402
 
@@ -43,12 +45,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 
-def build(args, run_dir: Path, batch: int, micro: int, steps: int, with_agent: bool):
+def build(args, run_dir: Path, batch: int, micro: int, steps: int, with_agent: bool, lr_scale: float = 1.0):
     from glassbox.elastic.agent import PolluxAgent, PolluxPlan
     from glassbox.elastic.config import ElasticConfig
     from glassbox.train.trainer import Trainer
 
     cfg = run_config(args, run_dir, batch, micro, steps, 0)
+    cfg.optimizer.lr *= lr_scale
+    cfg.optimizer.min_lr *= lr_scale
     if not with_agent:
         return Trainer(cfg, callbacks=[]), None
     # The whole agent with its shape given (nothing to probe, so every run's cost is its steps): it measures, fits
@@ -95,7 +99,10 @@ def direct_noise_scale(trainer, agent, micro: int, count: int) -> dict[str, Any]
     sampler = state.sampler
     start = sampler.cursor
     tokens = sampler.samples(start, micro * count)
-    small, total = [], [torch.zeros_like(p) for p in params]
+    def weighted(tensors: list[torch.Tensor]) -> float:
+        return float((weights * torch.stack(torch._foreach_norm(tensors, 2.0)).float().pow(2)).sum())
+
+    small, pairs, total, previous = [], [], [torch.zeros_like(p) for p in params], None
     for i in range(count):
         chunk = tokens[i * micro:(i + 1) * micro].to(trainer.world.device)
         model.zero_grad(set_to_none=True)
@@ -103,15 +110,24 @@ def direct_noise_scale(trainer, agent, micro: int, count: int) -> dict[str, Any]
             logits = model(chunk[:, :-1])
         trainer._loss(logits, chunk[:, 1:]).backward()
         grads = [p.grad for p in params]
-        norms = torch.stack(torch._foreach_norm(grads, 2.0)).float().pow(2)
-        small.append(float((weights * norms).sum()))
+        small.append(weighted(grads))
         torch._foreach_add_(total, grads)
+        if i % 2 == 0:
+            previous = [g.detach().clone() for g in grads]
+        else:
+            # What one step split in two halves of `micro` would measure: |g_1|^2 against |(g_1 + g_2) / 2|^2.
+            pair = weighted(torch._foreach_mul(torch._foreach_add(previous, grads), 0.5))
+            pairs.append(two_batch_estimates(micro, small[-2], 2 * micro, pair))
     model.zero_grad(set_to_none=True)
-    mean = [t / count for t in total]
-    big = float((weights * torch.stack(torch._foreach_norm(mean, 2.0)).float().pow(2)).sum())
+    big = weighted([t / count for t in total])
     sqr, trace = two_batch_estimates(micro, statistics.fmean(small), micro * count, big)
+    # The spread of the one-split estimates says how many a running average needs: |G|^2 is a small difference of
+    # two large norms when phi is many times the batch.
+    split_sqr = [s for s, _ in pairs]
     return {"grad_sqr": sqr, "trace": trace, "noise_scale": trace / sqr, "micro_batches": count,
-            "micro_batch": micro}
+            "micro_batch": micro, "split_grad_sqr_rel_std": statistics.stdev(split_sqr) / sqr if len(pairs) > 1
+            else None, "split_trace_rel_std": statistics.stdev(t for _, t in pairs) / trace if len(pairs) > 1
+            else None}
 
 
 def accuracy(args, micro: int) -> dict[str, Any]:
@@ -131,6 +147,51 @@ def accuracy(args, micro: int) -> dict[str, Any]:
     return {"steps": args.steps, "batch": batch, "micro_batch": micro, "running_noise_scale": running,
             "running_grad_sqr": agent.ema.grad_sqr, "running_trace": agent.ema.trace, "direct": direct,
             "ratio_running_to_direct": running / direct["noise_scale"], "train_s": train_s, "direct_s": direct_s}
+
+
+class DirectEvery(Callback):
+    """Every `every` steps, with the loop drained (needs_state), the direct noise scale at the current weights
+    beside the agent's running estimate: the trajectory of both along a run."""
+
+    def __init__(self, agent, micro: int, count: int, every: int):
+        self.agent, self.micro, self.count, self.every = agent, micro, count, every
+        self.rows: list[dict[str, Any]] = []
+        self.trainer = None
+
+    def setup(self, trainer) -> None:
+        self.trainer = trainer
+
+    def needs_state(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def on_step_end(self, state) -> None:
+        if state.step % self.every or not self.agent.ema.ready:
+            return
+        direct = direct_noise_scale(self.trainer, self.agent, self.micro, self.count)
+        running = self.agent.ema.noise_scale
+        self.rows.append({"step": state.step, "samples": state.samples, "running_noise_scale": running,
+                          "direct_noise_scale": direct["noise_scale"], "ratio": running / direct["noise_scale"],
+                          "running_grad_sqr": self.agent.ema.grad_sqr, "running_trace": self.agent.ema.trace,
+                          "direct": direct})
+        print(f"trajectory step {state.step} ({state.samples} samples): running phi {running:.1f}, direct "
+              f"{direct['noise_scale']:.1f} (one split's |G|^2 spread {direct['split_grad_sqr_rel_std']:.2f}x)",
+              flush=True)
+
+
+def trajectory(args, micro: int) -> dict[str, Any]:
+    """The running estimate against the direct one along a run at batch `--trajectory-batch` in one micro-batch
+    (the steps' noise scale from consecutive triples), its peak LR scaled by `--lr-scale`."""
+    batch = args.trajectory_batch
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, agent = build(args, Path(tmp) / "run", batch, batch, args.trajectory_steps, True,
+                               lr_scale=args.lr_scale)
+        probe = DirectEvery(agent, micro, args.direct_batches, args.trajectory_every)
+        probe.setup(trainer)
+        trainer.callbacks.append(probe)
+        started = time.perf_counter()
+        trainer.fit()
+    return {"batch": batch, "lr_scale": args.lr_scale, "steps": args.trajectory_steps, "every": args.trajectory_every,
+            "rows": probe.rows, "wall_s": time.perf_counter() - started}
 
 
 def markdown(result: dict) -> str:
@@ -171,6 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=0, help="interleaved overhead rounds (0: 5 on the CPU, 3 on a GPU)")
     p.add_argument("--direct-batches", type=int, default=128)
     p.add_argument("--smoothing", type=float, default=ElasticConfig().gns_smoothing)
+    p.add_argument("--trajectory-batch", type=int, default=0,
+                   help="instead of overhead and accuracy: train at this batch and compare running and direct phi "
+                        "every --trajectory-every steps (writes pollux_gns_trajectory*.json)")
+    p.add_argument("--trajectory-steps", type=int, default=600)
+    p.add_argument("--trajectory-every", type=int, default=100)
+    p.add_argument("--lr-scale", type=float, default=1.0, help="the trajectory run's peak and final LR multiplier")
     args = p.parse_args(argv)
     args.overhead_steps = args.overhead_steps or (200 if args.device == "cpu" else 60)
     args.rounds = args.rounds or (5 if args.device == "cpu" else 3)
@@ -180,7 +247,20 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
     args.data = prepare_data(args.data, args.model)
     micro = MODELS[args.model][3][0]
+    suffix = "" if args.device == "cuda" else "_cpu"
     started = time.perf_counter()
+    if args.trajectory_batch:
+        result = {"machine": machine(), "device": args.device, "model": args.model,
+                  "trajectory": trajectory(args, micro), "load_average_end": os.getloadavg()[0]}
+        rows = result["trajectory"]["rows"]
+        result["summary"] = {"ratio_running_to_direct": [r["ratio"] for r in rows],
+                             "direct_noise_scale": [r["direct_noise_scale"] for r in rows],
+                             "samples": [r["samples"] for r in rows]}
+        name = f"pollux_gns_trajectory_b{args.trajectory_batch}{suffix}.json"
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["summary"], indent=2))
+        return 0
     result = {"machine": machine(), "device": args.device, "model": args.model,
               "overhead": overhead(args, micro), "accuracy": accuracy(args, micro)}
     result["wall_s"] = time.perf_counter() - started
@@ -188,7 +268,6 @@ def main(argv: list[str] | None = None) -> int:
     result["summary"] = {"gns_overhead": result["overhead"]["overhead"],
                          "ratio_running_to_direct": result["accuracy"]["ratio_running_to_direct"],
                          "bench_wall_s": result["wall_s"]}
-    suffix = "" if args.device == "cuda" else "_cpu"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"pollux_gns{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"pollux_gns{suffix}.md").write_text(markdown(result))

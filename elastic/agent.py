@@ -39,7 +39,8 @@ from glassbox.elastic.config import ElasticConfig
 from glassbox.elastic.gns import GradientNoiseMeter, Measurement, NoiseScaleEMA, estimate_from_pairs
 from glassbox.elastic.goodput import GoodputModel, should_switch
 from glassbox.elastic.lr_scaling import gain, lr_scale, progress_of_step
-from glassbox.elastic.throughput import StepObservation, ThroughputParams, fit_throughput, probe_max_micro_batch
+from glassbox.elastic.throughput import (StepObservation, ThroughputParams, fit_throughput, predict_step_time,
+                                         probe_max_micro_batch)
 from glassbox.errors import GlassboxError
 from glassbox.train.callbacks import Callback
 from glassbox.train.step_plan import StepPlan, StepSpec
@@ -78,15 +79,15 @@ class PolluxPlan(StepPlan):
     def _measured_micro(self, step: int, shape: Shape) -> int:
         """A step of one micro-batch per rank is split into micro-batches half its size (a third, a quarter when
         odd), same samples, same gradient, every `measure_every` steps (a second batch size for the noise scale)
-        and on the steps in `explore` (a second micro-batch size for the throughput fit). A size with no divisor
-        up to 4 is not split: a prime M would become M passes of one sample each."""
+        and on the steps in `explore` (a second micro-batch size for the throughput fit), but not on an exploring
+        step that times a larger micro-batch."""
         per_rank = shape.batch // self.dp_size
-        split = (self.measure_every and step % self.measure_every == 0) or \
-            (step in self.explore and self.explore_shape is None)
+        exploring = step in self.explore
+        split = (self.measure_every and step % self.measure_every == 0 and not
+                 (exploring and self.explore_shape is not None)) or (exploring and self.explore_shape is None)
         if not split or min(shape.micro_batch, per_rank) < per_rank:
             return shape.micro_batch
-        divisor = next((d for d in range(2, min(per_rank, MAX_SPLIT) + 1) if per_rank % d == 0), 1)
-        return per_rank // divisor
+        return per_rank // split_divisor(per_rank)
 
     def spec(self, step: int) -> StepSpec:
         if step not in self.frozen:
@@ -106,14 +107,21 @@ class PolluxPlan(StepPlan):
         self.frozen = {s: v for s, v in self.frozen.items() if s <= after}
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "shape": asdict(self.shape),
+        return {**super().state_dict(), "shape": asdict(self.shape), "measure_every": self.measure_every,
                 "frozen": [[s, *asdict(v).values()] for s, v in sorted(self.frozen.items())]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.shape = Shape(**state["shape"])
+        self.measure_every = int(state.get("measure_every", self.measure_every))
         self.frozen = {int(row[0]): Shape(int(row[1]), int(row[2]), float(row[3]), float(row[4]))
                        for row in state["frozen"]}
+
+
+def split_divisor(per_rank: int) -> int:
+    """Into how many micro-batches a measured step of `per_rank` samples splits: 2, else 3 or 4, else 1 (not
+    split): a size with no divisor up to MAX_SPLIT, a prime M, would become M passes of one sample each."""
+    return next((d for d in range(2, min(per_rank, MAX_SPLIT) + 1) if per_rank % d == 0), 1)
 
 
 def nodes_of_world(world_size: int) -> int:
@@ -167,7 +175,15 @@ class PolluxAgent(Callback):
         self.nodes = nodes_of_world(world.world_size)
         self.plan.dp_size = world.dp_size
         self.meter = GradientNoiseMeter(trainer.state.model, trainer.state.optimizer, world.dp_group, world.dp_size,
-                                        self.cfg.precondition_every, consecutive_steps=not self.cfg.measure_every)
+                                        self.cfg.precondition_every, consecutive_steps=not self.splits)
+        # Restored from a checkpoint afterwards where there is one (the interval the last decision set).
+        self.plan.measure_every = self.cfg.measure_every or (self.cfg.split_warmup_every if self.cfg.split_budget
+                                                             else 0)
+
+    @property
+    def splits(self) -> bool:
+        """Whether steps of one micro-batch per rank are split to measure the noise scale (else: triples)."""
+        return bool(self.cfg.measure_every or self.cfg.split_budget)
 
     def on_train_start(self, state) -> None:
         self._started_at = state.step
@@ -312,7 +328,7 @@ class PolluxAgent(Callback):
         """(batch, micro) of a chosen shape, one sample per rank smaller when it is a single odd micro-batch per
         rank that measure_every would have to split: an even one splits in halves (goodput differs by ~1/M)."""
         per_rank = best.batch // self.replicas
-        if self.cfg.measure_every and best.accum_steps == 1 and per_rank % 2 and \
+        if self.splits and best.accum_steps == 1 and per_rank % 2 and \
                 (per_rank - 1) * self.replicas >= self.init_batch:
             return (per_rank - 1) * self.replicas, per_rank - 1
         return best.batch, best.micro_batch
@@ -326,6 +342,7 @@ class PolluxAgent(Callback):
         started = time.perf_counter()
         decision = rank0_decides(lambda: self._choose(state.step))
         self.plan.shape = Shape(**decision["shape"])
+        self.plan.measure_every = decision["row"]["measure_every"]
         self.decisions += 1
         if self.trainer.world.is_main:
             # What deciding cost the loop (the fit, the candidates, handing the decision to the other ranks): it
@@ -362,6 +379,7 @@ class PolluxAgent(Callback):
             else:
                 shape = self._shape_for(current.batch, current.micro_batch)
             resize = self._resize_request(model, now, step, micro_range)
+        row["measure_every"] = self._split_interval(shape)
         row.update(batch=shape.batch, micro_batch=shape.micro_batch,
                    accum_steps=shape.batch // self.replicas // min(shape.micro_batch, shape.batch // self.replicas),
                    lr_scale=shape.lr_scale, gain=shape.gain,
@@ -369,6 +387,21 @@ class PolluxAgent(Callback):
         if resize:
             row["resize"] = resize
         return {"shape": asdict(shape), "row": row, "resize": resize}
+
+    def _split_interval(self, shape: Shape) -> int:
+        """Steps between split steps for `shape`, the longest that keeps their extra passes within split_budget of
+        the predicted step time (a pass's fixed cost makes a split step of a small model on a GPU cost ~1.5x);
+        measure_every where set, and the warm-up interval until a throughput fit exists. Unused (unchanged) for a
+        shape that accumulates: its micro-batches measure the noise scale at no extra cost."""
+        current = self.plan.measure_every
+        per_rank = shape.batch // self.replicas
+        divisor = split_divisor(per_rank)
+        if self.cfg.measure_every or not self.cfg.split_budget or self.params is None or divisor == 1 or \
+                min(shape.micro_batch, per_rank) < per_rank:
+            return current
+        whole = predict_step_time(self.params, self.nodes, self.replicas, per_rank, 1)
+        split = predict_step_time(self.params, self.nodes, self.replicas, per_rank // divisor, divisor)
+        return max(1, math.ceil(max(split - whole, 0.0) / (self.cfg.split_budget * whole)))
 
     def _resize_request(self, model: GoodputModel, now: float, step: int, micro_range: tuple[int, int]
                         ) -> dict[str, Any] | None:

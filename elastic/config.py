@@ -30,9 +30,15 @@ class ElasticConfig:
                                     # run, and 0.99 lagged it: 1.55x the best fixed batch's time on the CPU bench
                                     # against 0.98-1.01x at 0.95)
     precondition_every: int = 10    # steps between refreshes of the Adam preconditioner
-    measure_every: int = 0          # 0: steps with one micro-batch per rank give the noise scale three at a time
-                                    # (mean norm and second difference; one kept gradient buffer, no extra pass);
-                                    # N: such a step is split in two every N steps instead (a second pass each)
+    split_budget: float = 0.03      # steps of one micro-batch per rank are split in two (same samples, same
+                                    # gradient) to give the noise scale a second batch size at the same weights,
+                                    # as often as keeps the split steps' extra passes within this fraction of the
+                                    # predicted step time (each decision sets the interval from the throughput
+                                    # fit). 0, with measure_every 0: consecutive-step triples instead (no extra
+                                    # pass, but on the H200 they read phi 2-10x the direct estimate while the
+                                    # weights moved fast: bench/results/pollux_gns_trajectory_*.json)
+    split_warmup_every: int = 2     # with split_budget: the interval until the first throughput fit
+    measure_every: int = 0          # N: split every N-th such step whatever it costs (split_budget unused)
     explore_steps: int = 4          # with adapt_batch, while one micro-batch size has been timed: this many
                                     # early steps run micro-batches twice that size (two half-size ones where
                                     # twice would not fit), so the throughput fit can tell a pass's fixed cost
@@ -56,6 +62,10 @@ class ElasticConfig:
                 raise ConfigError(f"elastic.{name}: must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ConfigError(f"elastic.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if not (math.isfinite(self.split_budget) and 0.0 <= self.split_budget < 1.0):
+            raise ConfigError(f"elastic.split_budget: must be in [0, 1), got {self.split_budget}")
+        if self.split_warmup_every < 1:
+            raise ConfigError(f"elastic.split_warmup_every: must be >= 1, got {self.split_warmup_every}")
         if not 0.0 <= self.gns_smoothing < 1.0:
             raise ConfigError(f"elastic.gns_smoothing: must be in [0, 1), got {self.gns_smoothing}")
         if not (math.isfinite(self.max_micro_growth) and (self.max_micro_growth == 0 or self.max_micro_growth >= 1)):

@@ -136,7 +136,7 @@ def test_a_chosen_single_odd_micro_batch_is_made_even_so_it_splits_in_halves():
     assert agent._measurable(Choice(30, 30, 1, 1.0)) == (30, 30)
     assert agent._measurable(Choice(31, 1, 31, 1.0)) == (31, 1)             # accumulates: nothing to split
     assert agent._measurable(Choice(9, 9, 1, 1.0)) == (8, 8)
-    unmeasured = PolluxAgent(ElasticConfig(measure_every=0), PolluxPlan(8, 2))
+    unmeasured = PolluxAgent(ElasticConfig(measure_every=0, split_budget=0.0), PolluxPlan(8, 2))
     unmeasured.replicas = 1
     assert unmeasured._measurable(Choice(31, 31, 1, 1.0)) == (31, 31)
 
@@ -198,11 +198,11 @@ def count_host_reads(agent: PolluxAgent, hooks: tuple[str, ...]) -> dict[str, li
 
 
 def test_agent_reads_nothing_while_a_step_is_queued_and_decides_every_n_steps(prepared_data, tmp_path):
-    # One micro-batch per step: the noise scale comes from consecutive-step triples, no step is split, and the
-    # hooks that run while a step is being queued (the device busy with the one before) read no device value:
-    # on a GPU every read there stalls the queue (a float() of fused AdamW's step count per parameter did).
+    # One micro-batch per step and no split budget: the noise scale comes from consecutive-step triples, no step
+    # is split, and the hooks that run while a step is being queued (the device busy with the one before) read no
+    # device value: on a GPU every read there stalls the queue (a float() of fused AdamW's step count did).
     elastic = ElasticConfig(decide_every=5, warmup_steps=5, max_micro_batch=32, max_batch=32, precondition_every=3,
-                            explore_steps=0)
+                            explore_steps=0, split_budget=0.0)
     cfg = tiny_config(prepared_data, tmp_path / "run", "schedule.steps=20", "batch.global_batch_size=8",
                       "batch.micro_batch_size=8", "logging.val_every=0", "checkpoint.save_final=false")
     plan = PolluxPlan(8, 8, elastic.measure_every)
@@ -228,6 +228,36 @@ def test_agent_reads_nothing_while_a_step_is_queued_and_decides_every_n_steps(pr
     assert [r["step"] for r in rows if r.get("event") == "pollux"] == [5, 10, 15, 20]
 
 
+def test_split_steps_keep_within_their_budget_of_the_predicted_step_time(prepared_data, tmp_path):
+    # The default measurement: a step of one micro-batch split in halves, every other step until the first fit,
+    # then as often as the throughput fit says keeps the extra pass within split_budget of a step.
+    import math
+
+    from glassbox.elastic.throughput import ThroughputParams, predict_step_time
+
+    elastic = ElasticConfig(decide_every=5, warmup_steps=5, max_micro_batch=8, max_batch=8, explore_steps=0,
+                            adapt_batch=False, split_budget=0.01)
+    cfg = tiny_config(prepared_data, tmp_path / "run", "schedule.steps=30", "batch.global_batch_size=8",
+                      "batch.micro_batch_size=8", "logging.val_every=0", "checkpoint.save_final=false")
+    plan = PolluxPlan(8, 8)
+    agent = PolluxAgent(elastic, plan)
+    Trainer(cfg, callbacks=[agent], plan=plan).fit()
+    rows = read_metrics(tmp_path / "run")
+    split = [r["step"] for r in rows if "loss" in r and r["micro_batch_size"] == 4]
+    decisions = [r for r in rows if r.get("event") == "pollux"]
+    assert [s for s in split if s <= 6] == [2, 4, 6]          # before the first decision: every other step
+    first = decisions[0]
+    params = ThroughputParams.from_dict(first["throughput_params"])
+    whole, halves = predict_step_time(params, 1, 1, 8, 1), predict_step_time(params, 1, 1, 4, 2)
+    assert first["measure_every"] == max(1, math.ceil(max(halves - whole, 0.0) / (0.01 * whole)))
+    # Each decision's interval holds for the steps it shapes (a decision after step t shapes t + 2 on).
+    for d, following in zip(decisions, decisions[1:] + [{"step": 30}]):
+        shaped = [r["step"] for r in rows if "loss" in r and d["step"] + 2 <= r["step"] <= following["step"] + 1]
+        assert [s for s in split if s in shaped] == [s for s in shaped if s % d["measure_every"] == 0]
+    assert agent.ema.count == len(split)                       # every split step is a measurement
+    assert agent.plan.state_dict()["measure_every"] == decisions[-1]["measure_every"]
+
+
 @pytest.mark.gpu
 def test_agent_hooks_never_sync_the_gpu(prepared_data, tmp_path):
     if not torch.cuda.is_available():
@@ -249,4 +279,4 @@ def test_agent_hooks_never_sync_the_gpu(prepared_data, tmp_path):
                 torch.cuda.set_sync_debug_mode("default")
         setattr(agent, hook, strict)
     Trainer(cfg, callbacks=[agent], plan=plan).fit()
-    assert agent.ema.count >= 5      # estimates from triples of steps: about one in three of the 20 (H200: 8)
+    assert agent.ema.count >= 5      # estimates from split steps: every other one before the first decision
