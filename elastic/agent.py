@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 MAX_SPLIT = 4              # a measured step is split into at most this many micro-batches
 PROBE_RESOLUTION = 0.125   # the memory probe stops within 12.5% below the wall: ~3 passes near it, not ~log2(m)
 OBSERVATIONS_KEPT = 32      # step times kept per batch shape (their median is the shape's observation)
+SPLIT_COST_OBSERVATIONS = 3  # step times of a shape, whole and split, before their medians price a split
 NPROC_RANGE_ENV = "GLASSBOX_ELASTIC_NPROC"   # "MIN:MAX", set by `glassbox elastic run` when resizing is allowed
 
 
@@ -390,18 +391,24 @@ class PolluxAgent(Callback):
 
     def _split_interval(self, shape: Shape) -> int:
         """Steps between split steps for `shape`, the longest that keeps their extra passes within split_budget of
-        the predicted step time (a pass's fixed cost makes a split step of a small model on a GPU cost ~1.5x);
-        measure_every where set, and the warm-up interval until a throughput fit exists. Unused (unchanged) for a
-        shape that accumulates: its micro-batches measure the noise scale at no extra cost."""
+        the step time (a pass's fixed cost makes a split step of a small model on a GPU cost ~1.5x); measure_every
+        where set, and the warm-up interval until a throughput fit exists. Both step times are the medians
+        observed where each shape has run a few times (an early fit, through two micro-batch sizes, can put the
+        split's cost anywhere), else the fit's. Unused (unchanged) for a shape that accumulates: its
+        micro-batches measure the noise scale at no extra cost."""
         current = self.plan.measure_every
         per_rank = shape.batch // self.replicas
         divisor = split_divisor(per_rank)
         if self.cfg.measure_every or not self.cfg.split_budget or self.params is None or divisor == 1 or \
                 min(shape.micro_batch, per_rank) < per_rank:
             return current
-        whole = predict_step_time(self.params, self.nodes, self.replicas, per_rank, 1)
-        split = predict_step_time(self.params, self.nodes, self.replicas, per_rank // divisor, divisor)
-        return max(1, math.ceil(max(split - whole, 0.0) / (self.cfg.split_budget * whole)))
+        whole, split = ((self.nodes, self.replicas, per_rank, 1), (self.nodes, self.replicas, per_rank // divisor,
+                                                                   divisor))
+        if all(len(self.times.get(key, ())) >= SPLIT_COST_OBSERVATIONS for key in (whole, split)):
+            t_whole, t_split = (statistics.median(self.times[key]) for key in (whole, split))
+        else:
+            t_whole, t_split = (predict_step_time(self.params, *key) for key in (whole, split))
+        return max(1, math.ceil(max(t_split - t_whole, 0.0) / (self.cfg.split_budget * t_whole)))
 
     def _resize_request(self, model: GoodputModel, now: float, step: int, micro_range: tuple[int, int]
                         ) -> dict[str, Any] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -228,14 +229,15 @@ def test_agent_reads_nothing_while_a_step_is_queued_and_decides_every_n_steps(pr
     assert [r["step"] for r in rows if r.get("event") == "pollux"] == [5, 10, 15, 20]
 
 
-def test_split_steps_keep_within_their_budget_of_the_predicted_step_time(prepared_data, tmp_path):
-    # The default measurement: a step of one micro-batch split in halves, every other step until the first fit,
-    # then as often as the throughput fit says keeps the extra pass within split_budget of a step.
+def test_split_steps_keep_within_their_budget_of_the_step_time(prepared_data, tmp_path):
+    # The default measurement: a step of one micro-batch split in halves, every other step until the first
+    # decision, then as often as keeps the extra pass within split_budget of a step, priced by the step times
+    # seen (whole and split) once each shape has a few, by the throughput fit before.
     import math
 
     from glassbox.elastic.throughput import ThroughputParams, predict_step_time
 
-    elastic = ElasticConfig(decide_every=5, warmup_steps=5, max_micro_batch=8, max_batch=8, explore_steps=0,
+    elastic = ElasticConfig(decide_every=5, warmup_steps=8, max_micro_batch=8, max_batch=8, explore_steps=0,
                             adapt_batch=False, split_budget=0.01)
     cfg = tiny_config(prepared_data, tmp_path / "run", "schedule.steps=30", "batch.global_batch_size=8",
                       "batch.micro_batch_size=8", "logging.val_every=0", "checkpoint.save_final=false")
@@ -243,16 +245,25 @@ def test_split_steps_keep_within_their_budget_of_the_predicted_step_time(prepare
     agent = PolluxAgent(elastic, plan)
     Trainer(cfg, callbacks=[agent], plan=plan).fit()
     rows = read_metrics(tmp_path / "run")
-    split = [r["step"] for r in rows if "loss" in r and r["micro_batch_size"] == 4]
+    steps = [r for r in rows if "loss" in r]
+    split = [r["step"] for r in steps if r["micro_batch_size"] == 4]
     decisions = [r for r in rows if r.get("event") == "pollux"]
-    assert [s for s in split if s <= 6] == [2, 4, 6]          # before the first decision: every other step
-    first = decisions[0]
-    params = ThroughputParams.from_dict(first["throughput_params"])
-    whole, halves = predict_step_time(params, 1, 1, 8, 1), predict_step_time(params, 1, 1, 4, 2)
-    assert first["measure_every"] == max(1, math.ceil(max(halves - whole, 0.0) / (0.01 * whole)))
+    assert [s for s in split if s <= 11] == [2, 4, 6, 8, 10]      # before the first decision: every other step
+    priced_by_times = 0
+    for d in decisions:
+        seen = {m: [r["step_time"] for r in steps if r["micro_batch_size"] == m and 2 < r["step"] <= d["step"]][-32:]
+                for m in (8, 4)}
+        if all(len(t) >= 3 for t in seen.values()):
+            whole, halves = statistics.median(seen[8]), statistics.median(seen[4])
+            priced_by_times += 1
+        else:
+            params = ThroughputParams.from_dict(d["throughput_params"])
+            whole, halves = predict_step_time(params, 1, 1, 8, 1), predict_step_time(params, 1, 1, 4, 2)
+        assert d["measure_every"] == max(1, math.ceil(max(halves - whole, 0.0) / (0.01 * whole)))
+    assert priced_by_times >= 1
     # Each decision's interval holds for the steps it shapes (a decision after step t shapes t + 2 on).
     for d, following in zip(decisions, decisions[1:] + [{"step": 30}]):
-        shaped = [r["step"] for r in rows if "loss" in r and d["step"] + 2 <= r["step"] <= following["step"] + 1]
+        shaped = [r["step"] for r in steps if d["step"] + 2 <= r["step"] <= following["step"] + 1]
         assert [s for s in split if s in shaped] == [s for s in shaped if s % d["measure_every"] == 0]
     assert agent.ema.count == len(split)                       # every split step is a measurement
     assert agent.plan.state_dict()["measure_every"] == decisions[-1]["measure_every"]
