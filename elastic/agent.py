@@ -391,8 +391,8 @@ class PolluxAgent(Callback):
 
     def _split_interval(self, shape: Shape) -> int:
         """Steps between split steps for `shape`, the longest that keeps their extra passes within split_budget of
-        the step time (a pass's fixed cost makes a split step of a small model on a GPU cost ~1.5x); measure_every
-        where set, and the warm-up interval until a throughput fit exists. Both step times are the medians
+        the step time, and 2 at least (a pass's fixed cost makes a split step of a small model on a GPU cost
+        ~1.5x); measure_every where set, and the warm-up interval until a throughput fit exists. Both step times are the medians
         observed where each shape has run a few times (an early fit, through two micro-batch sizes, can put the
         split's cost anywhere), else the fit's. Unused (unchanged) for a shape that accumulates: its
         micro-batches measure the noise scale at no extra cost."""
@@ -408,7 +408,9 @@ class PolluxAgent(Callback):
             t_whole, t_split = (statistics.median(self.times[key]) for key in (whole, split))
         else:
             t_whole, t_split = (predict_step_time(self.params, *key) for key in (whole, split))
-        return max(1, math.ceil(max(t_split - t_whole, 0.0) / (self.cfg.split_budget * t_whole)))
+        # At least every other step whole: a run that split every step would never time a whole step again, and
+        # an early, slow median of them would price every later split as free.
+        return max(2, math.ceil(max(t_split - t_whole, 0.0) / (self.cfg.split_budget * t_whole)))
 
     def _resize_request(self, model: GoodputModel, now: float, step: int, micro_range: tuple[int, int]
                         ) -> dict[str, Any] | None:

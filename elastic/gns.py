@@ -7,12 +7,15 @@ estimates of both terms,
     tr(Sigma) = (|g_small|^2 - |g_big|^2) / (1 / B_small - 1 / B_big).
 A step of several micro-batches per rank already has both: each rank's gradient accumulated over its first k
 micro-batches (k * m samples; the trainer's `GradientStats.local_tensor_sq_norms`, taken before the reduction, one
-fused norm kernel per micro-batch), and the all-reduced gradient of the whole global batch. Steps of one
+fused norm kernel per micro-batch), and the all-reduced gradient of the whole global batch. The Pollux agent makes
+such steps out of steps of one micro-batch per rank by splitting one in two every few steps, as often as its split
+budget pays for (glassbox.elastic.agent): a measurement at one point of the weights. Otherwise steps of one
 micro-batch per rank are taken three at a time, consecutive and of one batch size B: the noise of independent
 batches makes the second difference D = g_1 - 2 g_2 + g_3 have E|D|^2 = 6 tr(Sigma) / B, while the weights' motion
 between the steps cancels to first order (a difference of two consecutive steps would carry B |G_2 - G_1|^2 / 2
 into tr(Sigma): on the H200 that read the noise scale 2.2x high, and Pollux grew the batch 4x too far). It costs
-one kept buffer of the gradient's size and no extra forward/backward. Nothing hooks the backward per parameter
+one kept buffer of the gradient's size and no extra forward/backward, but the drift's change between steps does
+not cancel: along real H200 runs the triples read phi 1.5-10x the direct estimate while the loss fell fast. Nothing hooks the backward per parameter
 (AdaptDL's hooks made backward 2.6x slower, its issue #120), and nothing waits for the device: the overhead is a
 few fused norm kernels per step and, with several ranks, a small all-reduce (bench/pollux_gns.py measures it).
 
@@ -149,8 +152,9 @@ class GradientNoiseMeter:
       Measurement: |g_B|^2 = that mean at B, and |G|^2 + tr(Sigma) / 2B = mean - |D|^2 / 12 at 2B. One buffer
       (the local shard under FSDP2) accumulates D in place: a pass over the gradient's memory to copy, then one
       per later step, which a GPU does in well under a millisecond for 100M parameters.
-    Splitting a single micro-batch in two instead (measure_every) needs no copy but costs a second pass per
-    measured step, which on a GPU, where a small model's pass is mostly fixed cost, nearly doubles that step.
+    Splitting a single micro-batch in two instead (the agent's default) needs no copy and measures at one point
+    of the weights, but costs a second pass per measured step, ~1.5 steps on a GPU for a small model whose pass
+    is mostly fixed cost: the agent rations the split steps.
 
     Nothing here reads a device value on the host: `measure` only queues kernels (and, with several ranks, a
     small all-reduce). Every data-parallel rank measures the same reduced gradient and averages the ranks' local

@@ -259,7 +259,7 @@ def test_split_steps_keep_within_their_budget_of_the_step_time(prepared_data, tm
         else:
             params = ThroughputParams.from_dict(d["throughput_params"])
             whole, halves = predict_step_time(params, 1, 1, 8, 1), predict_step_time(params, 1, 1, 4, 2)
-        assert d["measure_every"] == max(1, math.ceil(max(halves - whole, 0.0) / (0.01 * whole)))
+        assert d["measure_every"] == max(2, math.ceil(max(halves - whole, 0.0) / (0.01 * whole)))
     assert priced_by_times >= 1
     # Each decision's interval holds for the steps it shapes (a decision after step t shapes t + 2 on).
     for d, following in zip(decisions, decisions[1:] + [{"step": 30}]):
