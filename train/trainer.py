@@ -71,6 +71,7 @@ class QueuedStep:
     expert_load: torch.Tensor | None    # MoE: tokens per expert over the mean (1.0 = balanced)
     val_sums: torch.Tensor | None       # on validation steps: [loss sum, token count] (distillation: KL sum)
     distill_terms: torch.Tensor | None  # distillation: the step's [KL term, hidden-state MSE]
+    events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None   # CUDA: recorded as queuing began, ended
 
 
 CLOSING_HOOKS = ("on_step_end", "on_train_end")
@@ -214,6 +215,7 @@ class Trainer:
         self._queued = 0                    # steps queued by queue_step and not yet finished
         self._stop_requested = False
         self._last_finish = 0.0
+        self._last_end: float | torch.cuda.Event | None = None    # where the last finished step's work ended
         if self.world.is_main:
             from glassbox.data.order_log import DataOrderLog
 
@@ -276,6 +278,7 @@ class Trainer:
         s, cfg, world = self.state, self.cfg, self.world
         step = s.step + self._queued + 1
         started = time.perf_counter()
+        began = self._timing_event()
         spec = s.step_plan.spec(step)
         if not isinstance(s.step_plan, ReplayPlan) and not splits_into_micro_batches(
                 spec.global_batch, world.dp_size, spec.micro_batch):
@@ -347,9 +350,33 @@ class Trainer:
             scalars.append(self._dp_mean(aux_sum))
             load_sum = self._dp_mean(load_sum)
         self._queued += 1
+        scalars = torch.stack(scalars)
+        ended = self._timing_event()
         return QueuedStep(spec=spec, lr=lr, started=started, queue_s=time.perf_counter() - started,
-                          scalars=torch.stack(scalars),
-                          expert_load=load_sum, val_sums=val, distill_terms=terms)
+                          scalars=scalars, expert_load=load_sum, val_sums=val, distill_terms=terms,
+                          events=(began, ended) if began is not None else None)
+
+    def _timing_event(self) -> torch.cuda.Event | None:
+        if self.world.device.type != "cuda":
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _step_time(self, queued: QueuedStep) -> float:
+        """The step's share of the run's time: from the previous step's end to this one's, where the work runs
+        (the device's timeline on a GPU, the host's on a CPU, where the work runs while the step is queued), the
+        host's bookkeeping between the two included; from when its queuing began where nothing was queued ahead
+        of it (a checkpoint that drained the loop is not the step's time). Not the wall time between two
+        read-backs: the loop queues step t + 1 before it reads step t back, so that is the time to queue and, on
+        a CPU or a host-bound GPU (a small model's launches), run the *next* step, and steps of different cost
+        alternating read as equal (Pollux priced a split step as free on the H200)."""
+        drained = queued.started >= self._last_finish or self._last_end is None
+        if queued.events is None:
+            end = queued.started + queued.queue_s
+            return end - (queued.started if drained else self._last_end)
+        began, ended = queued.events
+        return (began if drained else self._last_end).elapsed_time(ended) / 1e3
 
     def finish_step(self, queued: QueuedStep) -> dict:
         """Wait for a queued step, then count it done: its metrics row (one device-to-host read) goes to
@@ -366,11 +393,9 @@ class Trainer:
         s.step = step
         s.samples += size
         s.tokens += size * cfg.data.seq_len
-        # Queued behind the previous step, a step's time is the time since that step finished; on the CPU the
-        # work runs while the step is queued (before the previous step is read back), so it is at least that.
-        now = time.perf_counter()
-        elapsed = max(now - max(queued.started, self._last_finish), queued.queue_s)
-        self._last_finish = now
+        elapsed = self._step_time(queued)
+        self._last_finish = time.perf_counter()
+        self._last_end = queued.events[1] if queued.events is not None else queued.started + queued.queue_s
         tokens_per_s = size * cfg.data.seq_len / elapsed
         row = {
             "step": step, "samples": s.samples, "tokens": s.tokens, "loss": loss_value, "lr": queued.lr,
