@@ -168,19 +168,23 @@ class DirectEvery(Callback):
         if state.step % self.every or not self.agent.ema.ready:
             return
         direct = direct_noise_scale(self.trainer, self.agent, self.micro, self.count)
-        running = self.agent.ema.noise_scale
+        agent = self.agent
+        running = agent.ema.noise_scale
+        by_source = {k: e.noise_scale if e.ready else None for k, e in (("split", agent.split_ema),
+                                                                          ("triple", agent.triple_ema))}
         self.rows.append({"step": state.step, "samples": state.samples, "running_noise_scale": running,
                           "direct_noise_scale": direct["noise_scale"], "ratio": running / direct["noise_scale"],
-                          "running_grad_sqr": self.agent.ema.grad_sqr, "running_trace": self.agent.ema.trace,
-                          "direct": direct})
-        print(f"trajectory step {state.step} ({state.samples} samples): running phi {running:.1f}, direct "
-              f"{direct['noise_scale']:.1f} (one split's |G|^2 spread {direct['split_grad_sqr_rel_std']:.2f}x)",
-              flush=True)
+                          "running_grad_sqr": agent.ema.grad_sqr, "running_trace": agent.ema.trace,
+                          "source": "split" if agent.ema is agent.split_ema else "triple",
+                          "running_by_source": by_source, "direct": direct})
+        print(f"trajectory step {state.step} ({state.samples} samples): running phi {running:.1f} (split "
+              f"{by_source['split']}, triples {by_source['triple']}), direct {direct['noise_scale']:.1f} (one "
+              f"split's |G|^2 spread {direct['split_grad_sqr_rel_std']:.2f}x)", flush=True)
 
 
 def trajectory(args, micro: int) -> dict[str, Any]:
-    """The running estimate against the direct one along a run at batch `--trajectory-batch` in one micro-batch
-    (the steps' noise scale from consecutive triples), its peak LR scaled by `--lr-scale`."""
+    """The running estimates (split steps', consecutive triples', and the one decisions would use) against the
+    direct one along a run at batch `--trajectory-batch` in one micro-batch, its peak LR scaled by `--lr-scale`."""
     batch = args.trajectory_batch
     with tempfile.TemporaryDirectory() as tmp:
         trainer, agent = build(args, Path(tmp) / "run", batch, batch, args.trajectory_steps, True,

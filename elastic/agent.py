@@ -7,7 +7,8 @@ while queueing step t, to prefetch its batch), so a decision made after that app
 
 `PolluxAgent` (a glassbox.train.callbacks.Callback) measures every step: the gradient noise scale from the
 step's own norms (glassbox.elastic.gns; queued on the device, copied to the host without waiting, read when the
-step has finished: the agent adds no host sync) and the step time for its shape; every `decide_every` steps it
+step has finished: the agent adds no host sync), from steps it splits in two within a time budget and from
+consecutive triples between them, and the step time for its shape; every `decide_every` steps it
 refits the throughput model, finds the best batch shape for the current allocation (glassbox.elastic.goodput), switches
 to it when goodput gains more than `switch_threshold`, and sets the LR scale for the current shape. Rank 0
 decides from its own timings and hands the decision to every rank, so all ranks take the same steps. Each
@@ -119,6 +120,11 @@ class PolluxPlan(StepPlan):
                        for row in state["frozen"]}
 
 
+def finite_or_none(x: float) -> float | None:
+    """For a metrics row: JSON has no infinity."""
+    return x if math.isfinite(x) else None
+
+
 def split_divisor(per_rank: int) -> int:
     """Into how many micro-batches a measured step of `per_rank` samples splits: 2, else 3 or 4, else 1 (not
     split): a size with no divisor up to MAX_SPLIT, a prime M, would become M passes of one sample each."""
@@ -148,7 +154,11 @@ class PolluxAgent(Callback):
         self.plan = plan
         self.init_batch = plan.base_batch
         self.max_batch = cfg.max_batch or 64 * plan.base_batch
-        self.ema = NoiseScaleEMA(plan.base_batch, cfg.gns_smoothing)
+        # Two estimates: from split steps (one point of the weights: unbiased, but a second pass each, so sparse)
+        # and from consecutive triples of the steps between (every step, free, but biased while the weights move
+        # fast); `ema` is the one decisions use.
+        self.split_ema = NoiseScaleEMA(plan.base_batch, cfg.gns_smoothing)
+        self.triple_ema = NoiseScaleEMA(plan.base_batch, cfg.gns_smoothing)
         self.times: dict[tuple[int, int, int, int], list[float]] = {}
         self.max_micro = cfg.max_micro_batch
         self.params: ThroughputParams | None = None
@@ -176,10 +186,22 @@ class PolluxAgent(Callback):
         self.nodes = nodes_of_world(world.world_size)
         self.plan.dp_size = world.dp_size
         self.meter = GradientNoiseMeter(trainer.state.model, trainer.state.optimizer, world.dp_group, world.dp_size,
-                                        self.cfg.precondition_every, consecutive_steps=not self.splits)
+                                        self.cfg.precondition_every,
+                                        consecutive_steps=self.cfg.gns_triples or not self.splits)
         # Restored from a checkpoint afterwards where there is one (the interval the last decision set).
         self.plan.measure_every = self.cfg.measure_every or (self.cfg.split_warmup_every if self.cfg.split_budget
                                                              else 0)
+
+    @property
+    def ema(self) -> NoiseScaleEMA:
+        """The estimate decisions use: the split steps' where its |G|^2 is known to within split_precision (on the
+        H200 one split reads it to within 0.3-0.6 early in training), else the triples' (on the 2-core CPU's tiny
+        model, whose phi is ~50 batches, one split's |G|^2 spreads 5-17x its value and a sparse average of them
+        reads phi as 0 or thousands), else the split steps' as it stands."""
+        split, triple = self.split_ema, self.triple_ema
+        if split.ready and split.trace > 0 and split.grad_sqr_rel_error <= self.cfg.split_precision:
+            return split
+        return triple if triple.ready else split
 
     @property
     def splits(self) -> bool:
@@ -293,7 +315,8 @@ class PolluxAgent(Callback):
             measurement, values, ready = measured
             if ready is not None:
                 ready.synchronize()     # already done: the trainer has read this step's metrics, queued after it
-            self.ema.update(*estimate_from_pairs(measurement.pairs(values.tolist())), batch=measurement.samples)
+            ema = self.split_ema if measurement.kind == "split" else self.triple_ema
+            ema.update(*estimate_from_pairs(measurement.pairs(values.tolist())), batch=measurement.samples)
         micro, accum = self._shapes.pop(step)
         # The first steps after a (re)start compile and warm allocators: not the shape's speed.
         if step > self._started_at + 2 and "val_loss" not in state.metrics and "val_kl" not in state.metrics:
@@ -361,8 +384,12 @@ class PolluxAgent(Callback):
         micro_range = self.micro_batch_range()
         model = self.goodput_model()
         phi = self.ema.noise_scale
+        sources = {"split": self.split_ema, "triple": self.triple_ema}
         row: dict[str, Any] = {"event": "pollux", "step": step, "noise_scale": None if math.isnan(phi) else phi,
                                "grad_sqr": self.ema.grad_sqr, "grad_var": self.ema.grad_var,
+                               "gns_source": next(k for k, v in sources.items() if v is self.ema),
+                               **{f"noise_scale_{k}": v.noise_scale if v.ready else None for k, v in sources.items()},
+                               "split_grad_sqr_rel_error": finite_or_none(self.split_ema.grad_sqr_rel_error),
                                "max_micro_batch": self.max_micro, "trusted_micro_batch": micro_range[1],
                                "replicas": self.replicas, "nodes": self.nodes,
                                "init_batch": self.init_batch, "max_batch": self.max_batch}
@@ -392,9 +419,9 @@ class PolluxAgent(Callback):
     def _split_interval(self, shape: Shape) -> int:
         """Steps between split steps for `shape`, the longest that keeps their extra passes within split_budget of
         the step time, and 2 at least (a pass's fixed cost makes a split step of a small model on a GPU cost
-        ~1.5x); measure_every where set, and the warm-up interval until a throughput fit exists. Both step times are the medians
-        observed where each shape has run a few times (an early fit, through two micro-batch sizes, can put the
-        split's cost anywhere), else the fit's. Unused (unchanged) for a shape that accumulates: its
+        ~1.5x); measure_every where set, and the warm-up interval until a throughput fit exists. Both step times
+        are the medians observed where each shape has run a few times (an early fit, through two micro-batch
+        sizes, can put the split's cost anywhere), else the fit's. Unused (unchanged) for a shape that accumulates: its
         micro-batches measure the noise scale at no extra cost."""
         current = self.plan.measure_every
         per_rank = shape.batch // self.replicas
@@ -460,12 +487,13 @@ class PolluxAgent(Callback):
     # --- checkpointed state -----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ema": self.ema.state_dict(), "times": [[*k, v] for k, v in sorted(self.times.items())],
-                "max_micro": self.max_micro, "decisions": self.decisions,
-                "params": self.params.to_dict() if self.params else None}
+        return {"split_ema": self.split_ema.state_dict(), "triple_ema": self.triple_ema.state_dict(),
+                "times": [[*k, v] for k, v in sorted(self.times.items())], "max_micro": self.max_micro,
+                "decisions": self.decisions, "params": self.params.to_dict() if self.params else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.ema.load_state_dict(state["ema"])
+        self.split_ema.load_state_dict(state["split_ema"])
+        self.triple_ema.load_state_dict(state["triple_ema"])
         self.times = {tuple(int(x) for x in row[:4]): [float(t) for t in row[4]] for row in state["times"]}
         self.max_micro = self.cfg.max_micro_batch or int(state["max_micro"])
         self.decisions = int(state["decisions"])

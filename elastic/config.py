@@ -38,6 +38,10 @@ class ElasticConfig:
                                     # pass, but on the H200 they read phi 2-10x the direct estimate while the
                                     # weights moved fast: bench/results/pollux_gns_trajectory_*.json)
     split_warmup_every: int = 2     # with split_budget: the interval until the first throughput fit
+    split_precision: float = 0.5    # decisions use the split steps' noise scale while the standard error of its
+                                    # |G|^2 is within this fraction of it, else the consecutive triples'
+    gns_triples: bool = True        # with splits on: also measure consecutive triples between the split steps
+                                    # (one kept buffer the size of the gradient), the fallback above
     measure_every: int = 0          # N: split every N-th such step whatever it costs (split_budget unused)
     explore_steps: int = 4          # with adapt_batch, while one micro-batch size has been timed: this many
                                     # early steps run micro-batches twice that size (two half-size ones where
@@ -64,6 +68,8 @@ class ElasticConfig:
             raise ConfigError(f"elastic.warmup_steps: must be >= 0, got {self.warmup_steps}")
         if not (math.isfinite(self.split_budget) and 0.0 <= self.split_budget < 1.0):
             raise ConfigError(f"elastic.split_budget: must be in [0, 1), got {self.split_budget}")
+        if not (math.isfinite(self.split_precision) and self.split_precision > 0):
+            raise ConfigError(f"elastic.split_precision: must be a finite number > 0, got {self.split_precision}")
         if self.split_warmup_every < 1:
             raise ConfigError(f"elastic.split_warmup_every: must be >= 1, got {self.split_warmup_every}")
         if not 0.0 <= self.gns_smoothing < 1.0:

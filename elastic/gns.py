@@ -9,15 +9,17 @@ A step of several micro-batches per rank already has both: each rank's gradient 
 micro-batches (k * m samples; the trainer's `GradientStats.local_tensor_sq_norms`, taken before the reduction, one
 fused norm kernel per micro-batch), and the all-reduced gradient of the whole global batch. The Pollux agent makes
 such steps out of steps of one micro-batch per rank by splitting one in two every few steps, as often as its split
-budget pays for (glassbox.elastic.agent): a measurement at one point of the weights. Otherwise steps of one
-micro-batch per rank are taken three at a time, consecutive and of one batch size B: the noise of independent
-batches makes the second difference D = g_1 - 2 g_2 + g_3 have E|D|^2 = 6 tr(Sigma) / B, while the weights' motion
-between the steps cancels to first order (a difference of two consecutive steps would carry B |G_2 - G_1|^2 / 2
-into tr(Sigma): on the H200 that read the noise scale 2.2x high, and Pollux grew the batch 4x too far). It costs
+budget pays for (glassbox.elastic.agent): a measurement at one point of the weights. Between them (and without
+splits) steps of one micro-batch per rank are taken three at a time, consecutive and of one batch size B: the
+noise of independent batches makes the second difference D = g_1 - 2 g_2 + g_3 have E|D|^2 = 6 tr(Sigma) / B,
+while the weights' motion between the steps cancels to first order (a difference of two consecutive steps would
+carry B |G_2 - G_1|^2 / 2 into tr(Sigma): on the H200 that read the noise scale 2.2x high, and Pollux grew the
+batch 4x too far). It costs
 one kept buffer of the gradient's size and no extra forward/backward, but the drift's change between steps does
-not cancel: along real H200 runs the triples read phi 1.5-10x the direct estimate while the loss fell fast. Nothing hooks the backward per parameter
-(AdaptDL's hooks made backward 2.6x slower, its issue #120), and nothing waits for the device: the overhead is a
-few fused norm kernels per step and, with several ranks, a small all-reduce (bench/pollux_gns.py measures it).
+not cancel: along real H200 runs the triples read phi 1.5-10x the direct estimate while the loss fell fast.
+Nothing hooks the backward per parameter (AdaptDL's hooks made backward 2.6x slower, its issue #120), and nothing
+waits for the device: the overhead is a few fused norm kernels per step and, with several ranks, a small
+all-reduce (bench/pollux_gns.py measures it).
 
 Adam preconditioning (what the noise scale means for an Adam step, as in Pollux): gradients are measured in the
 geometry of the update, g / (sqrt(v_hat) + eps). Per-element preconditioning would need a pass over every
@@ -64,7 +66,9 @@ class NoiseScaleEMA:
         self.smoothing = smoothing
         self.sqr_avg = 0.0
         self.trace_avg = 0.0
+        self.sqr_sq_avg = 0.0   # of the |G|^2 estimates squared: their spread, for `grad_sqr_rel_error`
         self.weight = 0.0       # the EMA's total weight: dividing by it is the bias correction
+        self.weight_sq = 0.0    # the sum of the squared weights: 1 / the effective number of estimates averaged
         self.count = 0
 
     def update(self, grad_sqr: float, trace: float, batch: int) -> None:
@@ -73,7 +77,9 @@ class NoiseScaleEMA:
         beta = self.smoothing ** (batch / self.init_batch)
         self.sqr_avg = beta * self.sqr_avg + (1 - beta) * grad_sqr
         self.trace_avg = beta * self.trace_avg + (1 - beta) * trace
+        self.sqr_sq_avg = beta * self.sqr_sq_avg + (1 - beta) * grad_sqr * grad_sqr
         self.weight = beta * self.weight + (1 - beta)
+        self.weight_sq = beta * beta * self.weight_sq + (1 - beta) ** 2
         self.count += 1
 
     @property
@@ -90,6 +96,17 @@ class NoiseScaleEMA:
         return max(self.trace_avg / self.weight, 0.0) if self.weight else 0.0
 
     @property
+    def grad_sqr_rel_error(self) -> float:
+        """The standard error of the averaged |G|^2 over its value, from the estimates' own spread: |G|^2 is a
+        small difference of two large norms when phi is many times the batch, and a phi read from it is only as
+        good as this (inf with fewer than two estimates)."""
+        if self.count < 2 or not self.weight:
+            return math.inf
+        mean = self.sqr_avg / self.weight
+        spread = max(self.sqr_sq_avg / self.weight - mean * mean, 0.0)
+        return math.sqrt(spread * self.weight_sq) / self.weight / abs(mean) if mean else math.inf
+
+    @property
     def grad_var(self) -> float:
         """The variance at the initial batch, tr(Sigma) / M0 (AdaptDL's convention, glassbox.elastic.goodput)."""
         return self.trace / self.init_batch
@@ -99,13 +116,16 @@ class NoiseScaleEMA:
         return self.trace / self.grad_sqr if self.ready else math.nan
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sqr_avg": self.sqr_avg, "trace_avg": self.trace_avg, "weight": self.weight, "count": self.count}
+        return {"sqr_avg": self.sqr_avg, "trace_avg": self.trace_avg, "weight": self.weight, "count": self.count,
+                "sqr_sq_avg": self.sqr_sq_avg, "weight_sq": self.weight_sq}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sqr_avg = float(state["sqr_avg"])
         self.trace_avg = float(state["trace_avg"])
         self.weight = float(state["weight"])
         self.count = int(state["count"])
+        self.sqr_sq_avg = float(state.get("sqr_sq_avg", 0.0))
+        self.weight_sq = float(state.get("weight_sq", 0.0))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -132,6 +152,7 @@ class Measurement:
     small_batches: list[int]
     big_batch: int
     samples: int
+    kind: str = "split"     # "split": micro-batches of one step, one point of the weights; "triple": three steps
 
     def pairs(self, host_values: list[float]) -> list[tuple[int, float, int, float]]:
         """(B_small, |g_small|^2, B_big, |g_big|^2) for each small batch of the step."""
@@ -270,7 +291,7 @@ class GradientNoiseMeter:
                 mean = (weights * (self._norm_sum + norms)).sum() / 3
                 self._run = None      # triples do not overlap: the next step starts the next one
                 return Measurement(torch.stack([mean, mean - second / 12]), [global_batch], 2 * global_batch,
-                                   3 * global_batch)
+                                   3 * global_batch, kind="triple")
         # This step opens a triple: its gradient is kept (the optimizer and zero_grad are about to consume it).
         if self._diff is None:
             self._diff = [g.detach().clone() for g in grads]

@@ -265,8 +265,21 @@ def test_split_steps_keep_within_their_budget_of_the_step_time(prepared_data, tm
     for d, following in zip(decisions, decisions[1:] + [{"step": 30}]):
         shaped = [r["step"] for r in steps if d["step"] + 2 <= r["step"] <= following["step"] + 1]
         assert [s for s in split if s in shaped] == [s for s in shaped if s % d["measure_every"] == 0]
-    assert agent.ema.count == len(split)                       # every split step is a measurement
+    assert agent.split_ema.count == len(split)                 # every split step is a measurement
     assert agent.plan.state_dict()["measure_every"] == decisions[-1]["measure_every"]
+
+
+def test_decisions_use_the_split_estimate_while_it_is_precise_else_the_triples():
+    agent = PolluxAgent(ElasticConfig(split_precision=0.5), PolluxPlan(8, 8))
+    assert agent.ema is agent.split_ema                         # nothing measured yet: the split one as it stands
+    for sqr in (1.0, 1.2, 0.9, 1.1):                            # within ~10%: precise
+        agent.split_ema.update(sqr, 50.0, batch=8)
+    agent.triple_ema.update(1.0, 500.0, batch=24)
+    assert agent.ema is agent.split_ema and agent.split_ema.grad_sqr_rel_error < 0.5
+    for sqr in (-20.0, 25.0, -15.0, 30.0):                      # a small difference of large norms: noise
+        agent.split_ema.update(sqr, 50.0, batch=8)
+    assert agent.split_ema.grad_sqr_rel_error > 0.5 and agent.ema is agent.triple_ema
+    assert agent.ema.noise_scale == pytest.approx(500.0)
 
 
 @pytest.mark.gpu

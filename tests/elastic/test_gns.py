@@ -160,3 +160,21 @@ def test_meter_waits_for_adam_and_for_two_batch_sizes():
     assert meter.measure(8, [], 4, 4) is None                              # another batch size: another
     assert meter.measure(9, [], 4, 4) is None and meter.measure(10, [], 4, 4) is not None
     assert splitting.measure(3, [], 2, 2) is None and splitting.measure(4, [], 2, 2) is None
+
+
+def test_the_moving_average_knows_the_standard_error_of_its_signal():
+    ema = NoiseScaleEMA(init_batch=8, smoothing=0.8)
+    assert ema.grad_sqr_rel_error == math.inf
+    values = [3.0, 1.0, 2.5, 0.5, 2.0]
+    for v in values:
+        ema.update(v, 10.0, batch=8)
+    weights = [(1 - 0.8) * 0.8 ** (len(values) - 1 - i) for i in range(len(values))]
+    total = sum(weights)
+    mean = sum(w * v for w, v in zip(weights, values)) / total
+    spread = sum(w * v * v for w, v in zip(weights, values)) / total - mean * mean
+    expected = math.sqrt(spread * sum(w * w for w in weights)) / total / mean
+    assert ema.grad_sqr == pytest.approx(mean)
+    assert ema.grad_sqr_rel_error == pytest.approx(expected)
+    restored = NoiseScaleEMA(init_batch=8, smoothing=0.8)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.grad_sqr_rel_error == pytest.approx(expected)
