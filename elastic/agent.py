@@ -492,8 +492,11 @@ class PolluxAgent(Callback):
                 "decisions": self.decisions, "params": self.params.to_dict() if self.params else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.split_ema.load_state_dict(state["split_ema"])
-        self.triple_ema.load_state_dict(state["triple_ema"])
+        if "ema" in state:      # a checkpoint from before split steps: its one estimate came from triples
+            self.triple_ema.load_state_dict(state["ema"])
+        else:
+            self.split_ema.load_state_dict(state["split_ema"])
+            self.triple_ema.load_state_dict(state["triple_ema"])
         self.times = {tuple(int(x) for x in row[:4]): [float(t) for t in row[4]] for row in state["times"]}
         self.max_micro = self.cfg.max_micro_batch or int(state["max_micro"])
         self.decisions = int(state["decisions"])

@@ -282,6 +282,19 @@ def test_decisions_use_the_split_estimate_while_it_is_precise_else_the_triples()
     assert agent.ema.noise_scale == pytest.approx(500.0)
 
 
+def test_a_checkpoint_from_before_split_steps_resumes_with_its_triples_estimate():
+    old = PolluxAgent(ElasticConfig(split_budget=0.0), PolluxPlan(8, 8))
+    for trace in (40.0, 60.0):
+        old.triple_ema.update(1.0, trace, batch=24)
+    state = old.state_dict()
+    state["ema"] = state.pop("triple_ema")
+    del state["split_ema"]
+    resumed = PolluxAgent(ElasticConfig(), PolluxPlan(8, 8))
+    resumed.load_state_dict(state)
+    assert resumed.split_ema.count == 0 and resumed.ema is resumed.triple_ema
+    assert resumed.ema.noise_scale == pytest.approx(old.triple_ema.noise_scale)
+
+
 @pytest.mark.gpu
 def test_agent_hooks_never_sync_the_gpu(prepared_data, tmp_path):
     if not torch.cuda.is_available():
