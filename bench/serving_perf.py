@@ -68,7 +68,8 @@ import json, sys, time
 t0 = time.perf_counter()
 from glassbox.inference.engine import EngineConfig, LLMEngine
 cfg = EngineConfig(device=sys.argv[2], dtype=sys.argv[3], compile=True, compile_cache_dir=sys.argv[4],
-                   max_num_seqs=int(sys.argv[5]), max_model_len=int(sys.argv[6]), gpu_memory_utilization=0.4)
+                   max_num_seqs=int(sys.argv[5]), max_model_len=int(sys.argv[6]), gpu_memory_utilization=0.4,
+                   graph_compile=sys.argv[7])
 engine = LLMEngine.from_model_dir(sys.argv[1], cfg)
 s = engine.startup
 print(json.dumps({"seconds": time.perf_counter() - t0, "runner_seconds": s.seconds, "cache": s.compile_cache,
@@ -88,7 +89,7 @@ def bench_startup(args, model_dir: Path, work: Path) -> dict:
     for name in ("cold", "warm"):
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor_{name}")}
         cmd = [sys.executable, "-c", STARTUP_SCRIPT, str(model_dir), args.device, args.dtype, str(work / "cache"),
-               str(args.max_num_seqs), str(args.max_model_len)]
+               str(args.max_num_seqs), str(args.max_model_len), args.graph_compile]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
         if done.returncode != 0:
             raise SystemExit(f"start-up ({name}) failed:\n{done.stderr[-3000:]}")
@@ -120,7 +121,8 @@ def bench_roofline(args, size: str, bandwidth: float) -> dict:
     with torch.device(args.device):
         model = Transformer(cfg).to(dtype).eval()
     engine = LLMEngine(model, None, EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=1,
-                                                 num_kv_blocks=-(-cfg.max_seq_len // 16) + 1, compile=args.compile))
+                                                 num_kv_blocks=-(-cfg.max_seq_len // 16) + 1, compile=args.compile,
+                                                 graph_compile=args.graph_compile))
     prompt = torch.randint(2, cfg.vocab_size, (args.prompt_len,)).tolist()
     params = SamplingParams(temperature=0, max_tokens=args.decode_tokens, ignore_eos=True)
     tpots = []
@@ -151,7 +153,7 @@ def bench_load(args, model_dir: Path, vocab: int, attention: str) -> dict:
     mode, _, pieces = attention.partition("+")
     cfg = EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                        max_model_len=args.max_model_len, gpu_memory_utilization=0.4, compile=args.compile,
-                       piecewise_graphs=pieces == "piecewise")
+                       piecewise_graphs=pieces == "piecewise", graph_compile=args.graph_compile)
     engine = LLMEngine.from_model_dir(model_dir, cfg)
     if mode != "auto":
         engine.runner = engine.runner.replaced(attention=mode)
@@ -232,6 +234,8 @@ def main() -> int:
     p.add_argument("--num-requests", type=int, default=None, help="default: 16 on CPU, 512 on CUDA")
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: 8 on CPU, 256 on CUDA")
     p.add_argument("--compile", action="store_true", help="roofline and load with compile (start-up always is)")
+    p.add_argument("--graph-compile", default="per_size", choices=["per_size", "dynamic"],
+                   help="how compile compiles the decode graphs' layer (EngineConfig.graph_compile), every section")
     modes = ["auto", "dense", "varlen", "reference"]
     p.add_argument("--attention", nargs="+", default=["auto"], choices=modes + [f"{m}+piecewise" for m in modes],
                    help="load runs, one per runner attention mode, `+piecewise` for piecewise graphs (the first "
@@ -291,7 +295,9 @@ def main() -> int:
     lines = [f"# Serving performance: {result['machine']}, {args.dtype}", ""]
     if "startup" in result:
         s = result["startup"]
-        lines += [f"Start-up of the {result['preset']}-preset model with compile, fresh processes: cold "
+        mode = result["settings"].get("graph_compile", "per_size")
+        lines += [f"Start-up of the {result['preset']}-preset model with compile (decode graphs {mode}), fresh "
+                  f"processes: cold "
                   f"{s['cold']['seconds']:.1f} s ({s['cold']['compiled_graphs']} graphs built), warm "
                   f"{s['warm']['seconds']:.1f} s ({s['warm']['compiled_graphs']} built, cache {s['warm']['cache']}).", ""]
     if "roofline" in result:

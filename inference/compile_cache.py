@@ -135,6 +135,15 @@ def _inductor_misses() -> int:
     return int(counters["inductor"]["fxgraph_cache_miss"])
 
 
+def engine_sizes(cfg: Any, num_blocks: int, max_model_len: int) -> dict[str, Any]:
+    """The engine settings that decide which graphs get compiled, and how: the key's `sizes`."""
+    return {"num_blocks": num_blocks, "block_size": cfg.block_size, "max_model_len": max_model_len,
+            "max_num_seqs": cfg.max_num_seqs, "cuda_graphs": cfg.cuda_graphs,
+            "num_spec_tokens": cfg.num_spec_tokens, "spec_batch_tokens": cfg.spec_batch_tokens,
+            "piecewise_graphs": cfg.piecewise_graphs, "max_num_batched_tokens": cfg.max_num_batched_tokens,
+            "graph_compile": cfg.graph_compile}
+
+
 @contextlib.contextmanager
 def compile_cache_for(cfg: Any, model: torch.nn.Module, num_blocks: int, max_model_len: int) -> Iterator[Startup]:
     """Around building the engine's model runner: load the cache entry for these settings first (with
@@ -142,10 +151,7 @@ def compile_cache_for(cfg: Any, model: torch.nn.Module, num_blocks: int, max_mod
     startup, t0 = Startup(), time.perf_counter()
     cache = None
     if cfg.compile and cfg.compile_cache:
-        sizes = {"num_blocks": num_blocks, "block_size": cfg.block_size, "max_model_len": max_model_len,
-                 "max_num_seqs": cfg.max_num_seqs, "cuda_graphs": cfg.cuda_graphs,
-                 "num_spec_tokens": cfg.num_spec_tokens, "spec_batch_tokens": cfg.spec_batch_tokens,
-                 "piecewise_graphs": cfg.piecewise_graphs, "max_num_batched_tokens": cfg.max_num_batched_tokens}
+        sizes = engine_sizes(cfg, num_blocks, max_model_len)
         p = next(model.parameters())
         model_config = dataclasses.asdict(model.config) if dataclasses.is_dataclass(model.config) else vars(model.config)
         fields = key_fields(model_config, type(model).__name__, p.dtype, p.device, sizes)

@@ -43,6 +43,9 @@ from glassbox.models.transformer import Transformer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+GRAPH_COMPILE_MODES = ("per_size", "dynamic")
+
+
 @dataclass
 class EngineConfig:
     """Engine settings. `num_kv_blocks` None sizes the KV pool from memory: on CUDA, `gpu_memory_utilization` of
@@ -56,6 +59,10 @@ class EngineConfig:
     them (glassbox.inference.piecewise): on the H200, 1.9x the output rate under load of the eager steps. None
     (the default) turns them on where they apply (CUDA with cuda_graphs, dense, one rank); True insists (an
     error where they cannot run; uncaptured on a CPU, which tests use); False turns them off.
+    `graph_compile` (with `compile`) is how the decode graphs' layer is compiled: `per_size`, one static
+    specialisation per captured batch size (each tuned alone; most of a cold start: 20 sizes at max_num_seqs 256),
+    or `dynamic`, one compile with a symbolic batch size that every graph of 2 or more sequences shares, plus batch
+    1, which torch specialises (a shorter cold start; bench/serving_perf.py --graph-compile measures both).
     `max_n` caps the samples one request may ask for (n), so that one request cannot occupy the engine for long.
 
     Speculative decoding: `proposer` names a registered proposer (`suffix`, or `none`), `spec_options` its own
@@ -86,6 +93,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     piecewise_graphs: bool | None = None
     compile: bool = False
+    graph_compile: str = "per_size"
     compile_cache: bool = True
     compile_cache_dir: str | None = None
     tensor_parallel_size: int = 1
@@ -122,6 +130,8 @@ class EngineConfig:
         if self.tensor_parallel_size > 1 and self.piecewise_graphs is True:
             raise ConfigError("engine.piecewise_graphs: not supported with tensor_parallel_size > 1 (the all-reduces "
                               "between the pieces are not captured yet); serve with one of the two")
+        if self.graph_compile not in GRAPH_COMPILE_MODES:
+            raise bad("graph_compile", " or ".join(GRAPH_COMPILE_MODES))
         if self.compile_cache_dir is not None and not isinstance(self.compile_cache_dir, str):
             raise bad("compile_cache_dir", "a directory path or None (the default location)")
         if not _is_int(self.seed, 0, MAX_SEED):
@@ -334,7 +344,7 @@ class LLMEngine:
             # CUDA graphs stay off under tensor parallelism until capturing the all-reduces is measured.
             self.runner = ModelRunner(model, num_blocks, cfg.block_size, self.max_model_len, cfg.max_num_seqs,
                                       cfg.cuda_graphs and self.tp is None, cfg.compile, self._verification_rows(),
-                                      piecewise=self._piecewise_sizes())
+                                      piecewise=self._piecewise_sizes(), graph_compile=cfg.graph_compile)
         if self.tp is not None and self.tp.rank == 0:
             self.runner = LeaderRunner(self.runner, self.tp)
         self.sampler = Sampler(cfg.seed)

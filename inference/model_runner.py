@@ -279,17 +279,19 @@ class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, max_model_len: int,
                  max_num_seqs: int, cuda_graphs: bool = True, compile: bool = False,
                  tree_rows: dict[int, int] | None = None, attention: str = "auto",
-                 piecewise: list[int] | None = None):
+                 piecewise: list[int] | None = None, graph_compile: str = "per_size"):
         """`tree_rows` maps graph batch sizes to the rows per sequence of their verification graphs (the last
         token plus the most draft nodes a sequence gets at that size); None or empty: no verification graphs.
         `attention` picks the kernel of eager steps with prompts in them (glassbox.inference.attention): `auto`
         the varlen flash kernel where it runs and passes its check (CUDA, bf16 / fp16), else the dense masked
         path; `dense`, `varlen` (flash or an error) or `reference` (the varlen layout in plain torch) to insist.
         `piecewise`: token counts at which steps the decode graphs do not take run as piecewise graphs
-        (glassbox.inference.piecewise; captured on CUDA, run uncaptured elsewhere); None: those steps run eagerly."""
+        (glassbox.inference.piecewise; captured on CUDA, run uncaptured elsewhere); None: those steps run eagerly.
+        `graph_compile`: with `compile`, the decode graphs' layer compiled per captured size (`per_size`) or once
+        for a symbolic batch size (`dynamic`; EngineConfig.graph_compile)."""
         self._args = dict(model=model, num_blocks=num_blocks, block_size=block_size, max_model_len=max_model_len,
                           max_num_seqs=max_num_seqs, cuda_graphs=cuda_graphs, compile=compile, tree_rows=tree_rows,
-                          attention=attention, piecewise=piecewise)
+                          attention=attention, piecewise=piecewise, graph_compile=graph_compile)
         self.model = model.eval()
         cfg = model.config
         p = next(model.parameters())
@@ -303,6 +305,7 @@ class ModelRunner:
             raise GlassboxError("engine option compile: MoE routing reads expert counts on the host, which a compiled "
                                 "layer cannot; serve MoE models without compile")
         self.compile = compile
+        self.graph_compile = graph_compile
         # Eager batches (prefills, mixed steps, decodes beyond the graphs) run the layer compiled for dynamic
         # shapes: one compile per batch structure (prompts alone or beside decodes, of one length or several),
         # not per size. Dynamo counts compiles per code object over the whole process, so its limit grows with
@@ -638,10 +641,12 @@ class ModelRunner:
         block = upper = None
         if self.compile:
             # Regional compilation: every layer shares one compiled block (its weights and cache are inputs, not
-            # constants), so compiling costs one layer per captured shape, not the whole stack. Static shapes:
-            # each shape is its own specialisation, compiled in the warm-up below.
-            block = torch.compile(decoder_layer, dynamic=False, fullgraph=True)
-            upper = torch.compile(upper_decoder_layer, dynamic=False, fullgraph=True)
+            # constants), so compiling costs one layer per captured shape, not the whole stack. Static shapes
+            # (per_size): each shape is its own specialisation, compiled in the warm-up below; dynamic: the first
+            # warm-up of two or more sequences compiles for all of them, and batch 1 compiles once more.
+            dynamic = self.graph_compile == "dynamic"
+            block = torch.compile(decoder_layer, dynamic=dynamic, fullgraph=True)
+            upper = torch.compile(upper_decoder_layer, dynamic=dynamic, fullgraph=True)
         self._decode_inputs = GraphInputs({b: 1 for b in sizes}, width, self.scratch, self.block_size, self.device)
         shapes = [(self._decode_inputs, b) for b in sorted(sizes, reverse=True)]
         if tree_rows:

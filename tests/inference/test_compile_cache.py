@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from glassbox.config import ConfigError
-from glassbox.inference.compile_cache import CompileCache, compile_cache_for, default_root, key_fields
+from glassbox.inference.compile_cache import CompileCache, compile_cache_for, default_root, engine_sizes, key_fields
 from glassbox.inference.engine import EngineConfig
 
 SIZES = {"num_blocks": 64, "block_size": 16, "max_model_len": 256, "max_num_seqs": 8, "cuda_graphs": True}
@@ -35,6 +35,14 @@ def test_the_key_names_everything_that_decides_the_compile(tmp_path):
                _fields(model_class="SwiftKVTransformer")]
     keys = {CompileCache(tmp_path, f).key for f in changed}
     assert base not in keys and len(keys) == len(changed)
+
+
+def test_how_the_decode_graphs_compile_is_part_of_the_key():
+    per_size, dynamic = (engine_sizes(EngineConfig(compile=True, graph_compile=m), 64, 256)
+                         for m in ("per_size", "dynamic"))
+    assert per_size != dynamic and {k for k in per_size if per_size[k] != dynamic[k]} == {"graph_compile"}
+    with pytest.raises(ConfigError, match="engine.graph_compile: must be per_size or dynamic"):
+        EngineConfig(graph_compile="static")
 
 
 def test_default_location_and_config_checks(tmp_path, monkeypatch):

@@ -35,3 +35,27 @@ def test_cuda_graphs_match_eager_and_transformers(llama_dir, prompts):
         x = torch.tensor([ids], device="cuda")
         ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=24, do_sample=False)[0, len(ids):]
         assert got == ref.tolist()
+
+
+def test_decode_graphs_compiled_for_a_dynamic_batch_give_the_per_size_tokens_from_fewer_compiles(llama_dir, prompts):
+    """EngineConfig.graph_compile: one compile for a symbolic batch size (and batch 1) instead of one per captured
+    size, the same greedy tokens (fp32, where the two compiles' rounding cannot flip a choice)."""
+    import gc
+
+    from torch._dynamo.utils import counters
+
+    params = SamplingParams(temperature=0, max_tokens=16)
+    tokens, compiles = {}, {}
+    for mode in ("per_size", "dynamic"):
+        torch._dynamo.reset()          # the other mode's compiled entries would serve this one's warm-ups
+        before = counters["stats"]["unique_graphs"]
+        cfg = EngineConfig(device="cuda", compile=True, compile_cache=False, piecewise_graphs=False, max_num_seqs=32,
+                           graph_compile=mode)
+        llm = LLM(engine=LLMEngine.from_model_dir(llama_dir, cfg))
+        compiles[mode] = counters["stats"]["unique_graphs"] - before
+        tokens[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    assert tokens["dynamic"] == tokens["per_size"]
+    assert compiles["dynamic"] <= compiles["per_size"] - 3, compiles     # 6 decode sizes (1 .. 32) against ~2
