@@ -1,10 +1,10 @@
 """The gradient noise scale: what measuring it costs per step, and how it compares with a direct estimate.
 
 Overhead: the same fixed-batch training (by default one micro-batch per step, `--accum` for more) with the
-whole Pollux agent (adapt_batch off so the shape stays: the noise scale every step, from consecutive-step triples
-in one micro-batch or the local per-parameter norms with accumulation, the preconditioner, the EMA, and a
-throughput fit and goodput decision every 10 steps) and without it; mean step times (a median would leave out
-the decision steps), rounds interleaved.
+whole Pollux agent with its defaults (adapt_batch off so the shape stays: in one micro-batch, split steps within
+the split budget and consecutive-step triples between them; with accumulation, the local per-parameter norms;
+the preconditioner, the moving averages, and a throughput fit and goodput decision every 10 steps) and without
+it; mean step times (a median would leave out the decision and split steps), rounds interleaved.
 
 Accuracy: after `--steps` steps with the agent, the weights are frozen and the noise scale is measured directly
 from `--direct-batches` independent micro-batches at those weights: their squared gradient norms and that of
