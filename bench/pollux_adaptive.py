@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     before = [r for r in runs[-1]["rows"] if r["step"] <= adaptive["steps_to_target"]]
     first_decision = min((d["step"] for d in runs[-1]["decisions"]), default=0)
     explored = [r for r in before if r["step"] < first_decision and r["batch_size"] != m0]
-    split = [r for r in before if r["micro_batch_size"] < r["batch_size"] and r not in explored]
+    explored_steps = {r["step"] for r in explored}
+    split = [r for r in before if r["micro_batch_size"] < r["batch_size"] and r["step"] not in explored_steps]
     decided = [d for d in runs[-1]["decisions"] if d["step"] <= adaptive["steps_to_target"]]
     adaptive_cost = {"steps": len(before), "explore_steps": len(explored),
                      "explore_shapes": sorted({(r["batch_size"], r["micro_batch_size"]) for r in explored}),

@@ -168,15 +168,14 @@ class DirectEvery(Callback):
         if state.step % self.every or not self.agent.ema.ready:
             return
         direct = direct_noise_scale(self.trainer, self.agent, self.micro, self.count)
-        agent = self.agent
-        running = agent.ema.noise_scale
+        agent, ema = self.agent, self.agent.ema
+        running = ema.noise_scale
         by_source = {k: e.noise_scale if e.ready else None for k, e in (("split", agent.split_ema),
                                                                           ("triple", agent.triple_ema))}
         self.rows.append({"step": state.step, "samples": state.samples, "running_noise_scale": running,
                           "direct_noise_scale": direct["noise_scale"], "ratio": running / direct["noise_scale"],
-                          "running_grad_sqr": agent.ema.grad_sqr, "running_trace": agent.ema.trace,
-                          "source": "split" if agent.ema is agent.split_ema else "triple",
-                          "running_by_source": by_source, "direct": direct})
+                          "running_grad_sqr": ema.grad_sqr, "running_trace": ema.trace,
+                          "source": agent.gns_source, "running_by_source": by_source, "direct": direct})
         print(f"trajectory step {state.step} ({state.samples} samples): running phi {running:.1f} (split "
               f"{by_source['split']}, triples {by_source['triple']}), direct {direct['noise_scale']:.1f} (one "
               f"split's |G|^2 spread {direct['split_grad_sqr_rel_std']:.2f}x)", flush=True)

@@ -204,6 +204,11 @@ class PolluxAgent(Callback):
         return triple if triple.ready else split
 
     @property
+    def gns_source(self) -> str:
+        """Which estimate `ema` is: "split" or "triple"."""
+        return "split" if self.ema is self.split_ema else "triple"
+
+    @property
     def splits(self) -> bool:
         """Whether steps of one micro-batch per rank are split to measure the noise scale (else: triples)."""
         return bool(self.cfg.measure_every or self.cfg.split_budget)
@@ -384,11 +389,11 @@ class PolluxAgent(Callback):
         micro_range = self.micro_batch_range()
         model = self.goodput_model()
         phi = self.ema.noise_scale
-        sources = {"split": self.split_ema, "triple": self.triple_ema}
         row: dict[str, Any] = {"event": "pollux", "step": step, "noise_scale": None if math.isnan(phi) else phi,
                                "grad_sqr": self.ema.grad_sqr, "grad_var": self.ema.grad_var,
-                               "gns_source": next(k for k, v in sources.items() if v is self.ema),
-                               **{f"noise_scale_{k}": v.noise_scale if v.ready else None for k, v in sources.items()},
+                               "gns_source": self.gns_source,
+                               **{f"noise_scale_{k}": v.noise_scale if v.ready else None
+                                  for k, v in (("split", self.split_ema), ("triple", self.triple_ema))},
                                "split_grad_sqr_rel_error": finite_or_none(self.split_ema.grad_sqr_rel_error),
                                "max_micro_batch": self.max_micro, "trusted_micro_batch": micro_range[1],
                                "replicas": self.replicas, "nodes": self.nodes,

@@ -33,10 +33,11 @@ class ElasticConfig:
     split_budget: float = 0.03      # steps of one micro-batch per rank are split in two (same samples, same
                                     # gradient) to give the noise scale a second batch size at the same weights,
                                     # as often as keeps the split steps' extra passes within this fraction of the
-                                    # predicted step time (each decision sets the interval from the throughput
-                                    # fit). 0, with measure_every 0: consecutive-step triples instead (no extra
-                                    # pass, but on the H200 they read phi 2-10x the direct estimate while the
-                                    # weights moved fast: bench/results/pollux_gns_trajectory_*.json)
+                                    # step time (each decision sets the interval from the step times seen, whole
+                                    # and split, or the throughput fit). 0, with measure_every 0: consecutive-step
+                                    # triples instead (no extra pass, but on the H200 they read phi 2-10x the
+                                    # direct estimate while the weights moved fast:
+                                    # bench/results/pollux_gns_trajectory_h200.md)
     split_warmup_every: int = 2     # with split_budget: the interval until the first throughput fit
     split_precision: float = 0.5    # decisions use the split steps' noise scale while the standard error of its
                                     # |G|^2 is within this fraction of it, else the consecutive triples'

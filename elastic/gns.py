@@ -14,9 +14,9 @@ splits) steps of one micro-batch per rank are taken three at a time, consecutive
 noise of independent batches makes the second difference D = g_1 - 2 g_2 + g_3 have E|D|^2 = 6 tr(Sigma) / B,
 while the weights' motion between the steps cancels to first order (a difference of two consecutive steps would
 carry B |G_2 - G_1|^2 / 2 into tr(Sigma): on the H200 that read the noise scale 2.2x high, and Pollux grew the
-batch 4x too far). It costs
-one kept buffer of the gradient's size and no extra forward/backward, but the drift's change between steps does
-not cancel: along real H200 runs the triples read phi 1.5-10x the direct estimate while the loss fell fast.
+batch 4x too far). It costs one kept buffer of the gradient's size and no extra forward/backward, but the drift's
+change between steps does not cancel: along real H200 runs the triples read phi 1.5-10x the direct estimate while
+the loss fell fast.
 Nothing hooks the backward per parameter (AdaptDL's hooks made backward 2.6x slower, its issue #120), and nothing
 waits for the device: the overhead is a few fused norm kernels per step and, with several ranks, a small
 all-reduce (bench/pollux_gns.py measures it).
