@@ -232,7 +232,8 @@ def test_agent_reads_nothing_while_a_step_is_queued_and_decides_every_n_steps(pr
 def test_split_steps_keep_within_their_budget_of_the_step_time(prepared_data, tmp_path):
     # The default measurement: a step of one micro-batch split in halves, every other step until the first
     # decision, then as often as keeps the extra pass within split_budget of a step, priced by the step times
-    # seen (whole and split) once each shape has a few, by the throughput fit before.
+    # seen (whole and split) once each shape has a few and they say a split costs more, by the throughput fit
+    # otherwise.
     import math
 
     from glassbox.elastic.throughput import ThroughputParams, predict_step_time
@@ -253,12 +254,11 @@ def test_split_steps_keep_within_their_budget_of_the_step_time(prepared_data, tm
     for d in decisions:
         seen = {m: [r["step_time"] for r in steps if r["micro_batch_size"] == m and 2 < r["step"] <= d["step"]
                     and "val_loss" not in r][-32:] for m in (8, 4)}      # the last step validates: not timed
-        if all(len(t) >= 3 for t in seen.values()):
-            whole, halves = statistics.median(seen[8]), statistics.median(seen[4])
+        params = ThroughputParams.from_dict(d["throughput_params"])
+        whole, halves = predict_step_time(params, 1, 1, 8, 1), predict_step_time(params, 1, 1, 4, 2)
+        if all(len(t) >= 3 for t in seen.values()) and statistics.median(seen[4]) > statistics.median(seen[8]):
+            whole, halves = statistics.median(seen[8]), statistics.median(seen[4])   # a split seen to cost more
             priced_by_times += 1
-        else:
-            params = ThroughputParams.from_dict(d["throughput_params"])
-            whole, halves = predict_step_time(params, 1, 1, 8, 1), predict_step_time(params, 1, 1, 4, 2)
         assert d["measure_every"] == max(2, math.ceil(max(halves - whole, 0.0) / (0.01 * whole)))
     assert priced_by_times >= 1
     # Each decision's interval holds for the steps it shapes (a decision after step t shapes t + 2 on).
@@ -269,17 +269,22 @@ def test_split_steps_keep_within_their_budget_of_the_step_time(prepared_data, tm
     assert agent.plan.state_dict()["measure_every"] == decisions[-1]["measure_every"]
 
 
-def test_decisions_use_the_split_estimate_while_it_is_precise_else_the_triples():
+def test_decisions_use_the_lower_of_a_precise_split_estimate_and_the_triples():
     agent = PolluxAgent(ElasticConfig(split_precision=0.5), PolluxPlan(8, 8))
     assert agent.ema is agent.split_ema                         # nothing measured yet: the split one as it stands
     for sqr in (1.0, 1.2, 0.9, 1.1):                            # within ~10%: precise
         agent.split_ema.update(sqr, 50.0, batch=8)
+    assert agent.ema is agent.split_ema                         # precise, and no triples yet
     agent.triple_ema.update(1.0, 500.0, batch=24)
-    assert agent.ema is agent.split_ema and agent.split_ema.grad_sqr_rel_error < 0.5
+    assert agent.ema is agent.split_ema and agent.split_ema.grad_sqr_rel_error < 0.5   # phi ~48 below 500
+    for _ in range(20):
+        agent.triple_ema.update(1.0, 1.0, batch=24)
+    assert agent.triple_ema.noise_scale < agent.split_ema.noise_scale and agent.ema is agent.triple_ema
     for sqr in (-20.0, 25.0, -15.0, 30.0):                      # a small difference of large norms: noise
         agent.split_ema.update(sqr, 50.0, batch=8)
     assert agent.split_ema.grad_sqr_rel_error > 0.5 and agent.ema is agent.triple_ema
-    assert agent.ema.noise_scale == pytest.approx(500.0)
+    agent.triple_ema.update(1.0, 5000.0, batch=240)             # now far above the split's, which is not precise
+    assert agent.ema is agent.triple_ema and agent.ema.noise_scale > agent.split_ema.noise_scale
 
 
 def test_a_checkpoint_from_before_split_steps_resumes_with_its_triples_estimate():
