@@ -168,6 +168,8 @@ class PolluxAgent(Callback):
         self._shapes: dict[int, tuple[int, int]] = {}
         self._current = 0
         self._started_at = 0
+        self.split_trusted = False
+        self.meter: GradientNoiseMeter | None = None
 
     @property
     def name(self) -> str:
@@ -188,27 +190,37 @@ class PolluxAgent(Callback):
         self.meter = GradientNoiseMeter(trainer.state.model, trainer.state.optimizer, world.dp_group, world.dp_size,
                                         self.cfg.precondition_every,
                                         consecutive_steps=self.cfg.gns_triples or not self.splits)
+        if self.split_trusted:
+            self.meter.stop_consecutive_steps()
         # Restored from a checkpoint afterwards where there is one (the interval the last decision set).
         self.plan.measure_every = self.cfg.measure_every or (self.cfg.split_warmup_every if self.cfg.split_budget
                                                              else 0)
 
     @property
     def ema(self) -> NoiseScaleEMA:
-        """The estimate decisions use: of the split steps' (where its |G|^2 is known to within split_precision)
-        and the triples', the one that reads the lower noise scale; else whichever exists. Both err upward: the
-        triples read the weights' drift as noise while the loss falls fast (1.5-10x the direct value on the H200),
-        and a split's phi = tr / |G|^2 divides by a small difference of two norms, so its noise is a heavy upper
-        tail (session 15's H200 run: splits read 400-3000 where the direct value was 100-220, and decisions that
-        took whichever estimate was precise at the moment swung the batch between 40 and 244). On the 2-core
-        CPU's tiny model (phi ~50 batches) one split's |G|^2 spreads 5-17x its value, so the precision gate keeps
-        such splits out."""
+        """The estimate decisions use: the split steps' from the first time its |G|^2 is known to within
+        split_precision on (`split_trusted`), the triples' before that, else the split steps' as it stands.
+        The triples are the fallback for runs whose splits cannot read |G|^2 (the 2-core CPU's tiny model, phi ~50
+        batches: one split's |G|^2 spreads 5-17x its value, and a sparse average of them reads phi as 0 or
+        thousands). Where the splits can, the triples are worse: they read the weights' drift as noise while the
+        loss falls fast (1.5-10x the direct value on the H200), so the choice does not go back to them when one
+        noisy split widens the error again; on the H200 (session 15) decisions that did swung the batch between
+        40 and 244, on phi ~45 (splits) against 800-3400 (triples)."""
         split, triple = self.split_ema, self.triple_ema
-        precise = split.ready and split.trace > 0 and split.grad_sqr_rel_error <= self.cfg.split_precision
-        if precise and triple.ready:
-            return split if split.noise_scale <= triple.noise_scale else triple
-        if precise:
+        if self.split_trusted and split.ready:
             return split
         return triple if triple.ready else split
+
+    def _split_is_precise(self) -> bool:
+        split = self.split_ema
+        return split.ready and split.trace > 0 and split.grad_sqr_rel_error <= self.cfg.split_precision
+
+    def _trust_splits(self) -> None:
+        """From now on decide on the split estimate, and stop measuring triples (a copy of the gradient and a norm
+        every step, which a host-bound GPU loop pays for in full)."""
+        self.split_trusted = True
+        if self.meter is not None:      # else setup, which builds it, stops it
+            self.meter.stop_consecutive_steps()
 
     @property
     def gns_source(self) -> str:
@@ -327,8 +339,8 @@ class PolluxAgent(Callback):
             measurement, values, ready = measured
             if ready is not None:
                 ready.synchronize()     # already done: the trainer has read this step's metrics, queued after it
-            ema = self.split_ema if measurement.kind == "split" else self.triple_ema
-            ema.update(*estimate_from_pairs(measurement.pairs(values.tolist())), batch=measurement.samples)
+            self.record_estimate(step, measurement.kind, *estimate_from_pairs(measurement.pairs(values.tolist())),
+                                 samples=measurement.samples)
         micro, accum = self._shapes.pop(step)
         # The first steps after a (re)start compile and warm allocators: not the shape's speed.
         if step > self._started_at + 2 and "val_loss" not in state.metrics and "val_kl" not in state.metrics:
@@ -337,6 +349,17 @@ class PolluxAgent(Callback):
             del times[:-OBSERVATIONS_KEPT]
         if step >= self._started_at + self.cfg.warmup_steps and step % self.cfg.decide_every == 0:
             self._decide(state)
+
+    def record_estimate(self, step: int, kind: str, grad_sqr: float, trace: float, samples: int) -> None:
+        """One measurement into its moving average ("split" or "triple"); the first time the split one is
+        precise, decisions move to it for good (`ema`)."""
+        (self.split_ema if kind == "split" else self.triple_ema).update(grad_sqr, trace, batch=samples)
+        if kind == "split" and not self.split_trusted and self._split_is_precise():
+            self._trust_splits()
+            if self.trainer is not None and self.trainer.world.is_main:
+                self.trainer.metrics_log.append({"event": "pollux_split_trusted", "step": step,
+                                                 "split_grad_sqr_rel_error": self.split_ema.grad_sqr_rel_error,
+                                                 "noise_scale_split": self.split_ema.noise_scale})
 
     # --- deciding ---------------------------------------------------------------------------------------------
 
@@ -505,7 +528,8 @@ class PolluxAgent(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"split_ema": self.split_ema.state_dict(), "triple_ema": self.triple_ema.state_dict(),
                 "times": [[*k, v] for k, v in sorted(self.times.items())], "max_micro": self.max_micro,
-                "decisions": self.decisions, "params": self.params.to_dict() if self.params else None}
+                "decisions": self.decisions, "params": self.params.to_dict() if self.params else None,
+                "split_trusted": self.split_trusted}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "ema" in state:      # a checkpoint from before split steps: its one estimate came from triples
@@ -517,3 +541,5 @@ class PolluxAgent(Callback):
         self.max_micro = self.cfg.max_micro_batch or int(state["max_micro"])
         self.decisions = int(state["decisions"])
         self.params = ThroughputParams.from_dict(state["params"]) if state["params"] else None
+        if state.get("split_trusted"):
+            self._trust_splits()

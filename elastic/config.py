@@ -39,9 +39,9 @@ class ElasticConfig:
                                     # direct estimate while the weights moved fast:
                                     # bench/results/pollux_gns_trajectory_h200.md)
     split_warmup_every: int = 2     # with split_budget: the interval until the first throughput fit
-    split_precision: float = 0.5    # the split steps' noise scale counts while the standard error of its |G|^2
-                                    # is within this fraction of it; decisions take the lower of it and the
-                                    # consecutive triples'
+    split_precision: float = 0.5    # decisions use the consecutive triples' noise scale until the standard
+                                    # error of the split steps' |G|^2 is first within this fraction of it, then
+                                    # the split steps' (and triples stop)
     gns_triples: bool = True        # with splits on: also measure consecutive triples between the split steps
                                     # (one kept buffer the size of the gradient), the fallback above
     measure_every: int = 0          # N: split every N-th such step whatever it costs (split_budget unused)

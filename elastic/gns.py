@@ -201,6 +201,11 @@ class GradientNoiseMeter:
         self._norm_sum: torch.Tensor | None = None
         self._run: tuple[int, int, int] | None = None
 
+    def stop_consecutive_steps(self) -> None:
+        """Measure no more triples (and free the kept gradient buffer)."""
+        self.consecutive_steps = False
+        self._diff = self._norm_sum = self._run = None
+
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.dp_size > 1:
             dist.all_reduce(t, group=self.dp_group)

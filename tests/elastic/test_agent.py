@@ -269,22 +269,23 @@ def test_split_steps_keep_within_their_budget_of_the_step_time(prepared_data, tm
     assert agent.plan.state_dict()["measure_every"] == decisions[-1]["measure_every"]
 
 
-def test_decisions_use_the_lower_of_a_precise_split_estimate_and_the_triples():
+def test_decisions_use_the_triples_until_the_split_estimate_is_precise_then_the_splits_for_good():
     agent = PolluxAgent(ElasticConfig(split_precision=0.5), PolluxPlan(8, 8))
     assert agent.ema is agent.split_ema                         # nothing measured yet: the split one as it stands
-    for sqr in (1.0, 1.2, 0.9, 1.1):                            # within ~10%: precise
-        agent.split_ema.update(sqr, 50.0, batch=8)
-    assert agent.ema is agent.split_ema                         # precise, and no triples yet
-    agent.triple_ema.update(1.0, 500.0, batch=24)
-    assert agent.ema is agent.split_ema and agent.split_ema.grad_sqr_rel_error < 0.5   # phi ~48 below 500
-    for _ in range(20):
-        agent.triple_ema.update(1.0, 1.0, batch=24)
-    assert agent.triple_ema.noise_scale < agent.split_ema.noise_scale and agent.ema is agent.triple_ema
-    for sqr in (-20.0, 25.0, -15.0, 30.0):                      # a small difference of large norms: noise
-        agent.split_ema.update(sqr, 50.0, batch=8)
-    assert agent.split_ema.grad_sqr_rel_error > 0.5 and agent.ema is agent.triple_ema
-    agent.triple_ema.update(1.0, 5000.0, batch=240)             # now far above the split's, which is not precise
-    assert agent.ema is agent.triple_ema and agent.ema.noise_scale > agent.split_ema.noise_scale
+    agent.record_estimate(1, "triple", 1.0, 500.0, samples=24)
+    for step, sqr in enumerate((-20.0, 25.0, -15.0, 30.0), start=2):   # a small difference of large norms: noise
+        agent.record_estimate(step, "split", sqr, 50.0, samples=8)
+    assert agent.split_ema.grad_sqr_rel_error > 0.5 and not agent.split_trusted
+    assert agent.ema is agent.triple_ema and agent.ema.noise_scale == pytest.approx(500.0)
+    for step, sqr in enumerate((10.0, 11.0, 9.0, 10.5, 9.5, 10.0, 10.2, 9.8) * 4, start=6):   # now precise
+        agent.record_estimate(step, "split", sqr, 50.0, samples=8)
+    assert agent.split_ema.grad_sqr_rel_error <= 0.5 and agent.split_trusted and agent.ema is agent.split_ema
+    for step, sqr in enumerate((-90.0, 110.0, -80.0, 100.0), start=40):   # noisy again: the choice stays
+        agent.record_estimate(step, "split", sqr, 50.0, samples=8)
+    assert agent.split_ema.grad_sqr_rel_error > 0.5 and agent.ema is agent.split_ema
+    resumed = PolluxAgent(ElasticConfig(split_precision=0.5), PolluxPlan(8, 8))
+    resumed.load_state_dict(agent.state_dict())
+    assert resumed.split_trusted and resumed.ema is resumed.split_ema
 
 
 def test_a_checkpoint_from_before_split_steps_resumes_with_its_triples_estimate():

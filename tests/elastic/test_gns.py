@@ -160,6 +160,11 @@ def test_meter_waits_for_adam_and_for_two_batch_sizes():
     assert meter.measure(8, [], 4, 4) is None                              # another batch size: another
     assert meter.measure(9, [], 4, 4) is None and meter.measure(10, [], 4, 4) is not None
     assert splitting.measure(3, [], 2, 2) is None and splitting.measure(4, [], 2, 2) is None
+    meter.measure(11, [], 4, 4)
+    meter.measure(12, [], 4, 4)                                            # a triple under way, its buffer kept
+    meter.stop_consecutive_steps()                                         # the agent trusts its splits now
+    assert meter._diff is None and all(meter.measure(s, [], 4, 4) is None for s in range(13, 19))
+    assert meter.measure(19, [local_grad_sq_norms(model)], 2, 4) is not None     # split steps still measure
 
 
 def test_the_moving_average_knows_the_standard_error_of_its_signal():
