@@ -65,7 +65,8 @@ def profile_size(args, size: str, bandwidth: float) -> dict:
         model = Transformer(cfg).to(dtype).eval()
     engine = LLMEngine(model, None, EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=1,
                                                  num_kv_blocks=-(-cfg.max_seq_len // 16) + 1, compile=args.compile,
-                                                 graph_compile=args.graph_compile))
+                                                 graph_compile=args.graph_compile, piecewise_graphs=False,
+                                                 fuse_projections=not args.separate_projections))
     prompt = torch.randint(2, cfg.vocab_size, (args.prompt_len,)).tolist()
     params = SamplingParams(temperature=0, max_tokens=args.decode_tokens, ignore_eos=True)
     unprofiled = statistics.median(decode_steps(engine, prompt, params))     # warm, and the step without tracing
@@ -97,6 +98,8 @@ def main() -> int:
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--graph-compile", default="per_size", choices=["per_size", "dynamic"])
+    p.add_argument("--separate-projections", action="store_true",
+                   help="Q/K/V and gate/up as separate products (EngineConfig.fuse_projections off)")
     p.add_argument("--top", type=int, default=15, help="kernels listed, by total time")
     p.add_argument("--out-name", default="decode_profile")
     args = p.parse_args()
@@ -110,7 +113,8 @@ def main() -> int:
                          for r in result["sizes"]}
     RESULTS.mkdir(exist_ok=True)
     atomic.write_json(RESULTS / f"{args.out_name}.json", result)
-    lines = [f"# Batch-1 decode profile: {result['machine']}, {args.dtype}, compile {args.compile}", "",
+    lines = [f"# Batch-1 decode profile: {result['machine']}, {args.dtype}, compile {args.compile}, projections "
+             f"{'separate' if args.separate_projections else 'fused'}", "",
              "| size | wall ms/step | kernels ms/step | span ms/step | kernels/step | ideal ms | kernels / wall |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["sizes"]:

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from glassbox import atomic
 from glassbox.train.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +58,8 @@ MODELS = {
 
 
 DECISION_KEYS = ("step", "samples", "batch", "micro_batch", "accum_steps", "lr_scale", "noise_scale", "switched",
-                 "efficiency", "predicted_goodput", "best", "decide_s", "throughput_params", "measure_every")
+                 "efficiency", "predicted_goodput", "best", "decide_s", "throughput_params", "measure_every",
+                 "gns_source", "noise_scale_split", "noise_scale_triple", "split_grad_sqr_rel_error")
 DECISION_STRIDE = 5
 
 
@@ -153,8 +155,9 @@ def train(args, name: str, batch: int, micro: int, agent: dict | None = None, st
           f"{final:.4f} (step {steps_rows[-1]['step']})", flush=True)
     samples_at = {r["step"]: r["samples"] for r in steps_rows}
     decisions = [{**r, "samples": samples_at.get(r["step"])} for r in rows if r.get("event") == "pollux"]
+    trusted = next((r["step"] for r in rows if r.get("event") == "pollux_split_trusted"), None)
     return {"name": name, "batch": batch, "wall_s": wall, "rows": steps_rows, "decisions": decisions,
-            "final_val_loss": final}
+            "final_val_loss": final, "split_trusted_step": trusted}
 
 
 def curve(run: dict) -> list[tuple[float, int, float]]:
@@ -305,11 +308,13 @@ def markdown(result: dict) -> str:
               f"Every shape change, and every {DECISION_STRIDE}th decision between them: the smoothed noise scale "
               "phi, the chosen batch (micro-batch x accumulation), the LR scale sqrt(r), the statistical efficiency "
               "E(M), and the predicted goodput (efficiency-weighted samples/s) of the shape it ran against the best "
-              "candidate's (a switch needs > 5% more), and the steps between split steps that keeps their cost "
-              "within the budget.", "",
-              "| step | samples | phi | batch | micro x accum | LR scale | E(M) | goodput: ran / best | switched | "
-              "split every |",
-              "|---:|---:|---:|---:|---|---:|---:|---:|---|---:|"]
+              "candidate's (a switch needs > 5% more), the steps between split steps that keeps their cost "
+              "within the budget, and which estimate phi is (split steps or consecutive triples) beside the two. "
+              "The split estimate was first precise (and decisions moved to it for good) at step "
+              f"{result.get('split_trusted_step') or 'never'}.", "",
+              "| step | samples | phi | from | split / triple phi | batch | micro x accum | LR scale | E(M) | "
+              "goodput: ran / best | switched | split every |",
+              "|---:|---:|---:|---|---:|---:|---|---:|---:|---:|---|---:|"]
     decisions = result["decisions"]
     for i, d in enumerate(decisions):
         if not (d.get("switched") or i % DECISION_STRIDE == 0 or i == len(decisions) - 1):
@@ -317,7 +322,10 @@ def markdown(result: dict) -> str:
         phi = "-" if d.get("noise_scale") is None else f"{d['noise_scale']:.1f}"
         goodput = "-" if d.get("predicted_goodput") is None else \
             f"{d['predicted_goodput']:.1f} / {d['best']['goodput']:.1f}"
-        lines.append(f"| {d['step']} | {d.get('samples') or '-'} | {phi} | {d['batch']} | {d['micro_batch']} x "
+        both = " / ".join("-" if d.get(f"noise_scale_{k}") is None else f"{d[f'noise_scale_{k}']:.1f}"
+                          for k in ("split", "triple"))
+        lines.append(f"| {d['step']} | {d.get('samples') or '-'} | {phi} | {d.get('gns_source', '-')} | {both} | "
+                     f"{d['batch']} | {d['micro_batch']} x "
                      f"{d.get('accum_steps', '-')} | {d['lr_scale']:.3f} | {d.get('efficiency', 1.0):.3f} | "
                      f"{goodput} | {'yes' if d.get('switched') else ''} | {d.get('measure_every', '-')} |")
     lines.append("")
@@ -396,10 +404,11 @@ def main(argv: list[str] | None = None) -> int:
                                 for r in runs[-1]["rows"]],
         "adaptive_batches": batch_segments(runs[-1]["rows"]),
         "decisions": [{k: v for k, v in d.items() if k in DECISION_KEYS} for d in runs[-1]["decisions"]],
+        "split_trusted_step": runs[-1]["split_trusted_step"],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"pollux_adaptive{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"pollux_adaptive{suffix}.md").write_text(markdown(result))
+    atomic.write_json(RESULTS / f"pollux_adaptive{suffix}.json", result)
+    atomic.write_text(RESULTS / f"pollux_adaptive{suffix}.md", markdown(result))
     plot(runs, target, RESULTS / f"pollux_adaptive{suffix}.png")
     print(json.dumps(result["summary"], indent=2))
     return 0

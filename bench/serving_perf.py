@@ -122,7 +122,8 @@ def bench_roofline(args, size: str, bandwidth: float) -> dict:
         model = Transformer(cfg).to(dtype).eval()
     engine = LLMEngine(model, None, EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=1,
                                                  num_kv_blocks=-(-cfg.max_seq_len // 16) + 1, compile=args.compile,
-                                                 graph_compile=args.graph_compile))
+                                                 graph_compile=args.graph_compile,
+                                                 fuse_projections=not args.separate_projections))
     prompt = torch.randint(2, cfg.vocab_size, (args.prompt_len,)).tolist()
     params = SamplingParams(temperature=0, max_tokens=args.decode_tokens, ignore_eos=True)
     tpots = []
@@ -236,6 +237,8 @@ def main() -> int:
     p.add_argument("--compile", action="store_true", help="roofline and load with compile (start-up always is)")
     p.add_argument("--graph-compile", default="per_size", choices=["per_size", "dynamic"],
                    help="how compile compiles the decode graphs' layer (EngineConfig.graph_compile), every section")
+    p.add_argument("--separate-projections", action="store_true",
+                   help="roofline: Q/K/V and gate/up as separate products (EngineConfig.fuse_projections off)")
     modes = ["auto", "dense", "varlen", "reference"]
     p.add_argument("--attention", nargs="+", default=["auto"], choices=modes + [f"{m}+piecewise" for m in modes],
                    help="load runs, one per runner attention mode, `+piecewise` for piecewise graphs (the first "

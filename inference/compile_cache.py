@@ -141,7 +141,7 @@ def engine_sizes(cfg: Any, num_blocks: int, max_model_len: int) -> dict[str, Any
             "max_num_seqs": cfg.max_num_seqs, "cuda_graphs": cfg.cuda_graphs,
             "num_spec_tokens": cfg.num_spec_tokens, "spec_batch_tokens": cfg.spec_batch_tokens,
             "piecewise_graphs": cfg.piecewise_graphs, "max_num_batched_tokens": cfg.max_num_batched_tokens,
-            "graph_compile": cfg.graph_compile}
+            "graph_compile": cfg.graph_compile, "fuse_projections": cfg.fuse_projections}
 
 
 @contextlib.contextmanager

@@ -63,6 +63,10 @@ class EngineConfig:
     specialisation per captured batch size (each tuned alone; most of a cold start: 20 sizes at max_num_seqs 256),
     or `dynamic`, one compile with a symbolic batch size that every graph of 2 or more sequences shares, plus batch
     1, which torch specialises (a shorter cold start; bench/serving_perf.py --graph-compile measures both).
+    `fuse_projections` joins each layer's Q/K/V weights, and a dense MLP's gate/up weights, into one matrix
+    (Transformer.fuse_projections; the model's values are unchanged, its separate projections become views): one
+    matrix product a layer instead of three, and one instead of two, which at small batches saves kernels that
+    are latency-bound (bench/results/decode_profile_h200.md).
     `max_n` caps the samples one request may ask for (n), so that one request cannot occupy the engine for long.
 
     Speculative decoding: `proposer` names a registered proposer (`suffix`, or `none`), `spec_options` its own
@@ -94,6 +98,7 @@ class EngineConfig:
     piecewise_graphs: bool | None = None
     compile: bool = False
     graph_compile: str = "per_size"
+    fuse_projections: bool = True
     compile_cache: bool = True
     compile_cache_dir: str | None = None
     tensor_parallel_size: int = 1
@@ -142,7 +147,8 @@ class EngineConfig:
             raise bad("cpu_kv_cache_gb", "a positive number")
         if self.piecewise_graphs is not None and not isinstance(self.piecewise_graphs, bool):
             raise bad("piecewise_graphs", "true, false or None (on where they apply)")
-        for name in ("enable_prefix_caching", "enable_chunked_prefill", "cuda_graphs", "compile", "compile_cache"):
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "cuda_graphs", "compile", "compile_cache",
+                     "fuse_projections"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
         for name, known in (("policy", POLICIES), ("proposer", PROPOSERS), ("dtype", DTYPES)):
@@ -316,6 +322,8 @@ class LLMEngine:
         cfg = self.config
         cfg.validate()
         self.model = model
+        if cfg.fuse_projections:
+            model.fuse_projections()
         self.tokenizer = tokenizer
         self.eos_token_ids = set(eos_token_ids or [])
         self.max_model_len = min(cfg.max_model_len or model.config.max_seq_len, model.config.max_seq_len)

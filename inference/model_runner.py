@@ -192,9 +192,8 @@ def paged_attention(attn: Attention, h: torch.Tensor, cos: torch.Tensor, sin: to
                     block_size: int) -> torch.Tensor:
     N, hd = h.shape[0], attn.head_dim
     cos, sin = cos[:, None, :], sin[:, None, :]
-    q = apply_rotary(attn.q_proj(h).view(N, -1, hd), cos, sin)
-    k = apply_rotary(attn.k_proj(h).view(N, -1, hd), cos, sin)
-    v = attn.v_proj(h).view(N, -1, hd)
+    q, k, v = (t.view(N, -1, hd) for t in attn.project_qkv(h))
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     kc.index_copy_(0, inputs.slots, k)
     vc.index_copy_(0, inputs.slots, v)
     return attn.o_proj(attend(q, k, v, kc, vc, inputs, decode_mask, block_size).reshape(N, -1))

@@ -57,9 +57,10 @@ def qkv_into(layer: Block, q_proj: nn.Linear | None, x: torch.Tensor, cos: torch
     if q_proj is not None:
         q.copy_(apply_rotary(q_proj(h).view(N, -1, hd), cos, sin))
         return
-    q.copy_(apply_rotary(attn.q_proj(h).view(N, -1, hd), cos, sin))
-    k.copy_(apply_rotary(attn.k_proj(h).view(N, -1, hd), cos, sin))
-    v.copy_(attn.v_proj(h).view(N, -1, hd))
+    qs, ks, vs = (t.view(N, -1, hd) for t in attn.project_qkv(h))
+    q.copy_(apply_rotary(qs, cos, sin))
+    k.copy_(apply_rotary(ks, cos, sin))
+    v.copy_(vs)
 
 
 def embed_piece(model: Transformer, first: Block, ids: torch.Tensor, positions: torch.Tensor, x: torch.Tensor,

@@ -194,13 +194,30 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.register_buffer("qkv_weight", None, persistent=False)     # set by fuse()
+        self._qkv_rows: list[int] = []
+
+    def fuse(self) -> None:
+        """Join the Q, K and V weights into one matrix (`qkv_weight`) that the three projections' weights become
+        views of: no memory added, one matrix product per step instead of three. It pays where a step is a
+        matrix-vector product per weight, serving at small batches: on the H200 a 1B model's decode step ran K
+        and V (1 MB each) at 5.3 us apiece, latency rather than bandwidth (bench/results/decode_profile_h200.md).
+        Call it after any sharding (tensor parallelism slices the separate projections)."""
+        if self.qkv_weight is None:
+            self.qkv_weight = join_rows([self.q_proj, self.k_proj, self.v_proj])
+            self._qkv_rows = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q, K and V of x [..., hidden], each [..., heads x head_dim]: one product once fused, else three."""
+        if self.qkv_weight is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = F.linear(x, self.qkv_weight).split(self._qkv_rows, dim=-1)
+        return q, k, v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         # -1 for the head count: under tensor parallelism each rank holds a slice of the heads.
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k, v = (t.reshape(B, T, -1, self.head_dim).transpose(1, 2) for t in self.project_qkv(x))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         n_rep = q.shape[1] // k.shape[1]
         if n_rep > 1:
@@ -216,9 +233,30 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.register_buffer("gate_up_weight", None, persistent=False)     # set by fuse()
+
+    def fuse(self) -> None:
+        """Join the gate and up weights into one matrix the two become views of (see Attention.fuse)."""
+        if self.gate_up_weight is None:
+            self.gate_up_weight = join_rows([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def join_rows(linears: list[nn.Linear]) -> torch.Tensor:
+    """One weight matrix of the linears' rows, in order; each linear's weight becomes a view of its rows, so the
+    separate modules still compute (and load, and shard) as before, and the old tensors are freed."""
+    joined = torch.cat([lin.weight.detach() for lin in linears])
+    at = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight = nn.Parameter(joined[at:at + rows], requires_grad=lin.weight.requires_grad)
+        at += rows
+    return joined
 
 
 class MoE(nn.Module):
@@ -355,6 +393,14 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.lm_head(self.norm(x))
+
+    def fuse_projections(self) -> None:
+        """Join each layer's Q/K/V weights and a dense MLP's gate/up weights (Attention.fuse, SwiGLU.fuse), as the
+        inference engine does; values, state_dict keys and training are unchanged. MoE experts stay as they are."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            if isinstance(layer.mlp, SwiGLU):
+                layer.mlp.fuse()
 
     def aux_loss(self) -> torch.Tensor | None:
         """The MoE load-balancing loss of the last forward, summed over layers and scaled; None for dense."""

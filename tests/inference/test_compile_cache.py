@@ -41,6 +41,8 @@ def test_how_the_decode_graphs_compile_is_part_of_the_key():
     per_size, dynamic = (engine_sizes(EngineConfig(compile=True, graph_compile=m), 64, 256)
                          for m in ("per_size", "dynamic"))
     assert per_size != dynamic and {k for k in per_size if per_size[k] != dynamic[k]} == {"graph_compile"}
+    fused, separate = (engine_sizes(EngineConfig(compile=True, fuse_projections=f), 64, 256) for f in (True, False))
+    assert {k for k in fused if fused[k] != separate[k]} == {"fuse_projections"}
     with pytest.raises(ConfigError, match="engine.graph_compile: must be per_size or dynamic"):
         EngineConfig(graph_compile="static")
 

@@ -51,6 +51,15 @@ def test_llama_batch_of_16_matches_transformers(llama_dir, llama_reference):
     assert got == expected
 
 
+def test_separate_projections_match_transformers_too(llama_dir, llama_reference):
+    # The engine joins Q/K/V and gate/up weights by default (EngineConfig.fuse_projections); the unjoined path too.
+    token_prompts, expected = llama_reference
+    llm = LLM(llama_dir, fuse_projections=False)
+    assert llm.engine.model.layers[0].self_attn.qkv_weight is None
+    assert _engine_greedy(llm, token_prompts[:6]) == expected[:6]
+    assert LLM(llama_dir).engine.model.layers[0].self_attn.qkv_weight is not None
+
+
 def test_llama_alone_matches_batch(llama_dir, llama_reference):
     token_prompts, expected = llama_reference
     llm = LLM(llama_dir)
