@@ -456,8 +456,8 @@ class PolluxAgent(Callback):
         the step time, and 2 at least (a pass's fixed cost makes a split step of a small model on a GPU cost
         ~1.5x); measure_every where set, and the warm-up interval until a throughput fit exists. Both step times
         are the medians observed where each shape has run a few times and they say a split costs more (an early
-        fit, through two micro-batch sizes, can put the split's cost anywhere), else the fit's. Unused (unchanged) for a shape that accumulates: its
-        micro-batches measure the noise scale at no extra cost."""
+        fit, through two micro-batch sizes, can put the split's cost anywhere), else the fit's. Unused (unchanged)
+        for a shape that accumulates: its micro-batches measure the noise scale at no extra cost."""
         current = self.plan.measure_every
         per_rank = shape.batch // self.replicas
         divisor = split_divisor(per_rank)

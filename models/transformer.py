@@ -208,8 +208,9 @@ class Attention(nn.Module):
             self._qkv_rows = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Q, K and V of x [..., hidden], each [..., heads x head_dim]: one product once fused, else three."""
-        if self.qkv_weight is None:
+        """Q, K and V of x [..., hidden], each [..., heads x head_dim]: one product once fused (and no gradient is
+        being taken: the joined matrix is not what autograd tracks), else three."""
+        if self.qkv_weight is None or torch.is_grad_enabled():
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q, k, v = F.linear(x, self.qkv_weight).split(self._qkv_rows, dim=-1)
         return q, k, v
@@ -241,7 +242,7 @@ class SwiGLU(nn.Module):
             self.gate_up_weight = join_rows([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_weight is None:
+        if self.gate_up_weight is None or torch.is_grad_enabled():     # see Attention.project_qkv
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
@@ -249,7 +250,8 @@ class SwiGLU(nn.Module):
 
 def join_rows(linears: list[nn.Linear]) -> torch.Tensor:
     """One weight matrix of the linears' rows, in order; each linear's weight becomes a view of its rows, so the
-    separate modules still compute (and load, and shard) as before, and the old tensors are freed."""
+    separate modules still compute, train and load (load_state_dict copies into the views) as before, and the old
+    tensors are freed. Shard before joining: a shard replaces a weight, which would leave the joined one stale."""
     joined = torch.cat([lin.weight.detach() for lin in linears])
     at = 0
     for lin in linears:
@@ -396,7 +398,8 @@ class Transformer(nn.Module):
 
     def fuse_projections(self) -> None:
         """Join each layer's Q/K/V weights and a dense MLP's gate/up weights (Attention.fuse, SwiGLU.fuse), as the
-        inference engine does; values, state_dict keys and training are unchanged. MoE experts stay as they are."""
+        inference engine does; values and state_dict keys are unchanged, and a forward that takes gradients still
+        runs the separate projections. MoE experts stay as they are."""
         for layer in self.layers:
             layer.self_attn.fuse()
             if isinstance(layer.mlp, SwiGLU):

@@ -57,3 +57,23 @@ def test_weights_loaded_into_a_fused_model_reach_its_joined_matrices():
     with torch.no_grad():
         torch.testing.assert_close(model(ids), source(ids), rtol=1e-5, atol=1e-5)
     assert torch.equal(model.layers[1].mlp.gate_up_weight[96:], source.layers[1].mlp.up_proj.weight)
+
+
+def linear_calls(model: Transformer, ids: torch.Tensor) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(ids).sum().backward() if torch.is_grad_enabled() else model(ids)
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::linear")
+
+
+def test_a_fused_model_serves_with_one_product_and_still_trains_through_the_separate_ones():
+    model, ids = tiny(), torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        separate = linear_calls(model, ids)
+    model.fuse_projections()
+    with torch.no_grad():
+        assert linear_calls(model, ids) == separate - 2 * (2 + 1) == 2 * 4 + 1     # q/k/v -> 1, gate/up -> 1
+    assert linear_calls(model, ids) == separate                 # with gradients: the separate, tracked weights
+    attn = model.layers[0].self_attn
+    assert attn.k_proj.weight.grad is not None and model.layers[0].mlp.up_proj.weight.grad is not None
