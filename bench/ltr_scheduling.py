@@ -557,6 +557,10 @@ def main() -> int:
                                                               max_num_seqs=max_num_seqs, max_model_len=max_len,
                                                               num_kv_blocks=2 * max_num_seqs * max_len // 16))
     ranker = Ranker.load(run_dir / "ranker", args.device, engine.tokenizer)
+    # As serving does on CUDA (LTRPolicy.build): each scoring shape's first-use cost at start-up, not on requests.
+    started = time.perf_counter()
+    warm_shapes = ranker.warm_up() if kind == "cuda" else []
+    warm_up = {"shapes": len(warm_shapes), "seconds": time.perf_counter() - started}
     _, _, test = split(examples, cfg.seed, cfg.test_fraction, cfg.val_fraction)
     lengths = {tuple(e.prompt_ids): e.output_len for e in examples}
     rng = random.Random(args.seed)
@@ -607,7 +611,7 @@ def main() -> int:
         "machine": machine_name(args.device), "model": Path(meta["model_dir"]).name, "dtype": dtype,
         "max_tokens": max_tokens, "max_num_seqs": max_num_seqs, "requests_per_run": len(requests),
         "capacity_req_s": capacity, "online": online, "offline": offline, "offline_budget_s": budget,
-        "offline_requests": len(requests), "ranker": ranker_eval, "train": train_summary, "collection": meta,
+        "offline_requests": len(requests), "ranker": ranker_eval, "ranker_warm_up": warm_up, "train": train_summary, "collection": meta,
         "load_average": round(os.getloadavg()[0], 1), "seconds_total": time.perf_counter() - t,
         "clock": CLOCKS[kind],
     }

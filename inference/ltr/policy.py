@@ -36,6 +36,8 @@ import math
 import time
 from typing import Any, Callable, Protocol
 
+import torch
+
 from glassbox.errors import GlassboxError
 from glassbox.inference.policy import DEFAULT_PROMOTE_STEPS, Policy, SchedulerState
 from glassbox.inference.sequence import Sequence, Status
@@ -172,8 +174,10 @@ class LTRPolicy(Policy):
         if tokenizer is None:
             raise GlassboxError(f"policy 'ltr': ranker {ranker_dir}: the served model has no tokenizer.json, so the "
                                 "ranker's tokenizer cannot be checked against it")
-        return cls(RankerScorer(Ranker.load(ranker_dir, device, tokenizer), batch_size), batch_size=batch_size,
-                   **options)
+        ranker = Ranker.load(ranker_dir, device, tokenizer)
+        if torch.device(device).type == "cuda":
+            ranker.warm_up(batch_size)       # first-use costs at start-up, not on requests (Ranker.warm_up)
+        return cls(RankerScorer(ranker, batch_size), batch_size=batch_size, **options)
 
     def remaining(self, seq: Sequence) -> float | None:
         """Predicted output tokens still to come (negative once a request outlives its prediction), or None."""

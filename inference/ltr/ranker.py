@@ -135,6 +135,20 @@ class Ranker:
                 out[i] = s
         return out
 
+    def warm_up(self, batch_size: int = 32) -> list[tuple[int, int]]:
+        """Score one batch of every shape serving can ask for (rows a power of two up to `batch_size`, lengths
+        multiples of SCORE_PAD up to max_prompt_tokens) and return those (rows, length) shapes. A shape's first
+        call pays for allocator growth and kernel selection; on the H200 a ranker that met traffic cold cost
+        31 ms a scored request at the first load of bench/ltr_scheduling.py, 19 at the second and 9 at the third,
+        the same ranker warming up under requests. Serving on CUDA warms it at start-up instead
+        (LTRPolicy.build)."""
+        lengths = range(SCORE_PAD, -(-self.max_prompt_tokens // SCORE_PAD) * SCORE_PAD + 1, SCORE_PAD)
+        rows = [1 << i for i in range((max(1, batch_size) - 1).bit_length() + 1)]
+        shapes = [(n, t) for t in lengths for n in rows]
+        for n, t in shapes:
+            self.trunk.features([[0] * t] * n, [self.layers], self.max_prompt_tokens, pad_to=SCORE_PAD)
+        return shapes
+
     def predicted_lengths(self, scores: list[float]) -> list[float] | None:
         """Output lengths (tokens) for `scores` through the stored calibration, or None without one."""
         cal = self.meta.get("length_calibration")

@@ -180,6 +180,9 @@ def test_collect_train_eval_then_serve_with_the_ranker(llama_dir, tmp_path):
     assert all(1 <= n <= 6 for n in predicted)
     by_score = [n for _, n in sorted(zip(scores, predicted), reverse=True)]
     assert by_score == sorted(by_score)
+    shapes = ranker.warm_up(batch_size=3)                        # every shape scoring can take, once
+    assert shapes == [(n, t) for t in range(64, ranker.max_prompt_tokens + 1, 64) for n in (1, 2, 4)]
+    assert ranker.score([e.prompt_ids for e in examples]) == pytest.approx(scores, rel=1e-5, abs=1e-6)
     result = evaluate(run / "ranker", data)
     for key in ("kendall_tau", "baseline_prompt_length_tau", "baseline_bucket_classifier_tau",
                 "score_ms_per_prompt"):
