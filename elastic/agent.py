@@ -53,6 +53,10 @@ MAX_SPLIT = 4              # a measured step is split into at most this many mic
 PROBE_RESOLUTION = 0.125   # the memory probe stops within 12.5% below the wall: ~3 passes near it, not ~log2(m)
 OBSERVATIONS_KEPT = 32      # step times kept per batch shape (their median is the shape's observation)
 SPLIT_COST_OBSERVATIONS = 3  # step times of a shape, whole and split, before their medians price a split
+# Split measurements before their standard error can make them the estimate for good: a spread read from two or
+# three estimates can be near zero by chance. The agent splits every other step until its first decision, so on the
+# H200 (first decision at step 30) about a dozen are in by then.
+SPLIT_TRUST_MEASUREMENTS = 8
 NPROC_RANGE_ENV = "GLASSBOX_ELASTIC_NPROC"   # "MIN:MAX", set by `glassbox elastic run` when resizing is allowed
 
 
@@ -199,7 +203,8 @@ class PolluxAgent(Callback):
     @property
     def ema(self) -> NoiseScaleEMA:
         """The estimate decisions use: the split steps' from the first time its |G|^2 is known to within
-        split_precision on (`split_trusted`), the triples' before that, else the split steps' as it stands.
+        split_precision (over SPLIT_TRUST_MEASUREMENTS splits or more) on (`split_trusted`), the triples' before
+        that, else the split steps' as it stands.
         The triples are the fallback for runs whose splits cannot read |G|^2 (the 2-core CPU's tiny model, phi ~50
         batches: one split's |G|^2 spreads 5-17x its value, and a sparse average of them reads phi as 0 or
         thousands). Where the splits can, the triples are worse: they read the weights' drift as noise while the
@@ -213,7 +218,8 @@ class PolluxAgent(Callback):
 
     def _split_is_precise(self) -> bool:
         split = self.split_ema
-        return split.ready and split.trace > 0 and split.grad_sqr_rel_error <= self.cfg.split_precision
+        return split.ready and split.trace > 0 and split.count >= SPLIT_TRUST_MEASUREMENTS and \
+            split.grad_sqr_rel_error <= self.cfg.split_precision
 
     def _trust_splits(self) -> None:
         """From now on decide on the split estimate, and stop measuring triples (a copy of the gradient and a norm

@@ -40,8 +40,8 @@ class ElasticConfig:
                                     # bench/results/pollux_gns_trajectory_h200.md)
     split_warmup_every: int = 2     # with split_budget: the interval until the first throughput fit
     split_precision: float = 0.5    # decisions use the consecutive triples' noise scale until the standard
-                                    # error of the split steps' |G|^2 is first within this fraction of it, then
-                                    # the split steps' (and triples stop)
+                                    # error of the split steps' |G|^2 is first within this fraction of it (8
+                                    # splits at least), then the split steps' (and triples stop)
     gns_triples: bool = True        # with splits on: also measure consecutive triples between the split steps
                                     # (one kept buffer the size of the gradient), the fallback above
     measure_every: int = 0          # N: split every N-th such step whatever it costs (split_budget unused)

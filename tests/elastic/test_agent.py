@@ -286,6 +286,12 @@ def test_decisions_use_the_triples_until_the_split_estimate_is_precise_then_the_
     resumed = PolluxAgent(ElasticConfig(split_precision=0.5), PolluxPlan(8, 8))
     resumed.load_state_dict(agent.state_dict())
     assert resumed.split_trusted and resumed.ema is resumed.split_ema
+    few = PolluxAgent(ElasticConfig(split_precision=0.5), PolluxPlan(8, 8))
+    for step, sqr in enumerate((10.0, 10.1, 9.9, 10.0, 10.1, 9.9, 10.0), start=1):   # precise, but only 7 of them
+        few.record_estimate(step, "split", sqr, 50.0, samples=8)
+    assert few.split_ema.grad_sqr_rel_error < 0.01 and not few.split_trusted
+    few.record_estimate(8, "split", 10.0, 50.0, samples=8)
+    assert few.split_trusted
 
 
 def test_a_checkpoint_from_before_split_steps_resumes_with_its_triples_estimate():
