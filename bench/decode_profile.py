@@ -20,9 +20,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from glassbox import atomic
-from glassbox.inference.engine import DTYPES, EngineConfig, LLMEngine
+from glassbox.inference.engine import DTYPES, LLMEngine
 from glassbox.inference.sampling_params import SamplingParams
-from glassbox.models.transformer import ModelConfig, Transformer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -58,15 +57,8 @@ def kernel_report(prof, steps: int, wall: float, top: int) -> dict:
 
 
 def profile_size(args, size: str, bandwidth: float) -> dict:
-    cfg = ModelConfig(**sp.SIZES[size], max_seq_len=args.prompt_len + args.decode_tokens + 8, tie_embeddings=False)
+    cfg, model, engine = sp.batch1_engine(args, size, piecewise_graphs=False)
     dtype = DTYPES[args.dtype]
-    torch.manual_seed(0)
-    with torch.device(args.device):
-        model = Transformer(cfg).to(dtype).eval()
-    engine = LLMEngine(model, None, EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=1,
-                                                 num_kv_blocks=-(-cfg.max_seq_len // 16) + 1, compile=args.compile,
-                                                 graph_compile=args.graph_compile, piecewise_graphs=False,
-                                                 fuse_projections=not args.separate_projections))
     prompt = torch.randint(2, cfg.vocab_size, (args.prompt_len,)).tolist()
     params = SamplingParams(temperature=0, max_tokens=args.decode_tokens, ignore_eos=True)
     unprofiled = statistics.median(decode_steps(engine, prompt, params))     # warm, and the step without tracing

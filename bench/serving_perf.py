@@ -114,16 +114,23 @@ def copy_bandwidth(device: str) -> float:
     return 2 * n / statistics.median(times[2:])
 
 
-def bench_roofline(args, size: str, bandwidth: float) -> dict:
+def batch1_engine(args, size: str, **engine_options) -> tuple[ModelConfig, Transformer, LLMEngine]:
+    """A random-weight model of `size` in an engine for one sequence of prompt_len + decode_tokens (the roofline's
+    and bench/decode_profile.py's), compile, graph_compile and projections as the arguments say."""
     cfg = ModelConfig(**SIZES[size], max_seq_len=args.prompt_len + args.decode_tokens + 8, tie_embeddings=False)
-    dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
     with torch.device(args.device):
-        model = Transformer(cfg).to(dtype).eval()
+        model = Transformer(cfg).to(DTYPES[args.dtype]).eval()
     engine = LLMEngine(model, None, EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=1,
                                                  num_kv_blocks=-(-cfg.max_seq_len // 16) + 1, compile=args.compile,
                                                  graph_compile=args.graph_compile,
-                                                 fuse_projections=not args.separate_projections))
+                                                 fuse_projections=not args.separate_projections, **engine_options))
+    return cfg, model, engine
+
+
+def bench_roofline(args, size: str, bandwidth: float) -> dict:
+    cfg, model, engine = batch1_engine(args, size)
+    dtype = DTYPES[args.dtype]
     prompt = torch.randint(2, cfg.vocab_size, (args.prompt_len,)).tolist()
     params = SamplingParams(temperature=0, max_tokens=args.decode_tokens, ignore_eos=True)
     tpots = []
