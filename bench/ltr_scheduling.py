@@ -611,7 +611,8 @@ def main() -> int:
         "machine": machine_name(args.device), "model": Path(meta["model_dir"]).name, "dtype": dtype,
         "max_tokens": max_tokens, "max_num_seqs": max_num_seqs, "requests_per_run": len(requests),
         "capacity_req_s": capacity, "online": online, "offline": offline, "offline_budget_s": budget,
-        "offline_requests": len(requests), "ranker": ranker_eval, "ranker_warm_up": warm_up, "train": train_summary, "collection": meta,
+        "offline_requests": len(requests), "ranker": ranker_eval, "ranker_warm_up": warm_up, "train": train_summary,
+        "collection": meta,
         "load_average": round(os.getloadavg()[0], 1), "seconds_total": time.perf_counter() - t,
         "clock": CLOCKS[kind],
     }

@@ -48,7 +48,7 @@ from glassbox.inference.scheduler import SchedulerOutput
 from glassbox.inference.speculative.draft import EMPTY, Draft
 from glassbox.inference.tensor_parallel import local_kv_heads
 from glassbox.models.swiftkv import SwiftKVTransformer
-from glassbox.models.transformer import Attention, Block, Transformer, apply_rotary
+from glassbox.models.transformer import Attention, Block, Transformer, apply_rotary, join_rows
 
 
 class Span(NamedTuple):
@@ -754,7 +754,7 @@ class ModelRunner:
 
 class SwiftKVPath:
     """What the runner needs of a SwiftKV model: l, each upper layer's query projection, and the K/V projections
-    of every upper cache stacked into one weight, so that one matmul over norm(h_l) yields every upper cache's
+    of every upper cache joined into one weight, so that one matmul over norm(h_l) yields every upper cache's
     keys and values (the bulk step)."""
 
     def __init__(self, model: SwiftKVTransformer):
@@ -765,9 +765,9 @@ class SwiftKVPath:
         starts = skv.group_starts(L)
         self.num_caches = len(starts)
         self.head_dim = model.config.head_dim
-        with torch.no_grad():
-            self.kv_weight = torch.cat([model.swiftkv_k_proj[str(c)].weight for c in starts]
-                                       + [model.swiftkv_v_proj[str(c)].weight for c in starts]) if starts else None
+        # Joined in place (the projections become views of it, as Transformer.fuse_projections joins Q/K/V).
+        self.kv_weight = join_rows([model.swiftkv_k_proj[str(c)] for c in starts]
+                                   + [model.swiftkv_v_proj[str(c)] for c in starts]) if starts else None
 
     def write_kv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                  k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:

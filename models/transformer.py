@@ -195,7 +195,6 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.register_buffer("qkv_weight", None, persistent=False)     # set by fuse()
-        self._qkv_rows: list[int] = []
 
     def fuse(self) -> None:
         """Join the Q, K and V weights into one matrix (`qkv_weight`) that the three projections' weights become
@@ -205,14 +204,14 @@ class Attention(nn.Module):
         Call it after any sharding (tensor parallelism slices the separate projections)."""
         if self.qkv_weight is None:
             self.qkv_weight = join_rows([self.q_proj, self.k_proj, self.v_proj])
-            self._qkv_rows = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Q, K and V of x [..., hidden], each [..., heads x head_dim]: one product once fused (and no gradient is
         being taken: the joined matrix is not what autograd tracks), else three."""
         if self.qkv_weight is None or torch.is_grad_enabled():
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q, k, v = F.linear(x, self.qkv_weight).split(self._qkv_rows, dim=-1)
+        rows = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
+        q, k, v = F.linear(x, self.qkv_weight).split(rows, dim=-1)
         return q, k, v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
