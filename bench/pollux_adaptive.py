@@ -206,14 +206,16 @@ def gns_overhead(args, m0: int, agent: dict) -> dict[str, Any]:
     steps; adapt_batch off so both runs take the same steps) over without it, at M0 in one micro-batch, the
     shape the adaptive run starts in; rounds interleaved. The mean, not the median: a decision lands on one
     step in ten, and a split step on one in several, which a median would leave out. The steady state: steps
-    from the one the first decision shapes on; until then the agent splits every other step (the first fit
-    needs a few measurements), a once-per-run cost reported beside it."""
+    from the one the first decision shapes on, with the adaptive run's warm-up (until then the agent splits every
+    other step, which is what makes the split estimate trusted and ends the triples' per-step gradient copy and
+    norms, as it does in the adaptive run), a once-per-run cost reported beside it, with the step the splits
+    were trusted at in each round."""
     with_agent, without, medians = [], [], {"with": [], "without": []}
     steps = args.overhead_steps
-    measuring = {**agent, "adapt_batch": False, "scale_lr": False, "warmup_steps": 5}
+    measuring = {**agent, "adapt_batch": False, "scale_lr": False}
     decide_every = measuring["decide_every"]
     steady_from = -(-measuring["warmup_steps"] // decide_every) * decide_every + 2
-    warmup_extra, split_counts = [], []
+    warmup_extra, split_counts, trusted = [], [], []
     for _ in range(args.overhead_rounds):
         for config, out, key in ((None, without, "without"), (measuring, with_agent, "with")):
             run = train(args, "overhead" + ("_agent" if config else ""), m0, m0, config, steps=steps)
@@ -222,6 +224,7 @@ def gns_overhead(args, m0: int, agent: dict) -> dict[str, Any]:
             out.append(statistics.fmean(times))
             medians[key].append(statistics.median(times))
             if config:
+                trusted.append(run["split_trusted_step"])
                 early = [r["step_time"] for r in rows if r["step"] < steady_from]
                 warmup_extra.append(sum(early) - len(early) * without[-1])
                 split_counts.append(sum(r["micro_batch_size"] < r["batch_size"] for r in rows
@@ -232,6 +235,7 @@ def gns_overhead(args, m0: int, agent: dict) -> dict[str, Any]:
             "median_step_s_with_gns": statistics.median(medians["with"]),
             "decide_every": decide_every, "rounds": args.overhead_rounds, "steps": steps, "steady_from": steady_from,
             "split_steps_steady": statistics.median(split_counts), "warmup_extra_s": statistics.median(warmup_extra),
+            "split_trusted_steps": trusted,
             "batch": m0, "micro_batch": m0}
 
 
@@ -293,7 +297,8 @@ def markdown(result: dict) -> str:
               f"{o['step_s_without'] * 1e3:.2f} ms without (batch {o['batch']} in one micro-batch, {o['rounds']} "
               f"interleaved rounds of {o['steps']} steps): **{100 * s['gns_overhead']:.2f}%** (medians "
               f"{o['median_step_s_with_gns'] * 1e3:.2f} vs {o['median_step_s_without'] * 1e3:.2f} ms); before "
-              f"the first decision, every other step split: {o['warmup_extra_s'] * 1e3:.0f} ms once per run. "
+              f"the first decision, every other step split: {o['warmup_extra_s'] * 1e3:.0f} ms once per run "
+              f"(splits trusted at step {', '.join(str(t or 'never') for t in o.get('split_trusted_steps', []))}). "
               f"The final validation loss is measured at each run's last step.", "",
               f"The Pollux run to the target: {c['steps']} steps (median {c['median_step_s'] * 1e3:.1f} ms), "
               f"{c['explore_steps']} of them exploring for the throughput fit "
@@ -339,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, help="prepared DATA_DIR (vocab 4096); default: prepared into the temp dir")
     p.add_argument("--samples", type=int, default=0, help="sample budget of every run (0: the model's default)")
     p.add_argument("--val-samples", type=int, default=64)
-    p.add_argument("--overhead-steps", type=int, default=100)
+    p.add_argument("--overhead-steps", type=int, default=130)
     p.add_argument("--overhead-rounds", type=int, default=4)
     args = p.parse_args(argv)
     if args.device == "cpu":

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 MAX_SPLIT = 4              # a measured step is split into at most this many micro-batches
 PROBE_RESOLUTION = 0.125   # the memory probe stops within 12.5% below the wall: ~3 passes near it, not ~log2(m)
 OBSERVATIONS_KEPT = 32      # step times kept per batch shape (their median is the shape's observation)
-SPLIT_COST_OBSERVATIONS = 3  # step times of a shape, whole and split, before their medians price a split
+MEDIAN_OBSERVATIONS = 3      # step times of a shape before their median prices it (a split, a candidate)
 # Split measurements before their standard error can make them the estimate for good: a spread read from two or
 # three estimates can be near zero by chance. The agent splits every other step until its first decision, so on the
 # H200 (first decision at step 30) about a dozen are in by then.
@@ -378,7 +378,8 @@ class PolluxAgent(Callback):
         if not obs or not self.ema.ready:
             return None
         self.params = fit_throughput(obs, start=self.params)
-        return GoodputModel(self.params, self.ema.grad_sqr, self.ema.grad_var, self.init_batch)
+        measured = {key: statistics.median(t) for key, t in self.times.items() if len(t) >= MEDIAN_OBSERVATIONS}
+        return GoodputModel(self.params, self.ema.grad_sqr, self.ema.grad_var, self.init_batch, measured)
 
     def micro_batch_range(self) -> tuple[int, int]:
         """The micro-batches a decision may choose: up to max_micro, and up to max_micro_growth x the largest
@@ -473,7 +474,7 @@ class PolluxAgent(Callback):
         whole, split = ((self.nodes, self.replicas, per_rank, 1), (self.nodes, self.replicas, per_rank // divisor,
                                                                    divisor))
         t_whole, t_split = (predict_step_time(self.params, *key) for key in (whole, split))
-        if all(len(self.times.get(key, ())) >= SPLIT_COST_OBSERVATIONS for key in (whole, split)):
+        if all(len(self.times.get(key, ())) >= MEDIAN_OBSERVATIONS for key in (whole, split)):
             observed = [statistics.median(self.times[key]) for key in (whole, split)]
             # A second pass is never free: medians that say so (whole steps timed just after a switch, warming a
             # new shape; on the H200 they priced splits at batch 244 as free and split every other step) are

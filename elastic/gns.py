@@ -265,6 +265,8 @@ class GradientNoiseMeter:
     def measure(self, step: int, local_tensor_sq_norms: list[torch.Tensor], micro_batch: int,
                 global_batch: int) -> Measurement | None:
         """The step's pairs, preconditioned; None without a pair (or before Adam's first step)."""
+        if not local_tensor_sq_norms and not self.consecutive_steps:
+            return None                 # a whole step, no triples: nothing to read (most steps, once splits rule)
         grads = [_local(p.grad) for p in self.params]
         if local_tensor_sq_norms:
             self._run = None            # a step of several micro-batches: no consecutive triple across it
@@ -279,8 +281,6 @@ class GradientNoiseMeter:
             small = self._all_reduce(small) / self.dp_size
             return Measurement(torch.cat([small, (weights * big).sum().reshape(1)]),
                                [k * micro_batch for k in range(1, n)], global_batch, global_batch)
-        if not self.consecutive_steps:
-            return None
         norms = self._full_sq_norms(grads)
         run = self._run
         if run is not None and run[0] + run[2] == step and run[1] == global_batch:

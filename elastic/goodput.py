@@ -4,7 +4,7 @@ API (stable; the cluster scheduler in glassbox.elastic.sched imports it):
   efficiency(grad_sqr, grad_var, init_batch, batch) -> float           E(M) in (0, 1]
   noise_scale(grad_sqr, grad_var, init_batch) -> float                  phi, in samples
   Choice(batch, micro_batch, accum_steps, goodput)                      a batch shape and its predicted goodput
-  GoodputModel(params, grad_sqr, grad_var, init_batch)
+  GoodputModel(params, grad_sqr, grad_var, init_batch, measured=None)
     .goodput(num_nodes, num_replicas, micro_batch, accum_steps) -> float   useful samples per second
     .best(num_nodes, num_replicas, max_batch, micro_batch_range) -> Choice
     .speedup(num_nodes, num_replicas, max_batch, micro_batch_range, base_replicas=1) -> float
@@ -22,12 +22,20 @@ batch, the user's M0 being the size their hyperparameters were tuned for); for e
 whose micro-batch fits `micro_batch_range`, rounded so that M divides exactly (the trainer takes exactly M
 samples per step). `speedup` is Pollux's SPEEDUP: the best goodput on an allocation over the best goodput on the
 job's base allocation (`base_replicas` GPUs on one node), which is what the cluster scheduler's fitness averages.
+
+`measured` maps shapes the job has run, (nodes, replicas, micro-batch, accumulation), to their observed step times
+(medians): such a shape is priced by what it did and is a candidate of `best` beside the geometric ones, and the
+fit prices the rest. The fit is a line in the micro-batch, and a GPU's pass time is not: flat while the kernels are
+latency-bound, then linear. On the H200 (session 16) the fit through 32 and 64 priced 114 at 85 ms; it ran at 100,
+and the refits through all three, compromises, priced 64 at 74-87 ms against the 72 it had run at, which kept the
+run at 114 for 180 steps, below the goodput of 64 (the best fixed batch). Priced by their medians, 64 wins back.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 
@@ -73,14 +81,26 @@ class Choice:
                 "goodput": self.goodput}
 
 
+ShapeKey = tuple[int, int, int, int]     # (nodes, replicas, micro-batch, accumulation steps)
+
+
 class GoodputModel:
-    def __init__(self, params: ThroughputParams, grad_sqr: float, grad_var: float, init_batch: int):
+    def __init__(self, params: ThroughputParams, grad_sqr: float, grad_var: float, init_batch: int,
+                 measured: Mapping[ShapeKey, float] | None = None):
         if init_batch < 1:
             raise GlassboxError(f"GoodputModel: init_batch must be >= 1, got {init_batch}")
         self.params = params
         self.grad_sqr = grad_sqr
         self.grad_var = grad_var
         self.init_batch = init_batch
+        self.measured = {tuple(int(x) for x in key): float(t) for key, t in (measured or {}).items()}
+
+    def step_time(self, num_nodes: int, num_replicas: int, micro_batch: int, accum_steps: int) -> float:
+        """Seconds per step: the measured median where the shape has run, else the fit's prediction."""
+        key = (num_nodes, num_replicas, micro_batch, accum_steps)
+        if key in self.measured:
+            return self.measured[key]
+        return predict_step_time(self.params, *key)
 
     def efficiency(self, batch: int) -> float:
         return efficiency(self.grad_sqr, self.grad_var, self.init_batch, batch)
@@ -88,7 +108,7 @@ class GoodputModel:
     def throughput(self, num_nodes: int, num_replicas: int, micro_batch: int, accum_steps: int) -> float:
         """Samples per second."""
         batch = num_replicas * micro_batch * accum_steps
-        return batch / predict_step_time(self.params, num_nodes, num_replicas, micro_batch, accum_steps)
+        return batch / self.step_time(num_nodes, num_replicas, micro_batch, accum_steps)
 
     def goodput(self, num_nodes: int, num_replicas: int, micro_batch: int, accum_steps: int) -> float:
         batch = num_replicas * micro_batch * accum_steps
@@ -123,6 +143,10 @@ class GoodputModel:
             raise GlassboxError(f"GoodputModel.best: {num_replicas} replicas on {num_nodes} nodes is not an "
                                 f"allocation")
         shapes = self.candidates(num_replicas, max_batch, micro_batch_range)
+        lo_micro, hi_micro = micro_batch_range
+        ran = {(m, a) for (n, k, m, a) in self.measured if n == num_nodes and k == num_replicas and
+               lo_micro <= m <= hi_micro and self.init_batch <= k * m * a <= max_batch}
+        shapes = sorted(set(shapes) | ran, key=lambda s: (s[0] * s[1], s[1]))
         if not shapes:
             raise GlassboxError(f"GoodputModel.best: no batch shape of {num_replicas} replicas fits between the "
                                 f"initial batch {self.init_batch} and max_batch {max_batch} with micro-batches in "
@@ -132,6 +156,8 @@ class GoodputModel:
         micro, accum = (np.array(c, dtype=float) for c in zip(*shapes))
         batches = num_replicas * micro * accum
         times = predict_step_times(self.params, num_nodes, num_replicas, micro, accum)
+        for i, (m, a) in enumerate(shapes):
+            times[i] = self.measured.get((num_nodes, num_replicas, m, a), times[i])
         goodputs = batches / times * np.array([self.efficiency(int(b)) for b in batches])
         i = int(np.argmax(goodputs))
         return Choice(int(batches[i]), shapes[i][0], shapes[i][1], float(goodputs[i]))

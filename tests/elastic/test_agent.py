@@ -165,6 +165,24 @@ def test_decisions_trust_the_throughput_line_only_near_the_micro_batches_timed()
         load_elastic_config(None, ["max_micro_growth=0.5"])
 
 
+def test_a_shape_that_ran_is_priced_by_its_median_step_time():
+    # The H200 run of session 16: 32 and 64 timed (the fit through them priced 114 at 85 ms), then 114 ran at
+    # 100 ms. With phi ~52, 64's goodput beats 114's by more than the 5% a switch needs; the fit through all three
+    # priced 64 at 74-87 ms and kept the run at 114.
+    agent = PolluxAgent(ElasticConfig(max_micro_batch=256), PolluxPlan(32, 32))
+    agent.replicas, agent.nodes = 1, 1
+    agent.times = {(1, 1, 32, 1): [0.065, 0.064, 0.066], (1, 1, 64, 1): [0.0716, 0.0711, 0.0721, 0.306],
+                   (1, 1, 114, 1): [0.0996, 0.0997, 0.0998, 0.1003, 0.231], (1, 1, 16, 2): [0.12, 0.13]}
+    for _ in range(4):
+        agent.record_estimate(1, "triple", grad_sqr=1.0, trace=52.0, samples=32)
+    model = agent.goodput_model()
+    assert model.measured == {(1, 1, 32, 1): 0.065, (1, 1, 64, 1): pytest.approx(0.07185),
+                              (1, 1, 114, 1): 0.0998}          # two step times are too few to price a shape
+    best = model.best(1, 1, agent.max_batch, agent.micro_batch_range())
+    assert best.batch == 64
+    assert best.goodput > 1.05 * model.goodput(1, 1, 114, 1)
+
+
 class HostReads(TorchDispatchMode):
     """Counts the ops that read a tensor's value on the host (item/float/bool of a tensor, a copy off the device):
     on a GPU each waits for everything queued before it."""

@@ -78,3 +78,24 @@ def test_impossible_requests_are_refused():
         model.best(3, 2, 4096, (4, 64))
     with pytest.raises(GlassboxError, match="micro_batch_range"):
         model.best(1, 1, 4096, (8, 4))
+
+
+def test_a_shape_that_ran_is_priced_by_its_measured_time_and_competes():
+    # The fit says a pass costs 2 ms a sample; the job ran 64 in one micro-batch at 63 ms (a GPU's flat
+    # small-batch region). 64 is not on the geometric grid between 32 and 2048 (63 and 69 are).
+    phi = 52.0
+    grad_var = phi / 32
+    fitted = GoodputModel(PARAMS, 1.0, grad_var, 32)
+    assert (64, 1) not in fitted.candidates(1, 2048, (1, 256))
+    measured = GoodputModel(PARAMS, 1.0, grad_var, 32, measured={(1, 1, 64, 1): 0.063})
+    efficiency_64 = (phi + 32) / (phi + 64)
+    assert measured.goodput(1, 1, 64, 1) == pytest.approx(64 / 0.063 * efficiency_64)
+    assert fitted.goodput(1, 1, 64, 1) == pytest.approx(64 / (0.02 + 0.002 * 64) * efficiency_64)
+    assert fitted.best(1, 1, 2048, (1, 256)).batch != 64
+    best = measured.best(1, 1, 2048, (1, 256))
+    assert (best.batch, best.micro_batch, best.accum_steps) == (64, 64, 1)
+    assert best.goodput == pytest.approx(measured.goodput(1, 1, 64, 1))
+    # Measured elsewhere (another allocation, a micro-batch outside the range) it is no candidate.
+    assert GoodputModel(PARAMS, 1.0, grad_var, 32, measured={(1, 2, 32, 1): 0.063}).best(1, 1, 2048, (1, 256)) == \
+        fitted.best(1, 1, 2048, (1, 256))
+    assert measured.best(1, 1, 2048, (1, 48)) == fitted.best(1, 1, 2048, (1, 48))
