@@ -274,6 +274,20 @@ def plot(runs: list[dict], target: float, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def overhead_text(o: dict[str, Any] | None, s: dict[str, Any]) -> str:
+    """The agent-overhead sentence of the markdown (None: the run stopped before its overhead rounds)."""
+    if o is None:
+        return "Agent overhead: not measured yet (this file is rewritten once the overhead rounds finish)."
+    return (f"Agent overhead: mean step {o['step_s_with_gns'] * 1e3:.2f} ms with the whole agent (split steps "
+            f"for the noise scale, {o['split_steps_steady']:.0f} of the {o['steps'] - o['steady_from'] + 1} "
+            f"steps from step {o['steady_from']} on, a decision every {o['decide_every']} steps) vs "
+            f"{o['step_s_without'] * 1e3:.2f} ms without (batch {o['batch']} in one micro-batch, {o['rounds']} "
+            f"interleaved rounds of {o['steps']} steps): **{100 * s['gns_overhead']:.2f}%** (medians "
+            f"{o['median_step_s_with_gns'] * 1e3:.2f} vs {o['median_step_s_without'] * 1e3:.2f} ms); before "
+            f"the first decision, every other step split: {o['warmup_extra_s'] * 1e3:.0f} ms once per run "
+            f"(splits trusted at step {', '.join(str(t or 'never') for t in o.get('split_trusted_steps', []))}).")
+
+
 def markdown(result: dict) -> str:
     s, m = result["summary"], result["machine"]
     lines = [f"# Pollux adaptive batch vs fixed batches ({result['model']} model, {result['device']})", "",
@@ -291,15 +305,7 @@ def markdown(result: dict) -> str:
     o, c = result["gns_overhead"], result["adaptive_cost_to_target"]
     lines += ["", f"Adaptive / best fixed (time to target): **{s['time_ratio_vs_best_fixed']:.3f}** (best fixed: "
               f"{s['best_fixed']}); adaptive / median fixed: **{s['time_ratio_vs_median_fixed']:.3f}**.",
-              f"Agent overhead: mean step {o['step_s_with_gns'] * 1e3:.2f} ms with the whole agent (split steps "
-              f"for the noise scale, {o['split_steps_steady']:.0f} of the {o['steps'] - o['steady_from'] + 1} "
-              f"steps from step {o['steady_from']} on, a decision every {o['decide_every']} steps) vs "
-              f"{o['step_s_without'] * 1e3:.2f} ms without (batch {o['batch']} in one micro-batch, {o['rounds']} "
-              f"interleaved rounds of {o['steps']} steps): **{100 * s['gns_overhead']:.2f}%** (medians "
-              f"{o['median_step_s_with_gns'] * 1e3:.2f} vs {o['median_step_s_without'] * 1e3:.2f} ms); before "
-              f"the first decision, every other step split: {o['warmup_extra_s'] * 1e3:.0f} ms once per run "
-              f"(splits trusted at step {', '.join(str(t or 'never') for t in o.get('split_trusted_steps', []))}). "
-              f"The final validation loss is measured at each run's last step.", "",
+              overhead_text(o, s) + " The final validation loss is measured at each run's last step.", "",
               f"The Pollux run to the target: {c['steps']} steps (median {c['median_step_s'] * 1e3:.1f} ms), "
               f"{c['explore_steps']} of them exploring for the throughput fit "
               f"({', '.join(f'{b} in micro-batches of {m}' for b, m in c['explore_shapes']) or 'none'}; "
@@ -393,17 +399,16 @@ def main(argv: list[str] | None = None) -> int:
                      "split_steps": len(split), "split_steps_s": sum(r["step_time"] for r in split),
                      "decisions": len(decided), "decide_s": sum(d.get("decide_s", 0.0) for d in decided),
                      "median_step_s": statistics.median(r["step_time"] for r in before)}
-    overhead = gns_overhead(args, m0, agent)
     suffix = "" if args.device == "cuda" else "_cpu"
     result = {
         "summary": {"time_ratio_vs_best_fixed": adaptive["time_to_target_s"] / best["time_to_target_s"],
                     "time_ratio_vs_median_fixed": adaptive["time_to_target_s"] / median_time,
-                    "gns_overhead": overhead["overhead"], "best_fixed": best["name"],
+                    "gns_overhead": None, "best_fixed": best["name"],
                     "samples_ratio_vs_best_fixed": adaptive["samples_to_target"] / best["samples_to_target"],
                     "adaptive_batch_sizes": [g["batch"] for g in batch_segments(runs[-1]["rows"])],
                     "adaptive_lr_scale_max": max((d["lr_scale"] for d in runs[-1]["decisions"]), default=1.0)},
         "machine": machine(), "device": args.device, "model": args.model, "budget_samples": budget,
-        "target": target, "runs": table, "curves": {r["name"]: curve(r) for r in runs}, "gns_overhead": overhead,
+        "target": target, "runs": table, "curves": {r["name"]: curve(r) for r in runs}, "gns_overhead": None,
         "adaptive_cost_to_target": adaptive_cost,
         "adaptive_step_times": [[r["step"], r["batch_size"], r["micro_batch_size"], round(r["step_time"], 5)]
                                 for r in runs[-1]["rows"]],
@@ -412,11 +417,20 @@ def main(argv: list[str] | None = None) -> int:
         "split_trusted_step": runs[-1]["split_trusted_step"],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(RESULTS / f"pollux_adaptive{suffix}.json", result)
-    atomic.write_text(RESULTS / f"pollux_adaptive{suffix}.md", markdown(result))
+    # Written twice: the comparison first, so that a device call cut short in the overhead rounds keeps it.
+    write_results(result, suffix)
     plot(runs, target, RESULTS / f"pollux_adaptive{suffix}.png")
+    print(json.dumps(result["summary"], indent=2), flush=True)
+    overhead = gns_overhead(args, m0, agent)
+    result["gns_overhead"], result["summary"]["gns_overhead"] = overhead, overhead["overhead"]
+    write_results(result, suffix)
     print(json.dumps(result["summary"], indent=2))
     return 0
+
+
+def write_results(result: dict[str, Any], suffix: str) -> None:
+    atomic.write_json(RESULTS / f"pollux_adaptive{suffix}.json", result)
+    atomic.write_text(RESULTS / f"pollux_adaptive{suffix}.md", markdown(result))
 
 
 if __name__ == "__main__":
