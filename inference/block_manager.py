@@ -44,8 +44,10 @@ class BlockManager:
         # Insertion-ordered set of blocks with ref_count 0: popitem(last=False) gives the least recently freed.
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[bytes, int] = {}
-        # Per sequence: the chained hashes of its full blocks, in order (a prefix of its block table).
+        # Per sequence: the chained hashes of its full blocks, in order (a prefix of its block table), and how many
+        # of its leading blocks are known to be published (held blocks keep their hashes: `commit` skips them).
         self.seq_hashes: dict[int, list[bytes]] = {}
+        self.seq_committed: dict[int, int] = {}
         self.prefix_hits = 0
         self.prefix_queries = 0
         # Forks: children started, parent blocks they shared by reference, tokens of KV they copied.
@@ -161,12 +163,21 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         full = seq.num_computed_tokens // self.block_size
-        hashes = self._hashes_for(seq, seq.num_computed_tokens)[:full]
-        for i, h in enumerate(hashes):
+        done = self.seq_committed.get(seq.seq_id, 0)
+        if full <= done:            # most decode steps: no block filled since the last commit
+            return
+        hashes = self._hashes_for(seq, seq.num_computed_tokens)
+        for i in range(done, full):
             block = self.blocks[seq.block_table[i]]
-            if block.block_hash is None and h not in self.cached:
-                block.block_hash = h
-                self.cached[h] = block.block_id
+            if block.block_hash is None and hashes[i] not in self.cached:
+                block.block_hash = hashes[i]
+                self.cached[hashes[i]] = block.block_id
+            if block.block_hash is not None and done == i:
+                # Published (by this sequence or the one it shares the block with): a held block keeps its hash,
+                # so later commits start after it. One left unpublished (its twin was cached first) is looked at
+                # again, as it may be published once the twin is evicted.
+                done = i + 1
+        self.seq_committed[seq.seq_id] = done
 
     def trim(self, seq: Sequence) -> None:
         """Free blocks past what the sequence's tokens need (left by rejected draft nodes)."""
@@ -181,6 +192,7 @@ class BlockManager:
         seq.block_table = []
         seq.forget_kv()
         self.seq_hashes.pop(seq.seq_id, None)
+        self.seq_committed.pop(seq.seq_id, None)
 
     def _release(self, block_id: int) -> None:
         block = self.blocks[block_id]

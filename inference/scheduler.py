@@ -196,10 +196,10 @@ class Scheduler:
             budget -= n
         return plan
 
-    def _make_room(self, plan: list[_Plan], new_seqs: int, below: list[list[Sequence]], out: SchedulerOutput,
-                   in_vain_ok: bool) -> bool:
-        """Preempt running units from the end of `below` (those ranked under the one planning) until `plan` gets
-        its blocks and `new_seqs` more sequences fit under the cap; return whether they now do. With `in_vain_ok`
+    def _make_room(self, plan: list[_Plan], new_seqs: int, units: list[list[Sequence]], below: int,
+                   out: SchedulerOutput, in_vain_ok: bool) -> bool:
+        """Preempt running units from the end of `units[below:]` (those ranked under the one planning) until `plan`
+        gets its blocks and `new_seqs` more sequences fit under the cap; return whether they now do. With `in_vain_ok`
         False nothing is preempted unless preempting all of them would do. A running unit plans with it True, as
         the scheduler always has (FCFS thereby schedules exactly as before policies ranked jointly); admission
         with it False, so that a request that cannot get in anyway evicts no one."""
@@ -209,7 +209,7 @@ class Scheduler:
 
         if fits():
             return True
-        victims = [[s for s in unit if s.status is Status.RUNNING] for unit in below]
+        victims = [[s for s in unit if s.status is Status.RUNNING] for unit in units[below:]]
         victims = [v for v in victims if v]
         if not in_vain_ok:
             candidate = plan[0].seq
@@ -266,9 +266,8 @@ class Scheduler:
                 continue
             running = [s for s in unit if s.status is Status.RUNNING]
             waiting = [s for s in unit if s.status is Status.WAITING]
-            below = units[i + 1:]
             plan = self._plan_running(running, budget)
-            if plan and not self._make_room(plan, 0, below, out, in_vain_ok=True):
+            if plan and not self._make_room(plan, 0, units, i + 1, out, in_vain_ok=True):
                 for seq in running:          # it cannot fit even alone under the better-ranked: wait its turn
                     self._preempt(seq, out)
                 admitting = False
@@ -282,7 +281,7 @@ class Scheduler:
             if not (admitting and waiting):
                 continue
             joining = self._plan_waiting(waiting, budget)
-            if (joining and self._make_room(joining, len(waiting), below, out, in_vain_ok=False)
+            if (joining and self._make_room(joining, len(waiting), units, i + 1, out, in_vain_ok=False)
                     and self._admit(joining, out)):
                 budget -= sum(p.num_tokens for p in joining)
             else:

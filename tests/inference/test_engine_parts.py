@@ -78,6 +78,25 @@ def test_block_manager_shares_prefixes_by_chained_hash():
     assert not bm.allocate(Sequence("x", [1], GREEDY), 1)
 
 
+def test_a_block_left_unpublished_behind_its_twin_is_published_once_the_twin_is_gone():
+    # Two sequences compute the same first block in one step: the first commit publishes a's, b's twin stays
+    # unpublished. Commits skip the blocks already published, but not b's, which takes over once a's is evicted.
+    bm = BlockManager(num_blocks=6, block_size=4)
+    a, b = (Sequence(n, list(range(5)), GREEDY) for n in "ab")
+    for seq in (a, b):
+        assert bm.allocate(seq, 5)
+        seq.verified([9])
+        bm.commit(seq)
+    assert bm.blocks[a.block_table[0]].block_hash is not None
+    assert bm.blocks[b.block_table[0]].block_hash is None
+    bm.free_seq(a)
+    assert bm.allocate(Sequence("big", list(range(50, 66)), GREEDY), 16)     # the free blocks, a's included
+    assert bm.match_prefix(Sequence("c", list(range(5)), GREEDY)) == []
+    b.verified([8, 7, 6])                           # 8 tokens computed: a second full block
+    bm.commit(b)
+    assert bm.match_prefix(Sequence("d", list(range(5)) + [9, 8, 7, 1], GREEDY)) == b.block_table[:2]
+
+
 def test_scheduler_budget_chunks_and_preempts_latest():
     bm = BlockManager(num_blocks=6, block_size=4, enable_prefix_caching=False)
     sched = Scheduler(bm, make_policy("fcfs"), max_num_seqs=8, max_num_batched_tokens=10)
