@@ -116,6 +116,23 @@ def _sdpa_mapping() -> dict:
     return {op: _sdpa_flops for op in ops if op is not None}
 
 
+def prefill_engine(model: Transformer, args, max_len: int) -> LLMEngine:
+    """An engine for one request at a time whose prompt of up to `max_len` tokens is one step, prefix cache off."""
+    cfg = EngineConfig(device=args.device, dtype=args.dtype, cuda_graphs=False, enable_prefix_caching=False,
+                       max_num_batched_tokens=max_len, max_model_len=max_len + 8, max_num_seqs=4,
+                       num_kv_blocks=-(-(max_len + 16) // 16) * 2)
+    return LLMEngine(model, config=cfg)
+
+
+def time_prefill_on(engine: LLMEngine, args, max_len: int) -> None:
+    """The runner TTFT is timed on: the engine's attention choice, and with --piecewise the prompt steps as
+    piecewise graphs."""
+    timed = dict(attention="auto")
+    if args.piecewise:
+        timed.update(cuda_graphs=True, piecewise=piecewise_sizes(max_len))
+    engine.runner = engine.runner.replaced(**timed)
+
+
 def prefill(models: dict[str, Transformer], args, sizes: dict) -> dict:
     """Counted FLOPs per prompt token and measured TTFT at each prompt length, per model."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -125,10 +142,7 @@ def prefill(models: dict[str, Transformer], args, sizes: dict) -> dict:
     vocab = next(iter(models.values())).config.vocab_size
     out: dict = {}
     for name, model in models.items():
-        cfg = EngineConfig(device=args.device, dtype=args.dtype, cuda_graphs=False, enable_prefix_caching=False,
-                           max_num_batched_tokens=max(lens), max_model_len=max(lens) + 8, max_num_seqs=4,
-                           num_kv_blocks=-(-(max(lens) + 16) // 16) * 2)
-        engine = LLMEngine(model, config=cfg)
+        engine = prefill_engine(model, args, max(lens))
         prompts = {n: [rng.randrange(vocab) for _ in range(n)] for n in lens}
         # FLOPs are counted on the dense attention path, eagerly, which computes the same: the varlen kernel the
         # engine times on CUDA takes packed tensors whose sequence lengths are values, which no FLOP formula
@@ -139,10 +153,7 @@ def prefill(models: dict[str, Transformer], args, sizes: dict) -> dict:
             with FlopCounterMode(display=False, custom_mapping=_sdpa_mapping()) as counter:
                 run_one(engine, prompt)
             flops[n] = counter.get_total_flops() / n
-        timed = dict(attention="auto")
-        if args.piecewise:
-            timed.update(cuda_graphs=True, piecewise=piecewise_sizes(max(lens)))
-        engine.runner = engine.runner.replaced(**timed)
+        time_prefill_on(engine, args, max(lens))
         row: dict = {}
         for n, prompt in prompts.items():
             run_one(engine, prompt)                         # warm-up at this shape
