@@ -12,9 +12,11 @@ caching on as in serving). The sampler runs outside the runner, so its tensor wo
 nothing for greedy (one argmax), most of the top-p rows on a CPU (the sort over the vocabulary), which a GPU runs
 as kernels; the greedy rows are the engine's bookkeeping.
 
-Session 16, side by side on the 2-core vm (two alternating rounds): BlockManager.commit starting after the blocks
+Session 16, side by side on the 2-core vm (alternating rounds): BlockManager.commit starting after the blocks
 already published and the scheduler's units-below by index took batch 256 greedy from 27.6 / 30.8 to 24.4 / 27.2
-us a sequence per step (batch 32: 23.1 / 25.7 to 21.9 / 24.5).
+us a sequence per step (batch 32: 23.1 / 25.7 to 21.9 / 24.5); then the scheduler taking a lone sequence that
+decodes in place without planning it, host / model time at 256 greedy from 0.739 / 0.709 / 0.805 to 0.641 / 0.667
+/ 0.647 (three rounds of five runs; the vm's speed drifted 1.6x between rounds, so the ratio is the comparison).
 
     python bench/engine_host_overhead.py      # writes bench/results/engine_host_overhead_cpu.{json,md}
 
@@ -140,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                 for key in ("host_ms_per_step", "model_ms_per_step", "wall_ms_per_step"):
                     row[key] = statistics.median(r[key] for r in runs)
                 row["host_us_per_seq_step"] = 1e3 * row["host_ms_per_step"] / batch
+                # Per run, then the median: a shared machine's speed drifts between runs, and the model's time
+                # drifts with the host's, so the ratio compares runs that the absolute times cannot.
+                row["host_to_model"] = statistics.median(r["host_ms_per_step"] / r["model_ms_per_step"] for r in runs)
                 rows.append(row)
                 print(f"batch {batch:4d} {sampling:6s}: host {row['host_ms_per_step']:.3f} ms/step "
                       f"({row['host_us_per_seq_step']:.1f} us a sequence), model {row['model_ms_per_step']:.3f} ms",
@@ -159,10 +164,10 @@ def main(argv: list[str] | None = None) -> int:
              f"Tiny model (2 layers, hidden 64, vocab {VOCAB}), every request decoding {args.tokens} tokens with EOS "
              f"ignored; decode steps of the whole batch; medians of {args.rounds} runs; load average "
              f"{result['load_average']:.1f}. Host = step wall time - time in ModelRunner.execute.", "",
-             "| batch | sampling | host ms/step | host us/sequence | model ms/step | wall ms/step |",
-             "|---:|---|---:|---:|---:|---:|"]
+             "| batch | sampling | host ms/step | host us/sequence | model ms/step | wall ms/step | host / model |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['batch']} | {r['sampling']} | {r['host_ms_per_step']:.3f} | {r['host_us_per_seq_step']:.1f} | "
-              f"{r['model_ms_per_step']:.3f} | {r['wall_ms_per_step']:.3f} |" for r in rows]
+              f"{r['model_ms_per_step']:.3f} | {r['wall_ms_per_step']:.3f} | {r['host_to_model']:.3f} |" for r in rows]
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = Path(args.out_name) if os.sep in args.out_name else RESULTS / args.out_name
     atomic.write_json(out.with_suffix(".json"), result)
