@@ -53,22 +53,20 @@ class ScheduledSeq:
     draft: Draft = EMPTY
 
     def __post_init__(self) -> None:
-        # Whether this step computes the sequence's last real token, so its logits yield a new token.
-        self.samples = self.start + self.num_tokens - len(self.draft) == self.seq.num_tokens
-
-    @property
-    def num_spec(self) -> int:
-        return len(self.draft)
+        # The draft's node count, read many times a step per sequence (an attribute, not a call each time), and
+        # whether this step computes the sequence's last real token, so its logits yield a new token.
+        self.num_spec = len(self.draft)
+        self.samples = self.start + self.num_tokens - self.num_spec == self.seq.num_tokens
 
     def input_ids(self) -> list[int]:
-        real = self.seq.token_ids[self.start:self.start + self.num_tokens - len(self.draft)]
-        return real + list(self.draft.tokens)
+        real = self.seq.token_ids[self.start:self.start + self.num_tokens - self.num_spec]
+        return real + list(self.draft.tokens) if self.num_spec else real
 
     def positions(self) -> list[int]:
         """Rotary positions: real tokens at their own, a draft node at the last token's plus its depth (where it
         will sit if accepted). Its KV is written at the next free slot in node order (`start + row`); the
         accepted path's KV is moved to its positions after sampling."""
-        real = self.num_tokens - len(self.draft)
+        real = self.num_tokens - self.num_spec
         pos = list(range(self.start, self.start + real))
         last = self.start + real - 1
         return pos + [last + d for d in self.draft.depths]
