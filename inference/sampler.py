@@ -127,7 +127,7 @@ class Sampler:
             u[i] = value
         for i, s in enumerate(seqs):
             if s.generator is not None:
-                u[i] = torch.rand((), generator=s.generator, dtype=torch.float64).item()
+                u[i] = s.generator.random()
         return torch.tensor(u, dtype=torch.float64)
 
     def _draw_rows(self, probs: torch.Tensor, seqs: list[Sequence]) -> list[int | Exception]:
@@ -238,11 +238,10 @@ class Sampler:
                          ) -> tuple[int, int | None]:
         """Multi-candidate rejection sampling with one-hot drafts: the token emitted at this node, and the child
         accepted (None when the token is drawn from the residual)."""
-        generator = seq.generator or self.generator
         for c in kids:
             t = draft.tokens[c]
             mass = p.sum()
-            u = torch.rand((), generator=generator)
+            u = seq.generator.random() if seq.generator is not None else torch.rand((), generator=self.generator)
             if u * mass < p[t]:
                 return t, c
             p = p.clone()
