@@ -245,8 +245,8 @@ class Scheduler:
     def _decodes_in_place(self, seq: Sequence) -> bool:
         """A running sequence with one token to compute, no draft, and room for its KV in its last block, under the
         sequence cap: what most units are on most steps. Planning it would allocate nothing and preempt no one
-        (its plan fits as it stands), so `schedule` takes it as it is; the engine's host time per running sequence
-        is most of a large decode step's (bench/engine_host_overhead.py)."""
+        (its plan fits as it stands), so `schedule` takes it as it is: the host's work per running sequence is a
+        real share of a large decode step (bench/engine_host_overhead.py), and planning was much of it."""
         return (seq.status is Status.RUNNING and not seq.draft and seq.num_tokens - seq.num_computed_tokens == 1
                 and seq.num_computed_tokens < len(seq.block_table) * self.blocks.block_size
                 and len(self.running) <= self.max_num_seqs)
