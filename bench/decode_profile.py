@@ -56,6 +56,13 @@ def kernel_report(prof, steps: int, wall: float, top: int) -> dict:
                              "ms_per_step": sum(t) / 1e3 / steps} for n, t in ranked]}
 
 
+def top_kernels_table(label: str, kernels: list[dict], per: str = "step") -> list[str]:
+    """Markdown lines of kernel_report's top kernels under "Top kernels, `label`:", counted per `per`."""
+    lines = ["", f"Top kernels, {label}:", "", f"| kernel | calls/{per} | us/call | ms/{per} |", "|---|---:|---:|---:|"]
+    return lines + [f"| `{k['name']}` | {k['calls_per_step']:.1f} | {k['us_per_call']:.1f} | {k['ms_per_step']:.3f} |"
+                    for k in kernels]
+
+
 def profile_size(args, size: str, bandwidth: float) -> dict:
     cfg, model, engine = sp.batch1_engine(args, size, piecewise_graphs=False)
     dtype = DTYPES[args.dtype]
@@ -115,10 +122,7 @@ def main() -> int:
                          f"{r['span_ms_per_step']:.3f} | {r['kernels_per_step']:.0f} | {r['ideal_ms']:.3f} | "
                          f"{r['kernel_fraction_of_wall']:.1%} |")
     for r in result["sizes"]:
-        lines += ["", f"Top kernels, {r['size']}:", "", "| kernel | calls/step | us/call | ms/step |",
-                  "|---|---:|---:|---:|"]
-        lines += [f"| `{k['name']}` | {k['calls_per_step']:.1f} | {k['us_per_call']:.1f} | {k['ms_per_step']:.3f} |"
-                  for k in r.get("top_kernels", [])]
+        lines += top_kernels_table(r["size"], r.get("top_kernels", []))
     atomic.write_text(RESULTS / f"{args.out_name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from glassbox import atomic
+from glassbox.data.tokenizer import EOT, train_bpe
 from glassbox.inference.engine import EngineConfig, LLMEngine
 from glassbox.inference.sampling_params import SamplingParams
 from glassbox.inference.tokenizer import Tokenizer
@@ -50,19 +51,11 @@ VOCAB = 512
 
 
 def tokenizer_dir(out: Path) -> Path:
-    """A byte-level BPE tokenizer of VOCAB tokens trained on a few standard-library modules (no download)."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
+    """A byte-level BPE tokenizer of VOCAB tokens (glassbox's own trainer) on a few standard-library modules."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train([str(stdlib / n) for n in ("textwrap.py", "string.py", "shlex.py")], trainer)
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    texts = [(stdlib / n).read_text() for n in ("textwrap.py", "string.py", "shlex.py")]
+    train_bpe(texts, len(texts), VOCAB).save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOT}))
     return out
 
 

@@ -27,7 +27,7 @@ from glassbox.models.transformer import ModelConfig, Transformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import swiftkv as skv  # noqa: E402  (the prefill model, its SwiftKV variants and the TTFT engine)
-from decode_profile import kernel_report  # noqa: E402
+from decode_profile import kernel_report, top_kernels_table  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("base", "l=L/2")
@@ -81,9 +81,7 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['model']} | {r['ttft_ms_unprofiled']:.2f} | - | - | - | - | - |")
     for r in result["models"]:
         if r.get("top_kernels"):
-            lines += ["", f"Top kernels, {r['model']}:", "", "| kernel | calls | us/call | ms |", "|---|---:|---:|---:|"]
-            lines += [f"| `{k['name']}` | {k['calls_per_step']:.1f} | {k['us_per_call']:.1f} | {k['ms_per_step']:.3f} |"
-                      for k in r["top_kernels"]]
+            lines += top_kernels_table(r["model"], r["top_kernels"], per="prefill")
         lines += ["", f"Top host operators (own time), {r['model']}:", "", "| operator | calls | host ms |",
                   "|---|---:|---:|"]
         lines += [f"| `{o['name']}` | {o['calls_per_prefill']:.1f} | {o['host_ms_per_prefill']:.3f} |"
