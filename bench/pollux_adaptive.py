@@ -14,6 +14,7 @@ are reported beside it).
 
     python bench/pollux_adaptive.py                                     # tiny model on the CPU (~6 min, 1 core)
     python bench/pollux_adaptive.py --device cuda --model small         # ~95M parameters, one H200 (~6 min)
+    python bench/pollux_adaptive.py --device cuda --model small --compile   # every run with compiled blocks
 
 Writes bench/results/pollux_adaptive.{json,md,png} (CUDA) or pollux_adaptive_cpu.{json,md,png} (CPU); the
 summary holds time_ratio_vs_best_fixed, time_ratio_vs_median_fixed and gns_overhead.
@@ -97,7 +98,7 @@ def run_config(args, run_dir: Path, batch: int, micro: int, steps: int, val_ever
         "optimizer": {"lr": lr, "min_lr": lr / 10},
         "schedule": {"steps": steps, "warmup_steps": max(1, steps // 20)},
         "batch": {"global_batch_size": batch, "micro_batch_size": micro},
-        "parallel": {"device": args.device, "data_parallel": "fsdp"},
+        "parallel": {"device": args.device, "data_parallel": "fsdp", "compile": args.compile},
         "checkpoint": {"save_final": False},
         "logging": {"val_every": val_every, "val_samples": args.val_samples, "progress": False,
                     "wandb": {"mode": "disabled"}},
@@ -352,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-samples", type=int, default=64)
     p.add_argument("--overhead-steps", type=int, default=130)
     p.add_argument("--overhead-rounds", type=int, default=4)
+    p.add_argument("--compile", action="store_true", help="torch.compile each block and the loss (parallel.compile)")
     args = p.parse_args(argv)
     if args.device == "cpu":
         # One thread: on a shared box a second OpenMP thread that gets descheduled stalls every kernel, which
@@ -362,9 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     args.samples = budget = args.samples or default_budget
     m0 = sweep[0]
     micro_cap = sweep[-1]
-    # A throwaway run first: the process's one-time costs (allocator, kernels, data cache) would otherwise land on
-    # whichever timed run comes first.
+    # Throwaway runs first: the process's one-time costs (allocator, kernels, data cache) would otherwise land on
+    # whichever timed run comes first. Two shapes, M0 whole and split: with --compile the second makes dynamo
+    # compile the blocks and the loss with a dynamic batch dimension, which every later run's shapes reuse (a new
+    # model of the same architecture recompiles nothing), so no timed run pays for compiling.
     train(args, "warmup", m0, m0, steps=20)
+    train(args, "warmup_split", m0, m0 // 2, steps=10)
     # Pollux starts at M0 in one micro-batch, as fixed_M0 does, with the agent's defaults for the noise scale:
     # every other step split in halves until the first decision, then as often as 3% of the step time pays for
     # (on a GPU a split step of a small model costs ~1.5 steps). From its first decision on it picks the

@@ -12,7 +12,7 @@ trainer on the Pollux bench's model and data:
   fixed run again: the median of each run's whole (unsplit, unvalidated) steps of 64, so an order effect (a run
   first after the warm-up) shows apart from the agent's.
 
-    python bench/train_step_profile.py --device cuda --data build/gpu-data/pollux-small --out-name NAME
+    python bench/train_step_profile.py --device cuda --data build/gpu-data/pollux-small --out-name NAME [--compile]
 
 Writes bench/results/NAME.{json,md}; the summary holds pass_ms (median step of one pass, by micro-batch),
 device_busy (kernel time over step time, by shape) and whole_step_ms_64 (fixed, pollux, fixed again).
@@ -71,7 +71,11 @@ class ProfileSteps(Callback):
                 self.events = self.profiler.key_averages()
 
 
-def device_us(event) -> float:
+def kernel_us(event) -> float:
+    """The device time of a kernel's (or memcpy's) profiler row; 0 for a host operator's row, whose
+    self_device_time_total repeats the time of the kernels it launched, which have rows of their own."""
+    if event.device_type != torch.autograd.DeviceType.CUDA:
+        return 0.0
     return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
 
 
@@ -88,7 +92,7 @@ def profile_shape(args, batch: int, micro: int) -> dict[str, Any]:
     profiled = last - first + 1
     wall_per_step = (prof.ends[-1] - prof.ends[0]) / profiled
     events = prof.events
-    kernel_s = sum(device_us(e) for e in events) / 1e6 / profiled
+    kernel_s = sum(kernel_us(e) for e in events) / 1e6 / profiled
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:TOP_OPS]
     step_time = statistics.median(r["step_time"] for r in rows[5:])
     stats = pstats.Stats(prof.python).stats
@@ -127,7 +131,8 @@ def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [f"# Training step profile ({result['model']} model of bench/pollux_adaptive.py, {result['device']})", "",
              f"Machine: {m.get('gpu') or m['processor'] or m['platform']} ({m['cpu_count']} CPUs, {m['host']}); "
-             f"torch {m['torch']}. Steps {result['steps']} per shape, profiled over the last 10 but 5.", "",
+             f"torch {m['torch']}; blocks and loss {'compiled' if result['compile'] else 'eager'}. "
+             f"Steps {result['steps']} per shape, profiled over the last 10 but 5.", "",
              "| batch | micro | median step (ms) | host wall per step (ms) | device kernels per step (ms) | "
              "device busy |", "|---:|---:|---:|---:|---:|---:|"]
     for s in result["shapes"]:
@@ -158,15 +163,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--order-steps", type=int, default=200, help="steps of each fixed run of the order check")
     p.add_argument("--val-samples", type=int, default=64)
     p.add_argument("--out-name", default="train_step_profile")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block and the loss (parallel.compile)")
     args = p.parse_args(argv)
     args.data = bench.prepare_data(args.data, args.model)
     args.samples = 10 ** 9          # the runs end at their step counts
     bench.train(args, "warmup", 32, 32, steps=20)
+    bench.train(args, "warmup_split", 32, 16, steps=10)    # with --compile: the dynamic-batch graphs, once
     shapes = [profile_shape(args, b, m) for b, m in SHAPES]
     result = {"summary": {"pass_ms": {str(s["micro_batch"]): round(1e3 * s["median_step_s"], 2) for s in shapes
                                       if s["batch"] == s["micro_batch"]},
                           "device_busy": {f"{s['batch']}/{s['micro_batch']}": s["device_busy"] for s in shapes}},
               "machine": bench.machine(), "device": args.device, "model": args.model, "steps": args.steps,
+              "compile": args.compile,
               "shapes": shapes}
     result["order"] = order_runs(args)
     result["summary"]["whole_step_ms_64"] = [result["order"][k] for k in ("fixed_64", "pollux", "fixed_64_again")]

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from glassbox.atomic import staged_dir, write_json, write_text
+from glassbox.data.order_log import DataOrderLog
 from glassbox.data.store import token_dtype
 from glassbox.errors import GlassboxError
 from glassbox.release import layout as L
@@ -199,6 +200,7 @@ def _dataset(info: RunInfo, tmp: Path, sampler, val, store_meta: dict, tokenizer
     for src, name in zip(dirs, released_store_names(len(dirs))):
         _copy_tree(src, ds / name)
     _copy_tree(info.run_dir / "data_order.zarr", ds / "data_order.zarr")
+    DataOrderLog(ds).fold()     # a run that did not end cleanly leaves rows in the journal: publish plain zarr
     write_json(ds / "meta.json", store_meta)
     _copy_file(tokenizer, ds / "tokenizer.json")
     with open(ds / "validation.npy", "wb") as f:

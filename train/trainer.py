@@ -481,4 +481,6 @@ class Trainer:
             self.dispatch("on_step_end")
             pending = following
         self.dispatch("on_train_end")
+        if self.order_log is not None:
+            self.order_log.fold()
         return s

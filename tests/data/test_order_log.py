@@ -7,10 +7,12 @@ import dataclasses
 import pytest
 import torch
 import yaml
+import zarr
 from tokenizers import Tokenizer
 
 from glassbox.cli import main
 from glassbox.data.config import DataConfig
+from glassbox.data import order_log
 from glassbox.data.order_log import DataOrderLog, batch_hash
 from glassbox.data.sampler import build_sampler
 from glassbox.errors import GlassboxError
@@ -45,6 +47,78 @@ def test_log_appends_reads_back_truncates_and_persists(tmp_path):
         reopened.row(6)
     with pytest.raises(GlassboxError, match="no data-order log"):
         DataOrderLog(tmp_path / "elsewhere", read_only=True)
+
+
+def _hashes(n):
+    return [batch_hash(torch.tensor([i])) for i in range(n)]
+
+
+def test_journal_rows_are_read_back_folded_and_a_torn_last_record_is_dropped(tmp_path, monkeypatch):
+    monkeypatch.setattr(order_log, "FOLD_STEPS", 4)
+    hashes = _hashes(11)
+    log = DataOrderLog(tmp_path)
+    for step in range(1, 11):
+        log.append(step, 3 * step, 3, hashes[step], micro_batch_size=1, lr_scale=0.5, progress=step)
+    journal = log.path / order_log.JOURNAL
+    # Steps 1..8 were folded (two folds of four), 9 and 10 are in the journal: a reader sees all ten.
+    assert zarr.open_group(str(log.path), mode="r").attrs["steps"] == 8
+    assert journal.stat().st_size == 2 * order_log._RECORD_BYTES
+    reader = DataOrderLog(tmp_path, read_only=True)
+    assert len(reader) == 10 and reader.check(10)["cursor_start"] == 30
+    assert reader.plan_row(9) == {"step": 9, "cursor_start": 27, "batch_size": 3, "token_hash": hashes[9],
+                                  "micro_batch_size": 1, "lr_scale": 0.5, "progress": 9.0}
+    assert reader.row(4) == {"step": 4, "cursor_start": 12, "batch_size": 3, "token_hash": hashes[4]}
+
+    # A crash mid-write leaves part of a record: readers stop before it, the next writer cuts it off and goes on.
+    with open(journal, "ab") as f:
+        f.write(order_log._encode((11, 33, 3, bytes(32), 1.0, 1.0, 11.0))[:50])
+    assert len(DataOrderLog(tmp_path, read_only=True)) == 10
+    log = DataOrderLog(tmp_path)
+    log.append(11, 33, 3, hashes[10])
+    assert len(DataOrderLog(tmp_path, read_only=True)) == 11
+    # A flipped byte fails the record's CRC: that step and every later one are not logged.
+    data = bytearray(journal.read_bytes())
+    data[order_log._RECORD_BYTES + 5] ^= 1
+    journal.write_bytes(bytes(data))
+    assert len(DataOrderLog(tmp_path, read_only=True)) == 9
+    with pytest.raises(GlassboxError, match="opened read-only"):
+        reader.fold()
+
+
+def test_a_fold_interrupted_before_the_journal_is_emptied_loses_and_doubles_nothing(tmp_path):
+    hashes = _hashes(7)
+    log = DataOrderLog(tmp_path)
+    for step in range(1, 6):
+        log.append(step, step, 1, hashes[step])
+    journal = log.path / order_log.JOURNAL
+    stale = journal.read_bytes()
+    log.fold()
+    assert not journal.exists()             # a folded log is plain zarr
+    # As if the process died after the arrays took the rows but before the journal was removed:
+    journal.write_bytes(stale)
+    reader = DataOrderLog(tmp_path, read_only=True)
+    assert len(reader) == 5 and reader.row(5)["cursor_start"] == 5
+    log = DataOrderLog(tmp_path)            # the writer drops the records the arrays hold
+    assert not journal.exists() and len(log) == 5
+    log.append(6, 6, 1, hashes[6])
+    assert len(DataOrderLog(tmp_path, read_only=True)) == 6
+
+
+def test_truncate_within_the_journal_and_below_the_arrays(tmp_path, monkeypatch):
+    monkeypatch.setattr(order_log, "FOLD_STEPS", 4)
+    hashes = _hashes(20)
+    log = DataOrderLog(tmp_path)
+    for step in range(1, 8):                # 1..4 folded, 5..7 in the journal
+        log.append(step, step, 1, hashes[step])
+    log.truncate(6)
+    assert len(log) == 6 and len(DataOrderLog(tmp_path, read_only=True)) == 6
+    log.append(7, 70, 1, hashes[7])
+    assert DataOrderLog(tmp_path, read_only=True).row(7)["cursor_start"] == 70
+    log.truncate(2)
+    assert len(log) == 2 and not (log.path / order_log.JOURNAL).exists()
+    log.append(3, 300, 1, hashes[3])
+    reader = DataOrderLog(tmp_path, read_only=True)
+    assert len(reader) == 3 and reader.row(3)["cursor_start"] == 300 and reader.row(2)["cursor_start"] == 2
 
 
 def _train_run(run_dir, data_dir, batch_sizes):
