@@ -206,8 +206,8 @@ def gns_overhead(args, m0: int, agent: dict) -> dict[str, Any]:
     """Mean step time with the whole agent (measuring the noise scale, fitting and deciding every `decide_every`
     steps; adapt_batch off so both runs take the same steps) over without it, at M0 in one micro-batch, the
     shape the adaptive run starts in; rounds interleaved, the overhead the median of the rounds' ratios of
-    means. The mean, not the median: a decision lands on one
-    step in ten, and a split step on one in several, which a median would leave out. The steady state: steps
+    means. The mean, not the median: a decision lands on one step in ten, and a split step on one in several,
+    which a median would leave out. The steady state: steps
     from the one the first decision shapes on, with the adaptive run's warm-up (until then the agent splits every
     other step, which is what makes the split estimate trusted and ends the triples' per-step gradient copy and
     norms, as it does in the adaptive run), a once-per-run cost reported beside it, with the step the splits
@@ -218,19 +218,21 @@ def gns_overhead(args, m0: int, agent: dict) -> dict[str, Any]:
     decide_every = measuring["decide_every"]
     steady_from = -(-measuring["warmup_steps"] // decide_every) * decide_every + 2
     warmup_extra, split_counts, trusted = [], [], []
-    for _ in range(args.overhead_rounds):
-        for config, out, key in ((None, without, "without"), (measuring, with_agent, "with")):
-            run = train(args, "overhead" + ("_agent" if config else ""), m0, m0, config, steps=steps)
-            rows = [r for r in run["rows"] if "val_loss" not in r and r["step"] > 5]
-            times = [r["step_time"] for r in rows if r["step"] >= steady_from]
+    for round_ in range(args.overhead_rounds):
+        # Which run goes first alternates, so a drift across a round's two runs cancels over the rounds.
+        pair = [(None, "without"), (measuring, "with")]
+        runs = {key: train(args, "overhead" + ("_agent" if config else ""), m0, m0, config, steps=steps)
+                for config, key in (pair if round_ % 2 == 0 else pair[::-1])}
+        rows = {key: [r for r in run["rows"] if "val_loss" not in r and r["step"] > 5] for key, run in runs.items()}
+        for key, out in (("without", without), ("with", with_agent)):
+            times = [r["step_time"] for r in rows[key] if r["step"] >= steady_from]
             out.append(statistics.fmean(times))
             medians[key].append(statistics.median(times))
-            if config:
-                trusted.append(run["split_trusted_step"])
-                early = [r["step_time"] for r in rows if r["step"] < steady_from]
-                warmup_extra.append(sum(early) - len(early) * without[-1])
-                split_counts.append(sum(r["micro_batch_size"] < r["batch_size"] for r in rows
-                                        if r["step"] >= steady_from))
+        trusted.append(runs["with"]["split_trusted_step"])
+        early = [r["step_time"] for r in rows["with"] if r["step"] < steady_from]
+        warmup_extra.append(sum(early) - len(early) * without[-1])
+        split_counts.append(sum(r["micro_batch_size"] < r["batch_size"] for r in rows["with"]
+                                if r["step"] >= steady_from))
     base, measured = statistics.median(without), statistics.median(with_agent)
     # Each round's pair ran back to back: their ratio cancels the drift between rounds (on the H200 a host-bound
     # step's mean moved 21-33 ms between identical runs a minute apart), which a ratio of medians keeps.
@@ -358,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=0, help="sample budget of every run (0: the model's default)")
     p.add_argument("--val-samples", type=int, default=64)
     p.add_argument("--overhead-steps", type=int, default=130)
-    p.add_argument("--overhead-rounds", type=int, default=4)
+    p.add_argument("--overhead-rounds", type=int, default=6)
     p.add_argument("--compile", action="store_true", help="torch.compile each block and the loss (parallel.compile)")
     args = p.parse_args(argv)
     if args.device == "cpu":
