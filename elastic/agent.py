@@ -406,6 +406,8 @@ class PolluxAgent(Callback):
 
     def _decide(self, state) -> None:
         started = time.perf_counter()
+        if self.splits:     # the triples are the splits' fallback: one per decision from now on
+            self.meter.space_triples(self.cfg.decide_every)
         decision = rank0_decides(lambda: self._choose(state.step))
         self.plan.shape = Shape(**decision["shape"])
         self.plan.measure_every = decision["row"]["measure_every"]

@@ -167,6 +167,21 @@ def test_meter_waits_for_adam_and_for_two_batch_sizes():
     assert meter.measure(19, [local_grad_sq_norms(model)], 2, 4) is not None     # split steps still measure
 
 
+def test_spaced_triples_open_only_on_multiples_and_finish_across_them():
+    model = Linear()
+    opt = torch.optim.AdamW(model.parameters())
+    meter = GradientNoiseMeter(model, opt, None, 1)
+    model(torch.ones(2, 16), torch.ones(2, 4)).backward()
+    opt.step()
+    meter.space_triples(10)
+    assert all(meter.measure(s, [], 2, 2) is None for s in range(11, 20))     # no triple opens off a multiple
+    assert meter._run is None and meter._diff is None                         # ... nor copies the gradient
+    assert meter.measure(20, [], 2, 2) is None and meter.measure(21, [], 2, 2) is None
+    assert meter.measure(22, [], 2, 2).kind == "triple"                       # opened at 20, done at 22
+    assert meter.measure(23, [], 2, 2) is None and meter._run is None
+    assert meter.measure(25, [local_grad_sq_norms(model)], 1, 2) is not None   # split steps measure any step
+
+
 def test_the_moving_average_knows_the_standard_error_of_its_signal():
     ema = NoiseScaleEMA(init_batch=8, smoothing=0.8)
     assert ema.grad_sqr_rel_error == math.inf
