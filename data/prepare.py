@@ -11,7 +11,6 @@ same inputs, the run is a no-op.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

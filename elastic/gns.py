@@ -207,7 +207,7 @@ class GradientNoiseMeter:
     def space_triples(self, every: int) -> None:
         """Open a triple only on steps that are multiples of `every`. The agent does so from its first decision
         on when the triples are the split steps' fallback (one fresh triple per decision): back to back, the kept
-        gradient's copy and norms cost a host-bound loop ~3% of every step on the H200 with compiled blocks, for
+        gradient's copy and norms cost a host-bound loop a few percent of every step (the H200, compiled), for
         an estimate the decisions stop using once the splits are precise."""
         self.triple_every = every
 

@@ -174,10 +174,14 @@ def fit_throughput(observations: Iterable[StepObservation], priors: ThroughputPa
         return np.concatenate([np.exp(x[:6]), x[6:]])
 
     def residuals(x: np.ndarray) -> np.ndarray:
-        fit = np.log(_times(params_of(x), nodes, replicas, micro, accum)) - log_t
+        """Residuals at x, or at each column of x (7 x K: the Jacobian's probes in one vectorized call)."""
+        cols = x.reshape(len(names), -1)
+        times = _times(params_of(cols), nodes[:, None], replicas[:, None], micro[:, None], accum[:, None])
+        fit = np.log(times) - log_t[:, None]
         # gamma's prior residual in the same units as a log-time parameter's: a tenth of its range per unit.
-        reg = weights * np.concatenate([x[:6] - x_prior[:6], (x[6:] - x_prior[6:]) / 3.0])
-        return np.concatenate([fit, reg / math.sqrt(len(obs))])
+        reg = weights[:, None] * np.concatenate([cols[:6] - x_prior[:6, None], (cols[6:] - x_prior[6:, None]) / 3.0])
+        out = np.concatenate([fit, reg / math.sqrt(len(obs))])
+        return out if x.ndim == 2 else out[:, 0]
 
     x = bounded_least_squares(residuals, x0, lower, upper)
     return ThroughputParams(**dict(zip(names, params_of(x).tolist())))
@@ -188,7 +192,9 @@ def bounded_least_squares(residuals: Callable[[np.ndarray], np.ndarray], x0: np.
     """Levenberg-Marquardt with every step projected into the box [lower, upper].
 
     Seven parameters and a few dozen residuals: a forward-difference Jacobian is cheap, and numpy alone keeps
-    the fit runnable wherever training runs (a GPU image without scipy).
+    the fit runnable wherever training runs (a GPU image without scipy). `residuals` takes a parameter vector or
+    a matrix of them as columns (returning a column of residuals each): the Jacobian's probes are one call, which
+    took a Pollux decision on the 2-core CPU from ~6.6 to ~4 ms (the fit was two thirds of it).
     """
     x = np.clip(x0, lower, upper)
     r = residuals(x)
@@ -196,12 +202,9 @@ def bounded_least_squares(residuals: Callable[[np.ndarray], np.ndarray], x0: np.
     damping = 1e-3
     for _ in range(iterations):
         h = 1e-7 * np.maximum(1.0, np.abs(x))
-        jac = np.empty((r.size, x.size))
-        for i in range(x.size):
-            step = np.zeros_like(x)
-            # Difference towards the inside of the box, so the probe never leaves it.
-            step[i] = h[i] if x[i] + h[i] <= upper[i] else -h[i]
-            jac[:, i] = (residuals(x + step) - r) / step[i]
+        # Differences towards the inside of the box, so no probe leaves it.
+        steps = np.where(x + h <= upper, h, -h)
+        jac = (residuals(x[:, None] + np.diag(steps)) - r[:, None]) / steps
         jtj, jtr = jac.T @ jac, jac.T @ r
         improved = False
         while damping < 1e12:
