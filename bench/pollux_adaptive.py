@@ -161,6 +161,19 @@ def train(args, name: str, batch: int, micro: int, agent: dict | None = None, st
             "final_val_loss": final, "split_trusted_step": trusted}
 
 
+def warm_up(args, m0: int) -> None:
+    """Throwaway runs before any timed one: the process's one-time costs (allocator, kernels, data cache) would
+    otherwise land on whichever timed run comes first. Three shapes, M0 whole, split and doubled: with --compile
+    the second makes dynamo compile the blocks and the loss with a dynamic batch dimension, and the third the same
+    graphs for larger batches (inductor's fusion decisions guard on the batch: for the small model a graph built
+    at 16 holds for batches up to 26 only, and the adaptive run's first explore step at 64 spent 3.7 s compiling).
+    Later runs' shapes reuse them (a new model of the same architecture recompiles nothing), so no timed run pays
+    for compiling."""
+    train(args, "warmup", m0, m0, steps=20)
+    train(args, "warmup_split", m0, m0 // 2, steps=10)
+    train(args, "warmup_double", 2 * m0, 2 * m0, steps=10)
+
+
 def curve(run: dict) -> list[tuple[float, int, float]]:
     """(seconds, samples, validation loss) at each validation."""
     t, out = 0.0, []
@@ -207,11 +220,10 @@ def gns_overhead(args, m0: int, agent: dict) -> dict[str, Any]:
     steps; adapt_batch off so both runs take the same steps) over without it, at M0 in one micro-batch, the
     shape the adaptive run starts in; rounds interleaved, the overhead the median of the rounds' ratios of
     means. The mean, not the median: a decision lands on one step in ten, and a split step on one in several,
-    which a median would leave out. The steady state: steps
-    from the one the first decision shapes on, with the adaptive run's warm-up (until then the agent splits every
-    other step, which is what makes the split estimate trusted and ends the triples' per-step gradient copy and
-    norms, as it does in the adaptive run), a once-per-run cost reported beside it, with the step the splits
-    were trusted at in each round."""
+    which a median would leave out. The steady state: steps from the one the first decision shapes on, with the
+    adaptive run's warm-up (until then the agent splits every other step, which is what makes the split estimate
+    trusted and ends the triples' per-step gradient copy and norms, as it does in the adaptive run), a
+    once-per-run cost reported beside it, with the step the splits were trusted at in each round."""
     with_agent, without, medians = [], [], {"with": [], "without": []}
     steps = args.overhead_steps
     measuring = {**agent, "adapt_batch": False, "scale_lr": False}
@@ -372,16 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     args.samples = budget = args.samples or default_budget
     m0 = sweep[0]
     micro_cap = sweep[-1]
-    # Throwaway runs first: the process's one-time costs (allocator, kernels, data cache) would otherwise land on
-    # whichever timed run comes first. Three shapes, M0 whole, split and doubled: with --compile the second makes
-    # dynamo compile the blocks and the loss with a dynamic batch dimension, and the third the same graphs for
-    # larger batches (inductor's fusion decisions guard on the batch: for the small model a graph built at 16
-    # holds for batches up to 26 only, and the adaptive run's first explore step at 64 spent 3.7 s compiling).
-    # Later runs' shapes reuse them (a new model of the same architecture recompiles nothing), so no timed run
-    # pays for compiling.
-    train(args, "warmup", m0, m0, steps=20)
-    train(args, "warmup_split", m0, m0 // 2, steps=10)
-    train(args, "warmup_double", 2 * m0, 2 * m0, steps=10)
+    warm_up(args, m0)
     # Pollux starts at M0 in one micro-batch, as fixed_M0 does, with the agent's defaults for the noise scale:
     # every other step split in halves until the first decision, then as often as 3% of the step time pays for
     # (on a GPU a split step of a small model costs ~1.5 steps). From its first decision on it picks the

@@ -167,9 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.data = bench.prepare_data(args.data, args.model)
     args.samples = 10 ** 9          # the runs end at their step counts
-    bench.train(args, "warmup", 32, 32, steps=20)
-    bench.train(args, "warmup_split", 32, 16, steps=10)    # with --compile: the dynamic-batch graphs, once
-    bench.train(args, "warmup_double", 64, 64, steps=10)   # (and those for batches above inductor's guard, ~26)
+    bench.warm_up(args, 32)
     shapes = [profile_shape(args, b, m) for b, m in SHAPES]
     result = {"summary": {"pass_ms": {str(s["micro_batch"]): round(1e3 * s["median_step_s"], 2) for s in shapes
                                       if s["batch"] == s["micro_batch"]},

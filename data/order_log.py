@@ -198,6 +198,10 @@ class DataOrderLog:
         self._steps, self._journal = last, []
         self._cut_journal(0)
 
+    def _journal_record(self, step: int) -> tuple:
+        """The journal's record of a step after those the arrays hold."""
+        return self._journal[step - self._steps - 1]
+
     def _chunk_steps(self, step: int) -> str:
         first = (step - 1) // _CHUNK_ROWS * _CHUNK_ROWS + 1
         return f"steps {first}..{first + _CHUNK_ROWS - 1}"
@@ -230,7 +234,7 @@ class DataOrderLog:
         if not 1 <= step <= len(self):
             raise GlassboxError(f"{self.path}: step {step} is not logged (the log holds steps 1..{len(self)})")
         if step > self._steps:
-            record = self._journal[step - self._steps - 1]
+            record = self._journal_record(step)
             return {"step": step, "cursor_start": record[1], "batch_size": record[2], "token_hash": record[3].hex()}
         r = self._read(self._rows, step - 1, step).astype("<i8")
         self._check_rows(r, step)
@@ -247,7 +251,7 @@ class DataOrderLog:
         without one."""
         row = self.row(step)
         if step > self._steps:
-            plan = np.array(self._journal[step - self._steps - 1][4:], dtype=np.float64)
+            plan = np.array(self._journal_record(step)[4:], dtype=np.float64)
         else:
             plan = self._read(self._plan, step - 1, step)[0].astype(np.float64)
         if np.isnan(plan).any():
